@@ -1,0 +1,13 @@
+"""mlla-mm: the MLLA backbone for mmdet 3.x and mmsegmentation 1.x.
+
+``custom_imports=dict(imports=['mlla_mm'], allow_failed_imports=False)`` in a
+config registers ``MLLA`` (usable as ``type='MLLA'`` from any scope) and makes
+mmengine read checkpoints through mlla-mm's safe loader.
+"""
+from .checkpoint import register_mmengine_loader
+from .models import MLLA
+from .version import __version__
+
+register_mmengine_loader()
+
+__all__ = ['MLLA', '__version__']

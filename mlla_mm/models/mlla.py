@@ -1,0 +1,452 @@
+"""MLLA: Mamba-Like Linear Attention backbone for dense prediction.
+
+"Demystify Mamba in Vision: A Linear Attention Perspective" (NeurIPS 2024).
+
+Building blocks from small to large (conv layer, RoPE, linear attention, the
+MLLA block, a stage), then the backbone, then the registered constructors.
+Parameter names follow the published code exactly, so its checkpoints load
+without renaming.
+
+Internally tokens are kept as a ``(B, H, W, C)`` tensor: linear layers work
+on the last dimension, and the 3x3 depthwise convolutions see the same memory
+as a channels-last ``(B, C, H, W)`` view, so no layout copy is needed between
+the two.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from timm.layers import DropPath, trunc_normal_
+
+from ..checkpoint import load_backbone_weights
+from ..registry import register_everywhere
+
+ARCH_SETTINGS: Dict[str, Dict[str, Tuple[int, ...]]] = {
+    'tiny': dict(embed_dims=64, depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16)),
+    'small': dict(embed_dims=64, depths=(3, 6, 21, 6), num_heads=(2, 4, 8, 16)),
+    'base': dict(embed_dims=96, depths=(3, 6, 21, 6), num_heads=(3, 6, 12, 24)),
+}
+ARCH_ALIASES = {'t': 'tiny', 's': 'small', 'b': 'base'}
+
+
+# --------------------------------------------------------------------------
+# Small building blocks.
+# --------------------------------------------------------------------------
+class ConvLayer(nn.Module):
+    """Conv2d, then optional BatchNorm2d, then optional ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int = 0, groups: int = 1, bias: bool = True, norm: bool = True,
+                 act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
+        self.norm = nn.BatchNorm2d(out_channels) if norm else None
+        self.act = nn.ReLU(inplace=True) if act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+def dwconv_bhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a convolution to a ``(B, H, W, C)`` tensor, returning the same layout."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad an NCHW map on the right and bottom to multiples of ``multiple``."""
+    pad_h = (-x.shape[2]) % multiple
+    pad_w = (-x.shape[3]) % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x
+
+
+class Stem(nn.Module):
+    """Overlapping convolutional stem: 3 -> C channels at stride 4."""
+
+    def __init__(self, in_channels: int, embed_dims: int) -> None:
+        super().__init__()
+        half = embed_dims // 2
+        self.conv1 = ConvLayer(in_channels, half, 3, 2, 1, bias=False)
+        self.conv2 = nn.Sequential(
+            ConvLayer(half, half, 3, 1, 1, bias=False),
+            ConvLayer(half, half, 3, 1, 1, bias=False, act=False))
+        self.conv3 = nn.Sequential(
+            ConvLayer(half, embed_dims * 4, 3, 2, 1, bias=False),
+            ConvLayer(embed_dims * 4, embed_dims, 1, bias=False, act=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C)."""
+        x = self.conv1(pad_to_multiple(x, 4))
+        x = x + self.conv2(x)
+        return self.conv3(x).permute(0, 2, 3, 1)
+
+
+class Downsample(nn.Module):
+    """Inverted-bottleneck downsampling: C -> 2C channels at stride 2."""
+
+    def __init__(self, dim: int, out_dim: int, ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(out_dim * ratio)
+        self.conv = nn.Sequential(
+            ConvLayer(dim, hidden, 1, norm=False),
+            ConvLayer(hidden, hidden, 3, 2, 1, groups=hidden, norm=False),
+            ConvLayer(hidden, out_dim, 1, act=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
+        x = pad_to_multiple(x.permute(0, 3, 1, 2), 2)
+        return self.conv(x).permute(0, 2, 3, 1)
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+# --------------------------------------------------------------------------
+# RoPE and the linear attention.
+# --------------------------------------------------------------------------
+def rope_table(height: int, width: int, dim: int, device: torch.device, base: float = 10000.) -> torch.Tensor:
+    """Complex rotations ``(H, W, dim/2)`` of the 2-D RoPE on an ``(H, W, dim)`` map.
+
+    Pair ``m`` (channels ``2m``, ``2m+1``) rotates by ``row * theta_m`` for
+    ``m < dim/4`` and by ``col * theta_(m - dim/4)`` otherwise, with
+    ``theta_j = base ** (-j / (dim / 4))``. Always float32.
+    """
+    k = dim // 4
+    theta = 1.0 / (base ** (torch.arange(k, dtype=torch.float32, device=device) / k))
+    rows = torch.arange(height, dtype=torch.float32, device=device)[:, None, None] * theta
+    cols = torch.arange(width, dtype=torch.float32, device=device)[None, :, None] * theta
+    angles = torch.cat([rows.expand(height, width, k), cols.expand(height, width, k)], dim=-1)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+class RoPECache:
+    """Computes each RoPE table once per (H, W, C, device) and keeps a few."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self._tables: 'OrderedDict[tuple, torch.Tensor]' = OrderedDict()
+
+    def __call__(self, height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
+        key = (height, width, dim, str(device))
+        table = self._tables.get(key)
+        if table is None:
+            table = rope_table(height, width, dim, device)
+            self._tables[key] = table
+            if len(self._tables) > self.capacity:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+        return table
+
+
+class LinearAttention(nn.Module):
+    """Linear attention with RoPE and a locally-enhanced positional encoding.
+
+    ``q, k = ELU(qk(x)) + 1``; ``v = x``; per head
+    ``out = (RoPE(q) @ (RoPE(k)^T @ v / N)) / (q . mean(k) + 1e-6)``,
+    then ``out + lepe(v)``. The attention math runs in float32.
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads or (dim // num_heads) % 2 or dim % 4:
+            raise ValueError(f'dim {dim} must be divisible by 4 and by num_heads {num_heads} '
+                             'with an even head size')
+        self.dim = dim
+        self.num_heads = num_heads
+        self.qk = nn.Linear(dim, dim * 2)
+        self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C); rope: complex (H, W, C/2). Returns (B, H, W, C)."""
+        b, h, w, c = x.shape
+        n, heads = h * w, self.num_heads
+        d = c // heads
+        qk = self.qk(x)
+        with torch.autocast(x.device.type, enabled=False):
+            qk = F.elu(qk.float()).add_(1.0)
+            v = x.float()
+            # Rotate q and k together: (B, H, W, 2, C/2) complex times (H, W, 1, C/2).
+            qk_r = torch.view_as_real(torch.view_as_complex(qk.view(b, h, w, 2, c // 2, 2)) * rope[:, :, None])
+            q_r = qk_r[:, :, :, 0].reshape(b, n, heads, d)
+            k_r = qk_r[:, :, :, 1].reshape(b, n, heads, d)
+            q = qk[..., :c].reshape(b, n, heads, d)
+            k_mean = qk[..., c:].reshape(b, n, heads, d).mean(dim=1)  # (B, heads, d)
+            z = 1.0 / (torch.einsum('bnhd,bhd->bnh', q, k_mean) + 1e-6)
+            kv = torch.einsum('bnhd,bnhe->bhde', k_r, v.reshape(b, n, heads, d)) * (1.0 / n)
+            out = torch.einsum('bnhd,bhde->bnhe', q_r, kv) * z.unsqueeze(-1)
+            out = out.reshape(b, h, w, c)
+        return out.to(x.dtype) + dwconv_bhwc(self.lepe, x)
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, num_heads={self.num_heads}'
+
+
+# --------------------------------------------------------------------------
+# The MLLA block and a stage.
+# --------------------------------------------------------------------------
+class MLLABlock(nn.Module):
+    """One MLLA block on a ``(B, H, W, C)`` map."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., drop: float = 0.,
+                 drop_path: float = 0.) -> None:
+        super().__init__()
+        self.dim = dim
+        self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.in_proj = nn.Linear(dim, dim)
+        self.act_proj = nn.Linear(dim, dim)
+        self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.attn = LinearAttention(dim, num_heads)
+        self.out_proj = nn.Linear(dim, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + dwconv_bhwc(self.cpe1, x)
+        shortcut = x
+        y = self.norm1(x)
+        gate = F.silu(self.act_proj(y))
+        y = F.silu(dwconv_bhwc(self.dwc, self.in_proj(y)))
+        y = self.attn(y, rope)
+        x = shortcut + self.drop_path(self.out_proj(y * gate))
+        x = x + dwconv_bhwc(self.cpe2, x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class MLLAStage(nn.Module):
+    """``depth`` MLLA blocks, then (except for the last stage) a downsample."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, drop: float,
+                 drop_path: Sequence[float], downsample: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            MLLABlock(dim, num_heads, mlp_ratio, drop, drop_path[i]) for i in range(depth))
+        self.downsample = Downsample(dim, dim * 2) if downsample else None
+        self.with_cp = False
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.with_cp and torch.is_grad_enabled() and (
+                    x.requires_grad or any(p.requires_grad for p in blk.parameters())):
+                x = cp.checkpoint(blk, x, rope, use_reentrant=False)
+            else:
+                x = blk(x, rope)
+        return x
+
+
+# --------------------------------------------------------------------------
+# The backbone.
+# --------------------------------------------------------------------------
+def resolve_arch(arch: Union[str, dict]) -> Dict[str, Tuple[int, ...]]:
+    """Turn an arch name or dict into ``embed_dims``, ``depths``, ``num_heads``."""
+    choices = sorted(ARCH_SETTINGS) + sorted(ARCH_ALIASES)
+    if isinstance(arch, str):
+        name = ARCH_ALIASES.get(arch.lower(), arch.lower())
+        if name not in ARCH_SETTINGS:
+            raise ValueError(f'MLLA: unknown arch {arch!r}; choose one of {choices} '
+                             'or give a dict with embed_dims, depths and num_heads')
+        return dict(ARCH_SETTINGS[name])
+    if not isinstance(arch, dict):
+        raise ValueError(f'MLLA: arch must be one of {choices} or a dict, got {type(arch).__name__}')
+    need = {'embed_dims', 'depths', 'num_heads'}
+    if set(arch) != need:
+        raise ValueError(f'MLLA: an arch dict needs exactly the keys {sorted(need)}, got {sorted(arch)}')
+    depths, heads, dims = tuple(arch['depths']), tuple(arch['num_heads']), arch['embed_dims']
+    if (not isinstance(dims, int) or dims <= 0 or len(depths) != 4 or len(heads) != 4
+            or any(not isinstance(v, int) or v <= 0 for v in depths + heads)):
+        raise ValueError('MLLA: arch dict must have a positive int embed_dims and four positive ints '
+                         f'in depths and num_heads, got {arch}')
+    for i, h in enumerate(heads):
+        c = dims * 2**i
+        if c % h or (c // h) % 2 or c % 4 or dims % 2:
+            raise ValueError(f'MLLA: stage {i} has {c} channels, which must split into {h} heads '
+                             'of even size (and embed_dims must be even)')
+    return dict(embed_dims=dims, depths=depths, num_heads=heads)
+
+
+@register_everywhere
+class MLLA(BaseModule):
+    """MLLA backbone returning NCHW feature maps at strides 4, 8, 16, 32.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``, ``'s'``, ``'b'``),
+            or a dict with ``embed_dims``, ``depths`` and ``num_heads``.
+        mlp_ratio: Hidden size of the MLPs relative to the channels.
+        drop_rate: Dropout in the MLPs.
+        drop_path_rate: Stochastic depth, rising linearly over all blocks.
+        out_indices: Stages whose (normalised) output is returned.
+        frozen_stages: Freeze the stem and stages ``0..frozen_stages-1``;
+            -1 freezes nothing.
+        norm_eval: Keep BatchNorm layers in eval mode while training.
+        with_cp: Activation checkpointing per block when gradients are needed.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads any
+            supported checkpoint layout (optional keys: ``strict=True``,
+            ``use_ema=False``, ``trusted=None``, ``if_missing='error'|'warn'``).
+    """
+
+    def __init__(self, arch: Union[str, dict] = 'tiny', mlp_ratio: float = 4., drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        settings = resolve_arch(arch)
+        if init_cfg is not None and not isinstance(init_cfg, dict):
+            raise ValueError(f'MLLA: init_cfg must be a dict or None, got {init_cfg!r}')
+        super().__init__(init_cfg=init_cfg)
+        self.embed_dims: int = settings['embed_dims']
+        self.depths: Tuple[int, ...] = settings['depths']
+        self.num_heads: Tuple[int, ...] = settings['num_heads']
+        num_stages = len(self.depths)
+        out_indices = tuple(out_indices) if isinstance(out_indices, (list, tuple)) else (out_indices, )
+        if not out_indices or any(not isinstance(i, int) or not 0 <= i < num_stages for i in out_indices):
+            raise ValueError(f'MLLA: out_indices must be stage indices in 0..{num_stages - 1}, got {out_indices}')
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'MLLA: frozen_stages must be an int in -1..{num_stages}, got {frozen_stages}')
+        self.out_indices = out_indices
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+        self.channels = [self.embed_dims * 2**i for i in range(num_stages)]
+        self.strides = [4 * 2**i for i in range(num_stages)]
+
+        self.patch_embed = Stem(3, self.embed_dims)
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i in range(num_stages):
+            start = sum(self.depths[:i])
+            stage = MLLAStage(self.channels[i], self.depths[i], self.num_heads[i], mlp_ratio, drop_rate,
+                              dpr[start:start + self.depths[i]], downsample=i < num_stages - 1)
+            stage.with_cp = with_cp
+            self.layers.append(stage)
+        for i in out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(self.channels[i]))
+        self._rope = RoPECache()
+        self.apply(self._init_module)
+        self._freeze_stages()
+
+    # -- feature-pyramid description ---------------------------------------
+    @property
+    def feature_info(self) -> List[Dict[str, Union[int, str]]]:
+        """Channels, stride and module name of each returned map."""
+        return [dict(num_chs=self.channels[i], reduction=self.strides[i], module=f'norm{i}')
+                for i in self.out_indices]
+
+    # -- initialisation ----------------------------------------------------
+    @staticmethod
+    def _init_module(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def init_weights(self) -> None:
+        """Load ``init_cfg`` weights (any supported layout) or keep the from-scratch init."""
+        cfg = self.init_cfg
+        if not (isinstance(cfg, dict) and cfg.get('type') == 'Pretrained'):
+            super().init_weights()
+            return
+        cfg = dict(cfg)
+        cfg.pop('type')
+        path = cfg.pop('checkpoint', None)
+        if_missing = cfg.pop('if_missing', 'error')
+        strict = cfg.pop('strict', True)
+        use_ema = cfg.pop('use_ema', False)
+        trusted = cfg.pop('trusted', None)
+        cfg.pop('map_location', None)
+        cfg.pop('prefix', None)
+        if cfg:
+            raise ValueError(f'MLLA: unknown init_cfg keys {sorted(cfg)}; allowed: checkpoint, strict, '
+                             'use_ema, trusted, if_missing')
+        if not path:
+            raise ValueError("MLLA: init_cfg type 'Pretrained' needs a checkpoint path")
+        if if_missing == 'warn' and not os.path.isfile(os.path.expanduser(path)):
+            print_log(f'MLLA: pretrained checkpoint {path} not found; the backbone is RANDOMLY '
+                      f'initialised. Put the published ImageNet weights at {path} (or set '
+                      'model.backbone.init_cfg.checkpoint) to fine-tune from them.', logger='current',
+                      level=30)
+        else:
+            load_backbone_weights(
+                self, os.path.expanduser(path), strict=strict, use_ema=use_ema, trusted=trusted,
+                optional=lambda k: k.split('.')[0] in {f'norm{i}' for i in self.out_indices},
+                log=lambda msg: print_log('MLLA: ' + msg, logger='current'))
+        self._is_init = True
+
+    # -- freezing ------------------------------------------------------------
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        mods: List[nn.Module] = [self.patch_embed]
+        for i in range(self.frozen_stages):
+            mods.append(self.layers[i])
+            if i in self.out_indices:
+                mods.append(getattr(self, f'norm{i}'))
+        return mods
+
+    def _freeze_stages(self) -> None:
+        for m in self._frozen_modules():
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'MLLA':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    # -- forward -------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(B, 3, H, W) -> tuple of (B, C_i, ceil(H/2^(i+2)), ...) for ``out_indices``."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'MLLA expects images of shape (B, 3, H, W), got {shape}')
+        if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[0] < 1:
+            raise ValueError(f'MLLA expects a non-empty batch with H, W >= 1, got {tuple(x.shape)}')
+        x = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.layers):
+            _, h, w, c = x.shape
+            x = stage(x, self._rope(h, w, c, x.device))
+            if i in self.out_indices:
+                outs.append(getattr(self, f'norm{i}')(x).permute(0, 3, 1, 2).contiguous())
+            if stage.downsample is not None and i < max(self.out_indices):
+                x = stage.downsample(x)
+            elif i >= max(self.out_indices):
+                break
+        return tuple(outs)
+
+
+__all__ = ['MLLA', 'MLLABlock', 'LinearAttention', 'rope_table', 'resolve_arch', 'ARCH_SETTINGS']

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment (.venv/) with the pinned
+# OpenMMLab 2.0 stack. Idempotent: when nothing changed it only checks a stamp
+# and that mmcv's compiled ops import, which takes a few seconds.
+#
+# Environment knobs:
+#   PYTHON            interpreter used to create .venv (default: python3.11)
+#   MLLA_MM_CACHE     where the built mmcv wheel is cached
+#                     (default: ${XDG_CACHE_HOME:-$HOME/.cache}/mlla-mm)
+#   MAX_JOBS          parallel compile jobs for mmcv (default: nproc)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+PYTHON="${PYTHON:-python3.11}"
+
+TORCH_VERSION=2.14.1
+TORCHVISION_VERSION=0.29.1
+MMCV_VERSION=2.1.0
+MMENGINE_VERSION=0.10.7
+MMDET_VERSION=3.3.0
+MMSEG_VERSION=1.2.2
+TIMM_VERSION=1.0.31
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# The stamp changes whenever this script or the package metadata changes.
+stamp_key() {
+  cat "$ROOT/tools/setup_env.sh" "$ROOT/setup.cfg" "$ROOT/pyproject.toml" 2>/dev/null | sha256sum | cut -d' ' -f1
+}
+STAMP="$VENV/.mlla-mm-setup"
+
+check_ops() {
+  "$PY" - <<'PYEOF'
+import torch
+from mmcv.ops import nms, RoIAlign
+boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]])
+scores = torch.tensor([0.9, 0.8, 0.7])
+dets, keep = nms(boxes, scores, 0.5)
+assert keep.tolist() == [0, 2], keep
+feat = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8)
+rois = torch.tensor([[0., 0., 0., 4., 4.]])
+out = RoIAlign((2, 2), 1.0, 0)(feat, rois)
+assert out.shape == (1, 1, 2, 2) and torch.isfinite(out).all()
+PYEOF
+}
+
+if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$(stamp_key)" ]]; then
+  if check_ops; then
+    log "environment up to date ($VENV)"
+    exit 0
+  fi
+  log "mmcv ops check failed; repairing the environment"
+fi
+
+if [[ ! -x "$PY" ]]; then
+  command -v "$PYTHON" >/dev/null || { log "ERROR: $PYTHON not found; set PYTHON=/path/to/python3.11"; exit 1; }
+  log "creating $VENV with $PYTHON"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$PY" -m pip install --disable-pip-version-check)
+
+log "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION"
+"${PIP[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+
+# mmcv: only a source archive exists; build it once per (mmcv, torch, python,
+# machine) and cache the wheel under a key that includes the torch version.
+if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 2>/dev/null || ! check_ops 2>/dev/null; then
+  PYTAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  CACHE="${MLLA_MM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mlla-mm}"
+  WHEELDIR="$CACHE/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$PYTAG-$(uname -m)-cpuops"
+  if ! ls "$WHEELDIR"/mmcv-*.whl >/dev/null 2>&1; then
+    log "building mmcv $MMCV_VERSION with its ops (one time, about 15 minutes on 2 cores)"
+    "${PIP[@]}" "setuptools<70" wheel "numpy<3" ninja
+    TMPW="$(mktemp -d "$CACHE.tmp.XXXXXX" 2>/dev/null || { mkdir -p "$CACHE"; mktemp -d "$CACHE/tmp.XXXXXX"; })"
+    MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip wheel --no-build-isolation \
+      --no-deps --no-cache-dir -w "$TMPW" "mmcv==$MMCV_VERSION"
+    mkdir -p "$(dirname "$WHEELDIR")"
+    rm -rf "$WHEELDIR"
+    mv "$TMPW" "$WHEELDIR"   # atomic: a killed build never leaves a half cache
+  else
+    log "using cached mmcv wheel from $WHEELDIR"
+  fi
+  "${PIP[@]}" "setuptools<70" "numpy<3"
+  "${PIP[@]}" --force-reinstall --no-deps "$WHEELDIR"/mmcv-*.whl
+  "${PIP[@]}" addict "packaging" "Pillow" "pyyaml" "yapf" "opencv-python" "numpy<3"
+fi
+
+log "installing mmengine, mmdet, mmsegmentation, timm and this package"
+"${PIP[@]}" "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" "mmsegmentation==$MMSEG_VERSION" \
+  ftfy regex "timm==$TIMM_VERSION" pycocotools
+if [[ -f "$ROOT/setup.cfg" ]]; then
+  "${PIP[@]}" --no-build-isolation -e "$ROOT[tests]"
+fi
+
+log "checking mmcv's compiled ops"
+check_ops || { log "ERROR: mmcv.ops does not work in $VENV"; exit 1; }
+"$PY" -c "import mmdet, mmseg, mmengine, timm; print('mmdet', mmdet.__version__, 'mmseg', mmseg.__version__, 'mmengine', mmengine.__version__, 'timm', timm.__version__)"
+stamp_key > "$STAMP"
+log "environment ready ($VENV)"
