@@ -107,6 +107,13 @@ class _InertPickleModule:
     load = staticmethod(lambda f, **kw: _InertUnpickler(f, **kw).load())
 
 
+def _restricted_getattr(obj: Any, name: str) -> Any:
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+        return getattr(obj, name)
+    raise _RefusedCall(f'getattr({getattr(obj, "qualname", obj)!r}, {name!r})')
+
+
 def _allowed_globals() -> Dict[str, Any]:
     from torch import _weights_only_unpickler as wou
     allowed = dict(wou._get_allowed_globals())
@@ -117,6 +124,9 @@ def _allowed_globals() -> Dict[str, Any]:
     for key, obj in list(allowed.items()):
         if key.startswith('numpy._core.'):
             allowed.setdefault('numpy.core.' + key[len('numpy._core.'):], obj)
+    # mmengine's HistoryBuffer pickles its statistics methods as
+    # getattr(HistoryBuffer, 'mean'); allow exactly that use of getattr.
+    allowed['__builtin__.getattr'] = allowed['builtins.getattr'] = _restricted_getattr
     # Builtins that plain containers need.
     for obj in (set, frozenset, complex, slice, range, bytearray):
         allowed[f'builtins.{obj.__name__}'] = obj
@@ -154,7 +164,7 @@ def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = No
         with torch.serialization.safe_globals(safe_globals()):
             return _torch_load(path, map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if 'weights_only' not in str(err).lower() and 'global' not in str(err).lower():
+        if 'global' not in str(err).lower():
             raise CheckpointError(f'checkpoint file is corrupt: {path} ({_first_line(err)})') from None
     # The file names globals outside the allow-list: read it inertly.
     _InertUnpickler._allowed = _allowed_globals()
@@ -174,8 +184,12 @@ def _first_line(err: BaseException) -> str:
 def _torch_load(path: str, map_location: Any, **kwargs: Any) -> Any:
     try:
         return torch.load(path, map_location=map_location, **kwargs)
-    except (_RefusedCall, pickle.UnpicklingError):
+    except _RefusedCall:
         raise
+    except pickle.UnpicklingError as err:
+        if kwargs.get('weights_only'):
+            raise
+        raise CheckpointError(f'checkpoint file is truncated or corrupt: {path} ({_first_line(err)})') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
             AttributeError, IndexError, KeyError, TypeError) as err:
         raise CheckpointError(

@@ -73,12 +73,19 @@ if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 
   if ! ls "$WHEELDIR"/mmcv-*.whl >/dev/null 2>&1; then
     log "building mmcv $MMCV_VERSION with its ops (one time, about 15 minutes on 2 cores)"
     "${PIP[@]}" "setuptools<70" wheel "numpy<3" ninja
-    TMPW="$(mktemp -d "$CACHE.tmp.XXXXXX" 2>/dev/null || { mkdir -p "$CACHE"; mktemp -d "$CACHE/tmp.XXXXXX"; })"
-    MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip wheel --no-build-isolation \
-      --no-deps --no-cache-dir -w "$TMPW" "mmcv==$MMCV_VERSION"
-    mkdir -p "$(dirname "$WHEELDIR")"
+    mkdir -p "$CACHE"
+    TMPW="$(mktemp -d "$CACHE/tmp.XXXXXX")"
+    trap 'rm -rf "$TMPW"' EXIT
+    "$PY" -m pip download --disable-pip-version-check --no-deps --no-binary :all: --no-build-isolation \
+      -d "$TMPW/src" "mmcv==$MMCV_VERSION"
+    tar -xzf "$TMPW/src/mmcv-$MMCV_VERSION.tar.gz" -C "$TMPW/src"
+    # torch >= 2.10 headers need C++20; mmcv 2.1.0's setup.py asks for C++17.
+    sed -i "s/'-std=c++17'/'-std=c++20'/g" "$TMPW/src/mmcv-$MMCV_VERSION/setup.py"
+    (cd "$TMPW/src/mmcv-$MMCV_VERSION" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      "$PY" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps --no-cache-dir \
+      -w "$TMPW/wheel" .)
     rm -rf "$WHEELDIR"
-    mv "$TMPW" "$WHEELDIR"   # atomic: a killed build never leaves a half cache
+    mv "$TMPW/wheel" "$WHEELDIR"   # atomic: a killed build never leaves a half cache
   else
     log "using cached mmcv wheel from $WHEELDIR"
   fi

@@ -1,0 +1,43 @@
+"""Shared fixtures: where the golden data lives and small model builders."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shared_dir() -> Path:
+    env = os.environ.get('MLLA_MM_SHARED')
+    candidates = [Path(env)] if env else []
+    candidates += [ROOT.parent / 'shared', ROOT / 'shared']
+    for c in candidates:
+        if (c / 'golden' / 'golden_small.pt').is_file():
+            return c
+    raise FileNotFoundError(
+        'golden data not found: expected shared/golden/golden_small.pt beside the repository '
+        f'({ROOT.parent / "shared"}) or MLLA_MM_SHARED=/path/to/shared')
+
+
+@pytest.fixture(scope='session')
+def golden_dir() -> Path:
+    return _shared_dir() / 'golden'
+
+
+@pytest.fixture(scope='session')
+def golden(golden_dir):
+    return torch.load(golden_dir / 'golden_small.pt', weights_only=True)
+
+
+@pytest.fixture(scope='session')
+def golden_arch(golden):
+    a = golden['arch']
+    return dict(embed_dims=a['embed_dim'], depths=list(a['depths']), num_heads=list(a['num_heads']))
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    yield
