@@ -11,6 +11,13 @@ Internally tokens are kept as a ``(B, H, W, C)`` tensor: linear layers work
 on the last dimension, and the 3x3 depthwise convolutions see the same memory
 as a channels-last ``(B, C, H, W)`` view, so no layout copy is needed between
 the two.
+
+Speed (see docs/benchmarks.md): when no gradient is recorded and autocast is
+off, blocks run an in-place path that allocates few large temporaries and
+runs the MLP over token chunks; otherwise an autograd-safe path computes the
+same values. ``in_proj`` and ``act_proj`` run as one matmul, the attention
+normaliser is one small matmul, and the per-head products are strided
+``bmm`` calls with no layout copies.
 """
 from __future__ import annotations
 
@@ -65,6 +72,16 @@ def dwconv_bhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+def fast_path(x: torch.Tensor) -> bool:
+    """True when nothing is recorded for autograd and autocast is off: in-place work is safe."""
+    return not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+
+
+def as_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """An NCHW tensor in channels-last memory (no copy when it already is)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad an NCHW map on the right and bottom to multiples of ``multiple``."""
     pad_h = (-x.shape[2]) % multiple
@@ -90,9 +107,10 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C)."""
-        x = self.conv1(pad_to_multiple(x, 4))
-        x = x + self.conv2(x)
-        return self.conv3(x).permute(0, 2, 3, 1)
+        x = self.conv1(as_channels_last(pad_to_multiple(x, 4)))
+        y = self.conv2(x)
+        x = y.add_(x) if fast_path(x) else x + y
+        return as_channels_last(self.conv3(x)).permute(0, 2, 3, 1)
 
 
 class Downsample(nn.Module):
@@ -108,8 +126,8 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
-        x = pad_to_multiple(x.permute(0, 3, 1, 2), 2)
-        return self.conv(x).permute(0, 2, 3, 1)
+        x = as_channels_last(pad_to_multiple(x.permute(0, 3, 1, 2), 2))
+        return as_channels_last(self.conv(x)).permute(0, 2, 3, 1)
 
 
 class Mlp(nn.Module):
@@ -124,6 +142,19 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    def add_residual_(self, x: torch.Tensor, norm: nn.LayerNorm, chunk: int = 4096) -> torch.Tensor:
+        """``x += mlp(norm(x))`` in place over token chunks (inference only, no dropout).
+
+        The 4x-wide hidden activations then stay small and cache-resident.
+        """
+        x2 = x.view(-1, x.shape[-1])
+        w2 = self.fc2.weight.t()
+        for i in range(0, x2.shape[0], chunk):
+            part = x2[i:i + chunk]
+            hidden = torch._C._nn.gelu_(F.linear(norm(part), self.fc1.weight, self.fc1.bias))
+            part.addmm_(hidden, w2).add_(self.fc2.bias)
+        return x
 
 
 # --------------------------------------------------------------------------
@@ -187,21 +218,49 @@ class LinearAttention(nn.Module):
         b, h, w, c = x.shape
         n, heads = h * w, self.num_heads
         d = c // heads
+        inplace = fast_path(x)
         qk = self.qk(x)
         with torch.autocast(x.device.type, enabled=False):
-            qk = F.elu(qk.float()).add_(1.0)
-            v = x.float()
-            # Rotate q and k together: (B, H, W, 2, C/2) complex times (H, W, 1, C/2).
-            qk_r = torch.view_as_real(torch.view_as_complex(qk.view(b, h, w, 2, c // 2, 2)) * rope[:, :, None])
-            q_r = qk_r[:, :, :, 0].reshape(b, n, heads, d)
-            k_r = qk_r[:, :, :, 1].reshape(b, n, heads, d)
-            q = qk[..., :c].reshape(b, n, heads, d)
-            k_mean = qk[..., c:].reshape(b, n, heads, d).mean(dim=1)  # (B, heads, d)
-            z = 1.0 / (torch.einsum('bnhd,bhd->bnh', q, k_mean) + 1e-6)
-            kv = torch.einsum('bnhd,bnhe->bhde', k_r, v.reshape(b, n, heads, d)) * (1.0 / n)
-            out = torch.einsum('bnhd,bhde->bnhe', q_r, kv) * z.unsqueeze(-1)
-            out = out.reshape(b, h, w, c)
-        return out.to(x.dtype) + dwconv_bhwc(self.lepe, x)
+            qk = qk if qk.dtype == torch.float32 else qk.float()
+            v = (x if x.dtype == torch.float32 else x.float()).view(b, n, c)
+            qk = F.elu(qk, inplace=True).add_(1.0) if inplace else F.elu(qk) + 1.0
+            qk3 = qk.view(b, n, 2 * c)
+            # z = 1 / (q . mean(k) + eps) per token and head, as one (N, C) x (C, heads) matmul
+            # against the block-diagonal matrix of the per-head key means.
+            k_mean = qk3[:, :, c:].mean(dim=1)  # (B, C)
+            eye = torch.eye(heads, dtype=qk.dtype, device=qk.device)
+            k_blk = (k_mean.view(b, heads, d, 1) * eye.view(1, heads, 1, heads)).view(b, c, heads)
+            z = torch.bmm(qk3[:, :, :c], k_blk)  # (B, N, heads)
+            z = z.add_(1e-6).reciprocal_() if inplace else (z + 1e-6).reciprocal()
+            # RoPE on q and k together: (B, H, W, 2, C/2) complex times (H, W, 1, C/2).
+            qk_c = torch.view_as_complex(qk.view(b, h, w, 2, c // 2, 2))
+            if inplace:
+                qk_c.mul_(rope[:, :, None])
+                qk_r = qk3
+            else:
+                qk_r = torch.view_as_real(qk_c * rope[:, :, None]).view(b, n, 2 * c)
+            outs = []
+            out = torch.empty(b, n, c, dtype=qk.dtype, device=qk.device) if inplace else None
+            for i in range(b):
+                # (heads, N, d) strided views of (N, C) rows: bmm reads them without copies.
+                q_i = qk_r[i, :, :c].view(n, heads, d).transpose(0, 1)
+                k_i = qk_r[i, :, c:].view(n, heads, d).transpose(0, 1)
+                v_i = v[i].view(n, heads, d).transpose(0, 1)
+                kv = torch.bmm(k_i.transpose(1, 2), v_i)  # (heads, d, d)
+                kv = kv.mul_(1.0 / n) if inplace else kv * (1.0 / n)
+                if inplace:
+                    torch.bmm(q_i, kv, out=out[i].view(n, heads, d).transpose(0, 1))
+                else:
+                    outs.append(torch.bmm(q_i, kv).transpose(0, 1))  # (N, heads, d)
+            if inplace:
+                out = out.view(b, n, heads, d).mul_(z.unsqueeze(-1))
+            else:
+                out = torch.stack(outs) * z.unsqueeze(-1)
+            out = out.view(b, h, w, c)
+        lepe = dwconv_bhwc(self.lepe, x)
+        if inplace:
+            return lepe.add_(out)
+        return out.to(x.dtype) + lepe
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}'
@@ -228,17 +287,47 @@ class MLLABlock(nn.Module):
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self._fused_in_act: Optional[tuple] = None
+
+    def in_act_proj(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``in_proj(y), act_proj(y)`` as one matmul; the fused weight is cached when no grad is needed."""
+        if torch.is_grad_enabled():
+            weight = torch.cat([self.in_proj.weight, self.act_proj.weight])
+            bias = torch.cat([self.in_proj.bias, self.act_proj.bias])
+        else:
+            params = (self.in_proj.weight, self.act_proj.weight, self.in_proj.bias, self.act_proj.bias)
+            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+            cached = self._fused_in_act
+            if cached is None or cached[0] != key:
+                cached = (key, torch.cat(params[:2]), torch.cat(params[2:]))
+                self._fused_in_act = cached
+            weight, bias = cached[1], cached[2]
+        both = F.linear(y, weight, bias)
+        return both[..., :self.dim], both[..., self.dim:]
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        if fast_path(x) and not self.training:
+            return self._forward_inplace(x, rope)
         x = x + dwconv_bhwc(self.cpe1, x)
         shortcut = x
-        y = self.norm1(x)
-        gate = F.silu(self.act_proj(y))
-        y = F.silu(dwconv_bhwc(self.dwc, self.in_proj(y)))
+        y, gate = self.in_act_proj(self.norm1(x))
+        gate = F.silu(gate)
+        y = F.silu(dwconv_bhwc(self.dwc, y))
         y = self.attn(y, rope)
         x = shortcut + self.drop_path(self.out_proj(y * gate))
         x = x + dwconv_bhwc(self.cpe2, x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _forward_inplace(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """The same computation with few large temporaries (no autograd, no autocast)."""
+        x = dwconv_bhwc(self.cpe1, x).add_(x).contiguous()
+        y, gate = self.in_act_proj(self.norm1(x))
+        y = self.attn(F.silu(dwconv_bhwc(self.dwc, y), inplace=True), rope)
+        y.mul_(F.silu(gate, inplace=True))
+        x2 = x.view(-1, self.dim)
+        x2.addmm_(y.view(-1, self.dim), self.out_proj.weight.t()).add_(self.out_proj.bias)
+        x = dwconv_bhwc(self.cpe2, x).add_(x).contiguous()
+        return self.mlp.add_residual_(x, self.norm2)
 
 
 class MLLAStage(nn.Module):
