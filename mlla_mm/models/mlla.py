@@ -67,6 +67,17 @@ class ConvLayer(nn.Module):
         return x
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that always normalises in float32 (also under autocast)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                                self.bias.float(), self.eps)
+
+
 def dwconv_bhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Apply a convolution to a ``(B, H, W, C)`` tensor, returning the same layout."""
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -277,7 +288,7 @@ class MLLABlock(nn.Module):
         super().__init__()
         self.dim = dim
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.in_proj = nn.Linear(dim, dim)
         self.act_proj = nn.Linear(dim, dim)
         self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
@@ -285,7 +296,7 @@ class MLLABlock(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self._fused_in_act: Optional[tuple] = None
 
@@ -435,7 +446,7 @@ class MLLA(BaseModule):
             stage.with_cp = with_cp
             self.layers.append(stage)
         for i in out_indices:
-            self.add_module(f'norm{i}', nn.LayerNorm(self.channels[i]))
+            self.add_module(f'norm{i}', LayerNorm(self.channels[i]))
         self._rope = RoPECache()
         self.apply(self._init_module)
         self._freeze_stages()
