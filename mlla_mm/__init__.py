@@ -4,6 +4,7 @@
 config registers ``MLLA`` (usable as ``type='MLLA'`` from any scope) and makes
 mmengine read checkpoints through mlla-mm's safe loader.
 """
+from . import engine  # noqa: F401  (registers CPUAutocastOptimWrapper)
 from .checkpoint import register_mmengine_loader
 from .models import MLLA
 from .version import __version__

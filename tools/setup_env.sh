@@ -22,6 +22,9 @@ MMENGINE_VERSION=0.10.7
 MMDET_VERSION=3.3.0
 MMSEG_VERSION=1.2.2
 TIMM_VERSION=1.0.31
+# torch 2.14 needs setuptools >= 77.0.3; mmengine still imports pkg_resources,
+# which later setuptools releases dropped. (mmcv's own build wants < 70.)
+SETUPTOOLS="setuptools>=77.0.3,<81"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -89,18 +92,20 @@ if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 
   else
     log "using cached mmcv wheel from $WHEELDIR"
   fi
-  "${PIP[@]}" "setuptools<70" "numpy<3"
+  "${PIP[@]}" "numpy<3"
   "${PIP[@]}" --force-reinstall --no-deps "$WHEELDIR"/mmcv-*.whl
   "${PIP[@]}" addict "packaging" "Pillow" "pyyaml" "yapf" "opencv-python" "numpy<3"
 fi
 
 log "installing mmengine, mmdet, mmsegmentation, timm and this package"
 "${PIP[@]}" "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" "mmsegmentation==$MMSEG_VERSION" \
-  ftfy regex "timm==$TIMM_VERSION" pycocotools
+  ftfy regex "timm==$TIMM_VERSION" pycocotools "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
+  "$SETUPTOOLS"
 if [[ -f "$ROOT/setup.cfg" ]]; then
-  "${PIP[@]}" --no-build-isolation -e "$ROOT[tests]"
+  "${PIP[@]}" --no-build-isolation -e "$ROOT[tests]" "torch==$TORCH_VERSION" "$SETUPTOOLS"
 fi
 
+"$PY" -c "import pkg_resources" 2>/dev/null || { log "ERROR: pkg_resources missing (setuptools too new for mmengine)"; exit 1; }
 log "checking mmcv's compiled ops"
 check_ops || { log "ERROR: mmcv.ops does not work in $VENV"; exit 1; }
 "$PY" -c "import mmdet, mmseg, mmengine, timm; print('mmdet', mmdet.__version__, 'mmseg', mmseg.__version__, 'mmengine', mmengine.__version__, 'timm', timm.__version__)"

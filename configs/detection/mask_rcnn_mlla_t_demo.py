@@ -1,0 +1,57 @@
+# The embedded demo: Mask R-CNN MLLA-T on a small synthetic shapes data set in
+# COCO format (made on first use under data/shapes_coco/). Only the data, the
+# image scale, the classes and the schedule differ from mask_rcnn_mlla_t.py.
+_base_ = ['./mask_rcnn_mlla_t.py']
+
+# ---- data --------------------------------------------------------------
+data_root = 'data/shapes_coco/'
+synthetic_data = dict(kind='coco-shapes', root=data_root, seed=0, num_train=240, num_val=60, size=160)
+classes = ('circle', 'triangle', 'rectangle')
+metainfo = dict(classes=classes, palette=[(220, 20, 60), (0, 160, 80), (30, 80, 220)])
+image_scale = (160, 160)
+
+train_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='Resize', scale=image_scale, keep_ratio=True),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(type='Resize', scale=image_scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=1,
+    dataset=dict(data_root=data_root, metainfo=metainfo, ann_file='annotations/instances_train.json',
+                 data_prefix=dict(img='train/'), pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=4,
+    num_workers=1,
+    dataset=dict(data_root=data_root, metainfo=metainfo, ann_file='annotations/instances_val.json',
+                 data_prefix=dict(img='val/'), pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json', metric=['bbox', 'segm'])
+test_evaluator = val_evaluator
+
+# ---- classes, and proposal counts scaled to 160-pixel images with <= 4 objects
+# (COCO's 2000 proposals / 512 RoIs per image would spend the CPU budget in RoIAlign).
+model = dict(
+    roi_head=dict(bbox_head=dict(num_classes=len(classes)), mask_head=dict(num_classes=len(classes))),
+    train_cfg=dict(rpn_proposal=dict(nms_pre=1000, max_per_img=300), rcnn=dict(sampler=dict(num=128))),
+    test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=300)))
+
+# ---- schedule ----------------------------------------------------------
+max_epochs = 6
+train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[5], gamma=0.1),
+]
+optim_wrapper = dict(optimizer=dict(lr=4e-4))
+default_hooks = dict(
+    logger=dict(interval=10),
+    checkpoint=dict(interval=max_epochs, max_keep_ckpts=2))

@@ -1,0 +1,158 @@
+"""Deterministic synthetic shape data sets in COCO and ADE20K layouts.
+
+Images hold circles, triangles and rectangles in several colours and sizes,
+overlapping, on noisy backgrounds. The same seed always gives the same files.
+Each data set is written to a temporary folder first and renamed into place,
+so an interrupted run never leaves half a data set; a finished one carries a
+``.complete`` file with the parameters it was made with and is reused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import cv2
+import numpy as np
+
+SHAPE_CLASSES: Tuple[str, ...] = ('circle', 'triangle', 'rectangle')
+_COLOURS = [(230, 60, 50), (60, 180, 75), (50, 100, 230), (240, 200, 40), (200, 80, 200), (70, 210, 220),
+            (245, 130, 48), (250, 250, 250)]
+
+
+def _draw_shape(rng: np.random.Generator, size: int) -> Tuple[int, np.ndarray]:
+    """Return (class index, binary mask) of one random shape on a size x size canvas."""
+    cls = int(rng.integers(len(SHAPE_CLASSES)))
+    mask = np.zeros((size, size), np.uint8)
+    extent = rng.uniform(0.12, 0.35) * size
+    cx, cy = rng.uniform(extent * 0.6, size - extent * 0.6, 2)
+    if cls == 0:
+        cv2.circle(mask, (int(cx), int(cy)), int(extent / 2), 1, -1)
+    elif cls == 1:
+        angle = rng.uniform(0, 2 * np.pi)
+        pts = [(cx + extent / 1.6 * np.cos(angle + k * 2 * np.pi / 3), cy + extent / 1.6 * np.sin(angle + k * 2 * np.pi / 3))
+               for k in range(3)]
+        cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+    else:
+        w, h = extent * rng.uniform(0.6, 1.0), extent * rng.uniform(0.6, 1.0)
+        angle = float(rng.uniform(0, 90))
+        box = cv2.boxPoints(((float(cx), float(cy)), (float(w), float(h)), angle))
+        cv2.fillPoly(mask, [np.round(box).astype(np.int32)], 1)
+    return cls, mask
+
+
+def _render(rng: np.random.Generator, size: int, max_objects: int) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]:
+    """One image and its visible instances [(class, mask)], background class excluded."""
+    base = rng.integers(40, 140, 3)
+    img = np.clip(base[None, None] + rng.normal(0, 18, (size, size, 3)), 0, 255)
+    owner = np.full((size, size), -1, np.int32)
+    shapes = []
+    for k in range(int(rng.integers(1, max_objects + 1))):
+        cls, mask = _draw_shape(rng, size)
+        colour = np.array(_COLOURS[int(rng.integers(len(_COLOURS)))], np.float64)
+        shade = colour * rng.uniform(0.8, 1.0) + rng.normal(0, 10, (size, size, 3))
+        m = mask.astype(bool)
+        img[m] = np.clip(shade[m], 0, 255)
+        owner[m] = k
+        shapes.append((cls, mask))
+    instances = []
+    for k, (cls, mask) in enumerate(shapes):
+        visible = owner == k
+        if visible.sum() >= max(12, 0.4 * mask.sum()):
+            instances.append((cls, visible.astype(np.uint8)))
+    return img.astype(np.uint8), instances
+
+
+def _finish(tmp: Path, final: Path, params: Dict) -> None:
+    (tmp / '.complete').write_text(json.dumps(params, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _is_complete(root: Path, params: Dict) -> bool:
+    marker = root / '.complete'
+    return marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(params, sort_keys=True))
+
+
+def _tmpdir(root: Path) -> Path:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f'.{root.name}.', dir=root.parent))
+
+
+def make_coco_shapes(root: str, seed: int = 0, num_train: int = 240, num_val: int = 60, size: int = 160,
+                     max_objects: int = 4) -> Path:
+    """Write (or reuse) a COCO-format instance segmentation data set.
+
+    Layout: ``root/{train,val}/*.png`` and ``root/annotations/instances_{train,val}.json``
+    with RLE masks. Returns ``root``.
+    """
+    from pycocotools import mask as mask_utils
+    root = Path(root)
+    params = dict(kind='coco-shapes', seed=seed, num_train=num_train, num_val=num_val, size=size,
+                  max_objects=max_objects, version=1)
+    if _is_complete(root, params):
+        return root
+    tmp = _tmpdir(root)
+    try:
+        (tmp / 'annotations').mkdir()
+        categories = [dict(id=i + 1, name=n, supercategory='shape') for i, n in enumerate(SHAPE_CLASSES)]
+        for split, count, split_seed in [('train', num_train, seed), ('val', num_val, seed + 10_000)]:
+            rng = np.random.default_rng(split_seed)
+            (tmp / split).mkdir()
+            images, anns = [], []
+            for i in range(count):
+                img, instances = _render(rng, size, max_objects)
+                name = f'{split}_{i:05d}.png'
+                cv2.imwrite(str(tmp / split / name), img[:, :, ::-1])
+                images.append(dict(id=i + 1, file_name=name, height=size, width=size))
+                for cls, m in instances:
+                    rle = mask_utils.encode(np.asfortranarray(m))
+                    x, y, w, h = mask_utils.toBbox(rle).tolist()
+                    rle['counts'] = rle['counts'].decode('ascii')
+                    anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=cls + 1, segmentation=rle,
+                                     area=float(mask_utils.area(rle)), bbox=[x, y, w, h], iscrowd=0))
+            (tmp / 'annotations' / f'instances_{split}.json').write_text(
+                json.dumps(dict(images=images, annotations=anns, categories=categories)))
+        _finish(tmp, root, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def make_ade_shapes(root: str, seed: int = 0, num_train: int = 200, num_val: int = 50, size: int = 128,
+                    max_objects: int = 4) -> Path:
+    """Write (or reuse) a semantic segmentation data set in ADE20K layout.
+
+    Layout: ``root/images/{training,validation}/*.jpg`` and
+    ``root/annotations/{training,validation}/*.png``. Label values: 0 is
+    background, 1..3 are ``SHAPE_CLASSES`` (use ``reduce_zero_label=False``).
+    Returns ``root``.
+    """
+    root = Path(root)
+    params = dict(kind='ade-shapes', seed=seed, num_train=num_train, num_val=num_val, size=size,
+                  max_objects=max_objects, version=1)
+    if _is_complete(root, params):
+        return root
+    tmp = _tmpdir(root)
+    try:
+        for split, count, split_seed in [('training', num_train, seed), ('validation', num_val, seed + 10_000)]:
+            rng = np.random.default_rng(split_seed)
+            (tmp / 'images' / split).mkdir(parents=True)
+            (tmp / 'annotations' / split).mkdir(parents=True)
+            for i in range(count):
+                img, instances = _render(rng, size, max_objects)
+                label = np.zeros((size, size), np.uint8)
+                for cls, m in instances:
+                    label[m.astype(bool)] = cls + 1
+                name = f'{split}_{i:05d}'
+                cv2.imwrite(str(tmp / 'images' / split / f'{name}.jpg'), img[:, :, ::-1],
+                            [cv2.IMWRITE_JPEG_QUALITY, 95])
+                cv2.imwrite(str(tmp / 'annotations' / split / f'{name}.png'), label)
+        _finish(tmp, root, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -1,0 +1,145 @@
+"""Turning a config plus command-line options into something a Runner can run.
+
+One implementation serves mmdet and mmseg configs: the config's
+``default_scope`` decides which registries are used.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from mmengine.config import Config, ConfigDict
+
+DEMO_COMMANDS = {'mmdet': 'make demo', 'mmseg': 'make demo-seg'}
+
+LAYOUTS = {
+    'CocoDataset': ('COCO 2017 in mmdet\'s standard layout', [
+        'data/coco/annotations/instances_train2017.json',
+        'data/coco/annotations/instances_val2017.json',
+        'data/coco/train2017/*.jpg',
+        'data/coco/val2017/*.jpg']),
+    'ADE20KDataset': ('ADE20K (ADEChallengeData2016) in mmseg\'s standard layout', [
+        'data/ade/ADEChallengeData2016/images/training/*.jpg',
+        'data/ade/ADEChallengeData2016/images/validation/*.jpg',
+        'data/ade/ADEChallengeData2016/annotations/training/*.png',
+        'data/ade/ADEChallengeData2016/annotations/validation/*.png']),
+}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set the config needs is not on disk; the message says what to do."""
+
+
+def _datasets(cfg: Any) -> Iterator[Dict]:
+    """Yield the leaf dataset configs inside (possibly wrapped) dataset configs."""
+    if isinstance(cfg, (list, tuple)):
+        for c in cfg:
+            yield from _datasets(c)
+        return
+    if not isinstance(cfg, dict):
+        return
+    inner = cfg.get('dataset', cfg.get('datasets'))
+    if inner is not None:
+        yield from _datasets(inner)
+    else:
+        yield cfg
+
+
+def _paths(ds: Dict) -> List[Path]:
+    root = Path(ds.get('data_root') or '')
+    out = [root] if ds.get('data_root') else []
+    ann = ds.get('ann_file')
+    if ann:
+        out.append(root / ann)
+    prefix = ds.get('data_prefix') or {}
+    for value in prefix.values() if isinstance(prefix, dict) else []:
+        if isinstance(value, str) and value:
+            out.append(root / value)
+    return out
+
+
+def check_data(cfg: Config, which: Tuple[str, ...], config_path: str = '') -> None:
+    """Raise :class:`DataNotFoundError` naming the first missing data path.
+
+    Args:
+        cfg: The config.
+        which: Dataloader names to check, e.g. ``('train_dataloader', 'val_dataloader')``.
+        config_path: Shown in the message.
+    """
+    scope = cfg.get('default_scope', 'mmdet')
+    for name in which:
+        loader = cfg.get(name)
+        if not loader:
+            continue
+        for ds in _datasets(loader.get('dataset')):
+            for path in _paths(ds):
+                if not path.exists():
+                    kind, layout = LAYOUTS.get(ds.get('type'), (f'the data of {ds.get("type")}', []))
+                    lines = [f'Data not found: {path} (needed by {name} of {config_path or "the config"}).',
+                             f'Expected {kind}:'] + [f'    {p}' for p in layout]
+                    lines.append(f'Put the data there (or link it: ln -s /path/to/data {Path(ds.get("data_root") or path)}), '
+                                 f'or try the bundled synthetic demo: {DEMO_COMMANDS.get(scope, "make demo")}')
+                    raise DataNotFoundError('\n'.join(lines))
+
+
+def _replace_sync_bn(node: Any) -> Any:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == 'type' and v in ('SyncBN', 'MMSyncBN'):
+                node[k] = 'BN'
+            else:
+                _replace_sync_bn(v)
+    elif isinstance(node, list):
+        for v in node:
+            _replace_sync_bn(v)
+    return node
+
+
+def make_synthetic_data(cfg: Config) -> None:
+    """Create the synthetic data set a demo config names in ``synthetic_data``."""
+    spec = cfg.get('synthetic_data')
+    if not spec:
+        return
+    from ..datasets import make_ade_shapes, make_coco_shapes
+    spec = dict(spec)
+    kind = spec.pop('kind')
+    makers = {'coco-shapes': make_coco_shapes, 'ade-shapes': make_ade_shapes}
+    if kind not in makers:
+        raise ValueError(f'synthetic_data.kind must be one of {sorted(makers)}, got {kind!r}')
+    makers[kind](**spec)
+
+
+def prepare_config(cfg: Config, *, work_dir: Optional[str] = None, config_path: str = '',
+                   launcher: str = 'none', amp: bool = False) -> Config:
+    """Apply the machine-dependent settings every run needs.
+
+    - ``work_dir`` defaults to ``work_dirs/<config name>``;
+    - without CUDA, SyncBN becomes BN and torch.distributed uses gloo;
+    - in one process SyncBN becomes BN as well;
+    - ``amp``: fp16 ``AmpOptimWrapper`` on CUDA, bf16 ``CPUAutocastOptimWrapper`` on the CPU.
+    """
+    if work_dir:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = os.path.join('work_dirs', Path(config_path).stem or 'run')
+    cfg.launcher = launcher
+    cuda = torch.cuda.is_available()
+    if not cuda or launcher == 'none':
+        _replace_sync_bn(cfg.model)
+    if not cuda:
+        cfg.setdefault('env_cfg', ConfigDict())
+        cfg.env_cfg.setdefault('dist_cfg', ConfigDict())
+        cfg.env_cfg.dist_cfg.backend = 'gloo'
+    if amp:
+        wrapper = cfg.optim_wrapper
+        if wrapper.get('type', 'OptimWrapper') not in ('OptimWrapper', 'AmpOptimWrapper', 'CPUAutocastOptimWrapper'):
+            raise ValueError(f'--amp needs an OptimWrapper-based optim_wrapper, got {wrapper.type}')
+        if cuda:
+            wrapper.type = 'AmpOptimWrapper'
+            wrapper.loss_scale = 'dynamic'
+        else:
+            wrapper.type = 'CPUAutocastOptimWrapper'
+            wrapper.dtype = 'bfloat16'
+    return cfg

@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Convert a published MLLA checkpoint (ImageNet, mmdet 2.x, mmseg 0.x, plain) to mlla-mm's layout.
+
+    python tools/convert_checkpoint.py SRC DST [--backbone-only] [--use-ema] [--trusted]
+
+Running it on its own output gives the same file.
+"""
+import argparse
+import sys
+
+from mlla_mm.checkpoint import CheckpointError, convert_file
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
+    parser.add_argument('src', help='checkpoint to read')
+    parser.add_argument('dst', help='file to write (written atomically)')
+    parser.add_argument('--backbone-only', action='store_true', help='keep only the backbone weights')
+    parser.add_argument('--use-ema', action='store_true', help='take state_dict_ema of a training checkpoint')
+    parser.add_argument('--trusted', action='store_true',
+                        help='the file is trusted: allow arbitrary pickled objects (runs code from it)')
+    args = parser.parse_args(argv)
+    try:
+        out = convert_file(args.src, args.dst, use_ema=args.use_ema, backbone_only=args.backbone_only,
+                           trusted=True if args.trusted else None)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    meta = out['meta']
+    print(f'wrote {args.dst}: {len(out["state_dict"])} tensors, layout {meta["mlla_mm_layout"]} '
+          f'(from {meta.get("source_layout")}), dropped {len(meta.get("dropped_keys", []))} unused keys')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
