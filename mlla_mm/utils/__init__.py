@@ -1,0 +1,1 @@
+"""Helpers of mlla-mm (FLOP counting, ...)."""
