@@ -1,0 +1,89 @@
+"""tools/benchmark.py (--quick) and tools/get_flops.py on small inputs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / 'tools'))
+
+import benchmark  # noqa: E402
+import get_flops  # noqa: E402
+
+
+def run_tool(*args, timeout=240):
+    res = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+def test_benchmark_quick_writes_json_and_png(tmp_path):
+    out_json, out_png = tmp_path / 'b.json', tmp_path / 'b.png'
+    stdout = run_tool(ROOT / 'tools' / 'benchmark.py', '--quick', '--threads', '1', '--no-train',
+                      '--sizes', '32x32', '64x96', '--json', out_json, '--plot', out_png)
+    data = json.loads(out_json.read_text())
+    assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:4] == b'\x89PNG'
+    assert set(data['latency']) == {'mlla_t', 'mlla_t_ref'}
+    for name, rows in data['latency'].items():
+        assert set(rows) == {'32x32', '64x96'}
+        for r in rows.values():
+            assert 0 < r['min'] <= r['median'] <= r['max']
+            assert r['images_per_s'] == pytest.approx(1 / r['median'])
+            assert r['pixels'] == r['height'] * r['width']
+    t = data['targets']
+    assert t['mlla_t_flops_size'] == '64x96'
+    assert t['mlla_t_gflops_per_s'] > 0 and t['matmul_gflops_per_s'] > 0
+    assert t['flops_fraction_of_matmul'] == pytest.approx(t['mlla_t_gflops_per_s'] / t['matmul_gflops_per_s'])
+    mem = data['memory']
+    assert mem['no_cp'] > 0 and mem['with_cp'] > 0
+    assert t['with_cp_memory_ratio'] == pytest.approx(mem['with_cp'] / mem['no_cp'])
+    for label in ('MLLA-T FLOP/s / matmul FLOP/s', 'MLLA-T fwd+bwd peak memory with_cp / without'):
+        assert t['verdicts'][label] in ('PASS', 'FAIL')
+        assert label in stdout
+    assert t['verdicts']['MLLA-T / Swin-T latency at 800x1280'] == 'SKIP'
+
+
+def test_slope_and_verdict_helpers():
+    assert benchmark.slope([(1e4, 0.1), (4e4, 0.4), (16e4, 1.6)]) == pytest.approx(1.0)
+    assert benchmark.slope([(1e4, 0.1), (4e4, 1.6)]) == pytest.approx(2.0)
+    assert benchmark.verdict(0.7, 0.8) == 'PASS' and benchmark.verdict(0.9, 0.8) == 'FAIL'
+    assert benchmark.verdict(0.75, 0.7, higher_is_better=True) == 'PASS'
+    assert benchmark.verdict(None, 0.7) == 'SKIP'
+    assert benchmark.parse_size('800x1280') == (800, 1280)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    import torch
+    mib = benchmark.peak_memory_mib(lambda: torch.ones(64 * 2**20 // 4).sum())
+    if mib is None:
+        pytest.skip('no /proc/self/clear_refs here')
+    assert 50 < mib < 200
+
+
+def test_get_flops_backbone_matches_spec():
+    res = get_flops.measure('mlla_t', (224, 224))
+    assert res['backbone_params'] == 23_880_096
+    assert res['backbone_macs'] / 1e9 == pytest.approx(4.13, rel=0.005)
+    assert res['backbone_flops'] == 2 * res['backbone_macs']
+    assert sum(res['backbone_by_op'].values()) == res['backbone_macs']
+    assert res['backbone_by_op']['bmm'] > 0  # the linear-attention products are counted
+    assert get_flops.kind_and_arch('configs/detection/mask_rcnn_mlla_s.py') == ('mask_rcnn', 's')
+    assert get_flops.kind_and_arch('configs/segmentation/upernet_mlla_b.py') == ('upernet', 'b')
+
+
+def test_get_flops_on_a_config(tmp_path, capsys):
+    cfg = ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py'
+    if not cfg.is_file():
+        pytest.skip('configs/detection/mask_rcnn_mlla_t.py not there')
+    pytest.importorskip('mmdet')
+    out = tmp_path / 'f.json'
+    assert get_flops.main([str(cfg), '--shape', '128', '160', '--json', str(out), '--threads', '1']) == 0
+    stdout = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res['kind'] == 'mask_rcnn' and res['arch'] == 't' and res['published_gmacs'] == 255.
+    assert res['params'] > res['backbone_params'] == 23_880_096
+    assert res['macs'] > res['backbone_macs'] > 0
+    assert 'GMACs' in stdout

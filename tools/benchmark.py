@@ -1,0 +1,417 @@
+"""Backbone latency, throughput and memory of MLLA against mmdet's Swin-T and ResNet-50.
+
+Example (the full run of docs/benchmarks.md)::
+
+    python tools/benchmark.py --threads 2 --repeats 5 --json work_dirs/bench.json \\
+        --plot work_dirs/bench.png
+
+Everything runs in one process with ``torch.set_num_threads(--threads)``,
+fp32, batch 1, ``torch.no_grad()``, backbones only. For each input size all
+models run once to warm up, then ``--repeats`` rounds run every model once
+each, interleaved, so load from elsewhere on the machine hits all models
+alike; the table shows median, min and max. A large fp32 matmul runs in the
+same rounds as the reference for FLOP/s. Then, unless switched off:
+
+* train: one Mask R-CNN train iteration (2 images of 512x512, forward,
+  backward, AdamW step) with MLLA-T and with Swin-T, interleaved;
+* memory: peak resident memory of an MLLA-T backbone forward + backward at
+  800x1280, batch 2, with and without ``with_cp``.
+
+Peak memory is the rise of the process's peak RSS (``VmHWM``) over its RSS
+before the call: freed heap memory is first handed back to the OS
+(``malloc_trim``) and the peak is reset (``/proc/self/clear_refs``), so
+every page the call touches counts. Linux only (else reported as missing).
+
+The targets of the project are printed with PASS/FAIL at the end.
+``--quick`` (for tests) uses tiny sizes, one repeat, and small train/memory
+checks.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mlla_mm.utils.flops import backbone_flops  # noqa: E402
+
+ALL_MODELS = ['mlla_t', 'mlla_s', 'mlla_b', 'swin_t', 'r50', 'mlla_t_ref']
+TARGETS = dict(swin_ratio=0.80, scaling=4.4, flops_frac=0.70, train_ratio=1.0, cp_mem_ratio=0.60)
+
+
+# --------------------------------------------------------------------------
+# Models.
+# --------------------------------------------------------------------------
+def build_backbone(name: str, cache: Dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """An eval-mode backbone by name (``mlla_t_ref`` shares ``mlla_t``'s weights)."""
+    from mlla_mm.models import MLLA
+    if name in ('mlla_t', 'mlla_s', 'mlla_b'):
+        return MLLA({'mlla_t': 'tiny', 'mlla_s': 'small', 'mlla_b': 'base'}[name]).eval()
+    if name == 'mlla_t_ref':
+        from mlla_mm.models.mlla_reference import MLLAReference
+        ref = MLLAReference('tiny').eval()
+        if 'mlla_t' in cache:
+            ref.load_state_dict(cache['mlla_t'].state_dict())
+        return ref
+    if name == 'swin_t':
+        from mmdet.models.backbones import SwinTransformer
+        return SwinTransformer(embed_dims=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                               mlp_ratio=4, qkv_bias=True, qk_scale=None, drop_rate=0., attn_drop_rate=0.,
+                               drop_path_rate=0.2, patch_norm=True, out_indices=(0, 1, 2, 3),
+                               with_cp=False, convert_weights=True)
+    if name == 'r50':
+        from mmdet.models.backbones import ResNet
+        return ResNet(depth=50, num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=1,
+                      norm_cfg=dict(type='BN', requires_grad=True), norm_eval=True, style='pytorch')
+    raise ValueError(f'unknown model {name!r}; choose from {ALL_MODELS}')
+
+
+# --------------------------------------------------------------------------
+# Timing and memory.
+# --------------------------------------------------------------------------
+def summarize(times: List[float]) -> Dict[str, float]:
+    return dict(median=statistics.median(times), min=min(times), max=max(times), n=len(times))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Warm each function up, then time ``repeats`` rounds of all of them in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn))
+    return times
+
+
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mib(fn: Callable[[], object]) -> Optional[float]:
+    """Rise of peak RSS during ``fn()`` in MiB (see the module docstring), or None."""
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        return None
+    before = _proc_status_kib('VmRSS')
+    fn()
+    peak = _proc_status_kib('VmHWM')
+    if before is None or peak is None:
+        return None
+    return (peak - before) / 1024.
+
+
+def matmul_fn(n: int = 2048) -> Tuple[Callable[[], object], float]:
+    """A large fp32 matmul and its FLOP count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return (lambda: torch.mm(a, b)), 2. * n ** 3
+
+
+# --------------------------------------------------------------------------
+# Train iteration and with_cp memory.
+# --------------------------------------------------------------------------
+def detector_cfg(kind: str):
+    """Mask R-CNN config with MLLA-T (the project's config) or Swin-T (mmdet's), no pretrained weights."""
+    from mmengine.config import Config
+    import mmdet
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    swin_path = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', 'swin',
+                             'mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py')
+    if kind == 'mlla_t':
+        path = os.path.join(root, 'configs', 'detection', 'mask_rcnn_mlla_t.py')
+        if os.path.isfile(path):
+            cfg = Config.fromfile(path)
+        else:  # mmdet's Swin-T config with the backbone swapped
+            cfg = Config.fromfile(swin_path)
+            cfg.model.backbone = dict(type='MLLA', arch='tiny', drop_path_rate=0.1)
+            cfg.model.neck.in_channels = [64, 128, 256, 512]
+    else:
+        cfg = Config.fromfile(swin_path)
+    cfg.model.backbone.init_cfg = None
+    return cfg
+
+
+def build_detector(kind: str):
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    import mlla_mm  # noqa: F401
+    cfg = detector_cfg(kind)
+    init_default_scope('mmdet')
+    return MODELS.build(cfg.model)
+
+
+def train_batch(size: int, n_images: int = 2, seed: int = 0) -> dict:
+    """Random images with a few boxes and masks, in mmdet's packed-input form."""
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+    g = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for _ in range(n_images):
+        inputs.append(torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8))
+        k = 3
+        xy = torch.rand(k, 2, generator=g) * size * 0.6
+        wh = torch.rand(k, 2, generator=g) * size * 0.3 + 16
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
+        masks = torch.zeros(k, size, size, dtype=torch.uint8)
+        for i, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+            masks[i, y1:y2, x1:x2] = 1
+        inst = InstanceData(bboxes=boxes, labels=torch.randint(0, 80, (k, ), generator=g),
+                            masks=BitmapMasks(masks.numpy(), size, size))
+        s = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size), scale_factor=(1., 1.),
+                                        pad_shape=(size, size), flip=False))
+        s.gt_instances = inst
+        samples.append(s)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def train_iteration_times(size: int, repeats: int) -> Dict[str, List[float]]:
+    """Seconds per Mask R-CNN train iteration for MLLA-T and Swin-T, interleaved."""
+    from mmengine.optim import OptimWrapper
+    fns = {}
+    for kind in ('mlla_t', 'swin_t'):
+        torch.manual_seed(0)
+        model = build_detector(kind).train()
+        wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05))
+        data = train_batch(size)
+        fns[kind] = (lambda m=model, w=wrapper, d=data: m.train_step(d, w))
+    return interleaved(fns, repeats, warmup=1)
+
+
+def cp_memory(size: Tuple[int, int], batch: int = 2) -> Dict[str, Optional[float]]:
+    """Peak memory (MiB) of an MLLA-T backbone forward+backward with and without ``with_cp``."""
+    from mlla_mm.models import MLLA
+    out = {}
+    x = torch.randn(batch, 3, *size)
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        model = MLLA('tiny', with_cp=with_cp).train()
+
+        def step(m=model):
+            loss = sum(o.float().mean() for o in m(x))
+            loss.backward()
+
+        out['with_cp' if with_cp else 'no_cp'] = peak_memory_mib(step)
+        del model
+    return out
+
+
+# --------------------------------------------------------------------------
+# Report.
+# --------------------------------------------------------------------------
+def parse_size(s: str) -> Tuple[int, int]:
+    h, w = s.lower().split('x')
+    return int(h), int(w)
+
+
+def slope(points: List[Tuple[float, float]]) -> float:
+    """Least-squares slope of log(latency) against log(pixels)."""
+    if len(points) < 2:
+        return float('nan')
+    xs = [math.log(p) for p, _ in points]
+    ys = [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else float('nan')
+
+
+def make_plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, rows in results['latency'].items():
+        pts = sorted((r['pixels'], r['median']) for r in rows.values())
+        if not pts:
+            continue
+        ax.plot([p for p, _ in pts], [t for _, t in pts], marker='o',
+                label=f"{name} (slope {results['slopes'].get(name, float('nan')):.2f})")
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('input pixels (H x W)')
+    ax.set_ylabel('latency, median (s)')
+    ax.set_title(f"Backbone latency, {results['threads']} threads, fp32, batch 1")
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def verdict(value: Optional[float], limit: float, higher_is_better: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return 'SKIP'
+    ok = value >= limit if higher_is_better else value <= limit
+    return 'PASS' if ok else 'FAIL'
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--sizes', nargs='+', help='HxW sizes (default 512x512 800x1280 1024x1024 2048x2048)')
+    p.add_argument('--models', nargs='+', help=f'models among {ALL_MODELS} (default all)')
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--ref-max-pixels', type=int, default=1024 * 1024,
+                   help='skip mlla_t_ref above this many pixels (it is slow)')
+    p.add_argument('--json', help='write all numbers to this JSON file')
+    p.add_argument('--plot', help='write a log-log latency plot (PNG) here')
+    p.add_argument('--no-train', action='store_true', help='skip the Mask R-CNN train-iteration check')
+    p.add_argument('--no-memory', action='store_true', help='skip the with_cp memory check')
+    p.add_argument('--train-size', type=int, default=512)
+    p.add_argument('--memory-size', default='800x1280')
+    p.add_argument('--quick', action='store_true', help='tiny sizes, one repeat (for tests)')
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.sizes = args.sizes or ['64x64', '96x128']
+        args.models = args.models or ['mlla_t', 'mlla_t_ref']
+        args.repeats = 1
+        args.memory_size = '64x96'
+        args.train_size = 128
+    sizes = [parse_size(s) for s in (args.sizes or ['512x512', '800x1280', '1024x1024', '2048x2048'])]
+    names = args.models or list(ALL_MODELS)
+    models: Dict[str, torch.nn.Module] = {}
+    skipped: Dict[str, str] = {}
+    for name in names:
+        try:
+            models[name] = build_backbone(name, models)
+            models[name].eval()  # mmdet's backbones' train() returns None: do not chain it
+        except ImportError as e:
+            skipped[name] = f'not available: {e}'
+    for name, why in skipped.items():
+        print(f'# skip {name}: {why}')
+
+    results: dict = dict(threads=args.threads, repeats=args.repeats, torch=torch.__version__,
+                         date=time.strftime('%Y-%m-%d %H:%M:%S'), latency={n: {} for n in models},
+                         matmul={}, slopes={}, targets={}, skipped=skipped)
+    mm, mm_flops = matmul_fn()
+    with torch.no_grad():
+        for h, w in sizes:
+            x = torch.randn(1, 3, h, w)
+            fns = {n: (lambda m=m: m(x)) for n, m in models.items()
+                   if not (n == 'mlla_t_ref' and h * w > args.ref_max_pixels)}
+            fns['matmul'] = mm
+            times = interleaved(fns, args.repeats)
+            mm_times = times.pop('matmul')
+            results['matmul'][f'{h}x{w}'] = dict(summarize(mm_times), gflops_per_s=mm_flops / statistics.median(
+                mm_times) / 1e9)
+            for n, ts in times.items():
+                row = dict(summarize(ts), pixels=h * w, height=h, width=w)
+                row['images_per_s'] = 1. / row['median']
+                row['mpix_per_s'] = h * w / row['median'] / 1e6
+                results['latency'][n][f'{h}x{w}'] = row
+            print(f'# {h}x{w} done', flush=True)
+    for n, rows in results['latency'].items():
+        results['slopes'][n] = slope([(r['pixels'], r['median']) for r in rows.values()])
+
+    # Table.
+    print(f"\nBackbone latency (s), {args.threads} threads, fp32, batch 1, {args.repeats} interleaved repeats")
+    print(f"{'model':<12}{'size':>11}{'median':>9}{'min':>9}{'max':>9}{'img/s':>8}{'MPix/s':>8}")
+    for n, rows in results['latency'].items():
+        for key, r in rows.items():
+            print(f"{n:<12}{key:>11}{r['median']:9.3f}{r['min']:9.3f}{r['max']:9.3f}"
+                  f"{r['images_per_s']:8.2f}{r['mpix_per_s']:8.2f}")
+    print('slopes of log latency vs log pixels: '
+          + ', '.join(f'{n} {s:.2f}' for n, s in results['slopes'].items()))
+
+    # Targets.
+    lat = results['latency']
+    t = results['targets']
+    ref_key = '800x1280' if '800x1280' in lat.get('mlla_t', {}) else None
+    if ref_key and 'swin_t' in lat and ref_key in lat['swin_t']:
+        t['mlla_t_over_swin_t_800x1280'] = lat['mlla_t'][ref_key]['median'] / lat['swin_t'][ref_key]['median']
+    if 'mlla_t' in lat and '1024x1024' in lat['mlla_t'] and '2048x2048' in lat['mlla_t']:
+        t['mlla_t_2048_over_1024'] = lat['mlla_t']['2048x2048']['median'] / lat['mlla_t']['1024x1024']['median']
+    if 'mlla_t' in lat and lat['mlla_t']:
+        key = ref_key or max(lat['mlla_t'], key=lambda k: lat['mlla_t'][k]['pixels'])
+        h, w = lat['mlla_t'][key]['height'], lat['mlla_t'][key]['width']
+        flops = backbone_flops(models['mlla_t'], h, w).flops
+        gfs = flops / lat['mlla_t'][key]['median'] / 1e9
+        t['mlla_t_flops_size'] = key
+        t['mlla_t_gflops_per_s'] = gfs
+        t['matmul_gflops_per_s'] = results['matmul'][key]['gflops_per_s']
+        t['flops_fraction_of_matmul'] = gfs / results['matmul'][key]['gflops_per_s']
+    if not args.no_train:
+        try:
+            tr = train_iteration_times(args.train_size, max(1, min(args.repeats, 3)))
+            results['train'] = {k: summarize(v) for k, v in tr.items()}
+            results['train']['size'] = args.train_size
+            t['train_mlla_t_over_swin_t'] = results['train']['mlla_t']['median'] / results['train']['swin_t'][
+                'median']
+        except ImportError as e:
+            print(f'# skip train check: {e}')
+    if not args.no_memory:
+        mem = cp_memory(parse_size(args.memory_size))
+        results['memory'] = dict(mem, size=args.memory_size, batch=2)
+        if mem.get('no_cp') and mem.get('with_cp') is not None:
+            t['with_cp_memory_ratio'] = mem['with_cp'] / mem['no_cp']
+
+    print('\nTargets:')
+    lines = [
+        ('MLLA-T / Swin-T latency at 800x1280', t.get('mlla_t_over_swin_t_800x1280'), TARGETS['swin_ratio'], False),
+        ('MLLA-T t(2048^2) / t(1024^2)', t.get('mlla_t_2048_over_1024'), TARGETS['scaling'], False),
+        ('MLLA-T FLOP/s / matmul FLOP/s', t.get('flops_fraction_of_matmul'), TARGETS['flops_frac'], True),
+        ('Mask R-CNN train iter MLLA-T / Swin-T', t.get('train_mlla_t_over_swin_t'), TARGETS['train_ratio'], False),
+        ('MLLA-T fwd+bwd peak memory with_cp / without', t.get('with_cp_memory_ratio'), TARGETS['cp_mem_ratio'],
+         False),
+    ]
+    t['verdicts'] = {}
+    for label, value, limit, higher in lines:
+        v = verdict(value, limit, higher)
+        t['verdicts'][label] = v
+        shown = f'{value:.3f}' if value is not None else '-'
+        print(f"  {label:<48} {shown:>7}  ({'>=' if higher else '<='} {limit})  {v}")
+    if 'mlla_t_gflops_per_s' in t:
+        print(f"  (MLLA-T {t['mlla_t_gflops_per_s']:.1f} GFLOP/s at {t['mlla_t_flops_size']}, "
+              f"matmul {t['matmul_gflops_per_s']:.1f} GFLOP/s)")
+    if 'train' in results:
+        print('  (train iteration s: ' + ', '.join(
+            f"{k} {v['median']:.2f}" for k, v in results['train'].items() if isinstance(v, dict)) + ')')
+    if 'memory' in results:
+        m = results['memory']
+        print(f"  (peak MiB at {m['size']} batch 2: no_cp {m['no_cp']}, with_cp {m['with_cp']})")
+
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+    if args.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        make_plot(results, args.plot)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
