@@ -83,8 +83,18 @@ def main(argv=None) -> int:
     from mmengine.registry import RUNNERS, init_default_scope
     from mmengine.runner import Runner
     init_default_scope(cfg.get('default_scope', 'mmdet'))
-    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-    metrics = runner.test()
+    from mlla_mm.checkpoint import CheckpointError
+    try:
+        runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    except (ValueError, TypeError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f'error: {args.config}: {" ".join(str(msg).split())}', file=sys.stderr)
+        return 2
+    try:
+        metrics = runner.test()
+    except CheckpointError as err:
+        print(f'error: {" ".join(str(err).split())}', file=sys.stderr)
+        return 2
     print('metrics: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                   for k, v in (metrics or {}).items()))
     return 0

@@ -57,10 +57,30 @@ def main(argv=None) -> int:
 
     from mmengine.registry import RUNNERS, init_default_scope
     from mmengine.runner import Runner
+    from mlla_mm.checkpoint import CheckpointError
+    from mlla_mm.engine.hooks import NonFiniteLossError
     init_default_scope(cfg.get('default_scope', 'mmdet'))
-    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-    runner.train()
+    try:
+        runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    except (ValueError, TypeError, KeyError) as err:
+        # A bad config (unknown arch, misspelt argument, unknown type): one line, no traceback.
+        print(f'error: {args.config}: {one_line(err)}', file=sys.stderr)
+        return 2
+    try:
+        runner.train()
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f'error: {one_line(err)}', file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f'error: {one_line(err)}', file=sys.stderr)
+        return 1
     return 0
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (KeyError's repr quotes removed)."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return ' '.join(str(text).split()) or type(err).__name__
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ One implementation serves mmdet and mmseg configs: the config's
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -63,6 +64,9 @@ def _paths(ds: Dict) -> List[Path]:
 def check_data(cfg: Config, which: Tuple[str, ...], config_path: str = '') -> None:
     """Raise :class:`DataNotFoundError` naming the first missing data path.
 
+    COCO-style JSON annotation files are also read: invalid JSON or images
+    they name that are missing raise :class:`BadAnnotationError`.
+
     Args:
         cfg: The config.
         which: Dataloader names to check, e.g. ``('train_dataloader', 'val_dataloader')``.
@@ -82,6 +86,47 @@ def check_data(cfg: Config, which: Tuple[str, ...], config_path: str = '') -> No
                     lines.append(f'Put the data there (or link it: ln -s /path/to/data {Path(ds.get("data_root") or path)}), '
                                  f'or try the bundled synthetic demo: {DEMO_COMMANDS.get(scope, "make demo")}')
                     raise DataNotFoundError('\n'.join(lines))
+            check_annotations(ds, name, config_path)
+
+
+class BadAnnotationError(DataNotFoundError):
+    """An annotation file is not valid JSON or names images that are not on disk."""
+
+
+def check_annotations(ds: Dict, loader_name: str = '', config_path: str = '') -> None:
+    """Check a COCO-style (``.json``) annotation file of a dataset config.
+
+    Raises :class:`BadAnnotationError` naming the file when it is not valid
+    JSON, is not a COCO-format dict, or refers to images that do not exist.
+    """
+    ann = ds.get('ann_file')
+    if not ann or not str(ann).endswith('.json'):
+        return
+    root = Path(ds.get('data_root') or '')
+    path = root / ann
+    if not path.is_file():
+        return  # reported by check_data
+    where = f'(needed by {loader_name or "a dataloader"} of {config_path or "the config"})'
+    expected = ('Expected a COCO-format JSON object with "images" (id, file_name, height, width), '
+                '"annotations" and "categories" lists.')
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadAnnotationError(f'Annotation file is not valid JSON: {path} {where}: {err}. {expected}') from None
+    if not isinstance(data, dict) or not isinstance(data.get('images'), list):
+        raise BadAnnotationError(f'Annotation file has no "images" list: {path} {where}. {expected}')
+    prefix = ds.get('data_prefix') or {}
+    img_dir = root / (prefix.get('img') or prefix.get('img_path') or '' if isinstance(prefix, dict) else '')
+    missing = []
+    for img in data['images']:
+        name = img.get('file_name') if isinstance(img, dict) else None
+        if not isinstance(name, str) or not (img_dir / name).is_file():
+            missing.append(str(name))
+    if missing:
+        raise BadAnnotationError(
+            f'{len(missing)} of {len(data["images"])} images named in {path} are missing under {img_dir} {where}, '
+            f'e.g. {", ".join(missing[:3])}. Expected every images[].file_name to exist under {img_dir}.')
 
 
 def _replace_sync_bn(node: Any) -> Any:
@@ -111,6 +156,19 @@ def make_synthetic_data(cfg: Config) -> None:
     makers[kind](**spec)
 
 
+RELIABILITY_HOOKS = ('RandomStateHook', 'FiniteLossHook')
+
+
+def _add_reliability(cfg: Config) -> None:
+    """Select the crash-safe runner and add the reliability hooks (once)."""
+    if cfg.get('runner_type') in (None, 'Runner'):
+        cfg.runner_type = 'SafeRunner'
+    hooks = list(cfg.get('custom_hooks') or [])
+    have = {h.get('type') for h in hooks if isinstance(h, dict)}
+    hooks += [dict(type=t) for t in RELIABILITY_HOOKS if t not in have]
+    cfg.custom_hooks = hooks
+
+
 def prepare_config(cfg: Config, *, work_dir: Optional[str] = None, config_path: str = '',
                    launcher: str = 'none', amp: bool = False) -> Config:
     """Apply the machine-dependent settings every run needs.
@@ -118,7 +176,9 @@ def prepare_config(cfg: Config, *, work_dir: Optional[str] = None, config_path: 
     - ``work_dir`` defaults to ``work_dirs/<config name>``;
     - without CUDA, SyncBN becomes BN and torch.distributed uses gloo;
     - in one process SyncBN becomes BN as well;
-    - ``amp``: fp16 ``AmpOptimWrapper`` on CUDA, bf16 ``CPUAutocastOptimWrapper`` on the CPU.
+    - ``amp``: fp16 ``AmpOptimWrapper`` on CUDA, bf16 ``CPUAutocastOptimWrapper`` on the CPU;
+    - the run uses :class:`~mlla_mm.engine.hooks.SafeRunner` (atomic checkpoints, checked
+      loading, robust auto-resume) with ``RandomStateHook`` and ``FiniteLossHook``.
     """
     if work_dir:
         cfg.work_dir = work_dir
@@ -132,6 +192,7 @@ def prepare_config(cfg: Config, *, work_dir: Optional[str] = None, config_path: 
         cfg.setdefault('env_cfg', ConfigDict())
         cfg.env_cfg.setdefault('dist_cfg', ConfigDict())
         cfg.env_cfg.dist_cfg.backend = 'gloo'
+    _add_reliability(cfg)
     if amp:
         wrapper = cfg.optim_wrapper
         if wrapper.get('type', 'OptimWrapper') not in ('OptimWrapper', 'AmpOptimWrapper', 'CPUAutocastOptimWrapper'):
