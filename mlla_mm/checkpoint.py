@@ -109,7 +109,11 @@ class _InertPickleModule:
 
 def _restricted_getattr(obj: Any, name: str) -> Any:
     from mmengine.logging.history_buffer import HistoryBuffer
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+    # HistoryBuffer fills _statistics_methods with its four built-in statistics
+    # when the first buffer is made, so name those explicitly too (a fresh
+    # process may read a checkpoint before it makes any buffer).
+    if obj is HistoryBuffer and (name in ('min', 'max', 'current', 'mean')
+                                 or name in HistoryBuffer._statistics_methods):
         return getattr(obj, name)
     raise _RefusedCall(f'getattr({getattr(obj, "qualname", obj)!r}, {name!r})')
 

@@ -1,0 +1,85 @@
+"""Helpers for the reliability tests: a tiny Mask R-CNN config on tiny synthetic data."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+TINY_CONFIG = '''
+_base_ = [{base!r}]
+data_root = {root!r}
+synthetic_data = dict(kind='coco-shapes', root=data_root, seed=0, num_train=4, num_val=2, size=64)
+_train = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='Resize', scale=(64, 64), keep_ratio=True),
+    dict(type='PackDetInputs'),
+]
+_test = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(type='Resize', scale=(64, 64), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                        dataset=dict(data_root=data_root, pipeline=_train))
+test_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                       dataset=dict(data_root=data_root, pipeline=_test))
+test_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json', metric=['bbox'])
+val_dataloader = None
+val_cfg = None
+val_evaluator = None
+model = dict(
+    backbone=dict(arch=dict(_delete_=True, embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4]),
+                  init_cfg=None),
+    neck=dict(in_channels=[16, 32, 64, 128], out_channels=32),
+    rpn_head=dict(in_channels=32, feat_channels=32),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=32),
+        bbox_head=dict(in_channels=32, fc_out_channels=64),
+        mask_roi_extractor=dict(out_channels=32),
+        mask_head=dict(in_channels=32, conv_out_channels=32)),
+    train_cfg=dict(rpn_proposal=dict(nms_pre=200, max_per_img=64), rcnn=dict(sampler=dict(num=32))),
+    test_cfg=dict(rpn=dict(nms_pre=200, max_per_img=64)))
+max_epochs = {epochs}
+train_cfg = dict(max_epochs=max_epochs, val_interval=1000)
+param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=4)]
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_keep_ckpts=3))
+randomness = dict(seed=0, deterministic=True)
+'''
+
+
+def write_tiny_config(folder: Path, data_root: Path, epochs: int = 6, extra: str = '') -> Path:
+    """A detection config (tiny MLLA, small heads, 4 images of 64x64, 2 per batch)."""
+    path = folder / 'tiny_det.py'
+    base = str(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t_demo.py')
+    path.write_text(TINY_CONFIG.format(base=base, root=str(data_root) + '/', epochs=epochs) + extra)
+    return path
+
+
+def tool_env(**extra):
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    env.pop('MLLA_MM_TRUST_CHECKPOINTS', None)
+    env.update(extra)
+    return env
+
+
+def run_tool(*args, env=None, timeout=300):
+    """Run tools/<script> to completion; returns the CompletedProcess (text)."""
+    return subprocess.run([PY, *map(str, args)], cwd=ROOT, env=env or tool_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """The tiny synthetic COCO data set, made once per session."""
+    from mlla_mm.datasets import make_coco_shapes
+    root = tmp_path_factory.mktemp('data') / 'shapes'
+    make_coco_shapes(str(root), seed=0, num_train=4, num_val=2, size=64)
+    return root
