@@ -1,0 +1,61 @@
+"""tools/convert_checkpoint.py on every published layout."""
+import hashlib
+import subprocess
+import sys
+
+import torch
+
+from tests.conftest import ROOT
+
+TOOL = str(ROOT / 'tools' / 'convert_checkpoint.py')
+
+
+def convert(src, dst, *extra):
+    return subprocess.run([sys.executable, TOOL, str(src), str(dst), *extra], capture_output=True, text=True,
+                          timeout=120)
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_imagenet_layout_twice_gives_the_same_file(tmp_path, golden_dir):
+    once, twice = tmp_path / 'once.pth', tmp_path / 'twice.pth'
+    res = convert(golden_dir / 'mlla_small_official_cls.pth', once)
+    assert res.returncode == 0, res.stderr
+    assert 'layout backbone (from imagenet)' in res.stdout
+    res = convert(once, twice)
+    assert res.returncode == 0, res.stderr
+    a, b = torch.load(once, weights_only=True), torch.load(twice, weights_only=True)
+    assert a['meta'] == b['meta']
+    assert list(a['state_dict']) == list(b['state_dict'])
+    assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in a['state_dict'])
+    assert sha(once) == sha(twice)
+    assert not any('rope' in k or k.startswith(('head.', 'norm.')) for k in a['state_dict'])
+    src = torch.load(golden_dir / 'mlla_small_official_cls.pth', weights_only=True)['model']
+    assert torch.equal(a['state_dict']['layers.1.blocks.0.attn.qk.weight'], src['layers.1.blocks.0.attn.qk.weight'])
+
+
+def test_detector_layout_keeps_prefixes_or_extracts_backbone(tmp_path, golden_dir):
+    src = golden_dir / 'mlla_small_official_det.pth'
+    res = convert(src, tmp_path / 'full.pth')
+    assert res.returncode == 0, res.stderr
+    full = torch.load(tmp_path / 'full.pth', weights_only=True)['state_dict']
+    assert all(k.startswith('backbone.') for k in full) and 'backbone.norm0.weight' in full
+    assert not any('rope' in k for k in full)
+    res = convert(src, tmp_path / 'bb.pth', '--backbone-only')
+    assert res.returncode == 0, res.stderr
+    bb = torch.load(tmp_path / 'bb.pth', weights_only=True)
+    assert 'norm0.weight' in bb['state_dict'] and bb['meta']['mlla_mm_layout'] == 'backbone'
+    res = convert(tmp_path / 'bb.pth', tmp_path / 'bb2.pth', '--backbone-only')
+    assert sha(tmp_path / 'bb.pth') == sha(tmp_path / 'bb2.pth')
+
+
+def test_bad_source_is_a_clear_error_and_writes_nothing(tmp_path):
+    (tmp_path / 'broken.pth').write_bytes(b'\x00' * 10)
+    for src in [tmp_path / 'broken.pth', tmp_path / 'missing.pth']:
+        res = convert(src, tmp_path / 'out.pth')
+        assert res.returncode == 2
+        assert src.name in res.stderr and 'Traceback' not in res.stderr
+        assert not (tmp_path / 'out.pth').exists()
+    assert [p.name for p in tmp_path.iterdir()] == ['broken.pth']
