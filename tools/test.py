@@ -48,7 +48,8 @@ def enable_visualization(cfg: Config, show_dir: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mlla_mm.engine.launch import DataNotFoundError, check_data, make_synthetic_data, prepare_config
+    from mlla_mm.engine.launch import (DataNotFoundError, check_data, init_cpu_distributed, make_synthetic_data,
+                                       prepare_config)
     for path, what in [(args.config, 'config file'), (args.checkpoint, 'checkpoint')]:
         if not os.path.isfile(path):
             print(f'error: {what} not found: {path}', file=sys.stderr)
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     from mmengine.registry import RUNNERS, init_default_scope
     from mmengine.runner import Runner
     init_default_scope(cfg.get('default_scope', 'mmdet'))
+    init_cpu_distributed(args.launcher)
     from mlla_mm.checkpoint import CheckpointError
     try:
         runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)

@@ -33,7 +33,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mlla_mm.engine.launch import DataNotFoundError, check_data, make_synthetic_data, prepare_config
+    from mlla_mm.engine.launch import (DataNotFoundError, check_data, init_cpu_distributed, make_synthetic_data,
+                                       prepare_config)
     if not os.path.isfile(args.config):
         print(f'error: config file not found: {args.config}', file=sys.stderr)
         return 2
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     from mlla_mm.checkpoint import CheckpointError
     from mlla_mm.engine.hooks import NonFiniteLossError
     init_default_scope(cfg.get('default_scope', 'mmdet'))
+    init_cpu_distributed(args.launcher)
     try:
         runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     except (ValueError, TypeError, KeyError) as err:

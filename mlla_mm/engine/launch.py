@@ -192,6 +192,13 @@ def prepare_config(cfg: Config, *, work_dir: Optional[str] = None, config_path: 
         cfg.setdefault('env_cfg', ConfigDict())
         cfg.env_cfg.setdefault('dist_cfg', ConfigDict())
         cfg.env_cfg.dist_cfg.backend = 'gloo'
+        if launcher != 'none':
+            # mmengine gives DDP device_ids=[LOCAL_RANK], which CPU modules refuse.
+            wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(
+                type='MMDistributedDataParallel', broadcast_buffers=False,
+                find_unused_parameters=cfg.get('find_unused_parameters', False))
+            wrapper.device_ids = None
+            cfg.model_wrapper_cfg = wrapper
     _add_reliability(cfg)
     if amp:
         wrapper = cfg.optim_wrapper
@@ -204,3 +211,30 @@ def prepare_config(cfg: Config, *, work_dir: Optional[str] = None, config_path: 
             wrapper.type = 'CPUAutocastOptimWrapper'
             wrapper.dtype = 'bfloat16'
     return cfg
+
+
+def init_cpu_distributed(launcher: str) -> None:
+    """Start torch.distributed with gloo when there is no CUDA.
+
+    mmengine's launchers call ``torch.cuda.set_device`` unconditionally; on a
+    CPU-only machine the process group is started here instead, from the same
+    environment variables (torchrun's, Slurm's or Open MPI's), and mmengine
+    then finds it already initialised.
+    """
+    import subprocess
+
+    import torch.distributed as dist
+    if launcher == 'none' or torch.cuda.is_available() or (dist.is_available() and dist.is_initialized()):
+        return
+    env = os.environ
+    if launcher == 'slurm':
+        env.setdefault('MASTER_PORT', '29500')
+        if 'MASTER_ADDR' not in env:
+            env['MASTER_ADDR'] = subprocess.getoutput(f'scontrol show hostname {env["SLURM_NODELIST"]} | head -n1')
+        env['WORLD_SIZE'], env['RANK'] = env['SLURM_NTASKS'], env['SLURM_PROCID']
+        env['LOCAL_RANK'] = env.get('SLURM_LOCALID', '0')
+    elif launcher == 'mpi':
+        env.setdefault('MASTER_PORT', '29500')
+        env['WORLD_SIZE'], env['RANK'] = env['OMPI_COMM_WORLD_SIZE'], env['OMPI_COMM_WORLD_RANK']
+        env['LOCAL_RANK'] = env.get('OMPI_COMM_WORLD_LOCAL_RANK', '0')
+    dist.init_process_group(backend='gloo')
