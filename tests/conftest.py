@@ -41,3 +41,12 @@ def _two_threads():
     torch.set_num_threads(2)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """The tiny synthetic COCO data set, made once per session."""
+    from mlla_mm.datasets import make_coco_shapes
+    root = tmp_path_factory.mktemp('data') / 'shapes'
+    make_coco_shapes(str(root), seed=0, num_train=4, num_val=2, size=64)
+    return root

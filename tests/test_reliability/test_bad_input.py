@@ -12,7 +12,7 @@ from mmengine.config import Config
 from mlla_mm.checkpoint import CheckpointError
 from mlla_mm.engine.launch import BadAnnotationError, DataNotFoundError, check_data, prepare_config
 
-from .conftest import ROOT, write_tiny_config
+from tests.helpers import ROOT, write_tiny_config
 
 
 def load_tool(name):

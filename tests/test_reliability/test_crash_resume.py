@@ -11,7 +11,7 @@ import torch
 
 from mlla_mm.checkpoint import load_file
 
-from .conftest import PY, ROOT, run_tool, tool_env, write_tiny_config
+from tests.helpers import PY, ROOT, run_tool, tool_env, write_tiny_config
 
 EPOCHS = 6  # 2 iterations per epoch, a checkpoint after each epoch
 

@@ -7,7 +7,7 @@ import torch
 
 from mlla_mm.checkpoint import load_file
 from tests.conftest import ROOT
-from tests.test_reliability.conftest import run_tool, tool_env, write_tiny_config
+from tests.helpers import run_tool, tool_env, write_tiny_config
 
 WITH_VAL = '''
 val_dataloader = test_dataloader
@@ -15,14 +15,6 @@ val_evaluator = test_evaluator
 val_cfg = dict(type='ValLoop')
 train_cfg = dict(max_epochs=max_epochs, val_interval=1)
 '''
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    from mlla_mm.datasets import make_coco_shapes
-    root = tmp_path_factory.mktemp('det_data') / 'shapes'
-    make_coco_shapes(str(root), seed=0, num_train=4, num_val=2, size=64)
-    return root
 
 
 def free_port():
@@ -36,8 +28,8 @@ def losses(log_text):
 
 
 @pytest.mark.slow
-def test_train_val_then_resume(tmp_path, data):
-    cfg = write_tiny_config(tmp_path, data, epochs=1, extra=WITH_VAL)
+def test_train_val_then_resume(tmp_path, tiny_data):
+    cfg = write_tiny_config(tmp_path, tiny_data, epochs=1, extra=WITH_VAL)
     work = tmp_path / 'work'
     res = run_tool('tools/train.py', cfg, '--work-dir', work)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -63,12 +55,12 @@ def test_train_val_then_resume(tmp_path, data):
     assert load_file(tmp_path / 'w2' / 'epoch_2.pth')['meta']['iter'] == 4
 
 
-def test_published_mmdet2_checkpoint_loads_through_load_from(tmp_path, data):
+def test_published_mmdet2_checkpoint_loads_through_load_from(tmp_path, tiny_data):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmengine.runner import Runner
     from mlla_mm.engine.launch import prepare_config
-    cfg_path = write_tiny_config(tmp_path, data, epochs=1)
+    cfg_path = write_tiny_config(tmp_path, tiny_data, epochs=1)
     cfg = prepare_config(Config.fromfile(str(cfg_path)), work_dir=str(tmp_path / 'w'))
     init_default_scope('mmdet')
     from mmdet.registry import MODELS
@@ -114,8 +106,8 @@ def test_missing_coco_is_a_clear_error(tmp_path, tool):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('with_cp', [False, True])
-def test_two_process_ddp_on_cpu(tmp_path, data, with_cp):
-    cfg = write_tiny_config(tmp_path, data, epochs=1)
+def test_two_process_ddp_on_cpu(tmp_path, tiny_data, with_cp):
+    cfg = write_tiny_config(tmp_path, tiny_data, epochs=1)
     work = tmp_path / 'work'
     env = tool_env(PORT=str(free_port()))
     import subprocess
@@ -134,8 +126,8 @@ def test_two_process_ddp_on_cpu(tmp_path, data, with_cp):
 
 
 @pytest.mark.slow
-def test_amp_bf16_on_cpu(tmp_path, data):
-    cfg = write_tiny_config(tmp_path, data, epochs=2)
+def test_amp_bf16_on_cpu(tmp_path, tiny_data):
+    cfg = write_tiny_config(tmp_path, tiny_data, epochs=2)
     res = run_tool('tools/train.py', cfg, '--work-dir', tmp_path / 'work', '--amp')
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]

@@ -1,10 +1,9 @@
-"""Helpers for the reliability tests: a tiny Mask R-CNN config on tiny synthetic data."""
+"""Test helpers: a tiny Mask R-CNN config on tiny synthetic data, and running the tools."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -74,12 +73,3 @@ def run_tool(*args, env=None, timeout=300):
     """Run tools/<script> to completion; returns the CompletedProcess (text)."""
     return subprocess.run([PY, *map(str, args)], cwd=ROOT, env=env or tool_env(), capture_output=True,
                           text=True, timeout=timeout)
-
-
-@pytest.fixture(scope='session')
-def tiny_data(tmp_path_factory):
-    """The tiny synthetic COCO data set, made once per session."""
-    from mlla_mm.datasets import make_coco_shapes
-    root = tmp_path_factory.mktemp('data') / 'shapes'
-    make_coco_shapes(str(root), seed=0, num_train=4, num_val=2, size=64)
-    return root
