@@ -1,0 +1,285 @@
+"""Segmentation through the real tools: train + val, slide, --tta, --show-dir, missing data, published checkpoints.
+
+The runs use a tiny variant of the demo config (tiny MLLA, narrow heads, a
+handful of 64x64 images made under tmp_path), so they do not race with the
+demo's data or work dirs.
+"""
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mlla_mm.checkpoint import load_file
+from tests.conftest import ROOT
+
+PY = sys.executable
+DEMO = ROOT / 'configs' / 'segmentation' / 'upernet_mlla_t_demo.py'
+# The published variant in shared/golden (embed_dims 24, depths 1, 2, 1, 1).
+GOLDEN_ARCH = dict(embed_dims=24, depths=[1, 2, 1, 1], num_heads=[1, 2, 3, 6])
+SMALL_ARCH = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
+
+TINY_SEG = '''
+_base_ = [{base!r}]
+data_root = {root!r}
+synthetic_data = dict(kind='ade-shapes', root=data_root, seed=0, num_train=4, num_val=2, size=64)
+crop_size = (64, 64)
+_train = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=False),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackSegInputs'),
+]
+_test = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=crop_size, keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label=False),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                        dataset=dict(data_root=data_root, pipeline=_train))
+val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
+                      dataset=dict(data_root=data_root, pipeline=_test))
+test_dataloader = val_dataloader
+model = dict(
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(arch=dict(_delete_=True, **{arch!r}), init_cfg=None),
+    decode_head=dict(in_channels={channels!r}, channels=32),
+    auxiliary_head=dict(in_channels={channels[2]!r}, channels=16))
+max_iters = 2
+train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
+param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2)]
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=max_iters))
+randomness = dict(seed=0)
+'''
+
+
+def write_tiny_seg_config(folder, data_root, arch=SMALL_ARCH):
+    """The demo config on 4 + 2 images of 64x64 with a tiny MLLA and narrow heads."""
+    channels = [arch['embed_dims'] * 2**i for i in range(4)]
+    path = folder / 'tiny_seg.py'
+    path.write_text(TINY_SEG.format(base=str(DEMO), root=str(data_root) + '/', arch=arch, channels=channels))
+    return path
+
+
+def env():
+    import os
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    e.pop('MLLA_MM_TRUST_CHECKPOINTS', None)
+    return e
+
+
+def run_tool(*args, cwd=ROOT, timeout=600):
+    return subprocess.run([PY, *map(str, args)], cwd=cwd, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def metrics(stdout):
+    lines = [ln for ln in stdout.splitlines() if ln.startswith('metrics: ')]
+    assert lines, 'no metrics line'
+    return {k: float(v) for k, v in re.findall(r'(\w+)=([-0-9.]+)', lines[-1])}
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """Two training iterations and a validation of the tiny config through tools/train.py."""
+    tmp = tmp_path_factory.mktemp('seg')
+    cfg = write_tiny_seg_config(tmp, tmp / 'shapes_ade')
+    work = tmp / 'work'
+    res = run_tool('tools/train.py', cfg, '--work-dir', work)
+    return dict(cfg=cfg, work=work, res=res, tmp=tmp)
+
+
+@pytest.mark.slow
+def test_train_val_cycle_gives_miou(trained):
+    res = trained['res']
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    # The synthetic data was made where the config says, not in the repository.
+    assert len(list((trained['tmp'] / 'shapes_ade' / 'images' / 'training').glob('*.jpg'))) == 4
+    m = re.search(r'Iter\(val\) \[2/2\]\s+aAcc: ([0-9.]+)\s+mIoU: ([0-9.]+)\s+mAcc: ([0-9.]+)', out)
+    assert m, out[-3000:]
+    assert all(0 <= float(v) <= 100 for v in m.groups())
+    for cls in ['background', 'circle', 'triangle', 'rectangle']:
+        assert re.search(rf'\|\s+{cls}\s+\|', out), cls
+    ckpt = load_file(trained['work'] / 'iter_2.pth')
+    assert ckpt['meta']['iter'] == 2
+    assert ckpt['state_dict']['decode_head.conv_seg.weight'].shape[0] == 4
+    # Plain BN in the heads (one process, CPU or not).
+    assert 'decode_head.fpn_bottleneck.bn.running_mean' in ckpt['state_dict']
+
+
+def _need(trained):
+    if trained['res'].returncode != 0:
+        pytest.fail('the training run of the fixture failed: ' + trained['res'].stderr[-2000:])
+    return trained['cfg'], trained['work'] / 'iter_2.pth'
+
+
+@pytest.mark.slow
+def test_slide_inference_and_show_dir(trained, tmp_path):
+    cfg, ckpt = _need(trained)
+    show = tmp_path / 'vis'
+    res = run_tool('tools/test.py', cfg, ckpt, '--work-dir', tmp_path / 'w', '--show-dir', show,
+                   '--cfg-options', 'model.test_cfg.mode=slide', 'model.test_cfg.crop_size=(48,48)',
+                   'model.test_cfg.stride=(32,32)')
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = metrics(res.stdout)
+    assert {'aAcc', 'mIoU', 'mAcc'} <= set(got)
+    dumped = next((tmp_path / 'w').glob('*.py')).read_text()
+    assert "mode='slide'" in dumped
+    pngs = sorted(show.rglob('*.png'))
+    assert len(pngs) == 2, pngs
+    import cv2
+    img = cv2.imread(str(pngs[0]))
+    assert img is not None and img.shape[0] == 64 and img.shape[2] == 3
+    assert img.shape[1] in (64, 128)  # the overlay, with or without the ground truth beside it
+
+
+def test_slide_and_whole_inference_in_process(tmp_path):
+    """Slide inference really slides (several windows) and gives full-size logits."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mlla_mm.engine.launch import prepare_config
+    cfg = prepare_config(Config.fromfile(str(write_tiny_seg_config(tmp_path, tmp_path / 'data'))),
+                         work_dir=str(tmp_path / 'w'))
+    init_default_scope('mmseg')
+    from mmseg.registry import MODELS
+    model = MODELS.build(cfg.model).eval()
+    calls = []
+    encode = model.encode_decode
+    model.encode_decode = lambda x, metas: calls.append(tuple(x.shape[-2:])) or encode(x, metas)
+    x = torch.randn(1, 3, 64, 80)
+    metas = [dict(img_shape=(64, 80), ori_shape=(64, 80), pad_shape=(64, 80))]
+    with torch.no_grad():
+        whole = model.inference(x, metas)
+        assert whole.shape == (1, 4, 64, 80) and calls == [(64, 80)]
+        calls.clear()
+        from mmengine.config import ConfigDict
+        model.test_cfg = ConfigDict(mode='slide', crop_size=(48, 48), stride=(32, 32))
+        slide = model.inference(x, metas)
+    assert slide.shape == (1, 4, 64, 80)
+    assert calls == [(48, 48)] * 4  # 2 x 2 windows
+
+
+@pytest.mark.slow
+def test_multi_scale_flip_tta(trained, tmp_path):
+    cfg, ckpt = _need(trained)
+    res = run_tool('tools/test.py', cfg, ckpt, '--work-dir', tmp_path / 'w', '--tta')
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics(res.stdout))
+    dumped = next((tmp_path / 'w').glob('*.py')).read_text()
+    assert 'SegTTAModel' in dumped and 'TestTimeAug' in dumped
+
+
+@pytest.mark.parametrize('tool', ['train', 'test'])
+def test_missing_ade20k_is_a_clear_error(tmp_path, tool):
+    config = ROOT / 'configs' / 'segmentation' / 'upernet_mlla_t.py'
+    args = [ROOT / 'tools' / f'{tool}.py', config]
+    if tool == 'test':
+        torch.save({'state_dict': {}}, tmp_path / 'ckpt.pth')
+        args.append(tmp_path / 'ckpt.pth')
+    res = run_tool(*args, cwd=tmp_path, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert 'Traceback' not in res.stderr
+    assert 'data/ade/ADEChallengeData2016' in res.stderr
+    assert 'images/training' in res.stderr and 'annotations/validation' in res.stderr
+    assert 'make demo-seg' in res.stderr
+    work = tmp_path / 'work_dirs'
+    assert not work.exists() or not any(work.rglob('*.pth'))
+
+
+# The mmseg 0.x (0.28) names of UPerHead and FCNHead parameters and buffers,
+# written out from that version's code: ConvModule(conv, bn), PPM as
+# Sequential(AdaptiveAvgPool2d, ConvModule), conv_seg from BaseDecodeHead.
+def _conv_module(prefix):
+    return [f'{prefix}.conv.weight'] + [f'{prefix}.bn.{n}' for n in
+                                        ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')]
+
+
+MMSEG0_HEAD_KEYS = sorted(
+    ['decode_head.conv_seg.weight', 'decode_head.conv_seg.bias']
+    + [k for i in range(4) for k in _conv_module(f'decode_head.psp_modules.{i}.1')]
+    + _conv_module('decode_head.bottleneck')
+    + [k for i in range(3) for k in _conv_module(f'decode_head.lateral_convs.{i}')]
+    + [k for i in range(3) for k in _conv_module(f'decode_head.fpn_convs.{i}')]
+    + _conv_module('decode_head.fpn_bottleneck')
+    + ['auxiliary_head.conv_seg.weight', 'auxiliary_head.conv_seg.bias']
+    + _conv_module('auxiliary_head.convs.0'))
+
+
+def _published_segmentor_checkpoint(tmp_path, golden_dir):
+    """An mmseg 0.28 UperNet checkpoint: the published backbone (with its RoPE tables) plus heads."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mlla_mm.engine.launch import prepare_config
+    cfg_path = write_tiny_seg_config(tmp_path, tmp_path / 'data', arch=GOLDEN_ARCH)
+    cfg = prepare_config(Config.fromfile(str(cfg_path)), work_dir=str(tmp_path / 'w'))
+    init_default_scope('mmseg')
+    from mmseg.registry import MODELS
+    torch.manual_seed(3)
+    donor = MODELS.build(cfg.model)
+    own = donor.state_dict()
+    heads = sorted(k for k in own if k.startswith(('decode_head.', 'auxiliary_head.')))
+    assert heads == MMSEG0_HEAD_KEYS  # mmseg 1.x kept mmseg 0.x's names
+    published = torch.load(golden_dir / 'mlla_small_official_det.pth', weights_only=True)['state_dict']
+    rope = [k for k in published if k.endswith('attn.rope.rotations')]
+    assert rope and all(k.startswith('backbone.') for k in published)
+    sd = dict(published)
+    for k in MMSEG0_HEAD_KEYS:
+        v = own[k]
+        sd[k] = v.clone() if not v.is_floating_point() else torch.randn_like(v) * 0.05 + (1.0 if k.endswith(
+            ('bn.weight', 'running_var')) else 0.0)
+    meta = {'mmseg_version': '0.28.0+', 'config': 'norm_cfg = dict(type="SyncBN", requires_grad=True)\n...',
+            'CLASSES': ('background', 'circle', 'triangle', 'rectangle'),
+            'PALETTE': [[0, 0, 0], [220, 20, 60], [0, 160, 80], [30, 80, 220]], 'iter': 160000}
+    path = tmp_path / 'upernet_published.pth'
+    torch.save({'meta': meta, 'state_dict': sd}, path)
+    return cfg_path, cfg, path, sd, rope
+
+
+def _load_through_runner(cfg, path, work):
+    from mmengine.runner import Runner
+    cfg = cfg.copy()
+    cfg.work_dir = str(work)
+    cfg.load_from = str(path)
+    cfg.model.backbone.init_cfg = None
+    runner = Runner.from_cfg(cfg)
+    runner.load_or_resume()
+    return runner.model.state_dict()
+
+
+def test_published_mmseg0_checkpoint_loads_through_load_from(tmp_path, golden_dir):
+    cfg_path, cfg, path, sd, rope = _published_segmentor_checkpoint(tmp_path, golden_dir)
+    got = _load_through_runner(cfg, path, tmp_path / 'r1')
+    assert not any('rope' in k for k in got)
+    compared = 0
+    for key, value in sd.items():
+        if key in rope:
+            continue
+        torch.testing.assert_close(got[key], value, msg=key)
+        compared += 1
+    assert compared == len(got)  # every tensor of the model came from the file
+
+    # The converter's output loads the same way.
+    conv = tmp_path / 'converted.pth'
+    res = run_tool('tools/convert_checkpoint.py', path, conv)
+    assert res.returncode == 0, res.stderr
+    converted = load_file(conv)
+    assert not any('rope' in k for k in converted['state_dict'])
+    got2 = _load_through_runner(cfg, conv, tmp_path / 'r2')
+    for key in ['backbone.layers.1.blocks.1.attn.qk.weight', 'backbone.norm2.bias',
+                'decode_head.fpn_bottleneck.conv.weight', 'decode_head.psp_modules.3.1.bn.running_var',
+                'auxiliary_head.convs.0.conv.weight', 'auxiliary_head.conv_seg.bias']:
+        torch.testing.assert_close(got2[key], sd[key], msg=key)
+
+
+@pytest.mark.slow
+def test_published_mmseg0_checkpoint_through_test_tool(tmp_path, golden_dir):
+    cfg_path, _, path, _, _ = _published_segmentor_checkpoint(tmp_path, golden_dir)
+    res = run_tool('tools/test.py', cfg_path, path, '--work-dir', tmp_path / 't')
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics(res.stdout))
+    log = res.stdout + res.stderr
+    assert 'rope.rotations' in log  # reported as unexpected, then ignored
