@@ -266,6 +266,12 @@ def make_plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def write_json(path: str, results: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(results, f, indent=2)
+
+
 def verdict(value: Optional[float], limit: float, higher_is_better: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return 'SKIP'
@@ -333,6 +339,8 @@ def main(argv=None) -> int:
                 row['mpix_per_s'] = h * w / row['median'] / 1e6
                 results['latency'][n][f'{h}x{w}'] = row
             print(f'# {h}x{w} done', flush=True)
+            if args.json:  # partial results survive an interrupted long run
+                write_json(args.json, results)
     for n, rows in results['latency'].items():
         results['slopes'][n] = slope([(r['pixels'], r['median']) for r in rows.values()])
 
@@ -404,9 +412,7 @@ def main(argv=None) -> int:
         print(f"  (peak MiB at {m['size']} batch 2: no_cp {m['no_cp']}, with_cp {m['with_cp']})")
 
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     if args.plot:
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         make_plot(results, args.plot)
