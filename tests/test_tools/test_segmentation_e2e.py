@@ -283,3 +283,29 @@ def test_published_mmseg0_checkpoint_through_test_tool(tmp_path, golden_dir):
     assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics(res.stdout))
     log = res.stdout + res.stderr
     assert 'rope.rotations' in log  # reported as unexpected, then ignored
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path):
+    """DDP over gloo on the CPU: SyncBN in the heads became BN, both processes train and validate."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    cfg = write_tiny_seg_config(tmp_path, tmp_path / 'shapes_ade')
+    work = tmp_path / 'work'
+    e = env()
+    e['PORT'] = str(port)
+    res = subprocess.run(['bash', str(ROOT / 'tools' / 'dist_train.sh'), str(cfg), '2', '--work-dir', str(work)],
+                         cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert 'Traceback' not in out
+    assert re.search(r'world_size: 2|Distributed training: True', out), out[-2000:]
+    if not torch.cuda.is_available():
+        assert 'gloo' in out
+    assert re.search(r'Iter\(val\) \[1/1\]\s+aAcc: [0-9.]+\s+mIoU: [0-9.]+', out), out[-3000:]
+    ckpt = load_file(work / 'iter_2.pth')
+    assert ckpt['meta']['iter'] == 2
+    assert 'decode_head.fpn_bottleneck.bn.running_mean' in ckpt['state_dict']
+    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
