@@ -8,7 +8,7 @@ from mmengine.registry import init_default_scope
 import mlla_mm  # noqa: F401
 from mlla_mm.engine.launch import prepare_config
 from mlla_mm.models import MLLA
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SEG = ROOT / 'configs' / 'segmentation'
 ARCH = {'upernet_mlla_t': ('tiny', 0.2, 'MLLA_T'), 'upernet_mlla_s': ('small', 0.3, 'MLLA_S'),

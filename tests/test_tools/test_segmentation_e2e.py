@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mlla_mm.checkpoint import load_file
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 PY = sys.executable
 DEMO = ROOT / 'configs' / 'segmentation' / 'upernet_mlla_t_demo.py'
