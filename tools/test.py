@@ -47,16 +47,16 @@ def enable_visualization(cfg: Config, show_dir: str) -> None:
 
 
 def main(argv=None) -> int:
+    from mlla_mm.engine.launch import run_main
     args = parse_args(argv)
-    from mlla_mm.engine.launch import (DataNotFoundError, check_data, init_cpu_distributed, make_synthetic_data,
-                                       prepare_config)
-    for path, what in [(args.config, 'config file'), (args.checkpoint, 'checkpoint')]:
-        if not os.path.isfile(path):
-            print(f'error: {what} not found: {path}', file=sys.stderr)
-            return 2
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    return run_main(lambda: test(args))
+
+
+def test(args) -> int:
+    from mlla_mm.engine.launch import UsageError, build_runner, load_config, prepare_config
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f'checkpoint not found: {args.checkpoint}')
+    cfg = load_config(args.config, args.cfg_options)
     prepare_config(cfg, work_dir=args.work_dir, config_path=args.config, launcher=args.launcher)
     cfg.load_from = args.checkpoint
     # The whole model comes from the checkpoint: do not load the backbone's own weights first.
@@ -66,37 +66,15 @@ def main(argv=None) -> int:
         enable_visualization(cfg, args.show_dir)
     if args.tta:
         if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-            print(f'error: --tta needs tta_model and tta_pipeline in {args.config}', file=sys.stderr)
-            return 2
+            raise UsageError(f'--tta needs tta_model and tta_pipeline in {args.config}')
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.tta_model.module = cfg.model
         cfg.model = cfg.tta_model
     if args.out:
         cfg.test_evaluator = [cfg.test_evaluator] if isinstance(cfg.test_evaluator, dict) else list(cfg.test_evaluator)
         cfg.test_evaluator.append(dict(type='DumpResults', out_file_path=args.out))
-    make_synthetic_data(cfg)
-    try:
-        check_data(cfg, ('test_dataloader', ), args.config)
-    except DataNotFoundError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-
-    from mmengine.registry import RUNNERS, init_default_scope
-    from mmengine.runner import Runner
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    init_cpu_distributed(args.launcher)
-    from mlla_mm.checkpoint import CheckpointError
-    try:
-        runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-    except (ValueError, TypeError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f'error: {args.config}: {" ".join(str(msg).split())}', file=sys.stderr)
-        return 2
-    try:
-        metrics = runner.test()
-    except CheckpointError as err:
-        print(f'error: {" ".join(str(err).split())}', file=sys.stderr)
-        return 2
+    runner = build_runner(cfg, config_path=args.config, launcher=args.launcher, check=('test_dataloader', ))
+    metrics = runner.test()
     print('metrics: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                   for k, v in (metrics or {}).items()))
     return 0

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 
 def parse_args(argv=None):
@@ -32,57 +32,25 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from mlla_mm.engine.launch import run_main
     args = parse_args(argv)
-    from mlla_mm.engine.launch import (DataNotFoundError, check_data, init_cpu_distributed, make_synthetic_data,
-                                       prepare_config)
-    if not os.path.isfile(args.config):
-        print(f'error: config file not found: {args.config}', file=sys.stderr)
-        return 2
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    return run_main(lambda: train(args))
+
+
+def train(args) -> int:
+    from mlla_mm.engine.launch import UsageError, build_runner, load_config, prepare_config
+    cfg = load_config(args.config, args.cfg_options)
     prepare_config(cfg, work_dir=args.work_dir, config_path=args.config, launcher=args.launcher, amp=args.amp)
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume:
         if not os.path.isfile(args.resume):
-            print(f'error: --resume checkpoint not found: {args.resume}', file=sys.stderr)
-            return 2
+            raise UsageError(f'--resume checkpoint not found: {args.resume}')
         cfg.resume, cfg.load_from = True, args.resume
-    make_synthetic_data(cfg)
-    try:
-        check_data(cfg, ('train_dataloader', 'val_dataloader'), args.config)
-    except DataNotFoundError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-
-    from mmengine.registry import RUNNERS, init_default_scope
-    from mmengine.runner import Runner
-    from mlla_mm.checkpoint import CheckpointError
-    from mlla_mm.engine.hooks import NonFiniteLossError
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    init_cpu_distributed(args.launcher)
-    try:
-        runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-    except (ValueError, TypeError, KeyError) as err:
-        # A bad config (unknown arch, misspelt argument, unknown type): one line, no traceback.
-        print(f'error: {args.config}: {one_line(err)}', file=sys.stderr)
-        return 2
-    try:
-        runner.train()
-    except (CheckpointError, FileNotFoundError) as err:
-        print(f'error: {one_line(err)}', file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f'error: {one_line(err)}', file=sys.stderr)
-        return 1
+    runner = build_runner(cfg, config_path=args.config, launcher=args.launcher,
+                          check=('train_dataloader', 'val_dataloader'))
+    runner.train()
     return 0
-
-
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line (KeyError's repr quotes removed)."""
-    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    return ' '.join(str(text).split()) or type(err).__name__
 
 
 if __name__ == '__main__':

@@ -238,3 +238,65 @@ def init_cpu_distributed(launcher: str) -> None:
         env['WORLD_SIZE'], env['RANK'] = env['OMPI_COMM_WORLD_SIZE'], env['OMPI_COMM_WORLD_RANK']
         env['LOCAL_RANK'] = env.get('OMPI_COMM_WORLD_LOCAL_RANK', '0')
     dist.init_process_group(backend='gloo')
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad path, bad config); shown as one line, exit code 2."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (KeyError's repr quotes removed)."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return ' '.join(str(text).split()) or type(err).__name__
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
+    """Read a config file and apply ``--cfg-options``."""
+    if not os.path.isfile(path):
+        raise UsageError(f'config file not found: {path}')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[str, ...]):
+    """Make the config's synthetic data if it has some, check the data, then build its Runner.
+
+    Raises:
+        DataNotFoundError: Data the ``check`` dataloaders need is missing or broken.
+        UsageError: The config does not build (unknown arch, misspelt argument, ...).
+    """
+    from mmengine.registry import RUNNERS, init_default_scope
+    from mmengine.runner import Runner
+    make_synthetic_data(cfg)
+    check_data(cfg, check, config_path)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    init_cpu_distributed(launcher)
+    try:
+        return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UsageError(f'{config_path}: {one_line(err)}') from None
+
+
+def run_main(main: Any) -> int:
+    """Run a tool's ``main()``; problems the user can fix become one ``error:`` line on stderr.
+
+    Exit codes: 0 done, 2 bad input (paths, config, data, checkpoint), 1 training
+    stopped on a non-finite loss.
+    """
+    import sys
+
+    from ..checkpoint import CheckpointError
+    from .hooks import NonFiniteLossError
+    try:
+        return main()
+    except DataNotFoundError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    except (UsageError, CheckpointError, FileNotFoundError) as err:
+        print(f'error: {one_line(err)}', file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f'error: {one_line(err)}', file=sys.stderr)
+        return 1
