@@ -74,6 +74,7 @@ def test_get_flops_backbone_matches_spec():
     assert get_flops.kind_and_arch('configs/segmentation/upernet_mlla_b.py') == ('upernet', 'b')
 
 
+@pytest.mark.slow
 def test_get_flops_on_a_config(tmp_path, capsys):
     cfg = ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py'
     if not cfg.is_file():
