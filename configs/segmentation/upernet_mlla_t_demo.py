@@ -64,3 +64,4 @@ optim_wrapper = dict(optimizer=dict(lr=4e-4))
 default_hooks = dict(
     logger=dict(interval=10),
     checkpoint=dict(interval=max_iters, max_keep_ckpts=1))
+randomness = dict(seed=0)
