@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from mmengine.dist import master_only
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
+from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.registry import HOOKS, RUNNERS
 from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_to_model
@@ -175,7 +175,8 @@ class SafeRunner(Runner):
         state_dict = checkpoint.get('state_dict', checkpoint)
         if not isinstance(state_dict, dict):
             raise CheckpointError(f'{filename}: no state_dict of tensors in it')
-        check_checkpoint_fits(model, state_dict, filename)
+        # A test-time-augmentation wrapper holds the real model as .module (mmengine's loader unwraps it too).
+        check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename)
         checkpoint = _load_checkpoint_to_model(model, checkpoint, strict, revise_keys=revise_keys)
         self._has_loaded = True
         self.logger.info(f'Load checkpoint from {filename}')
