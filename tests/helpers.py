@@ -73,3 +73,22 @@ def run_tool(*args, env=None, timeout=300):
     """Run tools/<script> to completion; returns the CompletedProcess (text)."""
     return subprocess.run([PY, *map(str, args)], cwd=ROOT, env=env or tool_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def weight_decay_of_params(model, optim_wrapper_cfg):
+    """Build the config's optimizer for ``model``; return ({param name: weight decay}, norm param names).
+
+    Also checks that every ``custom_keys`` entry matches a real parameter name.
+    """
+    import torch.nn as nn
+    from mmengine.optim import build_optim_wrapper
+    names = [n for n, _ in model.named_parameters()]
+    for key in (optim_wrapper_cfg.get('paramwise_cfg') or {}).get('custom_keys', {}):
+        assert any(key in n for n in names), f'custom key {key!r} matches no parameter'
+    wrapper = build_optim_wrapper(model, optim_wrapper_cfg)
+    by_id = {id(p): g['weight_decay'] for g in wrapper.optimizer.param_groups for p in g['params']}
+    decay = {n: by_id[id(p)] for n, p in model.named_parameters()}
+    norm_types = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+    norms = {f'{mn}.{pn}' if mn else pn for mn, m in model.named_modules() if isinstance(m, norm_types)
+             for pn, _ in m.named_parameters(recurse=False)}
+    return decay, norms

@@ -2,14 +2,13 @@
 import re
 
 import pytest
-import torch.nn as nn
 from mmengine.config import Config
-from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 
 import mlla_mm  # noqa: F401
 from mlla_mm.models import MLLA
 from tests.conftest import ROOT
+from tests.helpers import weight_decay_of_params
 
 DET = ROOT / 'configs' / 'detection'
 SIZES = {'mask_rcnn_mlla_t': 44e6, 'mask_rcnn_mlla_t_3x': 44e6, 'mask_rcnn_mlla_s': 63e6,
@@ -58,20 +57,7 @@ def test_configs_inherit_instead_of_copying():
 
 def test_no_weight_decay_on_norm_layers():
     cfg, model = build('mask_rcnn_mlla_t')
-    keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
-    names = [n for n, _ in model.named_parameters()]
-    for key in keys:  # no keys for parameters the model does not have
-        assert any(key in n for n in names), key
-    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    decay = {}
-    for group in wrapper.optimizer.param_groups:
-        for p in group['params']:
-            decay[id(p)] = group['weight_decay']
-    norm_types = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
-    norm_params = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
-    assert len(norm_params) == 96  # 18 blocks x 2 LayerNorms, 4 output norms, 8 BatchNorms; x2
-    for name, p in model.named_parameters():
-        if id(p) in norm_params:
-            assert decay[id(p)] == 0, name
-        else:
-            assert decay[id(p)] == 0.05, name
+    decay, norms = weight_decay_of_params(model, cfg.optim_wrapper)
+    assert len(norms) == 96  # 18 blocks x 2 LayerNorms, 4 output norms, 8 BatchNorms; x2
+    for name, wd in decay.items():
+        assert wd == (0 if name in norms else 0.05), name

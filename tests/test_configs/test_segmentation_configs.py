@@ -2,13 +2,12 @@
 import pytest
 import torch.nn as nn
 from mmengine.config import Config
-from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 
 import mlla_mm  # noqa: F401
 from mlla_mm.engine.launch import prepare_config
 from mlla_mm.models import MLLA
-from tests.helpers import ROOT
+from tests.helpers import ROOT, weight_decay_of_params
 
 SEG = ROOT / 'configs' / 'segmentation'
 ARCH = {'upernet_mlla_t': ('tiny', 0.2, 'MLLA_T'), 'upernet_mlla_s': ('small', 0.3, 'MLLA_S'),
@@ -116,28 +115,12 @@ def test_configs_inherit_mmseg_bases_instead_of_copying():
 def test_no_weight_decay_on_norm_layers():
     cfg = load('upernet_mlla_t')
     model = build(cfg)
-    keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
-    names = [n for n, _ in model.named_parameters()]
-    for key in keys:  # no keys for parameters the model does not have
-        assert any(key in n for n in names), key
-    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    decay = {}
-    for group in wrapper.optimizer.param_groups:
-        for p in group['params']:
-            decay[id(p)] = group['weight_decay']
-    norm_types = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
-    norm_modules = [(n, m) for n, m in model.named_modules() if isinstance(m, norm_types)]
-    norm_params = {id(p) for _, m in norm_modules for p in m.parameters()}
-    # Backbone: 18 blocks x 2 LayerNorms + 4 output norms + 8 BatchNorms; heads: 12 + 1 BatchNorms.
-    assert sum(n.startswith('backbone.') for n, _ in norm_modules) == 48
-    assert sum(n.startswith(('decode_head.', 'auxiliary_head.')) for n, _ in norm_modules) == 13
-    assert len(decay) == len(names)
-    for name, p in model.named_parameters():
-        if id(p) in norm_params:
-            assert decay[id(p)] == 0, name
-        else:
-            assert decay[id(p)] == 0.01, name
-
+    decay, norms = weight_decay_of_params(model, cfg.optim_wrapper)
+    # Backbone: 18 blocks x 2 LayerNorms + 4 output norms + 8 BatchNorms; heads: 12 + 1 BatchNorms (x2 params).
+    assert sum(n.startswith('backbone.') for n in norms) == 48 * 2
+    assert sum(n.startswith(('decode_head.', 'auxiliary_head.')) for n in norms) == 13 * 2
+    for name, wd in decay.items():
+        assert wd == (0 if name in norms else 0.01), name
 
 def test_demo_config_swaps_only_data_classes_crop_and_schedule():
     demo, tiny = load('upernet_mlla_t_demo'), load('upernet_mlla_t')
