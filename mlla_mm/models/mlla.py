@@ -350,11 +350,10 @@ class MLLAStage(nn.Module):
         self.blocks = nn.ModuleList(
             MLLABlock(dim, num_heads, mlp_ratio, drop, drop_path[i]) for i in range(depth))
         self.downsample = Downsample(dim, dim * 2) if downsample else None
-        self.with_cp = False
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, with_cp: bool = False) -> torch.Tensor:
         for blk in self.blocks:
-            if self.with_cp and torch.is_grad_enabled() and (
+            if with_cp and torch.is_grad_enabled() and (
                     x.requires_grad or any(p.requires_grad for p in blk.parameters())):
                 x = cp.checkpoint(blk, x, rope, use_reentrant=False)
             else:
@@ -443,7 +442,6 @@ class MLLA(BaseModule):
             start = sum(self.depths[:i])
             stage = MLLAStage(self.channels[i], self.depths[i], self.num_heads[i], mlp_ratio, drop_rate,
                               dpr[start:start + self.depths[i]], downsample=i < num_stages - 1)
-            stage.with_cp = with_cp
             self.layers.append(stage)
         for i in out_indices:
             self.add_module(f'norm{i}', LayerNorm(self.channels[i]))
@@ -539,7 +537,7 @@ class MLLA(BaseModule):
         outs = []
         for i, stage in enumerate(self.layers):
             _, h, w, c = x.shape
-            x = stage(x, self._rope(h, w, c, x.device))
+            x = stage(x, self._rope(h, w, c, x.device), with_cp=self.with_cp)
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{i}')(x).permute(0, 3, 1, 2).contiguous())
             if stage.downsample is not None and i < max(self.out_indices):
