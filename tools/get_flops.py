@@ -24,9 +24,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mlla_mm.utils.flops import count_flops, count_params  # noqa: E402
+from mlla_mm.utils.flops import count_flops, count_params
 
 BACKBONES = {'mlla_t': 'tiny', 'mlla_s': 'small', 'mlla_b': 'base'}
 # Published "FLOPs" (GMACs) for whole models, keyed by (model kind, arch letter).

@@ -282,13 +282,21 @@ def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[s
 def run_main(main: Any) -> int:
     """Run a tool's ``main()``; problems the user can fix become one ``error:`` line on stderr.
 
+    First tunes glibc malloc for large CPU tensors (:mod:`mlla_mm.utils.malloc`).
+
     Exit codes: 0 done, 2 bad input (paths, config, data, checkpoint), 1 training
     stopped on a non-finite loss.
     """
     import sys
 
     from ..checkpoint import CheckpointError
+    from ..utils.malloc import tune_cpu_malloc
     from .hooks import NonFiniteLossError
+    try:
+        tune_cpu_malloc()  # large CPU tensors off fresh mmap pages; MLLA_MM_MALLOC=default to skip
+    except ValueError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     try:
         return main()
     except DataNotFoundError as err:

@@ -235,28 +235,29 @@ class LinearAttention(nn.Module):
             qk = qk if qk.dtype == torch.float32 else qk.float()
             v = (x if x.dtype == torch.float32 else x.float()).view(b, n, c)
             qk = F.elu(qk, inplace=True).add_(1.0) if inplace else F.elu(qk) + 1.0
-            qk3 = qk.view(b, n, 2 * c)
+            # (B, N, C) strided views of q and k; unbind (not slicing or indexing) keeps
+            # the backward to one gradient buffer per split.
+            q, k = qk.view(b, n, 2, c).unbind(2)
             # z = 1 / (q . mean(k) + eps) per token and head, as one (N, C) x (C, heads) matmul
             # against the block-diagonal matrix of the per-head key means.
-            k_mean = qk3[:, :, c:].mean(dim=1)  # (B, C)
+            k_mean = k.mean(dim=1)  # (B, C)
             eye = torch.eye(heads, dtype=qk.dtype, device=qk.device)
             k_blk = (k_mean.view(b, heads, d, 1) * eye.view(1, heads, 1, heads)).view(b, c, heads)
-            z = torch.bmm(qk3[:, :, :c], k_blk)  # (B, N, heads)
+            z = torch.bmm(q, k_blk)  # (B, N, heads)
             z = z.add_(1e-6).reciprocal_() if inplace else (z + 1e-6).reciprocal()
             # RoPE on q and k together: (B, H, W, 2, C/2) complex times (H, W, 1, C/2).
             qk_c = torch.view_as_complex(qk.view(b, h, w, 2, c // 2, 2))
             if inplace:
-                qk_c.mul_(rope[:, :, None])
-                qk_r = qk3
+                qk_c.mul_(rope[:, :, None])  # q and k are views of qk: rotated too
             else:
-                qk_r = torch.view_as_real(qk_c * rope[:, :, None]).view(b, n, 2 * c)
+                q, k = torch.view_as_real(qk_c * rope[:, :, None]).view(b, n, 2, c).unbind(2)
             outs = []
             out = torch.empty(b, n, c, dtype=qk.dtype, device=qk.device) if inplace else None
-            for i in range(b):
+            for i, (q_b, k_b, v_b) in enumerate(zip(q.unbind(0), k.unbind(0), v.unbind(0))):
                 # (heads, N, d) strided views of (N, C) rows: bmm reads them without copies.
-                q_i = qk_r[i, :, :c].view(n, heads, d).transpose(0, 1)
-                k_i = qk_r[i, :, c:].view(n, heads, d).transpose(0, 1)
-                v_i = v[i].view(n, heads, d).transpose(0, 1)
+                q_i = q_b.view(n, heads, d).transpose(0, 1)
+                k_i = k_b.view(n, heads, d).transpose(0, 1)
+                v_i = v_b.view(n, heads, d).transpose(0, 1)
                 kv = torch.bmm(k_i.transpose(1, 2), v_i)  # (heads, d, d)
                 kv = kv.mul_(1.0 / n) if inplace else kv * (1.0 / n)
                 if inplace:
@@ -314,7 +315,9 @@ class MLLABlock(nn.Module):
                 self._fused_in_act = cached
             weight, bias = cached[1], cached[2]
         both = F.linear(y, weight, bias)
-        return both[..., :self.dim], both[..., self.dim:]
+        # unbind, not two slices: its backward writes both gradients into one buffer.
+        y_in, y_act = both.unflatten(-1, (2, self.dim)).unbind(-2)
+        return y_in, y_act
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         if fast_path(x) and not self.training:

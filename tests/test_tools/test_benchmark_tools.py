@@ -1,4 +1,5 @@
 """tools/benchmark.py (--quick) and tools/get_flops.py on small inputs."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -7,10 +8,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / 'tools'))
 
-import benchmark  # noqa: E402
-import get_flops  # noqa: E402
+
+def load_tool(name):
+    """Import ``tools/<name>.py`` as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f'mlla_mm_tool_{name}', ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = load_tool('benchmark')
+get_flops = load_tool('get_flops')
 
 
 def run_tool(*args, timeout=240):
