@@ -43,6 +43,30 @@ def _two_threads():
     yield
 
 
+def _drop_dead_log_handlers() -> None:
+    """Remove mmengine logger handlers whose stream has been closed.
+
+    Tools run in-process under ``capsys`` leave mmengine's (global) loggers
+    with handlers on that test's capture stream; once it is closed, a later
+    test's log line would print a logging error instead.
+    """
+    import sys
+    if 'mmengine.logging' not in sys.modules:
+        return
+    from mmengine.logging import MMLogger
+    for logger in list(MMLogger._instance_dict.values()):
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, 'stream', None), 'closed', False):
+                logger.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_handlers():
+    _drop_dead_log_handlers()
+    yield
+    _drop_dead_log_handlers()
+
+
 @pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory):
     """The tiny synthetic COCO data set, made once per session."""

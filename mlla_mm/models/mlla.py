@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -344,6 +345,49 @@ class MLLABlock(nn.Module):
         return self.mlp.add_residual_(x, self.norm2)
 
 
+@contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in ``module`` normalise as usual but leave their running statistics alone."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            tracked = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
+            saved.append((m, m.momentum, tracked))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def needs_checkpoint(module: nn.Module, x: torch.Tensor) -> bool:
+    """True when ``module(x)`` would record a graph worth checkpointing."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def checkpoint_module(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    """``module(*args)`` with activation checkpointing.
+
+    The recomputation in the backward pass runs with frozen BatchNorm
+    statistics, so running means and variances are updated once per step, as
+    without checkpointing (random draws such as drop-path are replayed by
+    ``torch.utils.checkpoint``).
+    """
+    calls = [0]
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 1:
+            return module(*inputs)
+        with frozen_bn_stats(module):
+            return module(*inputs)
+
+    return cp.checkpoint(run, *args, use_reentrant=False)
+
+
 class MLLAStage(nn.Module):
     """``depth`` MLLA blocks, then (except for the last stage) a downsample."""
 
@@ -356,9 +400,8 @@ class MLLAStage(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, with_cp: bool = False) -> torch.Tensor:
         for blk in self.blocks:
-            if with_cp and torch.is_grad_enabled() and (
-                    x.requires_grad or any(p.requires_grad for p in blk.parameters())):
-                x = cp.checkpoint(blk, x, rope, use_reentrant=False)
+            if with_cp and needs_checkpoint(blk, x):
+                x = checkpoint_module(blk, x, rope)
             else:
                 x = blk(x, rope)
         return x
@@ -408,7 +451,10 @@ class MLLA(BaseModule):
         frozen_stages: Freeze the stem and stages ``0..frozen_stages-1``;
             -1 freezes nothing.
         norm_eval: Keep BatchNorm layers in eval mode while training.
-        with_cp: Activation checkpointing per block when gradients are needed.
+        with_cp: Activation checkpointing when gradients are needed: each
+            block, the stem and each downsample layer keep only their input
+            and recompute the rest in the backward pass (BatchNorm
+            statistics are still updated once per step).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads any
             supported checkpoint layout (optional keys: ``strict=True``,
             ``use_ema=False``, ``trusted=None``, ``if_missing='error'|'warn'``).
@@ -529,6 +575,12 @@ class MLLA(BaseModule):
         return self
 
     # -- forward -------------------------------------------------------------
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The stem or a downsample layer, checkpointed under ``with_cp``."""
+        if self.with_cp and needs_checkpoint(module, x):
+            return checkpoint_module(module, x)
+        return module(x)
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, 3, H, W) -> tuple of (B, C_i, ceil(H/2^(i+2)), ...) for ``out_indices``."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
@@ -536,7 +588,7 @@ class MLLA(BaseModule):
             raise ValueError(f'MLLA expects images of shape (B, 3, H, W), got {shape}')
         if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[0] < 1:
             raise ValueError(f'MLLA expects a non-empty batch with H, W >= 1, got {tuple(x.shape)}')
-        x = self.patch_embed(x)
+        x = self._run(self.patch_embed, x)
         outs = []
         for i, stage in enumerate(self.layers):
             _, h, w, c = x.shape
@@ -544,7 +596,7 @@ class MLLA(BaseModule):
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{i}')(x).permute(0, 3, 1, 2).contiguous())
             if stage.downsample is not None and i < max(self.out_indices):
-                x = stage.downsample(x)
+                x = self._run(stage.downsample, x)
             elif i >= max(self.out_indices):
                 break
         return tuple(outs)
