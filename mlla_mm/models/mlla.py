@@ -85,8 +85,13 @@ def dwconv_bhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def fast_path(x: torch.Tensor) -> bool:
-    """True when nothing is recorded for autograd and autocast is off: in-place work is safe."""
-    return not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+    """True when nothing is recorded for autograd and autocast is off: in-place work is safe.
+
+    Under ``torch.compile`` the plain out-of-place code is traced instead (the
+    in-place path's cached fused weight would make it recompile per block).
+    """
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling())
 
 
 def as_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +274,7 @@ class LinearAttention(nn.Module):
                 out = out.view(b, n, heads, d).mul_(z.unsqueeze(-1))
             else:
                 out = torch.stack(outs) * z.unsqueeze(-1)
-            out = out.view(b, h, w, c)
+            out = out.reshape(b, h, w, c)  # a view in eager mode
         lepe = dwconv_bhwc(self.lepe, x)
         if inplace:
             return lepe.add_(out)
@@ -304,7 +309,7 @@ class MLLABlock(nn.Module):
 
     def in_act_proj(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``in_proj(y), act_proj(y)`` as one matmul; the fused weight is cached when no grad is needed."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             weight = torch.cat([self.in_proj.weight, self.act_proj.weight])
             bias = torch.cat([self.in_proj.bias, self.act_proj.bias])
         else:

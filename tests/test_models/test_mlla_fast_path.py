@@ -210,3 +210,16 @@ def test_attention_math_stays_float32_under_autocast(monkeypatch):
         out = fast_block(block, x)
     assert seen and all(d == (torch.float32, torch.float32) for d in seen)
     assert torch.isfinite(out).all()
+
+
+def test_traced_under_torch_compile_uses_the_plain_path(monkeypatch):
+    """Under torch.compile the block must not take the in-place path or cache the fused weight."""
+    fast, ref = make_pair(32, 2)
+    fast.eval()
+    x = torch.randn(1, 5, 7, 32)
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    monkeypatch.setattr(fast, '_forward_inplace', lambda *a: pytest.fail('in-place path taken while compiling'))
+    with torch.no_grad():
+        out = fast_block(fast, x)
+    assert fast._fused_in_act is None
+    torch.testing.assert_close(out, ref_block(ref, x), atol=ATOL, rtol=RTOL)
