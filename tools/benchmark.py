@@ -13,7 +13,11 @@ alike; the table shows median, min and max. A large fp32 matmul runs in the
 same rounds as the reference for FLOP/s. Then, unless switched off:
 
 * train: one Mask R-CNN train iteration (2 images of 512x512, forward,
-  backward, AdamW step) with MLLA-T and with Swin-T, interleaved;
+  backward, AdamW step) with MLLA-T and with Swin-T, interleaved
+  (``--train-repeats`` rounds, alternating which model goes first; the
+  ratio is the median of the per-round ratios). Both detectors get the same
+  head weights and proposals, so they differ only in backbone and FPN
+  lateral convolutions (see ``train_iteration_times``);
 * memory: peak resident memory of an MLLA-T backbone forward + backward at
   800x1280, batch 2, with and without ``with_cp``.
 
@@ -21,6 +25,14 @@ Peak memory is the rise of the process's peak RSS (``VmHWM``) over its RSS
 before the call: freed heap memory is first handed back to the OS
 (``malloc_trim``) and the peak is reset (``/proc/self/clear_refs``), so
 every page the call touches counts. Linux only (else reported as missing).
+
+glibc malloc is tuned as the tools tune it (``--malloc default`` leaves it
+alone; every model runs under the same setting): large tensors come from
+the heap and are reused instead of being page-faulted in anew from fresh
+``mmap`` blocks (``mlla_mm/utils/malloc.py``).
+
+``--models mlla_t_compile`` adds ``torch.compile`` of MLLA-T (compiled in
+the warm-up call of each size).
 
 The targets of the project are printed with PASS/FAIL at the end.
 ``--quick`` (for tests) uses tiny sizes, one repeat, and small train/memory
@@ -45,6 +57,7 @@ from mlla_mm.utils.flops import backbone_flops
 from mlla_mm.utils.malloc import tune_cpu_malloc
 
 ALL_MODELS = ['mlla_t', 'mlla_s', 'mlla_b', 'swin_t', 'r50', 'mlla_t_ref']
+OPTIONAL_MODELS = ['mlla_t_compile']  # torch.compile of MLLA-T (inductor); only when asked for
 TARGETS = dict(swin_ratio=0.80, scaling=4.4, flops_frac=0.70, train_ratio=1.0, cp_mem_ratio=0.60)
 
 
@@ -62,6 +75,11 @@ def build_backbone(name: str, cache: Dict[str, torch.nn.Module]) -> torch.nn.Mod
         if 'mlla_t' in cache:
             ref.load_state_dict(cache['mlla_t'].state_dict())
         return ref
+    if name == 'mlla_t_compile':  # opt-in: compiles once per input size during the warm-up call
+        model = MLLA('tiny').eval()
+        if 'mlla_t' in cache:
+            model.load_state_dict(cache['mlla_t'].state_dict())
+        return torch.compile(model, dynamic=False)
     if name == 'swin_t':
         from mmdet.models.backbones import SwinTransformer
         return SwinTransformer(embed_dims=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
@@ -72,7 +90,7 @@ def build_backbone(name: str, cache: Dict[str, torch.nn.Module]) -> torch.nn.Mod
         from mmdet.models.backbones import ResNet
         return ResNet(depth=50, num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=1,
                       norm_cfg=dict(type='BN', requires_grad=True), norm_eval=True, style='pytorch')
-    raise ValueError(f'unknown model {name!r}; choose from {ALL_MODELS}')
+    raise ValueError(f'unknown model {name!r}; choose from {ALL_MODELS + OPTIONAL_MODELS}')
 
 
 # --------------------------------------------------------------------------
@@ -312,7 +330,8 @@ def verdict(value: Optional[float], limit: float, higher_is_better: bool = False
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--sizes', nargs='+', help='HxW sizes (default 512x512 800x1280 1024x1024 2048x2048)')
-    p.add_argument('--models', nargs='+', help=f'models among {ALL_MODELS} (default all)')
+    p.add_argument('--models', nargs='+', choices=ALL_MODELS + OPTIONAL_MODELS, metavar='MODEL',
+                   help=f'models among {ALL_MODELS} (default all) and {OPTIONAL_MODELS}')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--ref-max-pixels', type=int, default=1024 * 1024,
@@ -383,10 +402,10 @@ def main(argv=None) -> int:
 
     # Table.
     print(f"\nBackbone latency (s), {args.threads} threads, fp32, batch 1, {args.repeats} interleaved repeats")
-    print(f"{'model':<12}{'size':>11}{'median':>9}{'min':>9}{'max':>9}{'img/s':>8}{'MPix/s':>8}")
+    print(f"{'model':<15}{'size':>11}{'median':>9}{'min':>9}{'max':>9}{'img/s':>8}{'MPix/s':>8}")
     for n, rows in results['latency'].items():
         for key, r in rows.items():
-            print(f"{n:<12}{key:>11}{r['median']:9.3f}{r['min']:9.3f}{r['max']:9.3f}"
+            print(f"{n:<15}{key:>11}{r['median']:9.3f}{r['min']:9.3f}{r['max']:9.3f}"
                   f"{r['images_per_s']:8.2f}{r['mpix_per_s']:8.2f}")
     print('slopes of log latency vs log pixels: '
           + ', '.join(f'{n} {s:.2f}' for n, s in results['slopes'].items()))
