@@ -97,3 +97,19 @@ def test_get_flops_on_a_config(tmp_path, capsys):
     assert res['params'] > res['backbone_params'] == 23_880_096
     assert res['macs'] > res['backbone_macs'] > 0
     assert 'GMACs' in stdout
+
+
+def test_interleaved_alternates_the_order_and_pairs_rounds():
+    order = []
+    fns = {'a': lambda: order.append('a'), 'b': lambda: order.append('b')}
+    times = benchmark.interleaved(fns, repeats=3, warmup=1)
+    assert order == ['a', 'b', 'a', 'b', 'b', 'a', 'a', 'b']  # warm-up, then a-b, b-a, a-b
+    assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
+    ratio = benchmark.paired_ratio({'a': [1., 4., 3.], 'b': [2., 2., 1.]}, 'a', 'b')
+    assert ratio == 2.0  # median of 0.5, 2, 3
+
+
+def test_unknown_model_is_rejected_by_name():
+    res = subprocess.run([sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--models', 'mlla_x'], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "invalid choice: 'mlla_x'" in res.stderr
