@@ -274,9 +274,15 @@ def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[s
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     init_cpu_distributed(launcher)
     try:
-        return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+        runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     except (ValueError, TypeError, KeyError) as err:
         raise UsageError(f'{config_path}: {one_line(err)}') from None
+    from mmengine.logging import print_log
+
+    from ..utils.malloc import malloc_state
+    print_log(f'mlla-mm: glibc malloc {malloc_state()} (MLLA_MM_MALLOC=default leaves it alone; '
+              'see mlla_mm/utils/malloc.py)', logger='current')
+    return runner
 
 
 def run_main(main: Any) -> int:
