@@ -19,7 +19,9 @@ same rounds as the reference for FLOP/s. Then, unless switched off:
   head weights and proposals, so they differ only in backbone and FPN
   lateral convolutions (see ``train_iteration_times``);
 * memory: peak resident memory of an MLLA-T backbone forward + backward at
-  800x1280, batch 2, with and without ``with_cp``.
+  800x1280, batch 2, with and without ``with_cp``; and, per model and size,
+  the peak memory of one more inference call run alone (``--no-memory``
+  skips both).
 
 Peak memory is the rise of the process's peak RSS (``VmHWM``) over its RSS
 before the call: freed heap memory is first handed back to the OS
@@ -339,7 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--json', help='write all numbers to this JSON file')
     p.add_argument('--plot', help='write a log-log latency plot (PNG) here')
     p.add_argument('--no-train', action='store_true', help='skip the Mask R-CNN train-iteration check')
-    p.add_argument('--no-memory', action='store_true', help='skip the with_cp memory check')
+    p.add_argument('--no-memory', action='store_true',
+                   help='skip the with_cp memory check and the per-size inference peak memory')
     p.add_argument('--train-size', type=int, default=512)
     p.add_argument('--train-repeats', type=int, default=5, help='interleaved rounds of the train check')
     p.add_argument('--memory-size', default='800x1280')
@@ -393,6 +396,8 @@ def main(argv=None) -> int:
                 row = dict(summarize(ts), pixels=h * w, height=h, width=w)
                 row['images_per_s'] = 1. / row['median']
                 row['mpix_per_s'] = h * w / row['median'] / 1e6
+                # One more call, alone: the peak memory of an inference at this size.
+                row['peak_mib'] = None if args.no_memory else peak_memory_mib(fns[n])
                 results['latency'][n][f'{h}x{w}'] = row
             print(f'# {h}x{w} done', flush=True)
             if args.json:  # partial results survive an interrupted long run
@@ -402,11 +407,12 @@ def main(argv=None) -> int:
 
     # Table.
     print(f"\nBackbone latency (s), {args.threads} threads, fp32, batch 1, {args.repeats} interleaved repeats")
-    print(f"{'model':<15}{'size':>11}{'median':>9}{'min':>9}{'max':>9}{'img/s':>8}{'MPix/s':>8}")
+    print(f"{'model':<15}{'size':>11}{'median':>9}{'min':>9}{'max':>9}{'img/s':>8}{'MPix/s':>8}{'peak MiB':>10}")
     for n, rows in results['latency'].items():
         for key, r in rows.items():
+            peak = '-' if r['peak_mib'] is None else f"{r['peak_mib']:.0f}"
             print(f"{n:<15}{key:>11}{r['median']:9.3f}{r['min']:9.3f}{r['max']:9.3f}"
-                  f"{r['images_per_s']:8.2f}{r['mpix_per_s']:8.2f}")
+                  f"{r['images_per_s']:8.2f}{r['mpix_per_s']:8.2f}{peak:>10}")
     print('slopes of log latency vs log pixels: '
           + ', '.join(f'{n} {s:.2f}' for n, s in results['slopes'].items()))
 
