@@ -1,4 +1,5 @@
 """Test helpers: a tiny Mask R-CNN config on tiny synthetic data, and running the tools."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -73,6 +74,14 @@ def run_tool(*args, env=None, timeout=300):
     """Run tools/<script> to completion; returns the CompletedProcess (text)."""
     return subprocess.run([PY, *map(str, args)], cwd=ROOT, env=env or tool_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f'mlla_mm_tool_{name}', ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def weight_decay_of_params(model, optim_wrapper_cfg):

@@ -346,9 +346,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--train-size', type=int, default=512)
     p.add_argument('--train-repeats', type=int, default=5, help='interleaved rounds of the train check')
     p.add_argument('--memory-size', default='800x1280')
-    p.add_argument('--malloc', choices=['tuned', 'default'], default='tuned',
+    p.add_argument('--malloc', choices=['tuned', 'default'],
                    help="glibc malloc as the tools set it ('tuned', see mlla_mm/utils/malloc.py) "
-                        "or left alone ('default'); applies to every model alike")
+                        "or left alone ('default'); applies to every model alike (default: "
+                        "MLLA_MM_MALLOC, else tuned, as in the other tools)")
     p.add_argument('--quick', action='store_true', help='tiny sizes, one repeat (for tests)')
     return p.parse_args(argv)
 
@@ -356,7 +357,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    malloc = tune_cpu_malloc(args.malloc == 'tuned')
+    try:
+        malloc = tune_cpu_malloc(None if args.malloc is None else args.malloc == 'tuned')
+    except ValueError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     print(f'# malloc: {malloc}, threads: {args.threads}', flush=True)
     if args.quick:
         args.sizes = args.sizes or ['64x64', '96x128']

@@ -12,6 +12,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
+
+from ..utils.malloc import malloc_state, tune_cpu_malloc
 
 DEMO_COMMANDS = {'mmdet': 'make demo', 'mmseg': 'make demo-seg'}
 
@@ -277,9 +280,6 @@ def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[s
         runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     except (ValueError, TypeError, KeyError) as err:
         raise UsageError(f'{config_path}: {one_line(err)}') from None
-    from mmengine.logging import print_log
-
-    from ..utils.malloc import malloc_state
     print_log(f'mlla-mm: glibc malloc {malloc_state()} (MLLA_MM_MALLOC=default leaves it alone; '
               'see mlla_mm/utils/malloc.py)', logger='current')
     return runner
@@ -296,7 +296,6 @@ def run_main(main: Any) -> int:
     import sys
 
     from ..checkpoint import CheckpointError
-    from ..utils.malloc import tune_cpu_malloc
     from .hooks import NonFiniteLossError
     try:
         tune_cpu_malloc()  # large CPU tensors off fresh mmap pages; MLLA_MM_MALLOC=default to skip

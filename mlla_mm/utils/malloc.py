@@ -5,9 +5,10 @@ blocks above its mmap threshold (at most 32 MiB, adjusted at run time) with a
 fresh ``mmap`` and returns them with ``munmap`` when freed, so every large
 tensor is page-faulted and zeroed by the kernel again on each use. At
 2048x2048 the first MLLA stages make activations of 33-134 MB in every
-block: that kernel work made the backbone about 1.5x slower there and its
-cost grow faster than the pixel count (docs/benchmarks.md). Serving large blocks from the heap and keeping
-freed memory for reuse, as a caching allocator does, removes it.
+block: that kernel work made the backbone's forward 1.3x slower there
+(4.90 s vs 3.84 s) and its cost grow faster than the pixel count
+(docs/benchmarks.md). Serving large blocks from the heap and keeping freed
+memory for reuse, as a caching allocator does, removes it.
 
 The setting is process-wide, so the package never applies it on import: the
 tools (``tools/train.py``, ``test.py``, ``demo.py``, ``benchmark.py``) call
@@ -83,18 +84,19 @@ def malloc_state() -> str:
     return _state or 'untouched'
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2``."""
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks',
+        'keepcost')]
+
+
 def mmapped_bytes() -> Optional[int]:
     """Bytes glibc currently holds in separately ``mmap``-ed blocks (``mallinfo2().hblkhd``)."""
     libc = _libc()
     if libc is None or not hasattr(libc, 'mallinfo2'):
         return None
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',
-            'fordblks', 'keepcost')]
-
-    libc.mallinfo2.restype = MallInfo2
+    libc.mallinfo2.restype = _MallInfo2
     return int(libc.mallinfo2().hblkhd)
 
 

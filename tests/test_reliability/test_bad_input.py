@@ -1,5 +1,4 @@
 """Bad input gets a clear error (or is handled) and leaves nothing half-written."""
-import importlib.util
 import json
 import shutil
 
@@ -12,14 +11,7 @@ from mmengine.config import Config
 from mlla_mm.checkpoint import CheckpointError
 from mlla_mm.engine.launch import BadAnnotationError, DataNotFoundError, check_data, prepare_config
 
-from tests.helpers import ROOT, write_tiny_config
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import ROOT, load_tool, write_tiny_config
 
 
 @pytest.fixture(scope='module')

@@ -1,37 +1,25 @@
 """tools/benchmark.py (--quick) and tools/get_flops.py on small inputs."""
-import importlib.util
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_tool(name):
-    """Import ``tools/<name>.py`` as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f'mlla_mm_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.helpers import ROOT, load_tool, run_tool
 
 benchmark = load_tool('benchmark')
 get_flops = load_tool('get_flops')
 
 
-def run_tool(*args, timeout=240):
-    res = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=timeout)
+def run_ok(*args, timeout=240):
+    """Run a tool, require success, return its stdout."""
+    res = run_tool(*args, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout
 
 
 def test_benchmark_quick_writes_json_and_png(tmp_path):
     out_json, out_png = tmp_path / 'b.json', tmp_path / 'b.png'
-    stdout = run_tool(ROOT / 'tools' / 'benchmark.py', '--quick', '--threads', '1', '--no-train',
+    stdout = run_ok(ROOT / 'tools' / 'benchmark.py', '--quick', '--threads', '1', '--no-train',
                       '--sizes', '64x96', '256x256', '--json', out_json, '--plot', out_png)
     data = json.loads(out_json.read_text())
     assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:4] == b'\x89PNG'
@@ -112,6 +100,5 @@ def test_interleaved_alternates_the_order_and_pairs_rounds():
 
 
 def test_unknown_model_is_rejected_by_name():
-    res = subprocess.run([sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--models', 'mlla_x'], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = run_tool(ROOT / 'tools' / 'benchmark.py', '--models', 'mlla_x', timeout=120)
     assert res.returncode == 2 and "invalid choice: 'mlla_x'" in res.stderr

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_tool, tool_env
 
 PROBE = r'''
 import json, resource, sys
@@ -60,9 +60,7 @@ def test_default_leaves_malloc_alone():
 
 
 def test_bad_setting_is_a_clear_tool_error(tmp_path):
-    env = dict(os.environ, MLLA_MM_MALLOC='fast')
-    res = subprocess.run([sys.executable, 'tools/train.py', str(tmp_path / 'missing.py')], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = run_tool('tools/train.py', tmp_path / 'missing.py', env=tool_env(MLLA_MM_MALLOC='fast'), timeout=120)
     assert res.returncode == 2
     assert "MLLA_MM_MALLOC must be 'tuned' or 'default', got 'fast'" in res.stderr
     assert 'Traceback' not in res.stderr
