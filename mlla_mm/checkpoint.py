@@ -320,7 +320,8 @@ def _summarise(keys: Iterable[str], limit: int = 6) -> str:
 def load_backbone_weights(model: torch.nn.Module, path: str, strict: bool = True, use_ema: bool = False,
                           trusted: Optional[bool] = None,
                           optional: Callable[[str], bool] = lambda k: False,
-                          log: Callable[[str], None] = print) -> Dict[str, List[str]]:
+                          log: Callable[[str], None] = print, prefix: Optional[str] = None,
+                          map_location: Any = 'cpu') -> Dict[str, List[str]]:
     """Load a checkpoint of any supported layout into ``model`` and report it.
 
     Args:
@@ -331,13 +332,27 @@ def load_backbone_weights(model: torch.nn.Module, path: str, strict: bool = True
         trusted: See :func:`load_file`.
         optional: Keys of ``model`` that may be missing (e.g. output norms).
         log: Where the one-line summary goes.
+        prefix: Take only the weights under this prefix and strip it (a ``.``
+            is appended when missing), as mmengine's ``PretrainedInit`` does,
+            e.g. ``'backbone.'`` of a whole detector; applied after a DDP
+            ``module.`` wrapper is removed. Default: the ``backbone.`` part of
+            a whole-model checkpoint, else every weight.
+        map_location: As in ``torch.load``.
 
     Returns:
         ``{'loaded': [...], 'missing': [...], 'unexpected': [...]}``.
     """
-    ckpt = load_file(path, trusted=trusted)
+    ckpt = load_file(path, map_location=map_location, trusted=trusted)
     raw = convert_checkpoint(ckpt, use_ema=use_ema, source=path)
-    weights = backbone_state_dict(raw['state_dict'])
+    if prefix:
+        prefix = prefix if prefix.endswith('.') else prefix + '.'
+        weights = {k[len(prefix):]: v for k, v in raw['state_dict'].items() if k.startswith(prefix)}
+        if not weights:
+            found = sorted({k.split('.')[0] + '.' for k in raw['state_dict']})
+            raise CheckpointError(f'{path}: no weights under prefix {prefix!r}; '
+                                  f'the file\'s keys start with {", ".join(found[:8])}')
+    else:
+        weights = backbone_state_dict(raw['state_dict'])
     dropped = raw['meta'].get('dropped_keys', []) if isinstance(raw['meta'], Mapping) else []
     own = model.state_dict()
     mismatched = [f'{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}'
