@@ -30,7 +30,8 @@ def n_params(module):
 
 def test_every_segmentation_config_is_tested():
     names = {p.stem for p in SEG.glob('*.py')}
-    assert names == set(ARCH) | {'upernet_mlla_t_demo'}
+    # upernet_timm_mlla_t (mmseg's TIMMBackbone) is tested in tests/test_models/test_timm_mlla.py
+    assert names == set(ARCH) | {'upernet_mlla_t_demo', 'upernet_timm_mlla_t'}
 
 
 @pytest.mark.parametrize('name', sorted(ARCH) + ['upernet_mlla_t_demo'])
