@@ -1,0 +1,366 @@
+"""Export MLLA models to ONNX, check the file against PyTorch with ONNX Runtime, write it atomically.
+
+What can be exported (:func:`build_target`):
+
+* ``mlla_t | mlla_s | mlla_b``: the backbone alone, outputs ``feat0..feat3``
+  (strides 4, 8, 16, 32);
+* an mmseg config (UperNet, ...): image in, per-pixel class logits out at
+  the input size (output ``logits``);
+* an mmdet config (Mask R-CNN, ...): backbone + neck, outputs ``fpn0..``;
+* any config with ``backbone_only=True``: its backbone alone.
+
+Inputs are normalised float images ``(B, 3, H, W)`` named ``img``; the
+config's data preprocessor (mean, std, BGR->RGB) is not in the graph, its
+settings are stored in the file's metadata. With ``dynamic=True`` batch,
+height and width are free: one file serves every size (odd sizes too).
+
+``onnx`` (and ``onnxruntime`` for the check) are imported only when needed,
+so ``mlla_mm`` imports without them; a missing one is a :class:`UsageError`
+saying what to install.
+"""
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..checkpoint import backbone_state_dict, convert_checkpoint, load_backbone_weights, load_file, CheckpointError
+from ..engine.launch import UsageError
+from ..utils.io import AtomicWriteError, atomic_write
+from .wrappers import (BackboneForExport, DetectorFeaturesForExport, SegmentorForExport, make_shape_agnostic,
+                       output_names)
+
+ARCHS = {'mlla_t': 'tiny', 'mlla_s': 'small', 'mlla_b': 'base'}
+EXPORTERS = ('torchscript', 'dynamo')
+DEFAULT_EXPORTER = 'torchscript'
+DEFAULT_OPSET = 18
+TOLERANCE = 1e-4  # max |onnx - torch| relative to max |torch|, per output
+INSTALL_HINT = ('pip install onnx onnxruntime onnxscript (the tested versions are pinned in '
+                'tools/setup_env.sh)')
+
+
+# --------------------------------------------------------------------------
+# Optional dependencies.
+# --------------------------------------------------------------------------
+def require(*names: str) -> None:
+    """Import the named packages or raise one :class:`UsageError` naming what to install."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UsageError(f'ONNX export needs {", ".join(missing)}, which is not installed: {INSTALL_HINT}')
+
+
+# --------------------------------------------------------------------------
+# What to export.
+# --------------------------------------------------------------------------
+@dataclass
+class ExportTarget:
+    """A model ready to export: ``model(img)`` returns a tuple of tensors named ``output_names``.
+
+    ``model`` is the reference (eval mode, exactly what PyTorch runs); the
+    graph is traced from :meth:`exportable`, a copy made shape-agnostic.
+    """
+    model: nn.Module
+    kind: str  # 'backbone' | 'segmentor' | 'detector-features'
+    output_names: List[str]
+    source: str
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    def exportable(self) -> nn.Module:
+        return make_shape_agnostic(self.model).eval()
+
+
+def _mlla_backbone(arch: str) -> nn.Module:
+    from ..models import MLLA
+    return MLLA(arch, drop_path_rate=0.).eval()
+
+
+def _load_whole_model(model: nn.Module, path: str, log: Callable[[str], None]) -> None:
+    """Strictly load a detector/segmentor checkpoint; a backbone-only file goes into ``model.backbone``."""
+    raw = convert_checkpoint(load_file(path), source=path)['state_dict']
+    if not any(k.startswith('backbone.') for k in raw):
+        load_backbone_weights(model.backbone, path, log=log,
+                              optional=lambda k: k.split('.')[0] in {'norm0', 'norm1', 'norm2', 'norm3'})
+        log(f'{path} holds backbone weights only: the neck and heads keep their random initialisation')
+        return
+    own = model.state_dict()
+    wrong = [f'{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+             for k, v in raw.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in raw and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in raw if k not in own]
+    if wrong:
+        raise CheckpointError(f'{path}: {len(wrong)} tensor(s) have the wrong shape, e.g. {"; ".join(wrong[:2])}: '
+                              'a checkpoint of another arch or config?')
+    if missing or unexpected:
+        raise CheckpointError(f'{path}: does not match the config: {len(missing)} tensor(s) missing '
+                              f'(e.g. {", ".join(missing[:3]) or "-"}), {len(unexpected)} unexpected '
+                              f'(e.g. {", ".join(unexpected[:3]) or "-"})')
+    model.load_state_dict(raw, strict=False)  # num_batches_tracked may be absent
+    log(f'loaded {len(raw)} tensors from {path}')
+
+
+def _preprocess_metadata(cfg_model: dict) -> Dict[str, str]:
+    pre = cfg_model.get('data_preprocessor') or {}
+    meta = {}
+    for key in ('mean', 'std', 'bgr_to_rgb', 'rgb_to_bgr'):
+        if key in pre:
+            meta[f'input_{key}'] = json.dumps(list(pre[key]) if isinstance(pre[key], (list, tuple)) else pre[key])
+    return meta
+
+
+def build_target(spec: str, weights: Optional[str] = None, backbone_only: bool = False,
+                 log: Callable[[str], None] = print) -> ExportTarget:
+    """Build what ``spec`` names (an arch such as ``mlla_t``, or a config file) and load ``weights``.
+
+    Raises:
+        UsageError: Unknown arch, missing or unbuildable config.
+        CheckpointError / FileNotFoundError: ``weights`` is missing, unreadable
+            or does not fit the model (another arch, another config).
+    """
+    if weights is not None and not os.path.isfile(weights):
+        raise UsageError(f'weights file not found: {weights}')
+    name = spec.lower()
+    if name in ARCHS:
+        backbone = _mlla_backbone(ARCHS[name])
+        if weights:
+            load_backbone_weights(backbone, weights, log=log,
+                                  optional=lambda k: k.split('.')[0] in {'norm0', 'norm1', 'norm2', 'norm3'})
+        return ExportTarget(BackboneForExport(backbone).eval(), 'backbone', output_names('backbone', 4), spec,
+                            {'strides': '4,8,16,32'})
+    if not spec.endswith('.py'):
+        raise UsageError(f'unknown model {spec!r}: give one of {", ".join(ARCHS)} or a config file (.py)')
+    if not os.path.isfile(spec):
+        raise UsageError(f'config file not found: {spec}')
+    return _build_from_config(spec, weights, backbone_only, log)
+
+
+def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
+                       log: Callable[[str], None]) -> ExportTarget:
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import MODELS, init_default_scope
+
+    import mlla_mm  # noqa: F401  (registers MLLA and the safe checkpoint reader)
+    try:
+        cfg = Config.fromfile(path)
+    except Exception as err:  # syntax errors, missing bases, ...: the message names the problem
+        raise UsageError(f'{path}: cannot read the config: {" ".join(str(err).split())[:300]}') from None
+    if 'model' not in cfg:
+        raise UsageError(f'{path}: the config has no model')
+    model_cfg = cfg.model
+    if isinstance(model_cfg.get('backbone'), dict):
+        model_cfg.backbone.init_cfg = None  # the weights come from WEIGHTS only
+    scope = cfg.get('default_scope', 'mmdet')
+    init_default_scope(scope)
+    try:
+        model = MODELS.build(model_cfg)
+    except (KeyError, ValueError, TypeError, ImportError) as err:
+        raise UsageError(f'{path}: the model does not build: {" ".join(str(err).split())[:300]}') from None
+    model = revert_sync_batchnorm(model).eval()
+    if weights:
+        _load_whole_model(model, weights, log)
+    meta = _preprocess_metadata(model_cfg)
+    if backbone_only:
+        n = len(getattr(model.backbone, 'out_indices', ())) or 4
+        return ExportTarget(BackboneForExport(model.backbone).eval(), 'backbone', output_names('backbone', n), path,
+                            meta)
+    if hasattr(model, 'decode_head'):
+        return ExportTarget(SegmentorForExport(model).eval(), 'segmentor', output_names('segmentor', 1), path, meta)
+    if hasattr(model, 'extract_feat') and getattr(model, 'with_neck', False):
+        with torch.no_grad():
+            count = len(model.extract_feat(torch.zeros(1, 3, 64, 64)))
+        return ExportTarget(DetectorFeaturesForExport(model).eval(), 'detector-features',
+                            output_names('detector-features', count), path, meta)
+    raise UsageError(f'{path}: {type(model).__name__} is neither an mmseg segmentor with a decode_head nor a '
+                     'detector with a neck; use --backbone-only to export its backbone')
+
+
+# --------------------------------------------------------------------------
+# Export.
+# --------------------------------------------------------------------------
+def export_bytes(target: ExportTarget, shape: Tuple[int, int] = (512, 512), dynamic: bool = True,
+                 opset: int = DEFAULT_OPSET, exporter: str = DEFAULT_EXPORTER) -> bytes:
+    """Trace ``target`` at ``shape`` and return the serialised, checked ONNX model.
+
+    With ``dynamic`` the input's batch, height and width (and every output's)
+    are symbolic; the example batch is 2 so nothing specialises on batch 1.
+    """
+    require('onnx')
+    import onnx
+    if exporter not in EXPORTERS:
+        raise UsageError(f'unknown exporter {exporter!r}; choose one of {", ".join(EXPORTERS)}')
+    h, w = shape
+    if h < 1 or w < 1:
+        raise UsageError(f'--shape must be positive, got {h} {w}')
+    model = target.exportable()
+    example = torch.randn(2 if dynamic else 1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    names = target.output_names
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the TorchScript exporter's deprecation notice and tracer notes
+        if exporter == 'torchscript':
+            axes = None
+            if dynamic:
+                axes = {'img': {0: 'batch', 2: 'height', 3: 'width'}}
+                axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'} for n in names})
+            buf = io.BytesIO()
+            with torch.no_grad():
+                torch.onnx.export(model, (example, ), buf, dynamo=False, input_names=['img'], output_names=names,
+                                  dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+            proto = onnx.load_from_string(buf.getvalue())
+        else:
+            require('onnxscript')
+            dims = None
+            if dynamic:
+                d = torch.export.Dim.DYNAMIC
+                dims = ({0: d, 2: d, 3: d}, )
+            with torch.no_grad():
+                program = torch.onnx.export(model, (example, ), dynamo=True, input_names=['img'],
+                                            output_names=names, dynamic_shapes=dims, opset_version=opset,
+                                            verbose=False)
+            proto = program.model_proto
+    props = dict(target.metadata, mlla_mm_kind=target.kind, mlla_mm_source=os.path.basename(target.source),
+                 mlla_mm_exporter=exporter, mlla_mm_dynamic=str(dynamic).lower())
+    from ..version import __version__
+    props['mlla_mm_version'] = __version__
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def write_onnx(data: bytes, path: str) -> None:
+    """Write ``data`` to ``path`` atomically; a failure is a :class:`UsageError` naming the file."""
+    try:
+        with atomic_write(path) as f:
+            f.write(data)
+    except AtomicWriteError as err:
+        raise UsageError(str(err)) from None
+
+
+def check_writable(path: str) -> None:
+    """Fail early (before a long export) when ``path`` cannot be written."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f'output path is a directory: {path}')
+    folder = os.path.dirname(path)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f'cannot write {path}: {existing} is not a directory')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'cannot write {path}: no permission to write in {existing}')
+
+
+# --------------------------------------------------------------------------
+# Check with ONNX Runtime.
+# --------------------------------------------------------------------------
+@dataclass
+class CheckRow:
+    """One output at one input size: ``passed`` when ``max_abs_diff <= tolerance * scale``."""
+    batch: int
+    height: int
+    width: int
+    output: str
+    max_abs_diff: float
+    scale: float
+    passed: bool
+    note: str = ''
+
+    def line(self, tolerance: float = TOLERANCE) -> str:
+        size = f'{self.batch}x3x{self.height}x{self.width}'
+        rel = self.max_abs_diff / self.scale if self.scale > 0 else float('inf')
+        return (f'{size:>16} {self.output:<10} max|diff| {self.max_abs_diff:.3e}  max|ref| {self.scale:.3e}  '
+                f'rel {rel:.2e}  {"PASS" if self.passed else "FAIL"}' + (f'  ({self.note})' if self.note else ''))
+
+
+def make_session(model: Union[bytes, str], threads: int = 0, level: str = 'all'):
+    """An ONNX Runtime CPU session (``threads=0``: ONNX Runtime's default; ``level``: graph optimisation)."""
+    require('onnxruntime')
+    import onnxruntime as ort
+    levels = dict(disable=ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  basic=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  extended=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  all=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    if level not in levels:
+        raise UsageError(f'unknown graph optimisation level {level!r}; choose one of {", ".join(levels)}')
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[level]
+    opts.log_severity_level = 4  # failures are reported by the caller, not logged twice
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model, sess_options=opts, providers=['CPUExecutionProvider'])
+
+
+def default_check_sizes(shape: Tuple[int, int], dynamic: bool = True) -> List[Tuple[int, int, int]]:
+    """``(batch, H, W)`` for ``--check``: the export size; odd sizes it was not exported at; batch 2.
+
+    A static export is checked at its own size only.
+    """
+    h, w = shape
+    if not dynamic:
+        return [(1, h, w)]
+
+    def odd(v: int) -> int:
+        return max(1, v | 1)
+
+    return [(1, h, w), (1, odd(h * 3 // 4), odd(w * 5 // 4 + 2)), (2, h // 2 + 2, max(1, w // 2 + 10))]
+
+
+def check_onnx(model: Union[bytes, str], reference: nn.Module, output_names_: Sequence[str],
+               sizes: Sequence[Tuple[int, int, int]], tolerance: float = TOLERANCE, seed: int = 0,
+               session=None) -> List[CheckRow]:
+    """Run the ONNX model and ``reference`` on the same random images; one :class:`CheckRow` per output and size.
+
+    A row fails when the shapes differ, a value is not finite, or
+    ``max |onnx - torch| > tolerance * max |torch|``.
+    """
+    sess = session or make_session(model)
+    input_name = sess.get_inputs()[0].name
+    rows: List[CheckRow] = []
+    reference.eval()
+    gen = torch.Generator().manual_seed(seed)
+    for b, h, w in sizes:
+        img = torch.randn(b, 3, h, w, generator=gen)
+        with torch.no_grad():
+            ref = [t.float().numpy() for t in reference(img)]
+        try:
+            got = sess.run(None, {input_name: img.numpy()})
+        except Exception as err:  # ONNX Runtime raises its own error types: a failure at this size
+            rows.append(CheckRow(b, h, w, '*', math.inf, 0., False,
+                                 f'ONNX Runtime failed: {" ".join(str(err).split())[:300]}'))
+            continue
+        if len(got) != len(ref):
+            rows.append(CheckRow(b, h, w, '*', math.inf, 0., False, f'{len(got)} outputs, PyTorch has {len(ref)}'))
+            continue
+        for name, r, o in zip(output_names_, ref, got):
+            scale = float(np.abs(r).max()) if r.size else 0.
+            if o.shape != r.shape:
+                rows.append(CheckRow(b, h, w, name, math.inf, scale, False,
+                                     f'shape {tuple(o.shape)} vs PyTorch {tuple(r.shape)}'))
+                continue
+            diff = float(np.abs(o.astype(np.float64) - r.astype(np.float64)).max()) if r.size else 0.
+            finite = bool(np.isfinite(o).all())
+            passed = finite and diff <= tolerance * max(scale, 1e-12)
+            rows.append(CheckRow(b, h, w, name, diff, scale, passed, '' if finite else 'non-finite values'))
+    return rows
+
+
+__all__ = ['ARCHS', 'CheckRow', 'DEFAULT_EXPORTER', 'DEFAULT_OPSET', 'EXPORTERS', 'ExportTarget', 'TOLERANCE',
+           'build_target', 'check_onnx', 'check_writable', 'default_check_sizes', 'export_bytes', 'make_session',
+           'require', 'write_onnx']
