@@ -84,9 +84,20 @@ if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 
     tar -xzf "$TMPW/src/mmcv-$MMCV_VERSION.tar.gz" -C "$TMPW/src"
     # torch >= 2.10 headers need C++20; mmcv 2.1.0's setup.py asks for C++17.
     sed -i "s/'-std=c++17'/'-std=c++20'/g" "$TMPW/src/mmcv-$MMCV_VERSION/setup.py"
-    (cd "$TMPW/src/mmcv-$MMCV_VERSION" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    # A progress line a minute while the 77 C++ files compile (pip prints nothing useful).
+    SRC="$TMPW/src/mmcv-$MMCV_VERSION"
+    ( start=$(date +%s)
+      while sleep 60; do
+        done_o=$(find "$SRC/build" -name '*.o' 2>/dev/null | wc -l)
+        log "building mmcv: $(( ($(date +%s) - start) / 60 )) min, $done_o of about 77 files compiled" \
+            "(about 13 min in all on 2 idle cores)"
+      done ) &
+    TICKER=$!
+    trap 'kill $TICKER 2>/dev/null; rm -rf "$TMPW"' EXIT
+    (cd "$SRC" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
       "$PY" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps --no-cache-dir \
       -w "$TMPW/wheel" .)
+    kill $TICKER 2>/dev/null || true
     rm -rf "$WHEELDIR"
     mv "$TMPW/wheel" "$WHEELDIR"   # atomic: a killed build never leaves a half cache
   else
