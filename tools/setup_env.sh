@@ -22,6 +22,10 @@ MMENGINE_VERSION=0.10.7
 MMDET_VERSION=3.3.0
 MMSEG_VERSION=1.2.2
 TIMM_VERSION=1.0.31
+# ONNX export and its check (tools/export_onnx.py); optional for the package itself.
+ONNX_VERSION=1.23.2
+ONNXRUNTIME_VERSION=1.31.1
+ONNXSCRIPT_VERSION=0.7.2
 # torch 2.14 needs setuptools >= 77.0.3; mmengine still imports pkg_resources,
 # which later setuptools releases dropped. (mmcv's own build wants < 70.)
 SETUPTOOLS="setuptools>=77.0.3,<81"
@@ -111,6 +115,7 @@ fi
 log "installing mmengine, mmdet, mmsegmentation, timm and this package"
 "${PIP[@]}" "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" "mmsegmentation==$MMSEG_VERSION" \
   ftfy regex "timm==$TIMM_VERSION" pycocotools "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
+  "onnx==$ONNX_VERSION" "onnxruntime==$ONNXRUNTIME_VERSION" "onnxscript==$ONNXSCRIPT_VERSION" \
   "$SETUPTOOLS"
 if [[ -f "$ROOT/setup.cfg" ]]; then
   "${PIP[@]}" --no-build-isolation -e "$ROOT[tests]" "torch==$TORCH_VERSION" "$SETUPTOOLS"
