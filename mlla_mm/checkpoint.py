@@ -1,17 +1,23 @@
 """Safe checkpoint reading and the one converter for every MLLA layout.
 
-Every path in mlla-mm that reads a checkpoint goes through :func:`load_file`:
+Every path in mlla-mm that reads a checkpoint goes through :func:`load_file`
+(the backbone's ``init_cfg``, mmengine's ``load_from``/``--resume`` and
+``tools/test.py`` through :func:`register_mmengine_loader`, and
+``tools/convert_checkpoint.py``):
 
-1. ``torch.load(weights_only=True)`` with an explicit allow-list of the types
-   that mmengine writes (its ``HistoryBuffer``, NumPy arrays and scalars).
-2. If the file names other globals (for example the yacs ``CfgNode`` that the
-   published ImageNet training code stores under ``config``), it is read again
-   by an *inert* unpickler: allow-listed globals resolve as usual, every other
-   global becomes a stand-in class of this module. Nothing the file names is
-   imported, and any attempt of the file to *call* a foreign global (the way
-   malicious pickles run code) refuses the whole file.
+1. :mod:`mlla_mm.checkpoint_guard` checks the file without running anything
+   from it: a torch zip archive (legacy pre-1.6 files are refused), no zip
+   bomb, a pickle that uses only the opcodes, names and call forms that
+   checkpoints contain, storages that fit their archive members and a
+   bounded number of Python objects.
+2. ``torch.load(weights_only=True)`` then reads it with torch's own
+   restricted unpickler; torch's safe-globals API maps the few foreign names
+   that published files contain (yacs' ``CfgNode``, mmengine's
+   ``HistoryBuffer``, NumPy arrays and scalars) to inert stand-ins.
 3. Files you trust can be loaded with plain pickle by passing ``trusted=True``
    or setting ``MLLA_MM_TRUST_CHECKPOINTS=1``.
+
+Every failure is a :class:`CheckpointError` naming the file.
 
 :func:`convert_checkpoint` turns any supported layout (published ImageNet,
 published mmdet 2.x / mmseg 0.x, plain state dict, mmengine checkpoints) into
@@ -19,16 +25,18 @@ published mmdet 2.x / mmseg 0.x, plain state dict, mmengine checkpoints) into
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
-import numpy as np
 import torch
+
+from . import checkpoint_guard as guard
+from .utils.io import AtomicWriteError, atomic_write
 
 TRUST_ENV = 'MLLA_MM_TRUST_CHECKPOINTS'
 _TRUST_HINT = (f'If you trust this file, load it with trusted=True (init_cfg / converter '
@@ -39,102 +47,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used; the message names the file."""
 
 
-# --------------------------------------------------------------------------
-# Allow-list of the types mmengine (and NumPy inside it) write to checkpoints.
-# --------------------------------------------------------------------------
-def _numpy_globals() -> List[Any]:
-    out: List[Any] = [np.ndarray, np.dtype]
-    core = getattr(np, '_core', None) or np.core
-    out += [core.multiarray._reconstruct, core.multiarray.scalar]
-    out += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith('DType')]
-    return out
-
-
 def safe_globals() -> List[Any]:
-    """The globals allowed in a ``weights_only`` load besides torch's own."""
-    from mmengine.logging.history_buffer import HistoryBuffer
-    return [HistoryBuffer, OrderedDict, *_numpy_globals()]
-
-
-def _global_name(obj: Any) -> str:
-    return f'{obj.__module__}.{obj.__qualname__}'
-
-
-# --------------------------------------------------------------------------
-# The inert unpickler.
-# --------------------------------------------------------------------------
-class ForeignObject(dict):
-    """Stand-in for an object of a class the checkpoint names but we do not trust.
-
-    It is created without running any code of that class. Dict items the
-    pickle stores go into the dict; any other state is kept in ``state``.
-    """
-
-    qualname = '?'
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: D401
-        # Pickles call globals through REDUCE, which lands here. Creating an
-        # object through NEWOBJ does not call __init__.
-        raise _RefusedCall(self.qualname)
-
-    def __setstate__(self, state: Any) -> None:
-        self.__dict__['state'] = state
-
-    def __repr__(self) -> str:
-        return f'ForeignObject({self.qualname}, {dict.__repr__(self)})'
-
-
-class _RefusedCall(Exception):
-    pass
-
-
-class _InertUnpickler(pickle.Unpickler):
-    _allowed: Dict[str, Any] = {}
-    _standins: Dict[str, type] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        key = f'{module}.{name}'
-        if key in self._allowed:
-            return self._allowed[key]
-        if key not in self._standins:
-            self._standins[key] = type(name, (ForeignObject, ), {'qualname': key})
-        return self._standins[key]
-
-
-class _InertPickleModule:
-    """A ``pickle_module`` for ``torch.load`` that builds only inert objects."""
-    Unpickler = _InertUnpickler
-    load = staticmethod(lambda f, **kw: _InertUnpickler(f, **kw).load())
-
-
-def _restricted_getattr(obj: Any, name: str) -> Any:
-    from mmengine.logging.history_buffer import HistoryBuffer
-    # HistoryBuffer fills _statistics_methods with its four built-in statistics
-    # when the first buffer is made, so name those explicitly too (a fresh
-    # process may read a checkpoint before it makes any buffer).
-    if obj is HistoryBuffer and (name in ('min', 'max', 'current', 'mean')
-                                 or name in HistoryBuffer._statistics_methods):
-        return getattr(obj, name)
-    raise _RefusedCall(f'getattr({getattr(obj, "qualname", obj)!r}, {name!r})')
-
-
-def _allowed_globals() -> Dict[str, Any]:
-    from torch import _weights_only_unpickler as wou
-    allowed = dict(wou._get_allowed_globals())
-    allowed.update(wou._get_user_allowed_globals())
-    for obj in safe_globals():
-        allowed[_global_name(obj)] = obj
-    # NumPy moved its core module; pickles name either spelling.
-    for key, obj in list(allowed.items()):
-        if key.startswith('numpy._core.'):
-            allowed.setdefault('numpy.core.' + key[len('numpy._core.'):], obj)
-    # mmengine's HistoryBuffer pickles its statistics methods as
-    # getattr(HistoryBuffer, 'mean'); allow exactly that use of getattr.
-    allowed['__builtin__.getattr'] = allowed['builtins.getattr'] = _restricted_getattr
-    # Builtins that plain containers need.
-    for obj in (set, frozenset, complex, slice, range, bytearray):
-        allowed[f'builtins.{obj.__name__}'] = obj
-    return allowed
+    """The ``(object, 'qualified.name')`` pairs allowed in a load besides torch's own names."""
+    return guard.safe_globals()
 
 
 def _is_trusted(trusted: Optional[bool]) -> bool:
@@ -144,7 +59,7 @@ def _is_trusted(trusted: Optional[bool]) -> bool:
 
 
 def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = None) -> Any:
-    """Read a checkpoint file without running code from it.
+    """Read a checkpoint file without running code from it, in bounded memory.
 
     Args:
         path: The checkpoint file.
@@ -154,8 +69,9 @@ def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = No
 
     Raises:
         FileNotFoundError: The file does not exist.
-        CheckpointError: The file is empty, truncated, corrupt, or wants to
-            run code and is not trusted.
+        CheckpointError: The file is empty, truncated, corrupt, in the legacy
+            format, a zip bomb, would allocate more than it holds, or names or
+            calls anything outside the allow-list (and is not trusted).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -163,39 +79,42 @@ def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = No
     if os.path.getsize(path) == 0:
         raise CheckpointError(f'checkpoint file is empty: {path}')
     if _is_trusted(trusted):
-        return _torch_load(path, map_location, weights_only=False)
-    try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return _torch_load(path, map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if 'global' not in str(err).lower():
-            raise CheckpointError(f'checkpoint file is corrupt: {path} ({_first_line(err)})') from None
-    # The file names globals outside the allow-list: read it inertly.
-    _InertUnpickler._allowed = _allowed_globals()
-    try:
-        return _torch_load(path, map_location, weights_only=False, pickle_module=_InertPickleModule)
-    except _RefusedCall as err:
-        raise CheckpointError(
-            f'refusing to load {path}: it tries to call {err.args[0]} while being read, '
-            f'which could run arbitrary code. {_TRUST_HINT}') from None
+        return _torch_load(path, path, map_location, weights_only=False)
+    # One open file for the check and the load: renaming another file into
+    # place in between cannot swap what is read.
+    with open(path, 'rb') as f:
+        try:
+            guard.check_file(f)
+        except guard.Refused as err:
+            reason = str(err) if str(err).endswith(('.', '?')) else f'{err}.'
+            hint = f' {_TRUST_HINT}' if err.names_code else ''
+            raise CheckpointError(f'refusing to load {path}: {reason}{hint}') from None
+        except (MemoryError, RecursionError) as err:
+            raise CheckpointError(f'refusing to load {path}: checking it ran out of '
+                                  f'{"memory" if isinstance(err, MemoryError) else "stack"}') from None
+        f.seek(0)
+        # Add (and afterwards remove) only the entries not already allowed by someone else.
+        present = set(torch.serialization.get_safe_globals())
+        with torch.serialization.safe_globals([g for g in guard.safe_globals() if g not in present]):
+            return _torch_load(f, path, map_location, weights_only=True)
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    text = str(err)
+    if 'WeightsUnpickler error:' in text:  # torch's weights_only message buries the reason
+        text = text.split('WeightsUnpickler error:', 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
-def _torch_load(path: str, map_location: Any, **kwargs: Any) -> Any:
+def _torch_load(f: Any, path: str, map_location: Any, weights_only: bool) -> Any:
     try:
-        return torch.load(path, map_location=map_location, **kwargs)
-    except _RefusedCall:
-        raise
-    except pickle.UnpicklingError as err:
-        if kwargs.get('weights_only'):
-            raise
-        raise CheckpointError(f'checkpoint file is truncated or corrupt: {path} ({_first_line(err)})') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
-            AttributeError, IndexError, KeyError, TypeError) as err:
+        return torch.load(f, map_location=map_location, weights_only=weights_only, mmap=False)
+    except MemoryError:
+        raise CheckpointError(f'checkpoint file {path} needs more memory than is available') from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
+            AttributeError, IndexError, KeyError, TypeError, AssertionError, UnicodeDecodeError,
+            ImportError, RecursionError) as err:
         raise CheckpointError(
             f'checkpoint file is truncated or corrupt: {path} ({_first_line(err)})') from None
 
@@ -276,21 +195,19 @@ def backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, tor
 
 
 def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename."""
+    """``torch.save`` through :func:`mlla_mm.utils.io.atomic_write` (temporary file, fsync, rename).
+
+    Raises:
+        AtomicWriteError: Writing failed (e.g. disk full); the message names
+            ``path``, any previous file there is unchanged and no temporary
+            file is left.
+    """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
+    with atomic_write(path, 'wb') as f:
+        try:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        except RuntimeError as err:  # torch's zip writer reports a failed write as RuntimeError
+            raise OSError(errno.EIO, _first_line(err)) from None
 
 
 def convert_file(src: str, dst: str, use_ema: bool = False, backbone_only: bool = False,
@@ -315,6 +232,59 @@ def _summarise(keys: Iterable[str], limit: int = 6) -> str:
     if rope:
         parts.append(f'{len(rope)} x attn.rope.rotations (fixed tables, unused)')
     return ', '.join(parts) if parts else 'none'
+
+
+class StateDictFit(NamedTuple):
+    """How a file's weights line up with a model's (see :func:`compare_state_dicts`)."""
+
+    common: List[str]
+    """Model keys the file has."""
+    wrong: List[Tuple[str, str]]
+    """``(key, 'key: file (..) vs model (..)')`` for common keys of another shape."""
+    missing: List[str]
+    """Model keys the file lacks."""
+    unexpected: List[str]
+    """File keys the model lacks."""
+
+
+def compare_state_dicts(own: Mapping[str, Any], weights: Mapping[str, Any]) -> StateDictFit:
+    """Compare a file's weights with a model's state dict by key and shape.
+
+    The one shape check behind :func:`load_backbone_weights` (``init_cfg``)
+    and :func:`check_checkpoint_fits` (``load_from``).
+    """
+    common = [k for k in weights if k in own]
+    wrong = [(k, f'{k}: file {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}') for k in common
+             if hasattr(weights[k], 'shape') and tuple(weights[k].shape) != tuple(own[k].shape)]
+    return StateDictFit(common=common, wrong=wrong, missing=[k for k in own if k not in weights],
+                        unexpected=[k for k in weights if k not in own])
+
+
+def check_checkpoint_fits(model: torch.nn.Module, state_dict: Dict[str, Any], filename: str) -> None:
+    """Raise :class:`CheckpointError` when ``state_dict`` cannot be meant for ``model``.
+
+    Backbone tensors of another shape (another MLLA size) or no tensor in
+    common at all (another model) are errors; other shape differences (e.g.
+    a head with another number of classes when fine-tuning) are left to
+    mmengine, which skips them with a warning.
+    """
+    own = model.state_dict()
+    keys = [re.sub(r'^module\.', '', k) for k in state_dict]
+    fit = compare_state_dicts(own, dict(zip(keys, state_dict.values())))
+    if own and not fit.common:
+        sample = ', '.join(keys[:4]) or 'none'
+        hint = (' It looks like backbone-only weights: load them with model.backbone.init_cfg='
+                "dict(type='Pretrained', checkpoint=...) instead of load_from."
+                if any(k.startswith(('layers.', 'patch_embed.')) for k in keys) else '')
+        raise CheckpointError(
+            f'{filename}: none of its {len(keys)} tensors belong to this model '
+            f'(file keys e.g. {sample}; model keys e.g. {", ".join(list(own)[:3])}): '
+            f'a checkpoint of another model?{hint}')
+    wrong = [msg for k, msg in fit.wrong if k.startswith('backbone.')]
+    if wrong:
+        raise CheckpointError(
+            f'{filename}: {len(wrong)} backbone tensor(s) have the wrong shape, e.g. {"; ".join(wrong[:2])}. '
+            'Is it a checkpoint of another MLLA size (arch)?')
 
 
 def load_backbone_weights(model: torch.nn.Module, path: str, strict: bool = True, use_ema: bool = False,
@@ -355,11 +325,11 @@ def load_backbone_weights(model: torch.nn.Module, path: str, strict: bool = True
         weights = backbone_state_dict(raw['state_dict'])
     dropped = raw['meta'].get('dropped_keys', []) if isinstance(raw['meta'], Mapping) else []
     own = model.state_dict()
-    mismatched = [f'{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-                  for k, v in weights.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in weights]
+    fit = compare_state_dicts(own, weights)
+    mismatched = [msg for _, msg in fit.wrong]
+    missing = fit.missing
     required = [k for k in missing if not optional(k) and not k.endswith('num_batches_tracked')]
-    unexpected = [k for k in weights if k not in own] + list(dropped)
+    unexpected = fit.unexpected + list(dropped)
     if strict and mismatched:
         raise CheckpointError(
             f'{path}: {len(mismatched)} tensor(s) have the wrong shape, e.g. {"; ".join(mismatched[:3])}. '
@@ -369,7 +339,7 @@ def load_backbone_weights(model: torch.nn.Module, path: str, strict: bool = True
             f'{path}: {len(required)} of {len(own)} backbone tensors are missing from the file '
             f'(e.g. {", ".join(required[:4])}): wrong arch or not an MLLA checkpoint '
             f'({len(weights)} tensors found). Pass strict=False in init_cfg to load anyway.')
-    bad = {m.split(':')[0] for m in mismatched}
+    bad = {k for k, _ in fit.wrong}
     loadable = {k: v for k, v in weights.items() if k in own and k not in bad}
     model.load_state_dict(loadable, strict=False)
     log(f'Loaded {len(loadable)}/{len(own)} tensors from {path}; '
@@ -394,6 +364,7 @@ def register_mmengine_loader() -> None:
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
 
 
-__all__ = ['CheckpointError', 'ForeignObject', 'TRUST_ENV', 'load_file', 'convert_checkpoint',
-           'convert_file', 'find_state_dict', 'backbone_state_dict', 'load_backbone_weights',
-           'save_atomic', 'register_mmengine_loader', 'safe_globals']
+__all__ = ['CheckpointError', 'TRUST_ENV', 'load_file', 'convert_checkpoint', 'convert_file',
+           'find_state_dict', 'backbone_state_dict', 'load_backbone_weights', 'compare_state_dicts',
+           'StateDictFit', 'check_checkpoint_fits', 'save_atomic', 'AtomicWriteError',
+           'register_mmengine_loader', 'safe_globals']

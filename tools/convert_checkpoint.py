@@ -3,12 +3,16 @@
 
     python tools/convert_checkpoint.py SRC DST [--backbone-only] [--use-ema] [--trusted]
 
-Running it on its own output gives the same file.
+Running it on its own output gives the same file. A file that is not a
+safe checkpoint (see mlla_mm.checkpoint.load_file), a missing source or a
+failed write (e.g. a full disk) is one ``error:`` line naming the file and
+exit code 2; the destination is written atomically, so a failed write leaves
+any previous file there unchanged.
 """
 import argparse
 import sys
 
-from mlla_mm.checkpoint import CheckpointError, convert_file
+from mlla_mm.checkpoint import AtomicWriteError, CheckpointError, convert_file
 
 
 def main(argv=None) -> int:
@@ -23,8 +27,9 @@ def main(argv=None) -> int:
     try:
         out = convert_file(args.src, args.dst, use_ema=args.use_ema, backbone_only=args.backbone_only,
                            trusted=True if args.trusted else None)
-    except (CheckpointError, FileNotFoundError) as err:
-        print(f'error: {err}', file=sys.stderr)
+    except (CheckpointError, FileNotFoundError, AtomicWriteError) as err:
+        message = err.strerror if isinstance(err, AtomicWriteError) and err.strerror else str(err)
+        print(f'error: {message}', file=sys.stderr)
         return 2
     meta = out['meta']
     print(f'wrote {args.dst}: {len(out["state_dict"])} tensors, layout {meta["mlla_mm_layout"]} '

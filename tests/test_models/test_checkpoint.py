@@ -1,17 +1,18 @@
 """Loading published and toolkit checkpoints into MLLA, safely."""
 import os
 import pickle
+from collections import OrderedDict
 
 import pytest
 import torch
 from mmengine.logging.history_buffer import HistoryBuffer
 
-from mlla_mm.checkpoint import (CheckpointError, convert_checkpoint, load_backbone_weights, load_file)
+from mlla_mm.checkpoint import (CheckpointError, check_checkpoint_fits, compare_state_dicts, convert_checkpoint,
+                                 load_backbone_weights, load_file, save_atomic)
 from mlla_mm.models import MLLA
+from mlla_mm.utils.io import AtomicWriteError
 
-
-class FakeCfgNode(dict):
-    """Stands in for yacs' CfgNode in a published ImageNet training checkpoint."""
+from tests.test_reliability.evil_pickles import CfgNode, YacsPickle
 
 
 class Evil:
@@ -72,7 +73,8 @@ def test_mmengine_checkpoint_with_history_buffer(tmp_path, det_sd, golden_arch, 
     with pytest.raises(pickle.UnpicklingError):  # what torch >= 2.6 does on its own
         torch.load(tmp_path / 'epoch_3.pth', weights_only=True)
     loaded = load_file(tmp_path / 'epoch_3.pth')
-    assert loaded['message_hub']['log_scalars']['loss'].current() == 1.5
+    buf = loaded['message_hub']['log_scalars']['loss']
+    assert isinstance(buf, HistoryBuffer) and buf.current() == 1.5 and buf.statistics('mean') == 1.5
     model = golden_model(golden_arch, tmp_path / 'epoch_3.pth')
     model.init_weights()
     assert_golden(model, golden)
@@ -80,14 +82,15 @@ def test_mmengine_checkpoint_with_history_buffer(tmp_path, det_sd, golden_arch, 
 
 def test_published_training_checkpoint_with_foreign_config(tmp_path, cls_ckpt, golden_arch, golden):
     ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in cls_ckpt['model'].items()}
-    cfg = FakeCfgNode(MODEL=FakeCfgNode(TYPE='mlla'), TRAIN={'EPOCHS': 300})
+    cfg = CfgNode(MODEL=CfgNode(TYPE='mlla'), TRAIN={'EPOCHS': 300})
     ckpt = {'model': cls_ckpt['model'], 'state_dict_ema': ema, 'config': cfg, 'epoch': 299,
             'max_accuracy': 83.5, 'max_accuracy_e': 290, 'optimizer': {'state': {}, 'param_groups': []},
             'lr_scheduler': {'last_epoch': 299}}
-    torch.save(ckpt, tmp_path / 'ckpt_epoch_299.pth')
+    torch.save(ckpt, tmp_path / 'ckpt_epoch_299.pth', pickle_module=YacsPickle)  # names yacs.config.CfgNode
+    assert b'yacs.config\nCfgNode' in (tmp_path / 'ckpt_epoch_299.pth').read_bytes()
     loaded = load_file(tmp_path / 'ckpt_epoch_299.pth')
-    # The config came back as an inert stand-in, not as the test's class.
-    assert type(loaded['config']) is not FakeCfgNode
+    # The config came back as a plain OrderedDict (yacs is never imported).
+    assert type(loaded['config']) is OrderedDict and type(loaded['config']['MODEL']) is OrderedDict
     assert loaded['config']['MODEL']['TYPE'] == 'mlla'
     model = golden_model(golden_arch, tmp_path / 'ckpt_epoch_299.pth')
     model.init_weights()
@@ -191,3 +194,64 @@ def test_convert_is_idempotent(cls_ckpt):
     assert list(once['state_dict']) == list(twice['state_dict'])
     assert not any('rope' in k or k.startswith('head.') for k in once['state_dict'])
     assert once['meta']['source_layout'] == 'imagenet'
+
+
+def test_legacy_format_is_refused_unless_trusted(tmp_path, det_sd):
+    path = tmp_path / 'old.pth'
+    torch.save(det_sd, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match='legacy') as err:
+        load_file(path)
+    assert str(path) in str(err.value) and 'trusted=True' in str(err.value)
+    assert set(load_file(path, trusted=True)) == set(det_sd)
+
+
+def test_foreign_class_is_refused_even_when_harmless(tmp_path):
+    torch.save({'w': torch.ones(2), 'extra': Harmless()}, tmp_path / 'foreign.pth')
+    with pytest.raises(CheckpointError, match='Harmless.*not on the allow-list'):
+        load_file(tmp_path / 'foreign.pth')
+
+
+class Harmless:
+    pass
+
+
+def test_check_checkpoint_fits_shares_the_shape_check(golden_arch, golden_dir):
+    from mmengine.model import BaseModule
+
+    class Detector(BaseModule):
+        def __init__(self):
+            super().__init__()
+            self.backbone = MLLA(golden_arch)
+            self.neck = torch.nn.Linear(2, 3)
+
+    model = Detector()
+    good = {'backbone.' + k: v for k, v in model.backbone.state_dict().items()}
+    check_checkpoint_fits(model, {'module.' + k: v for k, v in good.items()}, 'good.pth')
+    # A head of another size is left to mmengine (fine-tuning).
+    check_checkpoint_fits(model, dict(good, **{'neck.weight': torch.ones(5, 2)}), 'head.pth')
+    key = 'backbone.layers.0.blocks.0.in_proj.weight'
+    with pytest.raises(CheckpointError, match=r'wrong.pth: 1 backbone tensor\(s\) have the wrong shape'):
+        check_checkpoint_fits(model, dict(good, **{key: torch.ones(1, 1)}), 'wrong.pth')
+    with pytest.raises(CheckpointError, match='none of its 2 tensors belong to this model.*backbone-only'):
+        check_checkpoint_fits(model, {'layers.0.x': torch.ones(1), 'patch_embed.y': torch.ones(1)}, 'bb.pth')
+    fit = compare_state_dicts(model.state_dict(), {'neck.weight': torch.ones(5, 2), 'extra': torch.ones(1)})
+    assert fit.common == ['neck.weight'] and fit.unexpected == ['extra']
+    assert fit.wrong == [('neck.weight', 'neck.weight: file (5, 2) vs model (3, 2)')]
+    assert 'neck.bias' in fit.missing and key in fit.missing
+
+
+def test_save_atomic_failure_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / 'out.pth'
+    save_atomic({'w': torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b'partial')
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing '
+                           'file data/0: file write failed')
+
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(AtomicWriteError) as err:
+        save_atomic({'w': torch.zeros(3)}, path)
+    assert str(path) in str(err.value) and 'file write failed' in str(err.value)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ['out.pth']
