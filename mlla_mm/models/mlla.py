@@ -91,7 +91,7 @@ def fast_path(x: torch.Tensor) -> bool:
     in-place path's cached fused weight would make it recompile per block).
     """
     return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-            and not torch.compiler.is_compiling())
+            and not is_tracing())
 
 
 def as_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad an NCHW map on the right and bottom to multiples of ``multiple``."""
     pad_h = (-x.shape[2]) % multiple
     pad_w = (-x.shape[3]) % multiple
-    if pad_h or pad_w:
+    if is_tracing() or pad_h or pad_w:  # traced sizes: always pad (by zero or more)
         x = F.pad(x, (0, pad_w, 0, pad_h))
     return x
 
@@ -177,33 +177,79 @@ class Mlp(nn.Module):
 # --------------------------------------------------------------------------
 # RoPE and the linear attention.
 # --------------------------------------------------------------------------
-def rope_table(height: int, width: int, dim: int, device: torch.device, base: float = 10000.) -> torch.Tensor:
-    """Complex rotations ``(H, W, dim/2)`` of the 2-D RoPE on an ``(H, W, dim)`` map.
+def is_tracing() -> bool:
+    """True under ``torch.jit.trace``, ONNX export, ``torch.compile`` or ``torch.export``.
+
+    Shapes are then symbolic: tables are built from them with tensor ops and
+    not cached, and the plain (out-of-place, real-valued) code is recorded.
+    """
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
+def rope_angles(height: int, width: int, dim: int, device: torch.device,
+                dtype: torch.dtype = torch.float32, base: float = 10000.) -> torch.Tensor:
+    """Rotation angles ``(H, W, dim/2)`` of the 2-D RoPE on an ``(H, W, dim)`` map.
 
     Pair ``m`` (channels ``2m``, ``2m+1``) rotates by ``row * theta_m`` for
     ``m < dim/4`` and by ``col * theta_(m - dim/4)`` otherwise, with
-    ``theta_j = base ** (-j / (dim / 4))``. Always float32.
+    ``theta_j = base ** (-j / (dim / 4))``. ``height`` and ``width`` may be
+    traced sizes: only tensor ops on them.
     """
     k = dim // 4
-    theta = 1.0 / (base ** (torch.arange(k, dtype=torch.float32, device=device) / k))
-    rows = torch.arange(height, dtype=torch.float32, device=device)[:, None, None] * theta
-    cols = torch.arange(width, dtype=torch.float32, device=device)[None, :, None] * theta
-    angles = torch.cat([rows.expand(height, width, k), cols.expand(height, width, k)], dim=-1)
+    theta = base ** (-torch.arange(k, dtype=dtype, device=device) / k)
+    rows = torch.arange(height, dtype=dtype, device=device)[:, None, None] * theta  # (H, 1, K)
+    cols = torch.arange(width, dtype=dtype, device=device)[None, :, None] * theta  # (1, W, K)
+    return torch.cat([rows.expand(-1, width, -1), cols.expand(height, -1, -1)], dim=-1)
+
+
+def rope_cos_sin(height: int, width: int, dim: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` tables ``(H, W, dim/2)`` of the 2-D RoPE (see :func:`rope_angles`)."""
+    angles = rope_angles(height, width, dim, device, dtype)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs ``(a, b)`` of ``x`` (..., C) to ``(a cos - b sin, b cos + a sin)``.
+
+    Real-valued (no complex tensors), so it traces, exports to ONNX and
+    compiles. ``cos``/``sin`` have C/2 entries per position and broadcast
+    against ``x``'s leading dimensions with the pair index last.
+    """
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+
+
+def rope_table(height: int, width: int, dim: int, device: torch.device, base: float = 10000.) -> torch.Tensor:
+    """Complex rotations ``(H, W, dim/2)`` (``cos + i sin``) for the in-place inference path. Always complex64."""
+    angles = rope_angles(height, width, dim, device, torch.float32, base)
     return torch.polar(torch.ones_like(angles), angles)
 
 
 class RoPECache:
-    """Computes each RoPE table once per (H, W, C, device) and keeps a few."""
+    """Computes RoPE tables once per (H, W, C, device, dtype, kind) and keeps a few.
+
+    ``kind`` is ``'complex'`` (the in-place path's table) or ``'real'``
+    (the ``(cos, sin)`` pair of the autograd path). While tracing, exporting
+    or compiling the real tables are built from the (symbolic) sizes on every
+    call instead.
+    """
 
     def __init__(self, capacity: int = 16) -> None:
         self.capacity = capacity
-        self._tables: 'OrderedDict[tuple, torch.Tensor]' = OrderedDict()
+        self._tables: 'OrderedDict[tuple, object]' = OrderedDict()
 
-    def __call__(self, height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
-        key = (height, width, dim, str(device))
+    def __call__(self, height: int, width: int, dim: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32, kind: str = 'real') -> object:
+        if kind == 'real' and is_tracing():
+            return rope_cos_sin(height, width, dim, device, dtype)
+        key = (height, width, dim, str(device), dtype, kind)
         table = self._tables.get(key)
         if table is None:
-            table = rope_table(height, width, dim, device)
+            if kind == 'complex':
+                table = rope_table(height, width, dim, device)
+            else:
+                table = rope_cos_sin(height, width, dim, device, dtype)
             self._tables[key] = table
             if len(self._tables) > self.capacity:
                 self._tables.popitem(last=False)
@@ -231,7 +277,7 @@ class LinearAttention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C); rope: complex (H, W, C/2). Returns (B, H, W, C)."""
+        """x: (B, H, W, C); rope: complex (H, W, C/2) on the in-place path, else (cos, sin). Returns (B, H, W, C)."""
         b, h, w, c = x.shape
         n, heads = h * w, self.num_heads
         d = c // heads
@@ -251,12 +297,13 @@ class LinearAttention(nn.Module):
             k_blk = (k_mean.view(b, heads, d, 1) * eye.view(1, heads, 1, heads)).view(b, c, heads)
             z = torch.bmm(q, k_blk)  # (B, N, heads)
             z = z.add_(1e-6).reciprocal_() if inplace else (z + 1e-6).reciprocal()
-            # RoPE on q and k together: (B, H, W, 2, C/2) complex times (H, W, 1, C/2).
-            qk_c = torch.view_as_complex(qk.view(b, h, w, 2, c // 2, 2))
-            if inplace:
-                qk_c.mul_(rope[:, :, None])  # q and k are views of qk: rotated too
-            else:
-                q, k = torch.view_as_real(qk_c * rope[:, :, None]).view(b, n, 2, c).unbind(2)
+            # RoPE on q and k together: (B, H, W, 2, C) with tables (H, W, 1, C/2).
+            if inplace:  # complex table, one in-place multiply; q and k are views of qk: rotated too
+                torch.view_as_complex(qk.view(b, h, w, 2, c // 2, 2)).mul_(rope[:, :, None])
+            else:  # (cos, sin), real-valued
+                cos, sin = rope
+                qk_r = apply_rope(qk.view(b, h, w, 2, c), cos[:, :, None], sin[:, :, None])
+                q, k = qk_r.view(b, n, 2, c).unbind(2)
             outs = []
             out = torch.empty(b, n, c, dtype=qk.dtype, device=qk.device) if inplace else None
             for i, (q_b, k_b, v_b) in enumerate(zip(q.unbind(0), k.unbind(0), v.unbind(0))):
@@ -309,7 +356,7 @@ class MLLABlock(nn.Module):
 
     def in_act_proj(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``in_proj(y), act_proj(y)`` as one matmul; the fused weight is cached when no grad is needed."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or is_tracing():
             weight = torch.cat([self.in_proj.weight, self.act_proj.weight])
             bias = torch.cat([self.in_proj.bias, self.act_proj.bias])
         else:
@@ -597,7 +644,9 @@ class MLLA(BaseModule):
         outs = []
         for i, stage in enumerate(self.layers):
             _, h, w, c = x.shape
-            x = stage(x, self._rope(h, w, c, x.device), with_cp=self.with_cp)
+            kind = 'complex' if fast_path(x) else 'real'  # what LinearAttention will use
+            rope = self._rope(h, w, c, x.device, torch.promote_types(x.dtype, torch.float32), kind)
+            x = stage(x, rope, with_cp=self.with_cp)
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{i}')(x).permute(0, 3, 1, 2).contiguous())
             if stage.downsample is not None and i < max(self.out_indices):
@@ -607,4 +656,4 @@ class MLLA(BaseModule):
         return tuple(outs)
 
 
-__all__ = ['MLLA', 'MLLABlock', 'LinearAttention', 'rope_table', 'resolve_arch', 'ARCH_SETTINGS']
+__all__ = ['MLLA', 'MLLABlock', 'LinearAttention', 'rope_table', 'rope_cos_sin', 'apply_rope', 'resolve_arch', 'ARCH_SETTINGS']

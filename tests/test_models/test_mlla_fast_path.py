@@ -39,7 +39,9 @@ def ref_block(ref, x):
 
 def fast_block(fast, x):
     _, h, w, c = x.shape
-    return fast(x, mlla_module.rope_table(h, w, c, x.device))
+    if mlla_module.fast_path(x):
+        return fast(x, mlla_module.rope_table(h, w, c, x.device))
+    return fast(x, mlla_module.rope_cos_sin(h, w, c, x.device))
 
 
 SHAPES = [  # (batch, H, W, dim, heads)
@@ -223,3 +225,14 @@ def test_traced_under_torch_compile_uses_the_plain_path(monkeypatch):
         out = fast_block(fast, x)
     assert fast._fused_in_act is None
     torch.testing.assert_close(out, ref_block(ref, x), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_real_rope_equals_complex_rope(dtype):
+    b, h, w, c = 2, 33, 47, 64
+    x = torch.randn(b, h, w, c, dtype=dtype)
+    angles = mlla_module.rope_angles(h, w, c, torch.device('cpu'), dtype)
+    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+    want = torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+    cos, sin = mlla_module.rope_cos_sin(h, w, c, torch.device('cpu'), dtype)
+    torch.testing.assert_close(mlla_module.apply_rope(x, cos, sin), want, atol=1e-6, rtol=0)
