@@ -1,15 +1,50 @@
-"""Checks of the data a config needs, run before training starts.
+"""Checks of the data and model a config needs, run before training starts.
 
-Every problem found is raised as a :class:`DataNotFoundError` (or a subclass)
-whose message names the file; the tools print it as ``error: ...`` and exit 2.
+``tools/train.py`` and ``tools/test.py`` call :func:`check_data` (through
+``mlla_mm.engine.launch.build_runner``) before anything is built. It finds
+what mmdet and mmseg would otherwise drop without a word, or crash on after
+training has started:
+
+- COCO-format (``.json``) annotation files: duplicate image, annotation or
+  category ids; annotations naming unknown images or categories; config
+  ``classes`` missing from the file or in another order; malformed entries;
+  no usable annotation at all; ``width``/``height`` that differ from the
+  image; missing and unreadable images. Boxes and polygons that mmdet would
+  drop are counted in one warning line per file.
+- mmseg folder datasets (``images/`` + ``annotations/`` PNGs): images without
+  a label map, unreadable images or label maps, label maps of another size.
+- The model: an MLLA backbone's ``out_indices`` must give the channels the
+  neck's (or the decode heads') ``in_channels`` expect.
+
+Each image is checked without decoding it: PIL reads the header (size, EXIF
+orientation); a JPEG must end with its end-of-image marker (the last 1 KiB is
+read); other formats go through ``PIL.Image.verify()`` (for PNG: the CRC of
+every chunk up to ``IEND``, which reads the file but does not decompress it).
+
+Problems are raised as :class:`DataNotFoundError` subclasses with a one-line
+message naming the file (the tools print ``error: ...`` and exit 2). With
+``skip_bad_images=True`` in the config (``--skip-bad-images``), missing and
+unreadable images are left out instead: a filtered copy of the annotation
+file (COCO) or a split file (mmseg) is written under
+``<work_dir>/data_checks/`` and the dataset (and its evaluator) is pointed
+at it.
 """
 from __future__ import annotations
 
+import inspect
 import json
+import logging
+import math
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from mmengine.config import Config
+from mmengine.logging import print_log
+
+from ..utils.io import atomic_write
 
 DEMO_COMMANDS = {'mmdet': 'make demo', 'mmseg': 'make demo-seg'}
 
@@ -26,9 +61,21 @@ LAYOUTS = {
         'data/ade/ADEChallengeData2016/annotations/validation/*.png']),
 }
 
+#: Where ``--skip-bad-images`` writes the filtered annotation / split files (under the work dir).
+CHECKS_DIR = 'data_checks'
+_SKIP_HINT = 'fix or remove them, or run with --skip-bad-images to leave them out'
+
 
 class DataNotFoundError(FileNotFoundError):
     """A data set the config needs is not on disk; the message says what to do."""
+
+
+class BadAnnotationError(DataNotFoundError):
+    """An annotation file is not valid, is inconsistent, or names images that are not on disk."""
+
+
+class BadImageError(BadAnnotationError):
+    """Images (or label maps) of a data set cannot be read or have another size than stated."""
 
 
 def _datasets(cfg: Any) -> Iterator[Dict]:
@@ -59,18 +106,552 @@ def _paths(ds: Dict) -> List[Path]:
     return out
 
 
-def check_data(cfg: Config, which: Tuple[str, ...], config_path: str = '') -> None:
-    """Raise :class:`DataNotFoundError` naming the first missing data path.
+def _few(items: Iterable[Any], n: int = 5) -> str:
+    """``'a, b, c'`` or ``'a, b, c, d, e and 7 more'``."""
+    items = [str(i) for i in items]
+    head = ', '.join(items[:n])
+    return head + (f' and {len(items) - n} more' if len(items) > n else '')
 
-    COCO-style JSON annotation files are also read: invalid JSON or images
-    they name that are missing raise :class:`BadAnnotationError`.
+
+def _where(loader_name: str, config_path: str) -> str:
+    return f'(needed by {loader_name or "a dataloader"} of {config_path or "the config"})'
+
+
+# ---- one image -----------------------------------------------------------------------------------------------
+def inspect_image(path: str) -> Tuple[Optional[Tuple[int, int]], str]:
+    """Check an image file without decoding its pixels.
+
+    Returns:
+        ``((width, height), '')`` with the size the image has once loaded
+        (EXIF rotation of JPEGs applied, as mmcv's loaders do), or
+        ``(None, reason)`` when the file is missing or cannot be read.
+    """
+    from PIL import Image, UnidentifiedImageError
+    try:
+        nbytes = os.path.getsize(path)
+    except OSError:
+        return None, 'missing'
+    if nbytes == 0:
+        return None, 'empty file (0 bytes)'
+    try:
+        with Image.open(path) as im:
+            (w, h), fmt = im.size, im.format
+            if fmt == 'JPEG':
+                if (im.getexif().get(0x0112) or 1) in (5, 6, 7, 8):  # rotated by 90 degrees when loaded
+                    w, h = h, w
+                if not _jpeg_has_end(path, nbytes):
+                    return None, 'truncated JPEG (no end-of-image marker)'
+            else:
+                im.verify()
+    except UnidentifiedImageError:
+        return None, 'not an image file'
+    except Image.DecompressionBombError:
+        return None, 'more pixels than PIL allows (decompression-bomb limit)'
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
+        return None, f'damaged image file ({" ".join(str(err).split()) or type(err).__name__})'
+    if w < 1 or h < 1:
+        return None, f'image of size {w}x{h}'
+    return (w, h), ''
+
+
+def _jpeg_has_end(path: str, nbytes: int) -> bool:
+    """A complete JPEG ends with FF D9 (trailing bytes after it are tolerated within the last 1 KiB).
+
+    Inside the compressed data a 0xFF byte is always followed by 0x00 or a restart
+    marker, so FF D9 in the tail means the file was not cut short.
+    """
+    with open(path, 'rb') as f:
+        f.seek(max(0, nbytes - 1024))
+        return b'\xff\xd9' in f.read()
+
+
+def _inspect_many(paths: Sequence[str], seen: Dict[str, Tuple[Optional[Tuple[int, int]], str]]
+                  ) -> Dict[str, Tuple[Optional[Tuple[int, int]], str]]:
+    """:func:`inspect_image` on each path (threads for many files; ``seen`` caches across datasets)."""
+    todo = sorted({p for p in paths if p not in seen})
+    if len(todo) > 64:
+        with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
+            seen.update(zip(todo, pool.map(inspect_image, todo, chunksize=64)))
+    else:
+        seen.update((p, inspect_image(p)) for p in todo)
+    return {p: seen[p] for p in paths}
+
+
+# ---- COCO-format annotation files -------------------------------------------------------------------------
+def _dataset_class(scope: str, type_name: Any) -> Optional[type]:
+    """The dataset class a config's ``type`` names (``None`` if it cannot be found)."""
+    if isinstance(type_name, type):
+        return type_name
+    if not isinstance(type_name, str):
+        return None
+    import importlib
+    try:
+        registry = importlib.import_module(f'{scope}.registry').DATASETS
+        return registry.get(type_name)
+    except Exception:  # noqa: BLE001 - no such scope or type: the runner will report it
+        return None
+
+
+def _config_classes(ds: Dict, scope: str) -> Optional[Tuple[str, ...]]:
+    """The ``classes`` the dataset will use: the config's metainfo, else the dataset class's default."""
+    meta = ds.get('metainfo') or {}
+    classes = meta.get('classes') if isinstance(meta, dict) else None
+    if classes is None:
+        cls = _dataset_class(scope, ds.get('type', 'CocoDataset'))
+        classes = (getattr(cls, 'METAINFO', None) or {}).get('classes') if cls is not None else None
+    return tuple(classes) if classes is not None else None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _drop_reason(ann: Dict, img: Dict) -> Optional[str]:
+    """Why mmdet's ``CocoDataset.parse_data_info`` would drop this annotation's box, or None."""
+    x, y, w, h = ann['bbox']
+    if w < 1 or h < 1:
+        return 'box width or height < 1'
+    if max(0, min(x + w, img['width']) - max(x, 0)) * max(0, min(y + h, img['height']) - max(y, 0)) == 0:
+        return 'box outside its image'
+    if ann['area'] <= 0:
+        return 'area <= 0'
+    return None
+
+
+def _loads_masks(ds: Dict) -> bool:
+    """Whether the dataset's pipeline loads instance masks (``LoadAnnotations`` with ``with_mask=True``)."""
+    return any(isinstance(t, dict) and str(t.get('type', '')).endswith('LoadAnnotations') and t.get('with_mask')
+               for t in ds.get('pipeline') or [])
+
+
+def _hashable(v: Any) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
+def check_annotations(ds: Dict, loader_name: str = '', config_path: str = '', *, scope: str = 'mmdet',
+                      train: Optional[bool] = None, skip_bad_images: bool = False,
+                      out_dir: Optional[str] = None,
+                      seen: Optional[Dict[str, Tuple[Optional[Tuple[int, int]], str]]] = None) -> List[str]:
+    """Check a COCO-format (``.json``) annotation file of a dataset config and its images.
 
     Args:
-        cfg: The config.
+        ds: The dataset config (``ann_file``, ``data_root``, ``data_prefix``, ``metainfo``).
+        loader_name: Shown in messages; ``train_*`` loaders need usable annotations.
+        config_path: Shown in messages.
+        scope: ``mmdet`` (where the dataset type is looked up for its default classes).
+        train: Whether the data set is trained on; default: ``loader_name`` starts with ``train``.
+        skip_bad_images: Leave missing and unreadable images out (filtered copy in ``out_dir``,
+            ``ds['ann_file']`` pointed at it) instead of raising.
+        out_dir: Folder for the filtered copy (default ``work_dirs/data_checks``).
+        seen: Cache of image checks shared between data sets.
+
+    Returns:
+        Warning lines (at most two per file: dropped annotations, skipped images).
+
+    Raises:
+        BadAnnotationError: The file is not valid JSON or not COCO format, has
+            duplicate or unknown ids, classes that do not match the config, no
+            usable annotation (training), or names missing images.
+        BadImageError: Images cannot be read, or differ in size from the file.
+    """
+    ann = ds.get('ann_file')
+    if not ann or not str(ann).endswith('.json'):
+        return []
+    root = Path(ds.get('data_root') or '')
+    path = root / ann
+    if not path.is_file():
+        if path.is_dir():
+            raise BadAnnotationError(f'Annotation file is a folder: {path} {_where(loader_name, config_path)}.')
+        return []  # reported by check_data
+    train = loader_name.startswith('train') if train is None else train
+    where = _where(loader_name, config_path)
+    expected = ('Expected a COCO-format JSON object with "images" (id, file_name, height, width), '
+                '"annotations" and "categories" lists.')
+
+    def bad(msg: str) -> BadAnnotationError:
+        return BadAnnotationError(f'{path}: {msg} {where}.')
+
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise BadAnnotationError(f'Annotation file is not valid JSON: {path} {where}: {err}. {expected}') from None
+    if not isinstance(data, dict) or not isinstance(data.get('images'), list):
+        raise BadAnnotationError(f'Annotation file has no "images" list: {path} {where}. {expected}')
+    images = data['images']
+    anns = data.get('annotations')
+    cats = data.get('categories')
+    if anns is not None and not isinstance(anns, list):
+        raise bad(f'"annotations" is a {type(anns).__name__}, not a list')
+    if not isinstance(cats, list):
+        raise bad('has no "categories" list (id, name)')
+
+    # -- images: structure, unique ids --
+    malformed = [i for i, img in enumerate(images)
+                 if not isinstance(img, dict) or not _hashable(img.get('id'))
+                 or not isinstance(img.get('file_name'), str) or not img.get('file_name')
+                 or not all(_is_number(img.get(k)) and img.get(k) > 0 for k in ('width', 'height'))]
+    if malformed:
+        raise bad(f'{len(malformed)} of {len(images)} images lack an id, a file_name or a positive '
+                  f'width/height (images[{_few(malformed)}]); mmdet needs all four')
+    if not images:
+        raise bad('has no images (the "images" list is empty)')
+    dup_imgs = [k for k, n in Counter(img['id'] for img in images).items() if n > 1]
+    if dup_imgs:
+        raise bad(f'duplicate image ids {_few(dup_imgs)} ({len(dup_imgs)} ids used by more than one image; '
+                  'mmdet would pair an image with another image\'s annotations)')
+    by_id = {img['id']: img for img in images}
+
+    # -- categories: structure, unique ids and names, the config's classes --
+    if any(not isinstance(c, dict) or not _hashable(c.get('id')) or not isinstance(c.get('name'), str)
+           for c in cats):
+        raise bad('every "categories" entry needs an id and a name')
+    dup_cats = [k for k, n in Counter(c['id'] for c in cats).items() if n > 1]
+    if dup_cats:
+        raise bad(f'duplicate category ids {_few(dup_cats)}')
+    classes = _config_classes(ds, scope)
+    dup_names = [k for k, n in Counter(c['name'] for c in cats).items()
+                 if n > 1 and (classes is None or k in classes)]
+    if dup_names:
+        raise bad(f'duplicate category names {_few(repr(n) for n in dup_names)} (mmdet would give one class '
+                  'several labels)')
+    file_names = [c['name'] for c in cats]
+    if classes is not None:
+        absent = [c for c in classes if c not in file_names]
+        if absent:
+            raise bad(f'the config\'s classes {_few(repr(c) for c in absent)} are not categories of the file '
+                      f'(it has {_few((repr(n) for n in file_names), 8)}); set metainfo=dict(classes=...) '
+                      'of the dataset to the file\'s category names')
+        order = tuple(n for n in file_names if n in classes)
+        if order != classes:
+            raise bad(f'the config\'s classes are in another order than the file\'s categories '
+                      f'({_few((repr(n) for n in order), 8)}); mmdet numbers classes in the file\'s order, '
+                      'so list them in that order')
+    used_cats = {c['id'] for c in cats if classes is None or c['name'] in classes}
+    cat_ids = {c['id'] for c in cats}
+
+    # -- annotations: structure, unique ids, known images and categories --
+    anns = anns or []
+    if not anns:
+        if 'annotations' in data or train:
+            raise bad('has no annotations (the "annotations" list is missing or empty); '
+                      'there is nothing to train or evaluate on')
+    malformed = [i for i, a in enumerate(anns)
+                 if not isinstance(a, dict) or not all(_hashable(a.get(k)) for k in ('id', 'image_id', 'category_id'))
+                 or (not a.get('ignore') and (not isinstance(a.get('bbox'), list) or len(a['bbox']) != 4
+                                              or not all(_is_number(v) for v in a['bbox'])
+                                              or not _is_number(a.get('area'))))]
+    if malformed:
+        raise bad(f'{len(malformed)} of {len(anns)} annotations lack an id, image_id, category_id, a bbox of '
+                  f'4 finite numbers or a numeric area (annotations[{_few(malformed)}])')
+    dup_anns = [k for k, n in Counter(a['id'] for a in anns).items() if n > 1]
+    if dup_anns:
+        raise bad(f'duplicate annotation ids {_few(dup_anns)} ({len(dup_anns)} ids used more than once)')
+    unknown_img = sorted({a['image_id'] for a in anns if a['image_id'] not in by_id}, key=str)
+    if unknown_img:
+        raise bad(f'annotations name image ids that are not in "images": {_few(unknown_img)}')
+    unknown_cat = sorted({a['category_id'] for a in anns if a['category_id'] not in cat_ids}, key=str)
+    if unknown_cat:
+        raise bad(f'annotations name category ids that are not in "categories": {_few(unknown_cat)}')
+
+    # -- what mmdet would drop: counted, one warning line --
+    dropped: Counter = Counter()
+    other_class: Counter = Counter()
+    short_polys = no_mask = usable = 0
+    loads_masks = _loads_masks(ds)
+    maskless = []
+    id_to_name = {c['id']: c['name'] for c in cats}
+    for a in anns:
+        if a.get('ignore'):
+            continue
+        reason = _drop_reason(a, by_id[a['image_id']])
+        if reason:
+            dropped[reason] += 1
+            continue
+        if a['category_id'] not in used_cats:
+            other_class[id_to_name[a['category_id']]] += 1
+            continue
+        seg = a.get('segmentation')
+        if loads_masks and not seg:
+            maskless.append(a['id'])
+        if isinstance(seg, list) and seg:
+            bad_polys = sum(1 for p in seg if not isinstance(p, list) or len(p) < 6 or len(p) % 2)
+            short_polys += bad_polys
+            no_mask += bad_polys == len(seg)
+        if not a.get('iscrowd'):
+            usable += 1
+    if maskless:
+        raise bad(f'{len(maskless)} annotations have no segmentation but the pipeline loads masks '
+                  f'(LoadAnnotations with_mask=True), which fails on them: annotation ids {_few(maskless)}')
+    warnings = []
+    parts = [f'{n} with {r}' for r, n in sorted(dropped.items())]
+    if other_class:
+        parts.append(f'{sum(other_class.values())} of categories not in the config\'s classes '
+                     f'({_few((repr(c) for c in sorted(other_class)), 3)})')
+    total = sum(dropped.values()) + sum(other_class.values())
+    lines = [f'mmdet will drop {total} of {len(anns)} annotations ({", ".join(parts)})'] if total else []
+    if short_polys:
+        lines.append(f'{short_polys} polygons with fewer than 3 points or an odd number of coordinates '
+                     f'({no_mask} instances left without a mask are ignored)')
+    if lines:
+        warnings.append(f'{path}: ' + '; '.join(lines) + '.')
+    if train and usable == 0:
+        raise bad(f'none of its {len(anns)} annotations can be trained on (all are crowd, dropped boxes or '
+                  'of categories not in the config\'s classes)')
+
+    # -- images on disk: present, readable, of the stated size --
+    prefix = ds.get('data_prefix') or {}
+    img_dir = root / ((prefix.get('img') or prefix.get('img_path') or '') if isinstance(prefix, dict) else '')
+    files = {img['id']: str(img_dir / img['file_name']) for img in images}
+    found = _inspect_many(list(files.values()), {} if seen is None else seen)
+    missing = [img['file_name'] for img in images if found[files[img['id']]][1] == 'missing']
+    unreadable = [(img['file_name'], found[files[img['id']]][1]) for img in images
+                  if found[files[img['id']]][1] not in ('', 'missing')]
+    if missing and not skip_bad_images:
+        raise BadAnnotationError(
+            f'{len(missing)} of {len(images)} images named in {path} are missing under {img_dir} {where}, '
+            f'e.g. {", ".join(missing[:3])}. Expected every images[].file_name to exist under {img_dir}.')
+    if unreadable and not skip_bad_images:
+        raise BadImageError(f'{path}: {len(unreadable)} of {len(images)} images cannot be read {where}: '
+                            f'{_few((f"{img_dir / n} ({r})" for n, r in unreadable), 10)}; {_SKIP_HINT}.')
+    wrong = [(img['file_name'], (img['width'], img['height']), found[files[img['id']]][0]) for img in images
+             if found[files[img['id']]][0] not in (None, (img['width'], img['height']))]
+    if wrong:
+        raise BadImageError(
+            f'{path}: {len(wrong)} images have another size than their width/height in the file {where}: '
+            + _few((f'{n} is {s[0]}x{s[1]}, the file says {j[0]}x{j[1]}' for n, j, s in wrong), 5)
+            + '; mmdet uses the stated size, so fix width/height in the file.')
+    if missing or unreadable:
+        skipped = set(missing) | {n for n, _ in unreadable}
+        keep = [img for img in images if img['file_name'] not in skipped]
+        if not keep:
+            raise BadImageError(f'{path}: none of its {len(images)} images can be read {where}.')
+        keep_ids = {img['id'] for img in keep}
+        copy = dict(data, images=keep, annotations=[a for a in anns if a['image_id'] in keep_ids])
+        target = Path(out_dir or Path('work_dirs') / CHECKS_DIR) / f'{loader_name or "data"}_{path.name}'
+        with atomic_write(str(target), 'w') as f:
+            json.dump(copy, f)
+        ds['ann_file'] = str(target.resolve())
+        reasons = [f'{n} (missing)' for n in missing] + [f'{n} ({r})' for n, r in unreadable]
+        warnings.append(f'{path}: --skip-bad-images leaves out {len(skipped)} of {len(images)} images: '
+                        f'{_few(reasons, 20)}; {loader_name or "the dataset"} reads the filtered copy {target}.')
+    return warnings
+
+
+# ---- mmseg folder datasets ----------------------------------------------------------------------------------
+def _suffixes(ds: Dict, scope: str) -> Tuple[str, str]:
+    """``img_suffix`` and ``seg_map_suffix`` of a segmentation dataset config (class defaults if unset)."""
+    defaults = {'img_suffix': '.jpg', 'seg_map_suffix': '.png'}
+    cls = _dataset_class(scope, ds.get('type', 'BaseSegDataset'))
+    if cls is not None:
+        try:
+            params = inspect.signature(cls.__init__).parameters
+            for key in defaults:
+                if key in params and isinstance(params[key].default, str):
+                    defaults[key] = params[key].default
+        except (TypeError, ValueError):
+            pass
+    return ds.get('img_suffix') or defaults['img_suffix'], ds.get('seg_map_suffix') or defaults['seg_map_suffix']
+
+
+def check_seg_folder(ds: Dict, loader_name: str = '', config_path: str = '', *, scope: str = 'mmseg',
+                     skip_bad_images: bool = False, out_dir: Optional[str] = None,
+                     seen: Optional[Dict[str, Tuple[Optional[Tuple[int, int]], str]]] = None) -> List[str]:
+    """Check an mmseg folder dataset: every image has a readable label map of its size.
+
+    The images are those mmseg lists: the names in ``ann_file`` (a split file)
+    when given, else every file ending in ``img_suffix`` under the image folder.
+
+    Returns:
+        Warning lines (skipped images).
+
+    Raises:
+        BadAnnotationError: No images, or images without their label map.
+        BadImageError: Unreadable images or label maps, or label maps of another size.
+    """
+    prefix = ds.get('data_prefix') or {}
+    if not isinstance(prefix, dict) or not prefix.get('img_path'):
+        return []
+    root = Path(ds.get('data_root') or '')
+    img_dir = root / prefix['img_path']
+    seg_dir = root / prefix['seg_map_path'] if prefix.get('seg_map_path') else None
+    if not img_dir.is_dir() or (seg_dir is not None and not seg_dir.is_dir()):
+        return []  # reported by check_data
+    where = _where(loader_name, config_path)
+    img_suffix, seg_suffix = _suffixes(ds, scope)
+    split = root / ds['ann_file'] if ds.get('ann_file') else None
+    if split is not None and split.is_file():
+        names = [line.strip() for line in split.read_text(encoding='utf-8', errors='replace').splitlines()
+                 if line.strip()]
+        source = str(split)
+    else:
+        names = sorted(str(p.relative_to(img_dir))[:-len(img_suffix)] for p in img_dir.rglob(f'*{img_suffix}')
+                       if p.is_file())
+        source = str(img_dir)
+    if not names:
+        raise BadAnnotationError(f'{source}: no images ending in {img_suffix} {where}; nothing to '
+                                 f'{"train" if loader_name.startswith("train") else "evaluate"} on.')
+    pairs = {n: (str(img_dir / (n + img_suffix)), str(seg_dir / (n + seg_suffix)) if seg_dir else None)
+             for n in names}
+    found = _inspect_many([p for pair in pairs.values() for p in pair if p], {} if seen is None else seen)
+    problems = []
+    wrong = []
+    for n, (img, seg) in pairs.items():
+        isize, ireason = found[img]
+        if ireason:
+            problems.append((n, f'{img} ({ireason})'))
+            continue
+        if seg is None:
+            continue
+        ssize, sreason = found[seg]
+        if sreason:
+            problems.append((n, f'label map {seg} ({sreason})'))
+        elif ssize != isize:
+            wrong.append(f'{seg} is {ssize[0]}x{ssize[1]}, {Path(img).name} is {isize[0]}x{isize[1]}')
+    if problems and not skip_bad_images:
+        raise BadImageError(f'{source}: {len(problems)} of {len(names)} image/label pairs are missing or cannot '
+                            f'be read {where}: {_few((p for _, p in problems), 10)}; {_SKIP_HINT}.')
+    if wrong:
+        raise BadImageError(f'{source}: {len(wrong)} label maps differ in size from their image {where}: '
+                            f'{_few(wrong, 5)}.')
+    if not problems:
+        return []
+    bad_names = {n for n, _ in problems}
+    keep = [n for n in names if n not in bad_names]
+    if not keep:
+        raise BadImageError(f'{source}: none of its {len(names)} image/label pairs can be read {where}.')
+    target = Path(out_dir or Path('work_dirs') / CHECKS_DIR) / f'{loader_name or "data"}_split.txt'
+    with atomic_write(str(target), 'w') as f:
+        f.write(''.join(n + '\n' for n in keep))
+    ds['ann_file'] = str(target.resolve())
+    return [f'{source}: --skip-bad-images leaves out {len(problems)} of {len(names)} images: '
+            f'{_few((p for _, p in problems), 20)}; {loader_name or "the dataset"} reads the split file {target}.']
+
+
+# ---- model: backbone outputs against the neck / decode heads -------------------------------------------------
+def _model_cfg(cfg: Config) -> Optional[Dict]:
+    model = cfg.get('model')
+    if isinstance(model, dict) and 'backbone' not in model and isinstance(model.get('module'), dict):
+        model = model['module']  # a TTA wrapper (tools/test.py --tta)
+    return model if isinstance(model, dict) else None
+
+
+def backbone_channels(backbone: Dict) -> Optional[Tuple[List[int], Tuple[int, ...]]]:
+    """Channels of the maps an MLLA backbone config returns, and its ``out_indices``.
+
+    ``None`` when ``backbone`` is not MLLA or its arch is invalid (the model
+    reports that when it is built).
+
+    Raises:
+        ValueError: ``out_indices`` holds something other than stage indices 0..3.
+    """
+    from ..models.mlla import resolve_arch
+    if not isinstance(backbone, dict) or backbone.get('type') not in ('MLLA', 'mlla_mm.MLLA'):
+        return None
+    try:
+        settings = resolve_arch(backbone.get('arch', 'tiny'))
+    except (ValueError, TypeError):
+        return None
+    stages = len(settings['depths'])
+    oi = backbone.get('out_indices', (0, 1, 2, 3))
+    oi = tuple(oi) if isinstance(oi, (list, tuple)) else (oi, )
+    if not oi or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < stages for i in oi):
+        raise ValueError(f'model.backbone.out_indices must be stage indices in 0..{stages - 1}, got {oi}')
+    return [settings['embed_dims'] * 2**i for i in range(stages) if i in oi], oi
+
+
+def check_model_config(cfg: Config, config_path: str = '') -> None:
+    """Check that an MLLA backbone's outputs are what the neck (or the decode heads) expect.
+
+    With a neck (mmdet, mmseg's FPN): the first neck's list ``in_channels``
+    must equal the backbone's channels. mmseg without a neck: each decode and
+    auxiliary head's ``in_channels`` must equal the channels of the outputs
+    its ``in_index`` picks (without ``in_index``: a list must match all
+    outputs, a number the last one). The channels of stage ``i`` are
+    ``embed_dims * 2**i``.
+
+    Raises:
+        mlla_mm.engine.launch.UsageError: One line naming the config key and both values.
+    """
+    from ..engine.launch import UsageError
+    model = _model_cfg(cfg)
+    if model is None:
+        return
+    name = config_path or 'the config'
+    try:
+        found = backbone_channels(model.get('backbone'))
+    except ValueError as err:
+        raise UsageError(f'{name}: {err}') from None
+    if found is None:
+        return
+    channels, oi = found
+    gives = f'the backbone (MLLA, out_indices={oi}) returns {len(channels)} maps with channels {channels}'
+    neck = model.get('neck')
+    neck = neck[0] if isinstance(neck, (list, tuple)) and neck else neck
+    if isinstance(neck, dict):
+        ic = neck.get('in_channels')
+        if isinstance(ic, (list, tuple)) and list(ic) != channels:
+            raise UsageError(f'{name}: model.neck.in_channels is {list(ic)} but {gives}; make them match')
+        return
+    for key in ('decode_head', 'auxiliary_head'):
+        heads = model.get(key)
+        many = isinstance(heads, (list, tuple))
+        for k, head in enumerate(heads if many else [heads]):
+            if not isinstance(head, dict) or head.get('in_channels') is None:
+                continue
+            where = f'model.{key}[{k}]' if many else f'model.{key}'
+            ic = head['in_channels']
+            if 'in_index' in head:
+                idx = head['in_index']
+            else:  # BaseDecodeHead's default -1; heads without in_index (Mask2Former) take every map
+                idx = list(range(len(channels))) if isinstance(ic, (list, tuple)) else -1
+            idx_list = list(idx) if isinstance(idx, (list, tuple)) else [idx]
+            if any(not isinstance(i, int) or not -len(channels) <= i < len(channels) for i in idx_list):
+                raise UsageError(f'{name}: {where}.in_index is {idx} but {gives}')
+            want = [channels[i] for i in idx_list]
+            have = list(ic) if isinstance(ic, (list, tuple)) else [ic]
+            if have != want:
+                show = want if isinstance(idx, (list, tuple)) else want[0]
+                raise UsageError(f'{name}: {where}.in_channels is {ic} but in_index={idx} picks maps with '
+                                 f'channels {show}: {gives}; make them match')
+
+
+# ---- everything a run needs ------------------------------------------------------------------------------
+def _is_seg_folder(ds: Dict, scope: str) -> bool:
+    prefix = ds.get('data_prefix')
+    return scope == 'mmseg' and isinstance(prefix, dict) and bool(prefix.get('img_path')) \
+        and not str(ds.get('ann_file') or '').endswith('.json')
+
+
+def _redirect_evaluator(cfg: Config, loader_name: str, old: Path, new: str) -> None:
+    """Point the loader's evaluator at the filtered annotation copy when it read the same file."""
+    evaluator = cfg.get(loader_name.replace('_dataloader', '_evaluator'))
+    for ev in evaluator if isinstance(evaluator, (list, tuple)) else [evaluator]:
+        ann = ev.get('ann_file') if isinstance(ev, dict) else None
+        if isinstance(ann, str) and os.path.abspath(ann) == os.path.abspath(old):
+            ev['ann_file'] = new
+
+
+def check_data(cfg: Config, which: Tuple[str, ...], config_path: str = '') -> List[str]:
+    """Check the model config and the data of the ``which`` dataloaders before a run.
+
+    Raises :class:`DataNotFoundError` naming the first missing data path, and
+    the errors of :func:`check_model_config`, :func:`check_annotations` and
+    :func:`check_seg_folder`. With ``skip_bad_images=True`` in the config,
+    missing and unreadable images are left out (see the module docstring).
+    Warnings are logged (mmengine's current logger) and returned.
+
+    Args:
+        cfg: The config (``work_dir`` set: the filtered copies go there).
         which: Dataloader names to check, e.g. ``('train_dataloader', 'val_dataloader')``.
         config_path: Shown in the message.
     """
+    check_model_config(cfg, config_path)
     scope = cfg.get('default_scope', 'mmdet')
+    skip = bool(cfg.get('skip_bad_images', False))
+    out_dir = str(Path(cfg.get('work_dir') or 'work_dirs') / CHECKS_DIR)
+    seen: Dict[str, Tuple[Optional[Tuple[int, int]], str]] = {}
+    warnings: List[str] = []
     for name in which:
         loader = cfg.get(name)
         if not loader:
@@ -84,44 +665,21 @@ def check_data(cfg: Config, which: Tuple[str, ...], config_path: str = '') -> No
                     lines.append(f'Put the data there (or link it: ln -s /path/to/data {Path(ds.get("data_root") or path)}), '
                                  f'or try the bundled synthetic demo: {DEMO_COMMANDS.get(scope, "make demo")}')
                     raise DataNotFoundError('\n'.join(lines))
-            check_annotations(ds, name, config_path)
+            ann = ds.get('ann_file')
+            if _is_seg_folder(ds, scope):
+                warnings += check_seg_folder(ds, name, config_path, scope=scope, skip_bad_images=skip,
+                                             out_dir=out_dir, seen=seen)
+            elif ann and str(ann).endswith('.json'):
+                old = Path(ds.get('data_root') or '') / ann
+                warnings += check_annotations(ds, name, config_path, scope=scope, skip_bad_images=skip,
+                                              out_dir=out_dir, seen=seen)
+                if ds.get('ann_file') != ann:
+                    _redirect_evaluator(cfg, name, old, ds['ann_file'])
+    for line in warnings:
+        print_log(line, logger='current', level=logging.WARNING)
+    return warnings
 
 
-class BadAnnotationError(DataNotFoundError):
-    """An annotation file is not valid JSON or names images that are not on disk."""
-
-
-def check_annotations(ds: Dict, loader_name: str = '', config_path: str = '') -> None:
-    """Check a COCO-style (``.json``) annotation file of a dataset config.
-
-    Raises :class:`BadAnnotationError` naming the file when it is not valid
-    JSON, is not a COCO-format dict, or refers to images that do not exist.
-    """
-    ann = ds.get('ann_file')
-    if not ann or not str(ann).endswith('.json'):
-        return
-    root = Path(ds.get('data_root') or '')
-    path = root / ann
-    if not path.is_file():
-        return  # reported by check_data
-    where = f'(needed by {loader_name or "a dataloader"} of {config_path or "the config"})'
-    expected = ('Expected a COCO-format JSON object with "images" (id, file_name, height, width), '
-                '"annotations" and "categories" lists.')
-    try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadAnnotationError(f'Annotation file is not valid JSON: {path} {where}: {err}. {expected}') from None
-    if not isinstance(data, dict) or not isinstance(data.get('images'), list):
-        raise BadAnnotationError(f'Annotation file has no "images" list: {path} {where}. {expected}')
-    prefix = ds.get('data_prefix') or {}
-    img_dir = root / (prefix.get('img') or prefix.get('img_path') or '' if isinstance(prefix, dict) else '')
-    missing = []
-    for img in data['images']:
-        name = img.get('file_name') if isinstance(img, dict) else None
-        if not isinstance(name, str) or not (img_dir / name).is_file():
-            missing.append(str(name))
-    if missing:
-        raise BadAnnotationError(
-            f'{len(missing)} of {len(data["images"])} images named in {path} are missing under {img_dir} {where}, '
-            f'e.g. {", ".join(missing[:3])}. Expected every images[].file_name to exist under {img_dir}.')
+__all__ = ['DataNotFoundError', 'BadAnnotationError', 'BadImageError', 'LAYOUTS', 'DEMO_COMMANDS', 'CHECKS_DIR',
+           'check_data', 'check_annotations', 'check_seg_folder', 'check_model_config', 'backbone_channels',
+           'inspect_image']

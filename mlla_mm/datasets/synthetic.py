@@ -2,7 +2,8 @@
 
 Images hold circles, triangles and rectangles in several colours and sizes,
 overlapping, on noisy backgrounds. The same seed always gives the same files.
-Each data set is written to a temporary folder first and renamed into place,
+Each file goes through :func:`mlla_mm.utils.io.atomic_write`, into a
+temporary folder that is renamed into place when the data set is complete,
 so an interrupted run never leaves half a data set; a finished one carries a
 ``.complete`` file with the parameters it was made with and is reused.
 """
@@ -13,10 +14,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from ..utils.io import atomic_write, fsync_dir
 
 SHAPE_CLASSES: Tuple[str, ...] = ('circle', 'triangle', 'rectangle')
 _COLOURS = [(230, 60, 50), (60, 180, 75), (50, 100, 230), (240, 200, 40), (200, 80, 200), (70, 210, 220),
@@ -66,11 +69,26 @@ def _render(rng: np.random.Generator, size: int, max_objects: int) -> Tuple[np.n
     return img.astype(np.uint8), instances
 
 
+def _write_image(path: Path, img: np.ndarray, params: Sequence[int] = ()) -> None:
+    """Encode ``img`` (BGR or gray) in the format of ``path``'s suffix and write it atomically."""
+    ok, buf = cv2.imencode(path.suffix, img, list(params))
+    if not ok:
+        raise ValueError(f'cannot encode an image as {path.suffix}: {path}')
+    with atomic_write(str(path), 'wb') as f:
+        f.write(buf.tobytes())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_write(str(path), 'w') as f:
+        f.write(text)
+
+
 def _finish(tmp: Path, final: Path, params: Dict) -> None:
-    (tmp / '.complete').write_text(json.dumps(params, sort_keys=True))
+    _write_text(tmp / '.complete', json.dumps(params, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(str(final.parent))
 
 
 def _is_complete(root: Path, params: Dict) -> bool:
@@ -107,7 +125,7 @@ def make_coco_shapes(root: str, seed: int = 0, num_train: int = 240, num_val: in
             for i in range(count):
                 img, instances = _render(rng, size, max_objects)
                 name = f'{split}_{i:05d}.png'
-                cv2.imwrite(str(tmp / split / name), img[:, :, ::-1])
+                _write_image(tmp / split / name, img[:, :, ::-1])
                 images.append(dict(id=i + 1, file_name=name, height=size, width=size))
                 for cls, m in instances:
                     rle = mask_utils.encode(np.asfortranarray(m))
@@ -115,8 +133,8 @@ def make_coco_shapes(root: str, seed: int = 0, num_train: int = 240, num_val: in
                     rle['counts'] = rle['counts'].decode('ascii')
                     anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=cls + 1, segmentation=rle,
                                      area=float(mask_utils.area(rle)), bbox=[x, y, w, h], iscrowd=0))
-            (tmp / 'annotations' / f'instances_{split}.json').write_text(
-                json.dumps(dict(images=images, annotations=anns, categories=categories)))
+            _write_text(tmp / 'annotations' / f'instances_{split}.json',
+                        json.dumps(dict(images=images, annotations=anns, categories=categories)))
         _finish(tmp, root, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,9 +167,8 @@ def make_ade_shapes(root: str, seed: int = 0, num_train: int = 200, num_val: int
                 for cls, m in instances:
                     label[m.astype(bool)] = cls + 1
                 name = f'{split}_{i:05d}'
-                cv2.imwrite(str(tmp / 'images' / split / f'{name}.jpg'), img[:, :, ::-1],
-                            [cv2.IMWRITE_JPEG_QUALITY, 95])
-                cv2.imwrite(str(tmp / 'annotations' / split / f'{name}.png'), label)
+                _write_image(tmp / 'images' / split / f'{name}.jpg', img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+                _write_image(tmp / 'annotations' / split / f'{name}.png', label)
         _finish(tmp, root, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
