@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint of a detector (mmdet) or segmentor (mmseg) config.
 
-    python tools/test.py CONFIG CKPT [--work-dir DIR] [--show-dir DIR] [--tta]
+    python tools/test.py CONFIG CKPT [--work-dir DIR] [--show-dir DIR] [--tta] [--skip-bad-images]
                                      [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
 
 ``--show-dir`` writes a PNG of the predictions for every test image;
@@ -24,6 +24,9 @@ def parse_args(argv=None):
     parser.add_argument('--out', help='also dump the raw predictions to this .pkl file')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                         help='override config entries')
+    parser.add_argument('--skip-bad-images', action='store_true',
+                        help='leave out missing or unreadable images (listed in a warning) instead of '
+                             'stopping with an error; see docs/reliability.md, Data checks')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -57,6 +60,8 @@ def test(args) -> int:
     if not os.path.isfile(args.checkpoint):
         raise UsageError(f'checkpoint not found: {args.checkpoint}')
     cfg = load_config(args.config, args.cfg_options)
+    if args.skip_bad_images:
+        cfg.skip_bad_images = True
     prepare_config(cfg, work_dir=args.work_dir, config_path=args.config, launcher=args.launcher)
     cfg.load_from = args.checkpoint
     # The whole model comes from the checkpoint: do not load the backbone's own weights first.

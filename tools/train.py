@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a detector (mmdet) or segmentor (mmseg) config with an MLLA backbone.
 
-    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--skip-bad-images]
                                  [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
 
 The config's ``default_scope`` (mmdet or mmseg) picks the registries; the rest
@@ -24,6 +24,9 @@ def parse_args(argv=None):
                         help='mixed precision: fp16 on CUDA, bf16 autocast on the CPU')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                         help='override config entries, e.g. train_cfg.max_epochs=1')
+    parser.add_argument('--skip-bad-images', action='store_true',
+                        help='leave out missing or unreadable images (listed in a warning) instead of '
+                             'stopping with an error; see docs/reliability.md, Data checks')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -40,6 +43,8 @@ def main(argv=None) -> int:
 def train(args) -> int:
     from mlla_mm.engine.launch import UsageError, build_runner, load_config, prepare_config
     cfg = load_config(args.config, args.cfg_options)
+    if args.skip_bad_images:
+        cfg.skip_bad_images = True
     prepare_config(cfg, work_dir=args.work_dir, config_path=args.config, launcher=args.launcher, amp=args.amp)
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
