@@ -75,8 +75,7 @@ def save_untrained(config, path):
     from mmengine.registry import MODELS, init_default_scope
     import mlla_mm  # noqa: F401
     from mlla_mm.checkpoint import save_atomic
-    from mlla_mm.engine.launch import prepare_config
-    cfg = prepare_config(Config.fromfile(str(ROOT / config)), config_path=config)
+    cfg = Config.fromfile(str(ROOT / config))
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)

@@ -62,6 +62,7 @@ def kind_and_arch(name: str) -> Tuple[str, Optional[str]]:
 def build_from_config(path: str) -> Tuple[torch.nn.Module, str]:
     """Build the model of a config (no weights loaded); returns it and the default scope."""
     from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import MODELS, init_default_scope
 
     import mlla_mm  # noqa: F401  (registers MLLA)
@@ -71,22 +72,9 @@ def build_from_config(path: str) -> Tuple[torch.nn.Module, str]:
     backbone = cfg.model.get('backbone', {})
     if isinstance(backbone, dict) and 'init_cfg' in backbone:
         backbone['init_cfg'] = None  # FLOPs need no weights
-    _sync_bn_to_bn(cfg.model)
-    model = MODELS.build(cfg.model)
+    # SyncBN only runs under DDP: count with plain BN (same FLOPs), as mmengine's Runner does in one process.
+    model = revert_sync_batchnorm(MODELS.build(cfg.model))
     return model, scope
-
-
-def _sync_bn_to_bn(cfg) -> None:
-    """SyncBN only runs under DDP: count with plain BN (same FLOPs)."""
-    if isinstance(cfg, dict):
-        for k, v in cfg.items():
-            if k == 'norm_cfg' and isinstance(v, dict) and v.get('type') == 'SyncBN':
-                v['type'] = 'BN'
-            else:
-                _sync_bn_to_bn(v)
-    elif isinstance(cfg, (list, tuple)):
-        for v in cfg:
-            _sync_bn_to_bn(v)
 
 
 def whole_model_call(model: torch.nn.Module, scope: str, h: int, w: int):

@@ -6,23 +6,26 @@
 
 ``--show-dir`` writes a PNG of the predictions for every test image;
 ``--tta`` uses the config's ``tta_model``/``tta_pipeline`` (multi-scale + flip).
+Like tools/train.py, it only applies its options to the config, checks the
+data and turns problems you can fix into one ``error:`` line (exit code 2).
 """
 import argparse
 import os
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Test an mmdet or mmseg config (MLLA backbones).')
+    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser
+    parser = ToolArgumentParser(description='Test an mmdet or mmseg config (MLLA backbones).')
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--work-dir', help='where logs and metrics go (default: work_dirs/<config name>)')
     parser.add_argument('--show-dir', help='write pictures of the predictions here (PNG)')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation from the config')
     parser.add_argument('--out', help='also dump the raw predictions to this .pkl file')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction, default=None,
                         help='override config entries')
     parser.add_argument('--skip-bad-images', action='store_true',
                         help='leave out missing or unreadable images (listed in a warning) instead of '
@@ -36,9 +39,10 @@ def parse_args(argv=None):
 
 def enable_visualization(cfg: Config, show_dir: str) -> None:
     """Make the visualization hook draw every test image into ``show_dir``."""
+    from mlla_mm.engine.launch import UsageError
     hook = cfg.default_hooks.get('visualization')
     if hook is None:
-        raise ValueError('--show-dir needs a "visualization" entry in default_hooks')
+        raise UsageError('--show-dir needs a "visualization" entry in default_hooks')
     hook.draw = True
     hook.interval = 1
     show_dir = os.path.abspath(show_dir)

@@ -5,24 +5,32 @@
                                  [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
 
 The config's ``default_scope`` (mmdet or mmseg) picks the registries; the rest
-is the same for both tasks.
+is the same for both tasks. Everything the run needs is in the config (our
+configs inherit ``configs/_base_/mlla_runtime.py``: SafeRunner and the
+reliability hooks), so ``RUNNERS.build(cfg).train()`` in a script of your own
+is the same run. This tool only applies its options, checks the data first and
+turns problems you can fix into one ``error:`` line (exit code 2).
+
+Exit codes: 0 done; 2 bad input or a failed write (disk full); 1 stopped on a
+NaN/inf loss; 143 / 130 stopped by SIGTERM / SIGINT after writing a checkpoint
+of the last iteration (continue with ``--resume``).
 """
 import argparse
 import os
 import sys
 
-from mmengine.config import DictAction
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train an mmdet or mmseg config (MLLA backbones).')
+    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser
+    parser = ToolArgumentParser(description='Train an mmdet or mmseg config (MLLA backbones).')
     parser.add_argument('config', help='config file')
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default: work_dirs/<config name>)')
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
                         help='resume from CKPT, or from the latest checkpoint in the work dir when CKPT is omitted')
     parser.add_argument('--amp', action='store_true',
                         help='mixed precision: fp16 on CUDA, bf16 autocast on the CPU')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction, default=None,
                         help='override config entries, e.g. train_cfg.max_epochs=1')
     parser.add_argument('--skip-bad-images', action='store_true',
                         help='leave out missing or unreadable images (listed in a warning) instead of '

@@ -5,8 +5,8 @@ _base_ = [
     'mmdet::_base_/datasets/coco_instance.py',
     'mmdet::_base_/schedules/schedule_1x.py',
     'mmdet::_base_/default_runtime.py',
+    '../_base_/mlla_runtime.py',  # last: mlla-mm's runtime on top of mmdet's/mmseg's
 ]
-custom_imports = dict(imports=['mlla_mm'], allow_failed_imports=False)
 
 # Published ImageNet weights (MLLA_T.pth). Missing file: a warning and random init.
 pretrained = 'data/pretrained/MLLA_T.pth'

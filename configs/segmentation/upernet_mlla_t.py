@@ -10,8 +10,8 @@ _base_ = [
     'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
     'mmseg::_base_/schedules/schedule_160k.py',
+    '../_base_/mlla_runtime.py',  # last: mlla-mm's runtime on top of mmdet's/mmseg's
 ]
-custom_imports = dict(imports=['mlla_mm'], allow_failed_imports=False)
 
 crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)

@@ -1,9 +1,21 @@
-"""Training-side helpers shared by tools/train.py and tools/test.py."""
+"""How a run of mlla-mm is made (registered in mmengine's root registries on import).
+
+- ``runner.py``: :class:`SafeRunner` (machine-dependent settings at build time,
+  atomic checkpoints through :class:`AtomicLocalBackend`, robust auto-resume);
+- ``loops.py``: training loops that resume exactly, also mid-epoch;
+- ``hooks.py``: the reliability hooks (random state, validation resume,
+  preemption, NaN stop, checkpoint guard);
+- ``rng.py``: the global random state; ``optim.py``: the CPU autocast optimizer wrapper;
+- ``launch.py``: what the command-line tools add (options, data checks, one-line errors).
+"""
 from .optim import CPUAutocastOptimWrapper
-from .hooks import (FiniteLossHook, InjectNaNHook, NonFiniteLossError, RandomStateHook, SafeRunner,
-                    find_resumable_checkpoint)
+from .loops import ExactEpochBasedTrainLoop, ExactIterBasedTrainLoop
+from .runner import AtomicLocalBackend, SafeRunner, find_resumable_checkpoint
+from .hooks import (CheckpointGuardHook, FiniteLossHook, NonFiniteLossError, PreemptionHook, RandomStateHook,
+                    TrainingInterrupted, ValidationResumeHook)
 from .launch import DataNotFoundError, check_data, prepare_config
 
 __all__ = ['CPUAutocastOptimWrapper', 'DataNotFoundError', 'check_data', 'prepare_config', 'SafeRunner',
-           'RandomStateHook', 'FiniteLossHook', 'InjectNaNHook', 'NonFiniteLossError',
-           'find_resumable_checkpoint']
+           'AtomicLocalBackend', 'ExactEpochBasedTrainLoop', 'ExactIterBasedTrainLoop', 'RandomStateHook',
+           'ValidationResumeHook', 'PreemptionHook', 'FiniteLossHook', 'CheckpointGuardHook', 'NonFiniteLossError',
+           'TrainingInterrupted', 'find_resumable_checkpoint']

@@ -1,255 +1,75 @@
-"""Crash-safe training: atomic checkpoints, resumable random state, a loss guard.
+"""The reliability hooks of an mlla-mm run (listed in ``configs/_base_/mlla_runtime.py``).
 
-- :class:`SafeRunner` (``runner_type='SafeRunner'``, set by
-  :func:`~mlla_mm.engine.launch.prepare_config`) writes every checkpoint to a
-  hidden temporary file in the same folder, flushes and fsyncs it, then renames
-  it into place: a kill at any moment leaves the previous checkpoint intact
-  and never a truncated ``epoch_N.pth``. Auto-resume (``--resume`` without a
-  file) skips a damaged or dangling ``last_checkpoint`` marker and falls back
-  to the newest checkpoint in the work dir. Checkpoints given to ``load_from``
-  are checked against the model: a checkpoint of another MLLA size or of
-  another model entirely is a clear error instead of mmengine's warnings.
-- :class:`RandomStateHook` stores python/NumPy/torch random states and the
-  run's seed in every checkpoint and restores them on resume, so a resumed
-  run on the CPU continues exactly like an uninterrupted one.
-- :class:`FiniteLossHook` stops training with :class:`NonFiniteLossError`
-  when the loss becomes NaN or infinite (naming the iteration) and refuses to
-  save a checkpoint whose weights are not finite.
+They work with any mmengine Runner; :class:`~mlla_mm.engine.runner.SafeRunner`
+always runs them (and adds the exact-resume loops they rely on for
+mid-epoch resumes).
+
+- :class:`RandomStateHook`: python/NumPy/torch random states in every
+  checkpoint, restored on resume; validation leaves the random state as it
+  found it, so the saved state is the one training continues with.
+- :class:`ValidationResumeHook`: a run resumed from a checkpoint whose
+  validation did not complete (killed during it) runs that validation first.
+- :class:`PreemptionHook`: SIGTERM/SIGINT finish the current iteration, write
+  a resumable checkpoint atomically, log one line and exit with 128 + the
+  signal number.
+- :class:`FiniteLossHook`: stop on a NaN/inf loss, never save non-finite weights.
+- :class:`CheckpointGuardHook`: checkpoints are written atomically; a
+  checkpoint of another model or MLLA size is an error naming the file, not
+  mmengine's warnings.
 """
 from __future__ import annotations
 
 import functools
-import glob
+import json
 import math
-import os
 import os.path as osp
-import random
 import re
-import time
-import zipfile
-from typing import Any, Dict, Optional
+import signal
+import threading
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from mmengine.dist import master_only
-from mmengine.hooks import Hook
+from mmengine.dist import all_reduce, get_world_size, is_main_process
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import BaseTTAModel, is_model_wrapper
-from mmengine.registry import HOOKS, RUNNERS
-from mmengine.runner import Runner
-from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_to_model
+from mmengine.registry import HOOKS
+from mmengine.runner import BaseLoop, EpochBasedTrainLoop, Runner
 
 from ..checkpoint import CheckpointError
+from ..utils.io import atomic_write
+from .loops import validation_due
+from .rng import get_random_state, set_random_state
+from .runner import ATOMIC_BACKEND, checkpoint_name
 
-#: ``FILENAME:SECONDS`` - testing aid: half-write the temporary file of the
-#: checkpoint FILENAME, then sleep SECONDS before finishing it (to kill a run
-#: in the middle of a checkpoint write).
-SAVE_PAUSE_ENV = 'MLLA_MM_DEBUG_SAVE_PAUSE'
-_TMP_TAG = '.tmp-'
-_CKPT_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
+#: file in the work dir naming the last position whose validation completed
+VALIDATION_MARKER = 'last_validation.json'
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or the weights about to be saved) became NaN or infinite."""
 
 
-def _tmp_name(filename: str) -> str:
-    return f'.{filename}{_TMP_TAG}{os.getpid()}'
+class TrainingInterrupted(SystemExit):
+    """Training stopped on a signal after writing a resumable checkpoint.
 
-
-def remove_stale_temp_files(folder: str) -> None:
-    """Delete temporary checkpoint files that a killed run left behind."""
-    for path in glob.glob(osp.join(glob.escape(folder), f'.*.pth{_TMP_TAG}*')):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def _is_readable_checkpoint(path: str) -> bool:
-    """A cheap check: a complete torch zip archive (its central directory is written last)."""
-    if not path or not osp.isfile(path) or osp.getsize(path) == 0:
-        return False
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return any(n.endswith('data.pkl') for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def find_resumable_checkpoint(work_dir: str, logger: Any = None) -> Optional[str]:
-    """The checkpoint to auto-resume from, or ``None``.
-
-    ``work_dir/last_checkpoint`` is used when it names a readable checkpoint;
-    otherwise the newest readable ``epoch_N.pth`` / ``iter_N.pth`` in
-    ``work_dir`` (newest by N, then by modification time).
+    A ``SystemExit`` whose ``code`` is 128 + the signal number (143 for
+    SIGTERM, 130 for SIGINT): uncaught, the process exits with it quietly.
     """
-    marker = osp.join(work_dir, 'last_checkpoint')
-    named = ''
-    if osp.isfile(marker):
-        with open(marker) as f:
-            named = f.read().strip()
-        if _is_readable_checkpoint(named):
-            return named
-    candidates = []
-    for name in os.listdir(work_dir) if osp.isdir(work_dir) else []:
-        m = _CKPT_NAME.match(name)
-        if m:
-            path = osp.join(work_dir, name)
-            candidates.append((int(m.group(2)), osp.getmtime(path), path))
-    for _, _, path in sorted(candidates, reverse=True):
-        if _is_readable_checkpoint(path):
-            if logger is not None and osp.isfile(marker):
-                logger.warning(f'{marker} names {named!r}, which is missing or unreadable; '
-                               f'resuming from {path} instead.')
-            return path
-    return None
 
 
-def check_checkpoint_fits(model: torch.nn.Module, state_dict: Dict[str, Any], filename: str) -> None:
-    """Raise :class:`CheckpointError` when ``state_dict`` cannot be meant for ``model``.
-
-    Backbone tensors of another shape (another MLLA size) or no tensor in
-    common at all (another model) are errors; other shape differences (e.g.
-    a head with another number of classes when fine-tuning) are left to
-    mmengine, which skips them with a warning.
-    """
-    own = model.state_dict()
-    keys = [re.sub(r'^module\.', '', k) for k in state_dict]
-    common = [k for k in keys if k in own]
-    if own and not common:
-        sample = ', '.join(keys[:4]) or 'none'
-        hint = (' It looks like backbone-only weights: load them with model.backbone.init_cfg='
-                "dict(type='Pretrained', checkpoint=...) instead of load_from."
-                if any(k.startswith(('layers.', 'patch_embed.')) for k in keys) else '')
-        raise CheckpointError(
-            f'{filename}: none of its {len(keys)} tensors belong to this model '
-            f'(file keys e.g. {sample}; model keys e.g. {", ".join(list(own)[:3])}): '
-            f'a checkpoint of another model?{hint}')
-    wrong = [f'{k}: file {tuple(state_dict[o].shape)} vs model {tuple(own[k].shape)}'
-             for o, k in zip(state_dict, keys)
-             if k.startswith('backbone.') and k in own and hasattr(state_dict[o], 'shape')
-             and tuple(state_dict[o].shape) != tuple(own[k].shape)]
-    if wrong:
-        raise CheckpointError(
-            f'{filename}: {len(wrong)} backbone tensor(s) have the wrong shape, e.g. {"; ".join(wrong[:2])}. '
-            'Is it a checkpoint of another MLLA size (arch)?')
+def _training(runner: Runner) -> bool:
+    return isinstance(getattr(runner, '_train_loop', None), BaseLoop)
 
 
-@RUNNERS.register_module()
-class SafeRunner(Runner):
-    """mmengine's Runner with atomic checkpoint saving and checked loading."""
+def _position(meta: Dict[str, Any]) -> Tuple[int, int]:
+    return int(meta.get('epoch', 0)), int(meta.get('iter', 0))
 
-    @master_only
-    def save_checkpoint(self, out_dir: str, filename: str, file_client_args: Optional[dict] = None,
-                        save_optimizer: bool = True, save_param_scheduler: bool = True,
-                        meta: Optional[dict] = None, by_epoch: bool = True,
-                        backend_args: Optional[dict] = None) -> None:
-        local = '://' not in str(out_dir) and file_client_args is None and not backend_args
-        if not local:  # remote storage: no rename there, keep mmengine's way
-            return super().save_checkpoint(out_dir, filename, file_client_args, save_optimizer,
-                                           save_param_scheduler, meta, by_epoch, backend_args)
-        os.makedirs(out_dir, exist_ok=True)
-        final = osp.join(out_dir, filename)
-        tmp_name = _tmp_name(filename)
-        tmp = osp.join(out_dir, tmp_name)
-        try:
-            super().save_checkpoint(out_dir, tmp_name, None, save_optimizer, save_param_scheduler,
-                                    meta, by_epoch, None)
-            _debug_pause(filename, tmp)
-            with open(tmp, 'rb+') as f:
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(out_dir)
-        finally:
-            if osp.exists(tmp):
-                os.unlink(tmp)
-
-    def load_checkpoint(self, filename: str, map_location: Any = 'cpu', strict: bool = False,
-                        revise_keys: list = [(r'^module\.', '')]) -> dict:  # noqa: B006 (mmengine's signature)
-        checkpoint = _load_checkpoint(filename, map_location=map_location)
-        if not isinstance(checkpoint, dict):
-            raise CheckpointError(f'{filename}: expected a dict, got {type(checkpoint).__name__}')
-        self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
-        model = self.model.module if is_model_wrapper(self.model) else self.model
-        state_dict = checkpoint.get('state_dict', checkpoint)
-        if not isinstance(state_dict, dict):
-            raise CheckpointError(f'{filename}: no state_dict of tensors in it')
-        # A test-time-augmentation wrapper holds the real model as .module (mmengine's loader unwraps it too).
-        check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename)
-        checkpoint = _load_checkpoint_to_model(model, checkpoint, strict, revise_keys=revise_keys)
-        self._has_loaded = True
-        self.logger.info(f'Load checkpoint from {filename}')
-        return checkpoint
-
-    def load_or_resume(self) -> None:
-        if self._has_loaded:
-            return None
-        if self._resume and self._load_from is None:
-            remove_stale_temp_files(self.work_dir)
-            resume_from = find_resumable_checkpoint(self.work_dir, self.logger)
-            if resume_from is None:
-                self.logger.info(f'No checkpoint to resume from in {self.work_dir}; starting from scratch.')
-                return None
-            self.logger.info(f'Auto resumed from the latest checkpoint {resume_from}.')
-            self.resume(resume_from)
-            self._has_loaded = True
-            return None
-        return super().load_or_resume()
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _debug_pause(filename: str, tmp: str) -> None:
-    spec = os.environ.get(SAVE_PAUSE_ENV, '')
-    name, _, seconds = spec.rpartition(':')
-    if not spec or name != filename:
-        return
-    with open(tmp, 'rb') as f:
-        data = f.read()
-    with open(tmp, 'wb') as f:
-        f.write(data[:len(data) // 2])
-        f.flush()
-        print(f'[{SAVE_PAUSE_ENV}] {tmp} half written; pausing {seconds} s', flush=True)
-        time.sleep(float(seconds))
-        f.write(data[len(data) // 2:])
 
 
 # --------------------------------------------------------------------------
 # Random state.
 # --------------------------------------------------------------------------
-def get_random_state(seed: Optional[int] = None) -> Dict[str, Any]:
-    """The global random states of python, NumPy and torch (plus the run's seed)."""
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-             'seed': seed}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_random_state(state: Dict[str, Any]) -> None:
-    """Restore what :func:`get_random_state` returned."""
-    py = state['python']
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(tuple(state['numpy']))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        cuda = state['cuda']
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-
-
 def _reseed_dataloader(loader: Any, seed: int) -> None:
     """Point a dataloader's sampler and worker seeding at ``seed``."""
     sampler = getattr(loader, 'sampler', None)
@@ -264,6 +84,7 @@ def _reseed_dataloader(loader: Any, seed: int) -> None:
         loader.worker_init_fn = functools.partial(fn.func, *fn.args, **dict(fn.keywords, seed=seed))
 
 
+
 @HOOKS.register_module()
 class RandomStateHook(Hook):
     """Save the random state in checkpoints and restore it on resume.
@@ -274,17 +95,24 @@ class RandomStateHook(Hook):
     torch's generator states under ``checkpoint['rng_state']`` and restores
     them when training starts again after ``resume`` (not for ``load_from``),
     together with the seed of the train dataloader's sampler and worker
-    initialisation. Exact continuation needs ``num_workers=0`` or
-    non-persistent workers: a persistent worker's own generator is not saved.
+    initialisation.
+
+    Validation during training does not change the random state (it is put
+    back after ``after_val``), and a checkpoint written during validation
+    (a best checkpoint, a preemption checkpoint) stores the state from before
+    it: the saved state is always the one training continues with. Exact
+    continuation needs ``num_workers=0`` or non-persistent workers: a
+    persistent worker's own generator is not saved.
     """
 
     priority = 'VERY_LOW'
 
     def __init__(self) -> None:
         self._pending: Optional[Dict[str, Any]] = None
+        self._before_val: Optional[Dict[str, Any]] = None
 
     def before_save_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
-        checkpoint['rng_state'] = get_random_state(runner.seed)
+        checkpoint['rng_state'] = self._before_val or get_random_state(runner.seed)
 
     def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
         if getattr(runner, '_resume', False) and isinstance(checkpoint.get('rng_state'), dict):
@@ -302,6 +130,204 @@ class RandomStateHook(Hook):
             _reseed_dataloader(runner.train_dataloader, seed)
         set_random_state(state)
         runner.logger.info('Restored the random state saved in the checkpoint (python, numpy, torch).')
+
+    def before_val(self, runner: Runner) -> None:
+        if _training(runner):
+            self._before_val = get_random_state(runner.seed)
+
+    def after_val(self, runner: Runner) -> None:
+        if self._before_val is not None:
+            state, self._before_val = self._before_val, None
+            set_random_state(state)
+
+
+# --------------------------------------------------------------------------
+# Validation interrupted by a kill.
+# --------------------------------------------------------------------------
+@HOOKS.register_module()
+class ValidationResumeHook(Hook):
+    """Re-run a validation that a killed run did not complete.
+
+    mmengine writes a checkpoint and then validates; ``--resume`` from that
+    checkpoint would continue training and skip the validation. After each
+    validation during training this hook records the position (epoch,
+    iteration and the checkpoint's run) in ``work_dir/last_validation.json``;
+    a run resumed from a checkpoint after which the training loop validates
+    runs that validation first unless the record says it completed. When
+    it was the final validation, the resumed run validates and ends.
+    """
+
+    priority = 'LOWEST'  # before_train: after the standard hooks' (CheckpointHook, LoggerHook)
+
+    def __init__(self) -> None:
+        self._resumed: Optional[Dict[str, Any]] = None
+        self._rerun: Optional[Dict[str, Any]] = None
+
+    def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
+        if getattr(runner, '_resume', False):
+            meta = checkpoint.get('meta') or {}
+            epoch, it = _position(meta)
+            self._resumed = dict(experiment_name=meta.get('experiment_name'), epoch=epoch, iter=it)
+
+    def before_train(self, runner: Runner) -> None:
+        resumed, self._resumed = self._resumed, None
+        if resumed is None or not validation_due(runner.train_loop):
+            return
+        marker = osp.join(runner.work_dir, VALIDATION_MARKER)
+        try:
+            with open(marker, encoding='utf-8') as f:
+                if json.load(f) == resumed:
+                    return
+        except (OSError, ValueError):
+            pass
+        what = (f'epoch {resumed["epoch"]}' if isinstance(runner.train_loop, EpochBasedTrainLoop)
+                else f'iteration {resumed["iter"]}')
+        runner.logger.info(f'The validation after {what} did not complete before the run stopped; running it now.')
+        self._rerun = resumed
+        try:
+            runner.val_loop.run()
+        finally:
+            self._rerun = None
+
+    def after_val(self, runner: Runner) -> None:
+        if not _training(runner) or not is_main_process():
+            return
+        record = self._rerun or dict(experiment_name=runner.experiment_name, epoch=runner.epoch, iter=runner.iter)
+        with atomic_write(osp.join(runner.work_dir, VALIDATION_MARKER), 'w') as f:
+            json.dump(record, f)
+
+
+# --------------------------------------------------------------------------
+# Preemption.
+# --------------------------------------------------------------------------
+@HOOKS.register_module()
+class PreemptionHook(Hook):
+    """On SIGTERM or SIGINT, checkpoint at the end of the current iteration and exit.
+
+    Schedulers (Slurm, Kubernetes, cloud spot instances) send SIGTERM some
+    time before they kill a job. While training, the first such signal is
+    noted; after the iteration that is running, a checkpoint of that
+    iteration is written atomically (``iter_N.pth``, or ``epoch_N.pth`` when
+    the signal came during the validation after epoch N and no checkpoint of
+    that position exists yet), ``last_checkpoint`` names it, one line is
+    logged and :class:`TrainingInterrupted` exits with 128 + the signal
+    number. ``--resume`` continues exactly (the exact-resume loops skip the
+    batches of the epoch already trained). During validation the
+    validation is abandoned and re-run on resume. A second signal gets the
+    default behaviour (immediate stop). In a distributed run all processes
+    stop after the same iteration.
+
+    Args:
+        signals: Names of the signals to handle.
+    """
+
+    priority = 'LOWEST'  # after_train_iter: after the checkpoint and scheduler hooks
+
+    def __init__(self, signals: Sequence[str] = ('SIGTERM', 'SIGINT')) -> None:
+        unknown = [s for s in signals if not isinstance(getattr(signal, str(s), None), signal.Signals)]
+        if unknown:
+            raise ValueError(f'PreemptionHook: unknown signal name(s) {unknown}')
+        self.signals = tuple(getattr(signal, s) for s in signals)
+        #: the signal received (None until one arrives)
+        self.received: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+        self._saved: Optional[Tuple[Tuple[int, int], str]] = None  # (position, path) of the newest checkpoint
+
+    # -- signal handling ----------------------------------------------------
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second signal: stop now, the default way
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def before_run(self, runner: Runner) -> None:
+        # before_run: the handlers are in place for a validation that a resumed run repeats in before_train
+        if not _training(runner):
+            return
+        if threading.current_thread() is not threading.main_thread():
+            runner.logger.warning('PreemptionHook: not in the main thread, signals are not handled.')
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def after_train(self, runner: Runner) -> None:
+        self._restore()
+
+    def after_run(self, runner: Runner) -> None:
+        self._restore()
+
+    # -- where checkpoints are ----------------------------------------------
+    def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
+        if getattr(runner, '_resume', False):
+            self._saved = (_position(checkpoint.get('meta') or {}), checkpoint_name(runner))
+
+    def before_save_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
+        meta = checkpoint.get('meta') or {}
+        last = runner.message_hub.get_info('last_ckpt')  # set by CheckpointHook just before it saves
+        epoch, it = _position(meta)
+        if last and osp.basename(str(last)) in (f'epoch_{epoch}.pth', f'iter_{it}.pth'):
+            self._saved = ((epoch, it), str(last))
+
+    # -- stopping -------------------------------------------------------------
+    def _requested(self) -> int:
+        signum = self.received or 0
+        if get_world_size() > 1:
+            flag = torch.tensor([signum], dtype=torch.int64)
+            all_reduce(flag, op='max')
+            signum = int(flag.item())
+        return signum
+
+    def after_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None,
+                         outputs: Optional[dict] = None) -> None:
+        signum = self._requested() if self._previous else 0
+        if signum:
+            position = (runner.epoch, runner.iter + 1)
+            self._stop(runner, signum, position, f'iter_{position[1]}.pth', 'after')
+
+    def after_val_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None,
+                       outputs: Any = None) -> None:
+        signum = self._requested() if self._previous and _training(runner) else 0
+        if signum:
+            position = (runner.epoch, runner.iter)
+            epoch_loop = isinstance(runner.train_loop, EpochBasedTrainLoop)
+            name = f'epoch_{position[0]}.pth' if epoch_loop else f'iter_{position[1]}.pth'
+            self._stop(runner, signum, position, name, 'during the validation after')
+
+    def _stop(self, runner: Runner, signum: int, position: Tuple[int, int], name: str, when: str) -> None:
+        self._restore()
+        if self._saved is not None and self._saved[0] == position and osp.isfile(self._saved[1]):
+            path = self._saved[1]
+        else:  # where the CheckpointHook writes, the way it writes (atomically: CheckpointGuardHook)
+            hook = next((h for h in runner.hooks if isinstance(h, CheckpointHook)
+                         and isinstance(getattr(h, 'out_dir', None), str)), None)
+            out_dir = hook.out_dir if hook is not None else runner.work_dir
+            backend_args = hook.backend_args if hook is not None else None
+            if not backend_args and '://' not in out_dir:
+                backend_args = dict(backend=ATOMIC_BACKEND)
+            path = osp.join(out_dir, name)
+            runner.save_checkpoint(out_dir, name, meta=dict(epoch=position[0], iter=position[1]),
+                                   by_epoch=False, backend_args=backend_args)
+            self._saved = (position, path)
+        if is_main_process():
+            with atomic_write(osp.join(runner.work_dir, 'last_checkpoint'), 'w') as f:
+                f.write(path)
+        runner.message_hub.update_info('last_ckpt', path)
+        where = f'iteration {position[1]}'
+        if isinstance(runner.train_loop, EpochBasedTrainLoop):
+            per_epoch = len(runner.train_loop.dataloader)
+            done = position[1] - position[0] * per_epoch if when == 'after' else 0
+            where += (f' (epoch {position[0] + 1}, batch {done} of {per_epoch})' if done
+                      else f' (end of epoch {position[0]})')
+        name_of = signal.Signals(signum).name
+        runner.logger.warning(f'{name_of} received: stopped {when} {where}; resumable checkpoint {path} '
+                              f'(continue with --resume); exit code {128 + signum}.')
+        raise TrainingInterrupted(128 + signum)
 
 
 # --------------------------------------------------------------------------
@@ -362,26 +388,79 @@ class FiniteLossHook(Hook):
                 raise NonFiniteLossError(msg)
 
 
-@HOOKS.register_module()
-class InjectNaNHook(Hook):
-    """Testing aid: make the loss NaN from iteration ``at_iter`` (1-based) on.
+# --------------------------------------------------------------------------
+# Checkpoints that do not fit the model.
+# --------------------------------------------------------------------------
+def check_checkpoint_fits(model: torch.nn.Module, state_dict: Dict[str, Any], filename: str) -> None:
+    """Raise :class:`CheckpointError` when ``state_dict`` cannot be meant for ``model``.
 
-    It fills one parameter of the model with NaN before that iteration.
+    Backbone tensors of another shape (another MLLA size) or no tensor in
+    common at all (another model) are errors; other shape differences (e.g.
+    a head with another number of classes when fine-tuning) are left to
+    mmengine, which skips them with a warning.
+    """
+    own = model.state_dict()
+    keys = [re.sub(r'^module\.', '', k) for k in state_dict]
+    common = [k for k in keys if k in own]
+    if own and not common:
+        sample = ', '.join(keys[:4]) or 'none'
+        hint = (' It looks like backbone-only weights: load them with model.backbone.init_cfg='
+                "dict(type='Pretrained', checkpoint=...) instead of load_from."
+                if any(k.startswith(('layers.', 'patch_embed.')) for k in keys) else '')
+        raise CheckpointError(
+            f'{filename}: none of its {len(keys)} tensors belong to this model '
+            f'(file keys e.g. {sample}; model keys e.g. {", ".join(list(own)[:3])}): '
+            f'a checkpoint of another model?{hint}')
+    wrong = [f'{k}: file {tuple(state_dict[o].shape)} vs model {tuple(own[k].shape)}'
+             for o, k in zip(state_dict, keys)
+             if k.startswith('backbone.') and k in own and hasattr(state_dict[o], 'shape')
+             and tuple(state_dict[o].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise CheckpointError(
+            f'{filename}: {len(wrong)} backbone tensor(s) have the wrong shape, e.g. {"; ".join(wrong[:2])}. '
+            'Is it a checkpoint of another MLLA size (arch)?')
+
+
+
+@HOOKS.register_module()
+class CheckpointGuardHook(Hook):
+    """Checkpoints written atomically; checkpoints of another model refused when loading.
+
+    - ``before_run``: a ``CheckpointHook`` writing to a local folder with no
+      ``backend_args`` of its own writes through
+      :class:`~mlla_mm.engine.runner.AtomicLocalBackend` (temporary file,
+      fsync, rename), so any Runner writes checkpoints atomically (SafeRunner
+      does so for every checkpoint it saves).
+    - ``after_load_checkpoint`` (``load_from``, ``--resume``, tools/test.py),
+      before mmengine copies the tensors into the model: not a dict, no
+      state dict, no tensor in common with the model (another model, or
+      backbone-only weights) or backbone tensors of another shape (another
+      MLLA size) raise :class:`~mlla_mm.checkpoint.CheckpointError` naming the
+      file; the model is not changed. Other shape differences (a head with
+      another number of classes when fine-tuning) are left to mmengine,
+      which skips them with a warning.
     """
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, at_iter: int) -> None:
-        self.at_iter = int(at_iter)
+    def before_run(self, runner: Runner) -> None:
+        for hook in runner.hooks:
+            if not isinstance(hook, CheckpointHook) or hook.backend_args or hook.file_client_args:
+                continue
+            if '://' not in str(hook.out_dir or runner.work_dir):
+                hook.backend_args = dict(backend=ATOMIC_BACKEND)
 
-    def before_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None:
-        if runner.iter + 1 == self.at_iter:
-            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-            param = next(p for p in model.parameters() if p.requires_grad)
-            with torch.no_grad():
-                param.fill_(float('nan'))
+    def after_load_checkpoint(self, runner: Runner, checkpoint: Any) -> None:
+        filename = checkpoint_name(runner)
+        if not isinstance(checkpoint, dict):
+            raise CheckpointError(f'{filename}: expected a dict, got {type(checkpoint).__name__}')
+        state_dict = checkpoint.get('state_dict', checkpoint)
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f'{filename}: no state_dict of tensors in it')
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        # A test-time-augmentation wrapper holds the real model as .module (mmengine's loader unwraps it too).
+        check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename)
 
-
-__all__ = ['SafeRunner', 'RandomStateHook', 'FiniteLossHook', 'InjectNaNHook', 'NonFiniteLossError',
-           'find_resumable_checkpoint', 'check_checkpoint_fits', 'remove_stale_temp_files',
-           'get_random_state', 'set_random_state', 'SAVE_PAUSE_ENV']
+__all__ = ['RandomStateHook', 'ValidationResumeHook', 'PreemptionHook', 'FiniteLossHook', 'CheckpointGuardHook',
+           'NonFiniteLossError', 'TrainingInterrupted', 'check_checkpoint_fits', 'get_random_state',
+           'set_random_state', 'VALIDATION_MARKER']

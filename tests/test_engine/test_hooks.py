@@ -1,15 +1,19 @@
 """Unit tests of the reliability pieces in mlla_mm.engine.hooks (fast, no training)."""
+import os
 import random
+import signal
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config
+from mmengine.runner import EpochBasedTrainLoop
 
 from mlla_mm.checkpoint import load_file
-from mlla_mm.engine import FiniteLossHook, NonFiniteLossError, find_resumable_checkpoint, prepare_config
-from mlla_mm.engine.hooks import get_random_state, remove_stale_temp_files, set_random_state
+from mlla_mm.engine import (FiniteLossHook, NonFiniteLossError, PreemptionHook, RandomStateHook,
+                            find_resumable_checkpoint)
+from mlla_mm.engine.hooks import get_random_state, set_random_state
+from mlla_mm.engine.runner import remove_stale_temp_files
 
 
 def _ckpt(path, step):
@@ -83,11 +87,64 @@ def test_non_finite_weights_are_not_saved():
         FiniteLossHook().before_save_checkpoint(_runner(), ckpt)
 
 
-def test_prepare_config_selects_the_safe_runner_once():
-    cfg = Config(dict(model=dict(type='X'), custom_hooks=[dict(type='EMAHook')]))
-    for _ in range(2):
-        prepare_config(cfg, work_dir='w')
-    assert cfg.runner_type == 'SafeRunner'
-    assert [h['type'] for h in cfg.custom_hooks] == ['EMAHook', 'RandomStateHook', 'FiniteLossHook']
-    custom = Config(dict(model=dict(type='X'), runner_type='MyRunner'))
-    assert prepare_config(custom, work_dir='w').runner_type == 'MyRunner'
+def _training_runner(**kw):
+    """A stand-in runner in the middle of training (its train loop is built)."""
+    loop = object.__new__(EpochBasedTrainLoop)
+    logs = []
+    return SimpleNamespace(_train_loop=loop, seed=5, logger=SimpleNamespace(warning=logs.append, info=logs.append),
+                           logs=logs, **kw)
+
+
+def _draws():
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def test_validation_leaves_the_random_state_unchanged():
+    hook, runner = RandomStateHook(), _training_runner()
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    expected = _draws()
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    hook.before_val(runner)
+    _draws(), _draws()  # what validation draws (dataloader seeds, ...)
+    ckpt = {}
+    hook.before_save_checkpoint(runner, ckpt)  # e.g. a best checkpoint written during validation
+    hook.after_val(runner)
+    assert _draws() == expected
+    set_random_state(ckpt['rng_state'])  # the checkpoint holds the state training continues with
+    assert _draws() == expected and ckpt['rng_state']['seed'] == 5
+
+
+def test_validation_outside_training_is_left_alone():
+    hook = RandomStateHook()
+    runner = SimpleNamespace(_train_loop=None, seed=1)
+    hook.before_val(runner)
+    torch.rand(1)
+    state = torch.get_rng_state()
+    hook.after_val(runner)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_preemption_hook_turns_the_first_signal_into_a_request():
+    hook, runner = PreemptionHook(), _training_runner()
+    before = signal.getsignal(signal.SIGTERM)
+    hook.before_run(runner)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # would end the test process without the hook
+        assert hook.received == signal.SIGTERM
+        assert hook._requested() == signal.SIGTERM
+    finally:
+        hook.after_run(runner)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_preemption_hook_does_nothing_outside_training():
+    hook = PreemptionHook()
+    before = signal.getsignal(signal.SIGINT)
+    hook.before_run(SimpleNamespace(_train_loop=dict(type='EpochBasedTrainLoop')))  # test() / val()
+    assert signal.getsignal(signal.SIGINT) is before
+    hook.after_val_iter(SimpleNamespace(_train_loop=None), 0)  # no request, no stop
+
+
+def test_preemption_hook_rejects_unknown_signals():
+    with pytest.raises(ValueError, match='SIGTERMM'):
+        PreemptionHook(signals=['SIGTERMM'])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from mlla_mm.checkpoint import CheckpointError
+from mlla_mm.checkpoint import CheckpointError, load_file
 from mlla_mm.engine.launch import BadAnnotationError, DataNotFoundError, check_data, prepare_config
 
 from tests.helpers import ROOT, load_tool, write_tiny_config
@@ -87,6 +87,61 @@ def test_bad_backbone_config_is_one_line_exit_2(cfg_path, tmp_path, capsys, opti
     assert len(errors) == 1 and str(cfg_path) in errors[0] and word in errors[0]
     assert err.strip().splitlines()[-1] == errors[0]
     assert not list((tmp_path / 'w').rglob('*.pth'))
+
+
+def _one_error_line(err):
+    """The single ``error:`` line of a tool's stderr (also its last line); no traceback."""
+    assert 'Traceback' not in err
+    errors = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1, err[-2000:]
+    assert err.strip().splitlines()[-1] == errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize('text, word', [('model = dict(\n', 'SyntaxError'),
+                                        ("_base_ = ['./no_such_base.py']\n", 'no_such_base'),
+                                        ("custom_imports = dict(imports=['no_such_module'])\n", 'no_such_module')])
+def test_config_that_does_not_parse_is_one_line_exit_2(tmp_path, capsys, text, word):
+    bad = tmp_path / 'bad_config.py'
+    bad.write_text(text)
+    rc = load_tool('train').main([str(bad), '--work-dir', str(tmp_path / 'w')])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and str(bad) in line and word in line
+
+
+@pytest.mark.parametrize('option', ['train_cfg.max_epochs', 'train_cfg.max_epochs=[1,2', '=3'])
+def test_cfg_options_that_do_not_parse_are_one_line_exit_2(cfg_path, tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as stop:
+        load_tool('train').main([str(cfg_path), '--cfg-options', option])
+    line = _one_error_line(capsys.readouterr().err)
+    assert stop.value.code == 2 and '--cfg-options' in line and option in line
+
+
+def test_cfg_options_that_do_not_fit_the_config_are_one_line_exit_2(cfg_path, tmp_path, capsys):
+    option = 'model.backbone.arch.embed_dims.x=1'  # embed_dims is a number, not a dict
+    rc = load_tool('train').main([str(cfg_path), '--work-dir', str(tmp_path / 'w'), '--cfg-options', option])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and '--cfg-options' in line and 'embed_dims' in line
+
+
+def test_full_disk_while_saving_a_checkpoint_is_one_line_exit_2(cfg_path, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+    work = tmp_path / 'w'
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        if '.epoch_2.pth.tmp-' in os.readlink(f'/proc/self/fd/{fd}'):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, 'fsync', full_disk)
+    rc = load_tool('train').main([str(cfg_path), '--work-dir', str(work), '--cfg-options', 'train_cfg.max_epochs=2'])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and str(work / 'epoch_2.pth') in line and 'No space left on device' in line
+    assert not (work / 'epoch_2.pth').exists() and not list(work.glob('.*.tmp-*'))
+    assert (work / 'last_checkpoint').read_text().strip() == str(work / 'epoch_1.pth')
+    assert load_file(work / 'epoch_1.pth')['meta']['epoch'] == 1  # the previous checkpoint is intact
 
 
 def test_missing_data_root(cfg_path, tmp_path, capsys):

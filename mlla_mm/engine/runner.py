@@ -1,0 +1,298 @@
+"""SafeRunner: mmengine's Runner plus what a run of mlla-mm needs on any machine.
+
+Every config of the project selects it (``runner_type='SafeRunner'`` in
+``configs/_base_/mlla_runtime.py``), so ``RUNNERS.build(cfg)`` (what mmdet's
+and mmseg's own ``tools/train.py`` do) and ``tools/train.py`` run the same
+thing. At build time it:
+
+- in a distributed run without CUDA, starts torch.distributed with gloo
+  (mmengine's launchers need CUDA), reverts SyncBN to BN and gives DDP
+  ``device_ids=None``; in one process mmengine itself reverts SyncBN;
+- without CUDA, builds a config's ``AmpOptimWrapper`` (fp16, CUDA only) as a
+  bf16 :class:`~mlla_mm.engine.optim.CPUAutocastOptimWrapper`;
+- makes the synthetic data set a demo config names in ``synthetic_data``;
+- builds :mod:`~mlla_mm.engine.loops`' exact-resume loops in place of
+  mmengine's epoch- and iteration-based loops;
+- runs the reliability hooks of :data:`REQUIRED_HOOKS` (adding any that
+  ``custom_hooks`` lacks).
+
+Checkpoints are written through :class:`AtomicLocalBackend`
+(:func:`mlla_mm.utils.io.atomic_write`: temporary file, fsync, rename), and
+auto-resume (``resume=True`` without ``load_from``) removes temporary files a
+killed run left and skips a damaged or dangling ``last_checkpoint`` marker.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import inspect
+import os
+import os.path as osp
+import re
+import zipfile
+from typing import Any, Dict, Optional, Union
+
+import torch
+from mmengine.config import ConfigDict
+from mmengine.dist import barrier, is_main_process, master_only
+from mmengine.fileio import LocalBackend, register_backend
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper, revert_sync_batchnorm
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+from ..utils.io import TMP_TAG, atomic_write
+from .loops import EXACT_LOOPS
+
+#: The file backend name for atomic local writes (``backend_args=dict(backend=ATOMIC_BACKEND)``).
+ATOMIC_BACKEND = 'mlla_atomic_local'
+#: Hooks SafeRunner always runs (``custom_hooks`` of the runtime base lists them).
+REQUIRED_HOOKS = ('RandomStateHook', 'PreemptionHook', 'ValidationResumeHook', 'FiniteLossHook',
+                  'CheckpointGuardHook')
+_CKPT_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend, writing every file with :func:`~mlla_mm.utils.io.atomic_write`.
+
+    A kill or a full disk while a checkpoint is written leaves the previous
+    file intact; a failed write raises :class:`~mlla_mm.utils.io.AtomicWriteError`
+    naming the file.
+    """
+
+    def put(self, obj: bytes, filepath: Union[str, os.PathLike]) -> None:
+        with atomic_write(str(filepath), 'wb') as f:
+            f.write(obj)
+
+    def put_text(self, obj: str, filepath: Union[str, os.PathLike], encoding: str = 'utf-8') -> None:
+        with atomic_write(str(filepath), 'wb') as f:
+            f.write(obj.encode(encoding))
+
+
+register_backend(ATOMIC_BACKEND, AtomicLocalBackend)
+
+
+def make_synthetic_data(cfg: Any) -> None:
+    """Create the synthetic data set a demo config names in ``synthetic_data`` (reused when complete)."""
+    spec = cfg.get('synthetic_data') if cfg is not None else None
+    if not spec:
+        return
+    from ..datasets import make_ade_shapes, make_coco_shapes
+    spec = dict(spec)
+    kind = spec.pop('kind', None)
+    makers = {'coco-shapes': make_coco_shapes, 'ade-shapes': make_ade_shapes}
+    if kind not in makers:
+        raise ValueError(f'synthetic_data.kind must be one of {sorted(makers)}, got {kind!r}')
+    makers[kind](**spec)
+
+
+def init_cpu_distributed(launcher: str) -> None:
+    """Start torch.distributed with gloo when there is no CUDA.
+
+    mmengine's launchers call ``torch.cuda.set_device`` unconditionally; on a
+    CPU-only machine the process group is started here instead, from the same
+    environment variables (torchrun's, Slurm's or Open MPI's), and mmengine
+    then finds it already initialised.
+    """
+    import subprocess
+
+    import torch.distributed as dist
+    if launcher == 'none' or torch.cuda.is_available() or (dist.is_available() and dist.is_initialized()):
+        return
+    env = os.environ
+    if launcher == 'slurm':
+        env.setdefault('MASTER_PORT', '29500')
+        if 'MASTER_ADDR' not in env:
+            env['MASTER_ADDR'] = subprocess.getoutput(f'scontrol show hostname {env["SLURM_NODELIST"]} | head -n1')
+        env['WORLD_SIZE'], env['RANK'] = env['SLURM_NTASKS'], env['SLURM_PROCID']
+        env['LOCAL_RANK'] = env.get('SLURM_LOCALID', '0')
+    elif launcher == 'mpi':
+        env.setdefault('MASTER_PORT', '29500')
+        env['WORLD_SIZE'], env['RANK'] = env['OMPI_COMM_WORLD_SIZE'], env['OMPI_COMM_WORLD_RANK']
+        env['LOCAL_RANK'] = env.get('OMPI_COMM_WORLD_LOCAL_RANK', '0')
+    dist.init_process_group(backend='gloo')
+    print_log(f'No CUDA: torch.distributed started with gloo (rank {dist.get_rank()} of {dist.get_world_size()}).',
+              logger='current')
+
+
+def _hook_type_name(hook: Any) -> str:
+    if isinstance(hook, Hook):
+        return type(hook).__name__
+    kind = hook.get('type') if isinstance(hook, dict) else None
+    return kind.__name__ if isinstance(kind, type) else str(kind).rpartition('.')[2]
+
+
+def with_required_hooks(custom_hooks: Optional[list]) -> list:
+    """``custom_hooks`` plus any hook of :data:`REQUIRED_HOOKS` it does not contain."""
+    hooks = list(custom_hooks or [])
+    have = {_hook_type_name(h) for h in hooks}
+    return hooks + [dict(type=name) for name in REQUIRED_HOOKS if name not in have]
+
+
+def cpu_ddp_wrapper_cfg(model_wrapper_cfg: Optional[dict], find_unused_parameters: bool) -> ConfigDict:
+    """The DDP wrapper config for CPU modules: mmengine's defaults with ``device_ids=None``."""
+    wrapper = ConfigDict(copy.deepcopy(model_wrapper_cfg) if model_wrapper_cfg else dict(
+        type='MMDistributedDataParallel', broadcast_buffers=False, find_unused_parameters=find_unused_parameters))
+    wrapper['device_ids'] = None  # mmengine passes [LOCAL_RANK], which DDP refuses for CPU modules
+    return wrapper
+
+
+def cpu_amp_wrapper_cfg(optim_wrapper: dict, logger: Any = None) -> dict:
+    """An ``AmpOptimWrapper`` config (it needs CUDA) as a bf16 ``CPUAutocastOptimWrapper``; others unchanged."""
+    kind = optim_wrapper.get('type')
+    if kind not in ('AmpOptimWrapper', 'mmengine.AmpOptimWrapper') and getattr(kind, '__name__', '') != 'AmpOptimWrapper':
+        return optim_wrapper
+    cpu = copy.copy(optim_wrapper)
+    for key in ('loss_scale', 'use_fsdp'):
+        cpu.pop(key, None)
+    cpu.update(type='CPUAutocastOptimWrapper', dtype='bfloat16')
+    if logger is not None:
+        logger.warning('No CUDA: the config\'s AmpOptimWrapper (fp16) runs as CPUAutocastOptimWrapper (bf16 autocast '
+                       'of the backbone and neck).')
+    return cpu
+
+
+# --------------------------------------------------------------------------
+# Auto-resume.
+# --------------------------------------------------------------------------
+def remove_stale_temp_files(folder: str) -> None:
+    """Delete temporary checkpoint files that a killed run left behind."""
+    for path in glob.glob(osp.join(glob.escape(folder), f'.*.pth{TMP_TAG}*')):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _is_readable_checkpoint(path: str) -> bool:
+    """A cheap check: a complete torch zip archive (its central directory is written last)."""
+    if not path or not osp.isfile(path) or osp.getsize(path) == 0:
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith('data.pkl') for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def find_resumable_checkpoint(work_dir: str, logger: Any = None) -> Optional[str]:
+    """The checkpoint to auto-resume from, or ``None``.
+
+    ``work_dir/last_checkpoint`` is used when it names a readable checkpoint;
+    otherwise the newest readable ``epoch_N.pth`` / ``iter_N.pth`` in
+    ``work_dir`` (newest by modification time, then by N).
+    """
+    marker = osp.join(work_dir, 'last_checkpoint')
+    named = ''
+    if osp.isfile(marker):
+        with open(marker) as f:
+            named = f.read().strip()
+        if _is_readable_checkpoint(named):
+            return named
+    candidates = []
+    for name in os.listdir(work_dir) if osp.isdir(work_dir) else []:
+        m = _CKPT_NAME.match(name)
+        if m:
+            path = osp.join(work_dir, name)
+            candidates.append((os.stat(path).st_mtime_ns, int(m.group(2)), path))
+    for _, _, path in sorted(candidates, reverse=True):
+        if _is_readable_checkpoint(path):
+            if logger is not None and osp.isfile(marker):
+                logger.warning(f'{marker} names {named!r}, which is missing or unreadable; '
+                               f'resuming from {path} instead.')
+            return path
+    return None
+
+
+@RUNNERS.register_module()
+class SafeRunner(Runner):
+    """mmengine's Runner with machine-dependent settings, exact-resume loops and atomic checkpoints.
+
+    Takes exactly :class:`mmengine.runner.Runner`'s arguments.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = inspect.signature(Runner.__init__).bind(self, *args, **kwargs)
+        params: Dict[str, Any] = dict(bound.arguments)
+        params.pop('self')
+        params['custom_hooks'] = with_required_hooks(params.get('custom_hooks'))
+        init_cpu_distributed(params.get('launcher', 'none'))
+        #: the checkpoint being read by :meth:`load_checkpoint` (for the hooks' messages)
+        self.checkpoint_being_loaded: Optional[str] = None
+        super().__init__(**params)
+        if self.cfg.get('synthetic_data'):
+            if is_main_process():
+                make_synthetic_data(self.cfg)
+            barrier()
+
+    def wrap_model(self, model_wrapper_cfg: Optional[Dict], model: torch.nn.Module) -> Any:
+        """mmengine's wrapping; a distributed run without CUDA gets BN and a CPU DDP wrapper."""
+        if self.distributed and not torch.cuda.is_available() and not is_model_wrapper(model):
+            model = revert_sync_batchnorm(model)  # SyncBN needs CUDA
+            model_wrapper_cfg = cpu_ddp_wrapper_cfg(model_wrapper_cfg, self.cfg.get('find_unused_parameters', False))
+        return super().wrap_model(model_wrapper_cfg, model)
+
+    def build_train_loop(self, loop: Any) -> Any:
+        """Build the exact-resume counterpart of mmengine's epoch- and iteration-based loops."""
+        if isinstance(loop, dict):
+            loop = copy.copy(loop)
+            kind = loop.get('type')
+            if kind is None:
+                kind = 'EpochBasedTrainLoop' if 'max_epochs' in loop else 'IterBasedTrainLoop'
+            for plain, exact in EXACT_LOOPS.items():
+                if kind in (plain, plain.__name__, f'mmengine.{plain.__name__}'):
+                    loop['type'] = exact
+        return super().build_train_loop(loop)
+
+    def build_optim_wrapper(self, optim_wrapper: Any) -> Any:
+        """mmengine's; without CUDA an ``AmpOptimWrapper`` becomes bf16 ``CPUAutocastOptimWrapper``."""
+        if isinstance(optim_wrapper, dict) and not torch.cuda.is_available():
+            optim_wrapper = cpu_amp_wrapper_cfg(optim_wrapper, self.logger)
+        return super().build_optim_wrapper(optim_wrapper)
+
+    @master_only
+    def save_checkpoint(self, out_dir: str, filename: str, file_client_args: Optional[dict] = None,
+                        save_optimizer: bool = True, save_param_scheduler: bool = True,
+                        meta: Optional[dict] = None, by_epoch: bool = True,
+                        backend_args: Optional[dict] = None) -> None:
+        """mmengine's checkpoint, written atomically to local folders (:class:`AtomicLocalBackend`)."""
+        if file_client_args is None and backend_args is None and '://' not in str(out_dir):
+            backend_args = dict(backend=ATOMIC_BACKEND)
+        super().save_checkpoint(out_dir, filename, file_client_args, save_optimizer, save_param_scheduler,
+                                meta, by_epoch, backend_args)
+
+    def load_checkpoint(self, filename: str, map_location: Any = 'cpu', strict: bool = False,
+                        revise_keys: list = [(r'^module.', '')]) -> dict:  # noqa: B006 (mmengine's signature)
+        """mmengine's loading; the hooks' ``after_load_checkpoint`` can name ``filename``."""
+        self.checkpoint_being_loaded = filename
+        try:
+            return super().load_checkpoint(filename, map_location, strict, revise_keys)
+        finally:
+            self.checkpoint_being_loaded = None
+
+    def load_or_resume(self) -> None:
+        """mmengine's, with an auto-resume that survives a killed checkpoint write."""
+        if self._has_loaded:
+            return None
+        if self._resume and self._load_from is None:
+            remove_stale_temp_files(self.work_dir)
+            resume_from = find_resumable_checkpoint(self.work_dir, self.logger)
+            if resume_from is None:
+                self.logger.info(f'No checkpoint to resume from in {self.work_dir}; starting from scratch.')
+                return None
+            self.logger.info(f'Auto resumed from the latest checkpoint {resume_from}.')
+            self.resume(resume_from)
+            self._has_loaded = True
+            return None
+        return super().load_or_resume()
+
+
+def checkpoint_name(runner: Runner) -> str:
+    """The file :meth:`SafeRunner.load_checkpoint` is reading (best guess for another Runner)."""
+    return getattr(runner, 'checkpoint_being_loaded', None) or runner._load_from or 'the checkpoint'
+
+
+__all__ = ['SafeRunner', 'AtomicLocalBackend', 'ATOMIC_BACKEND', 'REQUIRED_HOOKS', 'make_synthetic_data',
+           'init_cpu_distributed', 'find_resumable_checkpoint', 'remove_stale_temp_files', 'checkpoint_name',
+           'with_required_hooks', 'cpu_ddp_wrapper_cfg', 'cpu_amp_wrapper_cfg']

@@ -1,0 +1,133 @@
+"""SafeRunner's build-time settings, the atomic checkpoint backend, the runtime base and the loops' bookkeeping."""
+import errno
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+from mmengine.logging import MessageHub
+from mmengine.model import BaseModel
+
+from mlla_mm.engine.loops import POSITION_KEY, batches_done_in_epoch
+from mlla_mm.engine.runner import (REQUIRED_HOOKS, AtomicLocalBackend, SafeRunner, cpu_amp_wrapper_cfg,
+                                   cpu_ddp_wrapper_cfg, with_required_hooks)
+from mlla_mm.utils.io import AtomicWriteError
+
+from tests.helpers import ROOT
+
+CONFIGS = sorted(p for d in ('detection', 'segmentation') for p in (ROOT / 'configs' / d).glob('*.py'))
+
+
+def _types(hooks):
+    return [h['type'] for h in hooks]
+
+
+def test_required_hooks_are_added_once():
+    given = [dict(type='EMAHook'), dict(type='mlla_mm.RandomStateHook'), dict(type='FiniteLossHook')]
+    hooks = with_required_hooks(given)
+    assert hooks[:3] == given
+    assert _types(hooks[3:]) == [h for h in REQUIRED_HOOKS if h not in ('RandomStateHook', 'FiniteLossHook')]
+    assert with_required_hooks(hooks) == hooks
+    assert _types(with_required_hooks(None)) == list(REQUIRED_HOOKS)
+
+
+def test_the_runtime_base_states_the_run():
+    cfg = Config.fromfile(str(ROOT / 'configs' / '_base_' / 'mlla_runtime.py'))
+    assert cfg.runner_type == 'SafeRunner'
+    assert _types(cfg.custom_hooks) == list(REQUIRED_HOOKS)
+    assert cfg.custom_imports.imports == ['mlla_mm']
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_every_config_inherits_the_runtime_base(path):
+    cfg = Config.fromfile(str(path))
+    assert cfg.runner_type == 'SafeRunner', path
+    assert set(REQUIRED_HOOKS) <= {str(h['type']).rpartition('.')[2] for h in cfg.custom_hooks}, path
+    assert 'mlla_mm' in cfg.custom_imports.imports
+
+
+def test_cpu_ddp_wrapper_keeps_the_users_settings():
+    w = cpu_ddp_wrapper_cfg(dict(type='MMDistributedDataParallel', find_unused_parameters=True), False)
+    assert w == dict(type='MMDistributedDataParallel', find_unused_parameters=True, device_ids=None)
+    w = cpu_ddp_wrapper_cfg(None, True)
+    assert w.device_ids is None and w.find_unused_parameters is True and w.broadcast_buffers is False
+
+
+def test_cuda_amp_wrapper_becomes_cpu_autocast():
+    amp = dict(type='AmpOptimWrapper', loss_scale='dynamic', optimizer=dict(type='AdamW', lr=1e-4), clip_grad=None)
+    cpu = cpu_amp_wrapper_cfg(amp)
+    assert cpu == dict(type='CPUAutocastOptimWrapper', dtype='bfloat16', optimizer=amp['optimizer'], clip_grad=None)
+    assert amp['type'] == 'AmpOptimWrapper'  # not changed in place
+    plain = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.1))
+    assert cpu_amp_wrapper_cfg(plain) is plain
+
+
+def test_atomic_backend_on_a_full_disk(tmp_path, monkeypatch):
+    path = tmp_path / 'epoch_2.pth'
+    backend = AtomicLocalBackend()
+    backend.put(b'old checkpoint', str(path))
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        if '.epoch_2.pth.tmp-' in os.readlink(f'/proc/self/fd/{fd}'):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, 'fsync', full_disk)
+    with pytest.raises(AtomicWriteError, match='No space left') as err:
+        backend.put(b'new checkpoint', str(path))
+    assert str(path) in str(err.value)
+    assert path.read_bytes() == b'old checkpoint'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['epoch_2.pth']
+
+
+def test_batches_done_in_epoch_from_the_loops_record():
+    hub = MessageHub.get_instance('test_batches_done')
+    loop = type('Loop', (), dict(epoch=2, iter=7, dataloader=[0] * 3))()
+    assert batches_done_in_epoch(loop, hub) == 1  # no record (another loop): from the iteration count
+    hub.update_info(POSITION_KEY, [2, 3])
+    assert batches_done_in_epoch(loop, hub) == 3  # the last batch of epoch 3 done, epoch not closed yet
+    hub.update_info(POSITION_KEY, [1, 3])
+    assert batches_done_in_epoch(loop, hub) == 0  # recorded in the epoch before: at a boundary
+
+
+class _SyncBNModel(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.SyncBatchNorm(4)
+
+    def forward(self, inputs, data_samples=None, mode='tensor'):
+        return self.bn(self.conv(inputs))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU fallbacks')
+@pytest.mark.parametrize('launcher', ['none', 'pytorch'])
+def test_saferunner_without_cuda_uses_bn_gloo_and_cpu_ddp(tmp_path, monkeypatch, launcher):
+    import torch.distributed as dist
+    for k, v in dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+                     MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(k, v)
+    try:
+        runner = SafeRunner(model=_SyncBNModel(), work_dir=str(tmp_path), launcher=launcher,
+                            env_cfg=dict(dist_cfg=dict(backend='nccl')),  # what mmdet's and mmseg's bases say
+                            experiment_name=f'cpu_{launcher}')
+        model = runner.model
+        if launcher == 'pytorch':
+            assert dist.get_backend() == 'gloo'
+            assert isinstance(model, nn.parallel.DistributedDataParallel) and model.device_ids is None
+            model = model.module
+        assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+        assert isinstance(model.bn, nn.modules.batchnorm._BatchNorm)
+        assert model.bn.weight is not None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,66 @@
+"""SIGTERM in the middle of an epoch and SIGINT during validation: a resumable checkpoint, one log line,
+exit 143 / 130, and a resumed run that ends with the weights of an uninterrupted one."""
+import glob
+import os
+import signal
+
+import pytest
+
+from mlla_mm.checkpoint import load_file
+
+from tests.test_reliability.runs import (assert_same_weights, finish, start, tiny_config_with_validation,
+                                         wait_for)
+
+EPOCHS = 3  # 2 iterations per epoch; iteration 3 is the first batch of epoch 2
+
+
+def _no_traceback(log_text):
+    assert 'Traceback' not in log_text, log_text[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_and_sigint_in_validation_then_resume_exactly(tmp_path, tiny_data):
+    config = tiny_config_with_validation(tmp_path, tiny_data, EPOCHS)
+    ref, work = tmp_path / 'ref', tmp_path / 'work'
+    logs = [tmp_path / f'run{i}.log' for i in range(4)]
+
+    proc = start(config, ref, logs[0])
+    assert finish(proc) == 0, logs[0].read_text()[-3000:]
+
+    # 1. SIGTERM while iteration 3 (epoch 2, batch 1 of 2) is about to run: it completes, then
+    #    iter_3.pth is written and the run exits with 128 + 15.
+    proc = start(config, work, logs[1], MLLA_MM_TEST_PAUSE='train:3')
+    wait_for('paused before iteration 3', logs[1], proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert finish(proc) == 143
+    log1 = logs[1].read_text()
+    _no_traceback(log1)
+    lines = [line for line in log1.splitlines() if 'SIGTERM received' in line]
+    assert len(lines) == 1, log1[-3000:]
+    assert 'after iteration 3 (epoch 2, batch 1 of 2)' in lines[0] and str(work / 'iter_3.pth') in lines[0]
+    assert (work / 'last_checkpoint').read_text().strip() == str(work / 'iter_3.pth')
+    ckpt = load_file(work / 'iter_3.pth')
+    assert (ckpt['meta']['epoch'], ckpt['meta']['iter']) == (1, 3) and 'rng_state' in ckpt
+    assert not (work / 'epoch_2.pth').exists() and not glob.glob(str(work / '.*.tmp-*'))
+
+    # 2. Resumed: skips the trained batch of epoch 2; SIGINT during the validation after epoch 2
+    #    (epoch_2.pth was written just before it): no new checkpoint, exit 128 + 2.
+    proc = start(config, work, logs[2], '--resume', MLLA_MM_TEST_PAUSE='val:2')
+    wait_for('paused in the validation after epoch 2', logs[2], proc)
+    epoch2 = (work / 'epoch_2.pth').stat().st_mtime_ns
+    os.kill(proc.pid, signal.SIGINT)
+    assert finish(proc) == 130
+    log2 = logs[2].read_text()
+    _no_traceback(log2)
+    assert 'skipped its first 1 batches' in log2
+    lines = [line for line in log2.splitlines() if 'SIGINT received' in line]
+    assert len(lines) == 1 and 'during the validation after iteration 4 (end of epoch 2)' in lines[0], log2[-3000:]
+    assert str(work / 'epoch_2.pth') in lines[0]
+    assert (work / 'epoch_2.pth').stat().st_mtime_ns == epoch2, 'the checkpoint of that position is not rewritten'
+
+    # 3. Resumed: the interrupted validation runs again, then training to the end.
+    proc = start(config, work, logs[3], '--resume')
+    assert finish(proc) == 0, logs[3].read_text()[-3000:]
+    log3 = logs[3].read_text()
+    assert 'validation after epoch 2 did not complete' in log3
+    assert_same_weights(ref / f'epoch_{EPOCHS}.pth', work / f'epoch_{EPOCHS}.pth')
