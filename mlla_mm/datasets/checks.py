@@ -228,79 +228,19 @@ def _hashable(v: Any) -> bool:
     return isinstance(v, (int, str)) and not isinstance(v, bool)
 
 
-def check_annotations(ds: Dict, loader_name: str = '', config_path: str = '', *, scope: str = 'mmdet',
-                      train: Optional[bool] = None, skip_bad_images: bool = False,
-                      out_dir: Optional[str] = None,
-                      seen: Optional[Dict[str, Tuple[Optional[Tuple[int, int]], str]]] = None) -> List[str]:
-    """Check a COCO-format (``.json``) annotation file of a dataset config and its images.
+def _check_instances(data: Dict, ds: Dict, path: Path, bad: Any, train: bool, scope: str) -> List[str]:
+    """The checks of an instance annotation file (CocoDataset and subclasses but panoptic ones).
 
-    Args:
-        ds: The dataset config (``ann_file``, ``data_root``, ``data_prefix``, ``metainfo``).
-        loader_name: Shown in messages; ``train_*`` loaders need usable annotations.
-        config_path: Shown in messages.
-        scope: ``mmdet`` (where the dataset type is looked up for its default classes).
-        train: Whether the data set is trained on; default: ``loader_name`` starts with ``train``.
-        skip_bad_images: Leave missing and unreadable images out (filtered copy in ``out_dir``,
-            ``ds['ann_file']`` pointed at it) instead of raising.
-        out_dir: Folder for the filtered copy (default ``work_dirs/data_checks``).
-        seen: Cache of image checks shared between data sets.
-
-    Returns:
-        Warning lines (at most two per file: dropped annotations, skipped images).
-
-    Raises:
-        BadAnnotationError: The file is not valid JSON or not COCO format, has
-            duplicate or unknown ids, classes that do not match the config, no
-            usable annotation (training), or names missing images.
-        BadImageError: Images cannot be read, or differ in size from the file.
+    Returns the warning line about what mmdet drops (if any); raises ``bad(message)``.
     """
-    ann = ds.get('ann_file')
-    if not ann or not str(ann).endswith('.json'):
-        return []
-    root = Path(ds.get('data_root') or '')
-    path = root / ann
-    if not path.is_file():
-        if path.is_dir():
-            raise BadAnnotationError(f'Annotation file is a folder: {path} {_where(loader_name, config_path)}.')
-        return []  # reported by check_data
-    train = loader_name.startswith('train') if train is None else train
-    where = _where(loader_name, config_path)
-    expected = ('Expected a COCO-format JSON object with "images" (id, file_name, height, width), '
-                '"annotations" and "categories" lists.')
-
-    def bad(msg: str) -> BadAnnotationError:
-        return BadAnnotationError(f'{path}: {msg} {where}.')
-
-    try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise BadAnnotationError(f'Annotation file is not valid JSON: {path} {where}: {err}. {expected}') from None
-    if not isinstance(data, dict) or not isinstance(data.get('images'), list):
-        raise BadAnnotationError(f'Annotation file has no "images" list: {path} {where}. {expected}')
     images = data['images']
+    by_id = {img['id']: img for img in images}
     anns = data.get('annotations')
     cats = data.get('categories')
     if anns is not None and not isinstance(anns, list):
         raise bad(f'"annotations" is a {type(anns).__name__}, not a list')
     if not isinstance(cats, list):
         raise bad('has no "categories" list (id, name)')
-
-    # -- images: structure, unique ids --
-    malformed = [i for i, img in enumerate(images)
-                 if not isinstance(img, dict) or not _hashable(img.get('id'))
-                 or not isinstance(img.get('file_name'), str) or not img.get('file_name')
-                 or not all(_is_number(img.get(k)) and img.get(k) > 0 for k in ('width', 'height'))]
-    if malformed:
-        raise bad(f'{len(malformed)} of {len(images)} images lack an id, a file_name or a positive '
-                  f'width/height (images[{_few(malformed)}]); mmdet needs all four')
-    if not images:
-        raise bad('has no images (the "images" list is empty)')
-    dup_imgs = [k for k, n in Counter(img['id'] for img in images).items() if n > 1]
-    if dup_imgs:
-        raise bad(f'duplicate image ids {_few(dup_imgs)} ({len(dup_imgs)} ids used by more than one image; '
-                  'mmdet would pair an image with another image\'s annotations)')
-    by_id = {img['id']: img for img in images}
 
     # -- categories: structure, unique ids and names, the config's classes --
     if any(not isinstance(c, dict) or not _hashable(c.get('id')) or not isinstance(c.get('name'), str)
@@ -398,6 +338,84 @@ def check_annotations(ds: Dict, loader_name: str = '', config_path: str = '', *,
     if train and usable == 0:
         raise bad(f'none of its {len(anns)} annotations can be trained on (all are crowd, dropped boxes or '
                   'of categories not in the config\'s classes)')
+    return warnings
+
+
+def _instance_file(ds: Dict, scope: str) -> bool:
+    """Whether the dataset reads a COCO instance file (CocoDataset, LVIS, Objects365; not panoptic)."""
+    cls = _dataset_class(scope, ds.get('type', 'CocoDataset'))
+    if cls is None:
+        return str(ds.get('type', 'CocoDataset')).split('.')[-1] == 'CocoDataset'
+    names = [c.__name__ for c in cls.__mro__]
+    return 'CocoDataset' in names and not any('Panoptic' in n for n in names)
+
+
+def check_annotations(ds: Dict, loader_name: str = '', config_path: str = '', *, scope: str = 'mmdet',
+                      train: Optional[bool] = None, skip_bad_images: bool = False,
+                      out_dir: Optional[str] = None,
+                      seen: Optional[Dict[str, Tuple[Optional[Tuple[int, int]], str]]] = None) -> List[str]:
+    """Check a COCO-format (``.json``) annotation file of a dataset config and its images.
+
+    Args:
+        ds: The dataset config (``ann_file``, ``data_root``, ``data_prefix``, ``metainfo``).
+        loader_name: Shown in messages; ``train_*`` loaders need usable annotations.
+        config_path: Shown in messages.
+        scope: ``mmdet`` (where the dataset type is looked up for its default classes).
+        train: Whether the data set is trained on; default: ``loader_name`` starts with ``train``.
+        skip_bad_images: Leave missing and unreadable images out (filtered copy in ``out_dir``,
+            ``ds['ann_file']`` pointed at it) instead of raising.
+        out_dir: Folder for the filtered copy (default ``work_dirs/data_checks``).
+        seen: Cache of image checks shared between data sets.
+
+    Returns:
+        Warning lines (at most two per file: dropped annotations, skipped images).
+
+    Raises:
+        BadAnnotationError: The file is not valid JSON or not COCO format, has
+            duplicate or unknown ids, classes that do not match the config, no
+            usable annotation (training), or names missing images.
+        BadImageError: Images cannot be read, or differ in size from the file.
+    """
+    ann = ds.get('ann_file')
+    if not ann or not str(ann).endswith('.json'):
+        return []
+    root = Path(ds.get('data_root') or '')
+    path = root / ann
+    if not path.is_file():
+        if path.is_dir():
+            raise BadAnnotationError(f'Annotation file is a folder: {path} {_where(loader_name, config_path)}.')
+        return []  # reported by check_data
+    train = loader_name.startswith('train') if train is None else train
+    where = _where(loader_name, config_path)
+    expected = ('Expected a COCO-format JSON object with "images" (id, file_name, height, width), '
+                '"annotations" and "categories" lists.')
+
+    def bad(msg: str) -> BadAnnotationError:
+        return BadAnnotationError(f'{path}: {msg} {where}.')
+
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise BadAnnotationError(f'Annotation file is not valid JSON: {path} {where}: {err}. {expected}') from None
+    if not isinstance(data, dict) or not isinstance(data.get('images'), list):
+        raise BadAnnotationError(f'Annotation file has no "images" list: {path} {where}. {expected}')
+    images = data['images']
+    # -- images: structure, unique ids --
+    malformed = [i for i, img in enumerate(images)
+                 if not isinstance(img, dict) or not _hashable(img.get('id'))
+                 or not isinstance(img.get('file_name'), str) or not img.get('file_name')
+                 or not all(_is_number(img.get(k)) and img.get(k) > 0 for k in ('width', 'height'))]
+    if malformed:
+        raise bad(f'{len(malformed)} of {len(images)} images lack an id, a file_name or a positive '
+                  f'width/height (images[{_few(malformed)}]); mmdet needs all four')
+    if not images:
+        raise bad('has no images (the "images" list is empty)')
+    dup_imgs = [k for k, n in Counter(img['id'] for img in images).items() if n > 1]
+    if dup_imgs:
+        raise bad(f'duplicate image ids {_few(dup_imgs)} ({len(dup_imgs)} ids used by more than one image; '
+                  'mmdet would pair an image with another image\'s annotations)')
+    warnings = _check_instances(data, ds, path, bad, train, scope) if _instance_file(ds, scope) else []
 
     # -- images on disk: present, readable, of the stated size --
     prefix = ds.get('data_prefix') or {}
@@ -427,7 +445,10 @@ def check_annotations(ds: Dict, loader_name: str = '', config_path: str = '', *,
         if not keep:
             raise BadImageError(f'{path}: none of its {len(images)} images can be read {where}.')
         keep_ids = {img['id'] for img in keep}
-        copy = dict(data, images=keep, annotations=[a for a in anns if a['image_id'] in keep_ids])
+        copy = dict(data, images=keep)
+        if isinstance(data.get('annotations'), list):
+            copy['annotations'] = [a for a in data['annotations']
+                                   if not isinstance(a, dict) or a.get('image_id') in keep_ids]
         target = Path(out_dir or Path('work_dirs') / CHECKS_DIR) / f'{loader_name or "data"}_{path.name}'
         with atomic_write(str(target), 'w') as f:
             json.dump(copy, f)

@@ -254,3 +254,18 @@ def test_skip_bad_images_writes_a_filtered_copy(coco, tmp_path):
     (root / 'img' / 'im0.jpg').write_bytes(b'')
     with pytest.raises(BadImageError, match='none of its 3 images can be read'):
         check_annotations(ds_cfg(root), 'train_dataloader', skip_bad_images=True, out_dir=str(out))
+
+
+def test_panoptic_file_gets_the_image_checks_only(coco):
+    """Panoptic annotations have segments_info and no bbox: not an error; image problems still are."""
+    root, data = coco
+    data['annotations'] = [dict(image_id=img['id'], file_name=f'p{img["id"]}.png',
+                                segments_info=[dict(id=1, category_id=1, iscrowd=0, bbox=[0, 0, 4, 4], area=16)])
+                           for img in data['images']]
+    cfg = dict(ds_cfg(root), type='CocoPanopticDataset')
+    write_ann(root, data)
+    assert check_annotations(cfg, 'train_dataloader') == []
+    data['images'][1]['id'] = 1
+    write_ann(root, data)
+    with pytest.raises(BadAnnotationError, match='duplicate image ids 1 '):
+        check_annotations(cfg, 'train_dataloader')
