@@ -1,0 +1,76 @@
+"""Latency of exported models under ONNX Runtime against PyTorch eager, measured in the same rounds.
+
+Every function is warmed up, then each round calls all of them once, in an
+order that reverses every round, so load from other processes hits them
+alike. Ratios are the median over rounds of the per-round ratio. Used by
+``tools/benchmark_onnx.py``.
+"""
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds per call of each function over ``repeats`` interleaved rounds (after ``warmup`` rounds)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    order = list(fns)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(repeats):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def median(times: Sequence[float]) -> float:
+    return statistics.median(times)
+
+
+def paired_ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
+    """Median over rounds of ``num``'s time over ``den``'s time in the same round."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def relative_difference(got: Sequence[np.ndarray], ref: Sequence[torch.Tensor]) -> float:
+    """Largest ``max |got - ref| / max |ref|`` over the outputs."""
+    worst = 0.
+    for g, r in zip(got, ref):
+        r = r.float().numpy()
+        worst = max(worst, float(np.abs(g.astype(np.float64) - r).max() / max(np.abs(r).max(), 1e-12)))
+    return worst
+
+
+def cpu_description() -> Dict[str, object]:
+    """The CPU model name and its bf16-related instruction sets (from lscpu / /proc/cpuinfo)."""
+    name = ''
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
+        m = re.search(r'Model name:\s*(.+)', out)
+        name = m.group(1).strip() if m else ''
+    except (OSError, subprocess.SubprocessError):
+        pass
+    flags: List[str] = []
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('flags'):
+                    flags = line.split(':', 1)[1].split()
+                    break
+    except OSError:
+        pass
+    wanted = [f for f in flags if f.startswith('amx') or f in ('avx512_bf16', 'avx512f', 'avx2', 'avx_vnni')]
+    return dict(model_name=name or 'unknown', bf16_flags=sorted(wanted),
+                native_bf16=any(f in flags for f in ('avx512_bf16', 'amx_bf16')))
+
+
+__all__ = ['cpu_description', 'interleaved_times', 'median', 'paired_ratio', 'relative_difference']

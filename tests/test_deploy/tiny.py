@@ -1,0 +1,43 @@
+"""Tiny models for the deployment tests: an MLLA arch dict and a small UperNet config."""
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+TINY_ARCH = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
+NUM_CLASSES = 5
+
+# The project's UperNet MLLA-T config with a tiny backbone and heads. Its heads
+# keep SyncBN: the exporter turns it into BatchNorm.
+TINY_UPERNET = '''
+_base_ = [{base!r}]
+model = dict(
+    backbone=dict(arch=dict(_delete_=True, embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4]),
+                  init_cfg=None),
+    decode_head=dict(in_channels=[16, 32, 64, 128], channels=16, num_classes={n}),
+    auxiliary_head=dict(in_channels=64, channels=8, num_classes={n}))
+'''
+
+TINY_MASK_RCNN = '''
+_base_ = [{base!r}]
+model = dict(
+    backbone=dict(arch=dict(_delete_=True, embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4]),
+                  init_cfg=None),
+    neck=dict(in_channels=[16, 32, 64, 128], out_channels=16),
+    rpn_head=dict(in_channels=16, feat_channels=16),
+    roi_head=dict(bbox_roi_extractor=dict(out_channels=16), bbox_head=dict(in_channels=16, fc_out_channels=32),
+                  mask_roi_extractor=dict(out_channels=16), mask_head=dict(in_channels=16, conv_out_channels=16)))
+'''
+
+
+def write_tiny_upernet(folder: Path, name: str = 'tiny_upernet.py', num_classes: int = NUM_CLASSES) -> Path:
+    path = Path(folder) / name
+    base = str(ROOT / 'configs' / 'segmentation' / 'upernet_mlla_t.py')
+    path.write_text(TINY_UPERNET.format(base=base, n=num_classes))
+    return path
+
+
+def write_tiny_mask_rcnn(folder: Path, name: str = 'tiny_mask_rcnn.py') -> Path:
+    path = Path(folder) / name
+    base = str(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py')
+    path.write_text(TINY_MASK_RCNN.format(base=base))
+    return path

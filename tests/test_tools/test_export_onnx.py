@@ -1,0 +1,194 @@
+"""tools/export_onnx.py: export + check of a tiny UperNet, failed checks and bad input leave no .onnx behind."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import ROOT, load_tool, run_tool, tool_env
+from tests.test_deploy.tiny import NUM_CLASSES, TINY_ARCH, write_tiny_upernet
+
+TOOL = ROOT / 'tools' / 'export_onnx.py'
+export_tool = load_tool('export_onnx')
+
+
+def leftovers(folder):
+    """Every .onnx file or temporary file in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix == '.onnx' or '.tmp-' in p.name)
+
+
+def assert_one_error_line(res, *needles):
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), res.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_tool_exports_checks_and_writes_a_dynamic_upernet(tmp_path):
+    import onnxruntime as ort
+    cfg = write_tiny_upernet(tmp_path)
+    out = tmp_path / 'out' / 'upernet.onnx'
+    res = run_tool(TOOL, cfg, '--out', out, '--shape', '64', '64', '--dynamic', '--check', timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [ln for ln in res.stdout.splitlines() if 'max|diff|' in ln]
+    assert len(rows) == 3 and all(ln.rstrip().endswith('PASS') for ln in rows), res.stdout
+    assert 'check: all 3 PASS' in res.stdout
+    assert '1x3x64x64' in res.stdout and '2x3x' in res.stdout  # export size and batch 2
+    assert leftovers(out.parent) == ['upernet.onnx']
+    sess = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    logits = sess.run(None, {'img': np.random.rand(1, 3, 71, 39).astype(np.float32)})[0]
+    assert logits.shape == (1, NUM_CLASSES, 71, 39) and np.isfinite(logits).all()
+
+
+def test_tool_loads_weights_into_the_export(tmp_path, capsys):
+    """Saved segmentor weights are what the ONNX file computes (not the random init)."""
+    from mlla_mm.deploy.onnx_export import build_target, make_session
+    cfg = write_tiny_upernet(tmp_path)
+    torch.manual_seed(123)
+    trained = build_target(str(cfg), log=lambda m: None).model
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ckpt = tmp_path / 'seg.pth'
+    torch.save({'state_dict': trained.segmentor.state_dict(), 'meta': {}}, ckpt)
+    out = tmp_path / 'seg.onnx'
+    assert export_tool.main([str(cfg), str(ckpt), '--out', str(out), '--shape', '48', '48', '--dynamic']) == 0
+    img = torch.randn(1, 3, 41, 57)
+    with torch.no_grad():
+        ref = trained(img)[0].numpy()
+    got = make_session(str(out)).run(None, {'img': img.numpy()})[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_failed_check_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """The exported graph differs from the PyTorch model (one weight changed in the traced copy)."""
+    from mlla_mm.deploy import onnx_export
+    cfg = write_tiny_upernet(tmp_path)
+    make = onnx_export.ExportTarget.exportable
+
+    def corrupted(self):
+        model = make(self)
+        with torch.no_grad():
+            model.segmentor.decode_head.conv_seg.weight[0, 0] += 1.0
+        return model
+
+    monkeypatch.setattr(onnx_export.ExportTarget, 'exportable', corrupted)
+    out = tmp_path / 'bad.onnx'
+    out.write_bytes(b'previous file')  # an existing file stays as it was
+    code = export_tool.main([str(cfg), '--out', str(out), '--shape', '48', '48', '--dynamic', '--check'])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert 'FAIL' in captured.out and 'not written' in captured.err
+    assert out.read_bytes() == b'previous file'
+    assert leftovers(tmp_path) == ['bad.onnx']
+
+
+def test_write_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """The disk fills up during the write: exit 2, one line naming the file, no partial .onnx."""
+    import mlla_mm.utils.io as io_mod
+    cfg = write_tiny_upernet(tmp_path)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith('.onnx'):
+            raise OSError(28, 'No space left on device')
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io_mod.os, 'replace', failing_replace)
+    out = tmp_path / 'full.onnx'
+    code = export_tool.main([str(cfg), '--backbone-only', '--out', str(out), '--shape', '32', '32', '--dynamic'])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and str(out) in lines[0], err
+    assert 'No space left' in lines[0]
+    assert leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------
+# Bad input: one line, exit 2, no .onnx.
+# --------------------------------------------------------------------------
+def run_in_process(capsys, *args):
+    """Run the tool's main() here (no interpreter start-up); returns (exit code, stderr lines)."""
+    code = export_tool.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    return code, [ln for ln in err.splitlines() if ln.strip()]
+
+
+def assert_error(code, lines, *needles):
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith('error: '), lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_arch_from_the_command_line(tmp_path):
+    res = run_tool(TOOL, 'mlla_x', '--out', tmp_path / 'm.onnx')
+    assert_one_error_line(res, "unknown model 'mlla_x'", 'mlla_t')
+    assert leftovers(tmp_path) == []
+
+
+def test_missing_config(tmp_path, capsys):
+    code, lines = run_in_process(capsys, tmp_path / 'nope.py', '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, 'config file not found', 'nope.py')
+    assert leftovers(tmp_path) == []
+
+
+def test_weights_of_another_arch(tmp_path, capsys):
+    from mlla_mm.models import MLLA
+    ckpt = tmp_path / 'tiny.pth'
+    torch.save({'state_dict': MLLA(TINY_ARCH).state_dict()}, ckpt)
+    code, lines = run_in_process(capsys, 'mlla_t', ckpt, '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, str(ckpt), 'wrong shape')
+    assert leftovers(tmp_path) == []
+
+
+def test_segmentor_weights_of_another_config(tmp_path, capsys):
+    """A checkpoint of the tiny UperNet with 7 classes does not fit the 5-class config."""
+    from mlla_mm.deploy.onnx_export import build_target
+    other = write_tiny_upernet(tmp_path, 'other.py', num_classes=7)
+    seg = build_target(str(other), log=lambda m: None).model.segmentor
+    assert seg.decode_head.conv_seg.out_channels == 7
+    ckpt = tmp_path / 'other.pth'
+    torch.save({'state_dict': seg.state_dict()}, ckpt)
+    code, lines = run_in_process(capsys, write_tiny_upernet(tmp_path), ckpt, '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, str(ckpt), 'wrong shape')
+    assert leftovers(tmp_path) == []
+
+
+def test_missing_and_corrupt_weights(tmp_path, capsys):
+    code, lines = run_in_process(capsys, 'mlla_t', tmp_path / 'absent.pth', '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, 'absent.pth')
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'PK\x03\x04 not a checkpoint')
+    code, lines = run_in_process(capsys, 'mlla_t', bad, '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, 'bad.pth')
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize('kind', ['parent_is_a_file', 'out_is_a_directory'])
+def test_unwritable_output_path(tmp_path, capsys, kind):
+    if kind == 'parent_is_a_file':
+        (tmp_path / 'afile').write_text('x')
+        out = tmp_path / 'afile' / 'm.onnx'
+    else:
+        out = tmp_path / 'adir'
+        out.mkdir()
+    code, lines = run_in_process(capsys, 'mlla_t', '--out', out)
+    assert_error(code, lines, 'cannot write' if kind == 'parent_is_a_file' else 'is a directory', str(out))
+    assert leftovers(tmp_path) == [] and not (tmp_path / 'adir' / 'm.onnx').exists()
+
+
+def test_missing_onnx_says_what_to_install(tmp_path):
+    """Without the onnx package the tool names what to install (exit 2, nothing written)."""
+    code = ("import sys, runpy\n"
+            "sys.modules['onnx'] = None\n"
+            f"sys.argv = ['export_onnx.py', 'mlla_t', '--out', {str(tmp_path / 'm.onnx')!r}]\n"
+            f"runpy.run_path({str(TOOL)!r}, run_name='__main__')\n")
+    res = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=tool_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert_one_error_line(res, 'needs onnx', 'pip install onnx')
+    assert leftovers(tmp_path) == []

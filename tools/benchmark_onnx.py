@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""ONNX Runtime against PyTorch eager: MLLA-T and Swin-T backbones, an UperNet MLLA-T, and bf16 autocast.
+
+    python tools/benchmark_onnx.py --threads 2 --repeats 5 --json work_dirs/bench_onnx.json
+
+Each model is exported with tools/export_onnx.py's code (MLLA and UperNet
+with dynamic batch/height/width, as users get them; mmdet's Swin-T at the
+benchmark size, since its padding is not traced dynamically), its ONNX
+Runtime output is compared with PyTorch, then ONNX Runtime (one session per
+graph optimisation level in ``--levels``) and PyTorch eager run in the same
+interleaved rounds with the same number of threads (``torch.set_num_threads``
+and ``intra_op_num_threads``). Medians and per-round ratios are printed; the
+two goals of the project are printed with PASS/FAIL:
+
+* MLLA-T at the backbone size: ONNX Runtime <= 0.9 x PyTorch eager;
+* (ONNX MLLA-T / ONNX Swin-T) <= (PyTorch MLLA-T / PyTorch Swin-T).
+
+``--bf16`` (default on) also times the MLLA-T backbone under PyTorch bf16
+autocast against fp32 and states whether the CPU has native bf16
+(AVX512-BF16 / AMX). ``--quick`` (for tests): small size, one repeat.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import torch
+
+MODELS = ['mlla_t', 'swin_t', 'upernet_mlla_t']
+LEVELS = ['disable', 'basic', 'extended', 'all']
+GOAL_ORT_OVER_TORCH = 0.9
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    h, w = text.lower().split('x')
+    return int(h), int(w)
+
+
+def build(name: str, size: Tuple[int, int], quick: bool = False):
+    """(ExportTarget, export shape, dynamic) for a model name; dynamic ones are traced at another size."""
+    from mlla_mm.deploy.onnx_export import ExportTarget, build_target
+    from mlla_mm.deploy.wrappers import BackboneForExport, output_names
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch.manual_seed(0)
+    if name == 'mlla_t':
+        return build_target('mlla_t', log=lambda m: None), size if quick else (224, 224), True
+    if name == 'swin_t':
+        from mmdet.models.backbones import SwinTransformer
+        swin = SwinTransformer(embed_dims=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                               mlp_ratio=4, qkv_bias=True, drop_path_rate=0., out_indices=(0, 1, 2, 3),
+                               with_cp=False, convert_weights=True)
+        swin.eval()
+        return ExportTarget(BackboneForExport(swin).eval(), 'backbone', output_names('backbone', 4), 'swin_t'), \
+            size, False
+    if name == 'upernet_mlla_t':
+        cfg = os.path.join(root, 'configs', 'segmentation', 'upernet_mlla_t.py')
+        return build_target(cfg, log=lambda m: None), size if quick else (256, 256), True
+    raise ValueError(name)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--backbone-size', default='800x1280', help='HxW for the backbones (default 800x1280)')
+    p.add_argument('--seg-size', default='512x512', help='HxW for UperNet (default 512x512)')
+    p.add_argument('--models', nargs='+', choices=MODELS, default=MODELS)
+    p.add_argument('--levels', nargs='+', choices=LEVELS, default=['all', 'extended', 'basic', 'disable'],
+                   help='ONNX Runtime graph optimisation levels to time for MLLA-T (others use the first)')
+    p.add_argument('--no-bf16', action='store_true', help='skip the bf16 autocast measurement')
+    p.add_argument('--json', help='write all numbers to this JSON file')
+    p.add_argument('--quick', action='store_true', help='small sizes, one repeat (for tests)')
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from mlla_mm.deploy.benchmark import (cpu_description, interleaved_times, median, paired_ratio,
+                                          relative_difference)
+    from mlla_mm.deploy.onnx_export import export_bytes, make_session, require
+    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.utils.io import atomic_write
+    args = parse_args(argv)
+    try:
+        require('onnx', 'onnxruntime')
+    except UsageError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    import onnxruntime as ort
+    if args.quick:
+        args.backbone_size, args.seg_size, args.repeats = '64x96', '64x64', 1
+    torch.set_num_threads(args.threads)
+    bsize, ssize = parse_size(args.backbone_size), parse_size(args.seg_size)
+    cpu = cpu_description()
+    results: dict = dict(cpu=cpu, threads=args.threads, repeats=args.repeats, torch=torch.__version__,
+                         onnxruntime=ort.__version__, date=time.strftime('%Y-%m-%d %H:%M:%S'),
+                         backbone_size=args.backbone_size, seg_size=args.seg_size, models={}, goals={})
+    print(f"# CPU: {cpu['model_name']} (bf16-related flags: {', '.join(cpu['bf16_flags']) or 'none'}); "
+          f'{args.threads} threads; torch {torch.__version__}, onnxruntime {ort.__version__}', flush=True)
+
+    groups: Dict[Tuple[int, int], Dict[str, object]] = {}
+    for name in args.models:
+        size = ssize if name.startswith('upernet') else bsize
+        try:
+            target, shape, dynamic = build(name, size, args.quick)
+        except ImportError as err:
+            print(f'# skip {name}: {err}')
+            continue
+        t = time.perf_counter()
+        data = export_bytes(target, shape, dynamic=dynamic)
+        export_s = time.perf_counter() - t
+        x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+        levels = args.levels if name == 'mlla_t' else args.levels[:1]
+        sessions = {}
+        for level in levels:
+            t = time.perf_counter()
+            sessions[level] = make_session(data, threads=args.threads, level=level)
+            results.setdefault('session_s', {})[f'{name}:{level}'] = time.perf_counter() - t
+        with torch.no_grad():
+            ref = target.model(x)
+        got = sessions[levels[0]].run(None, {'img': x.numpy()})
+        diff = relative_difference(got, ref)
+        results['models'][name] = dict(size=f'{size[0]}x{size[1]}', export_s=export_s, dynamic=dynamic,
+                                       onnx_mib=len(data) / 2**20, max_rel_diff=diff)
+        print(f'# {name}: exported in {export_s:.1f} s ({"dynamic" if dynamic else "static"} shape, '
+              f'{len(data) / 2**20:.0f} MiB), ONNX Runtime vs PyTorch max rel. diff {diff:.1e}', flush=True)
+        fns = groups.setdefault(size, {})
+        model, xn = target.model, x.numpy()
+
+        def run_torch(m=model, inp=x):
+            with torch.no_grad():
+                return m(inp)
+
+        fns[f'{name}:torch'] = run_torch
+        for level, sess in sessions.items():
+            fns[f'{name}:ort-{level}'] = (lambda s=sess, inp=xn: s.run(None, {'img': inp}))
+
+    times: Dict[str, List[float]] = {}
+    for size, fns in groups.items():
+        print(f'# timing {len(fns)} runs at {size[0]}x{size[1]}, {args.repeats} interleaved rounds', flush=True)
+        times.update(interleaved_times(fns, args.repeats))
+    results['latency'] = {k: dict(median=median(v), min=min(v), max=max(v), n=len(v)) for k, v in times.items()}
+
+    print(f"\nLatency (s), {args.threads} threads, fp32, batch 1, median of {args.repeats} interleaved rounds")
+    print(f"{'run':<32}{'size':>10}{'median':>9}{'min':>9}{'vs torch':>10}")
+    for key, row in results['latency'].items():
+        name = key.split(':')[0]
+        vs = paired_ratio(times, key, f'{name}:torch')
+        row['over_torch'] = vs
+        print(f"{key:<32}{results['models'][name]['size']:>10}{row['median']:9.3f}{row['min']:9.3f}{vs:10.3f}")
+
+    goals = results['goals']
+    best = args.levels[0]
+    if 'mlla_t:torch' in times:
+        goals['mlla_t_ort_over_torch'] = paired_ratio(times, f'mlla_t:ort-{best}', 'mlla_t:torch')
+    if 'mlla_t:torch' in times and 'swin_t:torch' in times:
+        torch_ratio = paired_ratio(times, 'mlla_t:torch', 'swin_t:torch')
+        ort_ratio = paired_ratio(times, f'mlla_t:ort-{best}', f'swin_t:ort-{best}')
+        goals.update(mlla_over_swin_torch=torch_ratio, mlla_over_swin_ort=ort_ratio)
+    print(f'\nGoals (ONNX Runtime level {best!r}, ratios are medians of per-round ratios):')
+    if 'mlla_t_ort_over_torch' in goals:
+        v = goals['mlla_t_ort_over_torch']
+        print(f'  MLLA-T {args.backbone_size}: ONNX Runtime / PyTorch eager  {v:.3f}  (<= {GOAL_ORT_OVER_TORCH})  '
+              f'{"PASS" if v <= GOAL_ORT_OVER_TORCH else "FAIL"}')
+    if 'mlla_over_swin_ort' in goals:
+        a, b = goals['mlla_over_swin_ort'], goals['mlla_over_swin_torch']
+        print(f'  MLLA-T / Swin-T: ONNX Runtime {a:.3f} vs PyTorch {b:.3f}  (ONNX <= PyTorch)  '
+              f'{"PASS" if a <= b else "FAIL"}')
+
+    if not args.no_bf16 and 'mlla_t' in results['models']:
+        from mlla_mm.deploy.onnx_export import build_target
+        model = build_target('mlla_t', log=lambda m: None).model
+        x = torch.randn(1, 3, *bsize, generator=torch.Generator().manual_seed(0))
+
+        def fp32(m=model, inp=x):
+            with torch.no_grad():
+                return m(inp)
+
+        def bf16(m=model, inp=x):
+            with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+                return m(inp)
+
+        bt = interleaved_times({'fp32': fp32, 'bf16': bf16}, args.repeats)
+        diff = relative_difference([o.float().numpy() for o in bf16()], fp32())
+        results['bf16'] = dict(fp32=median(bt['fp32']), bf16=median(bt['bf16']),
+                               bf16_over_fp32=paired_ratio(bt, 'bf16', 'fp32'), max_rel_diff=diff,
+                               native_bf16=cpu['native_bf16'])
+        r = results['bf16']
+        print(f"\nbf16 autocast, MLLA-T backbone {args.backbone_size}: fp32 {r['fp32']:.3f} s, bf16 {r['bf16']:.3f} s, "
+              f"bf16/fp32 {r['bf16_over_fp32']:.3f}; max rel. diff {diff:.1e}; native bf16 on this CPU: "
+              f"{'yes' if cpu['native_bf16'] else 'no'}")
+
+    if args.json:
+        with atomic_write(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
