@@ -139,9 +139,12 @@ def folder_samples(root: str, num_classes: int, label_names: List[str]) -> Tuple
         mapping = {f: int(f) for f in folders}
     else:
         bad = [f for f in folders if f not in by_name and not (f.isdigit() and int(f) < num_classes)]
-        kind = 'an ImageNet WordNet id (e.g. n01440764)' if num_classes == 1000 else 'a class index'
-        raise UsageError(f'--data-dir {root}: class folder {bad[0]!r} is not {kind} or an index below '
-                         f'{num_classes}; name every class folder one way')
+        if not bad:
+            raise UsageError(f'--data-dir {root}: class folders mix WordNet ids and class indices '
+                             f'({folders[0]!r}, {folders[-1]!r}); name every class folder one way')
+        kind = 'an ImageNet WordNet id (e.g. n01440764) or' if num_classes == 1000 else ''
+        raise UsageError(f'--data-dir {root}: class folder {bad[0]!r} is not {kind} a class index below '
+                         f'{num_classes}')
     samples = []
     for folder in folders:
         base = os.path.join(root, folder)
@@ -171,7 +174,8 @@ class FolderDataset:
             return self.transform(open_image(path)), target, ''
         except Exception as err:  # reported by the main process, one line naming the file
             from mlla_mm.engine.launch import one_line
-            return torch.zeros(0), target, f'{path}: {one_line(err)}'
+            text = one_line(err)
+            return torch.zeros(0), target, text if path in text else f'cannot read image {path}: {text}'
 
 
 def collate(batch):
@@ -241,10 +245,14 @@ def evaluate_folder(args: argparse.Namespace, model, transform, device) -> Dict[
                                          num_workers=args.workers, collate_fn=collate, shuffle=False)
     k = min(5, model.num_classes)
     correct1 = correct5 = seen = 0
-    bar = ProgressBar(len(samples), file=sys.stderr)
+    bar = None
     for images, targets, error in loader:
         if error:
-            raise UsageError(f'cannot read image {error}')
+            if bar is not None:
+                sys.stderr.write('\n')  # end the progress bar's line
+            raise UsageError(error)
+        if bar is None:  # started once data arrives, so a bad first image gives one clean line
+            bar = ProgressBar(len(samples), file=sys.stderr)
         with torch.no_grad():
             logits = model(images.to(device)).float().cpu()
         top = logits.topk(k, dim=-1).indices

@@ -20,14 +20,13 @@ from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model,
+                         resolve_pretrained_cfg)
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import adapt_input_conv
-from timm.models._registry import resolve_pretrained_cfg  # noqa: F401  (used in _create_mlla)
 
 from ..checkpoint import CheckpointError, find_state_dict, load_file
-from .mlla import (ARCH_SETTINGS, MLLA, LayerNorm, MLLAStage, RoPECache, Stem, checkpoint_module, fast_path,
-                   needs_checkpoint, resolve_arch)
+from .mlla import (ARCH_SETTINGS, MLLA, LayerNorm, MLLAStage, Stem, checkpoint_module, is_tracing, needs_checkpoint,
+                   resolve_arch)
 
 _logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class MLLAClassifier(nn.Module):
                              for i, c in enumerate(channels)]
 
         self.patch_embed = Stem(in_chans, self.embed_dim)
-        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
         for i in range(num_stages):
             start = sum(self.depths[:i])
@@ -93,7 +92,6 @@ class MLLAClassifier(nn.Module):
         self.norm = LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self._rope = RoPECache()
         self.apply(MLLA._init_module)
 
     # -- timm model API ------------------------------------------------------
@@ -112,6 +110,8 @@ class MLLAClassifier(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the stem, every block and every downsample when gradients are needed."""
         self.grad_checkpointing = enable
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -131,20 +131,14 @@ class MLLAClassifier(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'MLLA expects images of shape (B, {self.in_chans}, H, W), got {shape}')
-        if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+        if not is_tracing() and (x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1):
             raise ValueError(f'MLLA expects a non-empty batch with H, W >= 1, got {tuple(x.shape)}')
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The stem or a downsample layer, checkpointed under ``grad_checkpointing``."""
         if self.grad_checkpointing and needs_checkpoint(module, x):
             return checkpoint_module(module, x)
         return module(x)
-
-    def _stage(self, stage: MLLAStage, x: torch.Tensor) -> torch.Tensor:
-        """The blocks of one stage on a ``(B, H, W, C)`` map (no downsample)."""
-        _, h, w, c = x.shape
-        kind = 'complex' if fast_path(x) else 'real'
-        rope = self._rope(h, w, c, x.device, torch.promote_types(x.dtype, torch.float32), kind)
-        return stage(x, rope, with_cp=self.grad_checkpointing)
 
     def forward_intermediates(
             self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
@@ -173,25 +167,33 @@ class MLLAClassifier(nn.Module):
         x = self._run(self.patch_embed, x)
         for i in range(last + 1):
             stage = self.layers[i]
-            x = self._stage(stage, x)
+            x = stage(x)  # the blocks; the map leaves before the downsample
             if i in take_indices:
-                y = self.norm(x) if norm and i == num_stages - 1 else x
+                y = self.norm(x) if norm and i == num_stages - 1 else x  # the final norm fits the last stage only
                 intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
             if i < last:
                 x = self._run(stage.downsample, x)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return (self.norm(x) if last == num_stages - 1 else x), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop the stages (and the downsample) after the last one ``indices`` takes; returns the indices taken."""
+        """Drop the stages after the last one ``indices`` takes (and the downsample feeding them).
+
+        As timm's Swin and ConvNeXt: when stages go, the final norm (sized for
+        the last stage) and the head go too, and ``num_features`` becomes the
+        channels of the last kept stage. Returns the (non-negative) indices taken.
+        """
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        self.layers[-1].downsample = None  # its output would never be used
-        if prune_norm:
+        prune_end = max_index < len(self.layers) - 1
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_end:
+            self.layers = self.layers[:max_index + 1]
+            self.layers[-1].downsample = None  # its output would never be used
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
             self.reset_classifier(0, '')
         return take_indices
 
@@ -200,7 +202,7 @@ class MLLAClassifier(nn.Module):
         self._check_input(x)
         x = self._run(self.patch_embed, x)
         for stage in self.layers:
-            x = self._stage(stage, x)
+            x = stage(x)
             if stage.downsample is not None:
                 x = self._run(stage.downsample, x)
         return self.norm(x)
@@ -368,6 +370,12 @@ def _create_mlla(variant: str, pretrained: bool = False, use_ema: bool = False, 
                 f'{variant}: pretrained=True needs the published weights file, which is not downloaded: get '
                 f'{name} from {ORIGIN_URL} (README, Pretrained Models), put it for example at '
                 f"data/pretrained/{name} and pass pretrained_cfg_overlay=dict(file='data/pretrained/{name}')")
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    if overlay.get('file') or overlay.get('url'):
+        # timm resets custom_load when a file is given; keep it, so the file is read by the safe loader
+        # in MLLAClassifier.load_pretrained and never by timm's torch.load
+        overlay['custom_load'] = True
+    kwargs['pretrained_cfg_overlay'] = overlay or None
     token = _PRETRAINED_USE_EMA.set(bool(use_ema))
     try:
         return build_model_with_cfg(

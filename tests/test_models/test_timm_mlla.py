@@ -17,6 +17,7 @@ import mlla_mm  # noqa: F401  (registers the timm models)
 from mlla_mm.checkpoint import CheckpointError
 from mlla_mm.models import MLLA
 from mlla_mm.models import mlla_timm_draft as tm
+from tests.test_reliability.evil_pickles import CfgNode, YacsPickle
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
 TINY_MM = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
@@ -40,7 +41,7 @@ def golden_cls(golden_dir):
 @pytest.fixture(scope='module')
 def golden_cls_kwargs(golden_cls):
     a = golden_cls['arch']
-    return dict(embed_dim=a['embed_dim'], depths=tuple(a['depths']), num_heads=tuple(a['num_heads']),
+    return dict(embed_dim=a['embed_dims'], depths=tuple(a['depths']), num_heads=tuple(a['num_heads']),
                 num_classes=golden_cls['num_classes'])
 
 
@@ -65,7 +66,8 @@ def test_models_are_registered_with_a_truthful_cfg():
         assert cfg['first_conv'] == 'patch_embed.conv1.conv' and cfg['classifier'] == 'head'
         assert cfg['paper_ids'] == 'arXiv:2405.16605' and 'Linear Attention' in cfg['paper_name']
         assert cfg['license'] == 'unknown' and cfg['custom_load'] is True
-        assert not (cfg['url'] or cfg['hf_hub_id'] or cfg['file'])  # nothing to download
+        assert not timm.models.get_pretrained_cfg(name).has_weights  # nothing to download
+    assert not timm.list_pretrained('mlla_*')
     # the eval transform timm derives from it is the published one: resize 256 bicubic, centre crop 224
     data_cfg = timm.data.resolve_data_config({}, model=timm.create_model('mlla_tiny', **TINY))
     transform = timm.data.create_transform(**data_cfg)
@@ -76,14 +78,16 @@ def test_models_are_registered_with_a_truthful_cfg():
 def test_parameter_counts_equal_the_published_classifiers(golden_dir):
     counts = json.loads((golden_dir / 'param_counts.json').read_text())
     for name, short in zip(NAMES, 'tsb'):
-        with torch.device('meta'):
+        with torch.device('meta'):  # shapes only: fast
             model = timm.create_model(name)
         assert sum(p.numel() for p in model.parameters()) == counts[f'cls_{short}_params'], name
-        with torch.device('meta'):
-            backbone = MLLA(name.split('_')[1])
-        # the classifier is the backbone's stem and stages plus norm and head
-        shared = {k for k, _ in backbone.named_parameters() if not k.startswith('norm')}
-        assert shared == {k for k, _ in model.named_parameters() if not k.startswith(('norm.', 'head.'))}
+    # the classifier is the mm backbone's stem and stages plus norm and head
+    backbone = MLLA('tiny')
+    model = timm.create_model('mlla_tiny')
+    shared = {k: v.shape for k, v in backbone.state_dict().items() if not k.startswith('norm')}
+    assert shared == {k: v.shape for k, v in model.state_dict().items() if not k.startswith(('norm.', 'head.'))}
+    assert type(model.patch_embed) is type(backbone.patch_embed)
+    assert type(model.layers[0]) is type(backbone.layers[0])
 
 
 def test_parameter_names_are_the_published_ones(golden_dir, golden_cls_kwargs):
@@ -264,15 +268,23 @@ def test_prune_intermediate_layers():
     taken = model.prune_intermediate_layers([-3, -2])
     assert taken == [1, 2]
     assert len(model.layers) == 3 and model.layers[2].downsample is None
+    # as timm's Swin/ConvNeXt: with stages gone, the final norm and the head go too
     assert model.num_classes == 0 and isinstance(model.head, nn.Identity) and model.global_pool == ''
-    assert isinstance(model.norm, nn.Module) and not isinstance(model.norm, nn.Identity)  # prune_norm=False
+    assert isinstance(model.norm, nn.Identity) and model.num_features == model.head_hidden_size == 64
     with torch.no_grad():
         got = model.forward_intermediates(x, indices=taken, intermediates_only=True)
+        final, _ = model.forward_intermediates(x, indices=taken)
+        assert model(x).shape == (1, 4, 4, 64) == final.shape  # the last kept stage, NHWC
     for a, b in zip(got, ref[1:3]):
         torch.testing.assert_close(a, b)
+    torch.testing.assert_close(final.permute(0, 3, 1, 2), ref[2])
+    # all stages kept: the norm stays unless asked, the head goes unless asked
     model2 = tiny()
-    model2.prune_intermediate_layers(1, prune_norm=True, prune_head=False)
-    assert isinstance(model2.norm, nn.Identity) and model2.num_classes == 1000 and len(model2.layers) == 4
+    assert model2.prune_intermediate_layers(1, prune_head=False) == [3]
+    assert not isinstance(model2.norm, nn.Identity) and model2.num_classes == 1000 and len(model2.layers) == 4
+    assert model2.layers[3].downsample is None and model2.layers[2].downsample is not None
+    model2.prune_intermediate_layers(1, prune_norm=True)
+    assert isinstance(model2.norm, nn.Identity) and model2.num_classes == 0
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
@@ -301,7 +313,8 @@ def test_group_matcher_orders_every_parameter():
     assert order['layers.0.blocks.0.norm1.weight'] < order['layers.0.downsample.conv.0.conv.weight'] \
         < order['layers.1.blocks.0.norm1.weight']
     assert order['patch_embed.conv1.conv.weight'] < order['layers.0.blocks.0.norm1.weight']
-    assert order['norm.weight'] > order['layers.3.blocks.0.norm1.weight']
+    # timm's convention: the final norm joins the last stage's group, the head comes last
+    assert order['norm.weight'] == order['layers.3.blocks.0.norm1.weight'] < order['head.weight']
 
 
 def test_bad_arguments():
@@ -318,10 +331,6 @@ def test_bad_arguments():
 # --------------------------------------------------------------------------
 # Pretrained weights: layouts, EMA, the filter, clear errors.
 # --------------------------------------------------------------------------
-class CfgNode(dict):
-    """Stands in for the yacs config object the published training code pickles."""
-
-
 def test_filter_drops_rope_tables_and_is_a_no_op_twice(golden_dir):
     ckpt = torch.load(golden_dir / 'mlla_small_official_cls.pth', weights_only=True)
     once = tm.checkpoint_filter_fn(ckpt)
@@ -342,8 +351,10 @@ def test_filter_drops_rope_tables_and_is_a_no_op_twice(golden_dir):
 def test_published_training_checkpoint_and_ema(tmp_path, golden_dir, golden_cls, golden_cls_kwargs):
     published = torch.load(golden_dir / 'mlla_small_official_cls.pth', weights_only=True)['model']
     noise = OrderedDict((k, torch.randn_like(v) if v.is_floating_point() else v) for k, v in published.items())
-    path = save({'model': noise, 'state_dict_ema': published, 'epoch': 3, 'max_accuracy': 1.0,
-                 'optimizer': {'state': {}}, 'config': CfgNode(MODEL=CfgNode(TYPE='mlla'))}, tmp_path / 'train.pth')
+    path = str(tmp_path / 'train.pth')
+    torch.save({'model': noise, 'state_dict_ema': published, 'epoch': 3, 'max_accuracy': 1.0,
+                'optimizer': {'state': {}}, 'config': CfgNode(MODEL=CfgNode(TYPE='mlla'))}, path,
+               pickle_module=YacsPickle)  # its config names yacs.config.CfgNode, as the published files do
     case = next(iter(golden_cls['cases'].values()))
     ema = timm.create_model('mlla_tiny', pretrained=True, use_ema=True, pretrained_cfg_overlay=dict(file=path),
                             **golden_cls_kwargs).eval()
@@ -392,7 +403,7 @@ def test_pretrained_state_dict_overlay_and_new_head(tmp_path, golden_dir, golden
                               **golden_cls_kwargs)
     torch.testing.assert_close(model.patch_embed.conv1.conv.weight,
                                ckpt['model']['patch_embed.conv1.conv.weight'].sum(1, keepdim=True))
-    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
+    assert model.eval()(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
 
 def _evil_pickle(tmp_path, marker):
@@ -441,13 +452,20 @@ def _mm_outputs_from_timm(mm_model, timm_model, x):
 def test_timm_checkpoint_loads_into_mm_backbone(tmp_path, layout):
     model = tiny(num_classes=10).eval()
     state = model.state_dict()
+    trusted = None
     if layout == 'plain':
         obj = state
-    else:  # what timm's train.py writes: an argparse.Namespace of the arguments, EMA weights
+    else:  # what timm's train.py writes: EMA weights and an argparse.Namespace of its arguments
         obj = {'epoch': 1, 'arch': 'mlla_tiny', 'state_dict': state, 'state_dict_ema': state,
                'args': argparse.Namespace(model='mlla_tiny', lr=0.1), 'version': 2}
+        path = save(obj, tmp_path / 'timm_refused.pth')
+        # the Namespace is a Python object mlla-mm's loader does not build: refused unless trusted
+        mm = MLLA(TINY_MM, init_cfg=dict(type='Pretrained', checkpoint=path))
+        with pytest.raises(CheckpointError, match='argparse.Namespace'):
+            mm.init_weights()
+        trusted = True
     path = save(obj, tmp_path / 'timm.pth')
-    mm = MLLA(TINY_MM, init_cfg=dict(type='Pretrained', checkpoint=path))
+    mm = MLLA(TINY_MM, init_cfg=dict(type='Pretrained', checkpoint=path, trusted=trusted))
     mm.init_weights()
     mm.eval()
     for k, v in mm.state_dict().items():

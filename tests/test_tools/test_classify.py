@@ -11,6 +11,7 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 import mlla_mm  # noqa: F401  (registers the timm models)
+from mlla_mm.models import mlla_timm_draft  # noqa: F401  (until the models move into mlla.py)
 from tests.helpers import load_tool, run_tool
 
 TINY_KWARGS = ['embed_dim=16', 'depths=(1,1,1,1)', 'num_heads=(1,2,2,4)']
@@ -137,7 +138,8 @@ def test_bad_input_is_one_clear_line(tool, setup, capsys, tmp_path):
     torch.save({k: v for k, v in setup['model'].state_dict().items() if not k.startswith('head')}, backbone)
     bad_img = tmp_path / 'bad.jpg'
     bad_img.write_bytes(b'not an image at all')
-    mixed = _make_folder(tmp_path / 'mixed', setup, ['n01440764', 'n01440764', 'cats', 'cats', '3', '3'])
+    other = _make_folder(tmp_path / 'other', setup, ['n01440764', 'n01440764', 'cats', 'cats', '3', '3'])
+    mixed = _make_folder(tmp_path / 'mixed', setup, ['n01440764', 'n01440764', '3', '3', '3', '3'])
     broken = tmp_path / 'broken'
     (broken / '7').mkdir(parents=True)
     (broken / '7' / 'x.png').write_bytes(b'\x89PNG garbage')
@@ -155,7 +157,8 @@ def test_bad_input_is_one_clear_line(tool, setup, capsys, tmp_path):
         ([img, '--weights', tmp_path / 'nowhere.pth'], 'nowhere.pth'),
         ([tmp_path / 'missing.png', '--weights', w, '--model-kwargs', *TINY_KWARGS], 'missing.png'),
         ([bad_img, '--weights', w, '--model-kwargs', *TINY_KWARGS], str(bad_img)),
-        (['--data-dir', mixed, '--weights', w, '--model-kwargs', *TINY_KWARGS], "'3'"),
+        (['--data-dir', other, '--weights', w, '--model-kwargs', *TINY_KWARGS], "'cats'"),
+        (['--data-dir', mixed, '--weights', w, '--model-kwargs', *TINY_KWARGS], 'mix WordNet ids and class indices'),
         (['--data-dir', broken, '--weights', w, '--model-kwargs', *TINY_KWARGS, '--workers', '1'], 'x.png'),
         (['--data-dir', tmp_path / 'empty', '--weights', w, '--model-kwargs', *TINY_KWARGS], 'no class subfolders'),
         ([img, '--weights', w, '--model-kwargs', 'depths'], 'KEY=VALUE'),
