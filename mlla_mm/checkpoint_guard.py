@@ -127,16 +127,17 @@ def history_buffer_class() -> type:
     HistoryBuffer()
 
     class LoadedHistoryBuffer(HistoryBuffer):
-        """mmengine's ``HistoryBuffer`` as read from a checkpoint.
+        """What a checkpoint's ``HistoryBuffer`` is created as; it ends up a plain ``HistoryBuffer``.
 
-        It is a real ``HistoryBuffer`` (mmengine's resume uses it as such), but
-        the unpickler can only create it empty and then call this class's
+        The unpickler can only create it empty and then call this class's
         ``__setstate__``. Unlike mmengine's, which writes the file's
         ``statistics_methods`` into the class-level registry, it takes the
-        three instance fields, checks them and sets them on the instance; the
-        file's statistics may only name mmengine's four defaults (see
+        three instance fields, checks them, sets them on the instance and
+        turns the instance into a plain mmengine ``HistoryBuffer`` (what
+        mmengine's resume expects, and what it pickles as again). The file's
+        statistics may only name mmengine's four defaults (see
         :func:`history_buffer_statistic`) and are otherwise ignored: the
-        registry stays mmengine's own. It pickles as a plain ``HistoryBuffer``.
+        registry stays mmengine's own.
         """
 
         def __setstate__(self, state: Any) -> None:
@@ -159,13 +160,7 @@ def history_buffer_class() -> type:
             if len(log) != len(count):
                 raise ValueError('HistoryBuffer _log_history and _count_history differ in length')
             vars(self).update(max_length=max_length, _log_history=log, _count_history=count)
-
-        def __reduce_ex__(self, protocol: Any) -> Tuple[Any, ...]:
-            # What mmengine's own HistoryBuffer pickles as (its __getstate__ adds the statistics).
-            import copyreg
-            state = dict(vars(self))
-            state[HISTORY_BUFFER_STATISTICS] = self._statistics_methods
-            return copyreg.__newobj__, (HistoryBuffer, ), state
+            self.__class__ = HistoryBuffer  # this instance only: a plain HistoryBuffer from here on
 
     LoadedHistoryBuffer.__module__ = __name__
     LoadedHistoryBuffer.__qualname__ = 'LoadedHistoryBuffer'
@@ -563,8 +558,7 @@ class _Scanner:
     # -- calls ---------------------------------------------------------------
     def _refuse_call(self, func: Any, args: Any, how: str = 'calls') -> Refused:
         return Refused(f'its pickle {how} {_describe(func)}{_describe(args) if isinstance(args, tuple) else ""}, '
-                       'which no checkpoint does (it could allocate without bound or run code)',
-                       names_code=not isinstance(func, _G))
+                       'which no checkpoint does (it could allocate without bound or run code)', names_code=True)
 
     def _call(self, func: Any, args: Any) -> Any:
         if not isinstance(func, _G) or not isinstance(args, tuple):

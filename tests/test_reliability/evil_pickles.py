@@ -255,6 +255,7 @@ def corpus(marker: str) -> Dict[str, bytes]:
         + tup(i(3), s('>'), NONE, NONE, NONE, i(-1), i(-1), i(0)) + BUILD)
     add('getattr_builtins', call(glob('builtins', 'getattr'), glob('torch._utils', '_rebuild_tensor_v2'),
                                  s('__globals__')))
+    add('getattr_history_buffer', call(glob('builtins', 'getattr'), glob(*HB), s('__getattribute__')))
     out['getattr_chain'] = torch_archive(getattr_chain(m))
     add('layout_oddity', call(glob('torch.serialization', '_get_layout'), s('__class__')))
     add('rebuild_from_type_eval', call(glob('torch._tensor', '_rebuild_from_type_v2'), glob('builtins', 'eval'),
@@ -451,6 +452,22 @@ def _limit_memory(extra: int) -> int:
     return vm + extra
 
 
+#: The corpus by kind: code payloads (run code or change state), memory payloads, format payloads.
+CODE = ('reduce_os_system', 'reduce_posix_system', 'reduce_builtins_eval', 'reduce_py2_builtin_exec',
+        'reduce_subprocess', 'inst_os_system', 'obj_os_system', 'newobj_foreign', 'newobj_ex_foreign',
+        'stack_global', 'ext1', 'ext2', 'ext4', 'getattr_chain', 'getattr_builtins', 'getattr_history_buffer',
+        'rebuild_from_type_eval', 'build_rebuild_defaults', 'build_history_buffer_class',
+        'build_history_buffer_statistics', 'build_ordereddict_class', 'build_numpy_global_dtype', 'layout_oddity')
+MEMORY = ('bytearray_huge', 'bytearray_py2', 'set_range', 'torch_tensor_new', 'torch_tensor_newobj',
+          'untyped_storage', 'rebuild_from_type_bytearray', 'qtensor', 'encode_chain', 'bytearray_copies',
+          'set_copies', 'empty_sets', 'deep_nesting', 'storage_out_of_range', 'storage_missing',
+          'storage_path_key', 'tensor_view_out_of_range', 'tensor_expanded_view', 'zip_bomb_deflate',
+          'zip_bomb_declared', 'zip_stored_size_lie', 'zip_duplicate_member')
+FORMAT = ('legacy_format', 'not_a_checkpoint', 'prefix_pickle_os_system', 'prefix_pickle_getattr_chain',
+          'prefix_pickle_bytearray', 'prefix_file_pickle')
+#: Code payloads that torch's weights_only unpickler with mlla-mm's stand-ins refuses even without the scan.
+UNSCANNED = CODE + ('prefix_pickle_os_system', 'prefix_pickle_getattr_chain', 'prefix_file_pickle',
+                    'legacy_format')
 #: Payloads that do create the marker when read with plain pickle (``trusted=True``).
 LIVE = ('reduce_os_system', 'reduce_posix_system', 'reduce_builtins_eval', 'reduce_py2_builtin_exec',
         'reduce_subprocess', 'inst_os_system', 'obj_os_system', 'stack_global', 'ext1', 'ext2', 'ext4',
@@ -460,11 +477,15 @@ LIVE = ('reduce_os_system', 'reduce_posix_system', 'reduce_builtins_eval', 'redu
 UNGUARDED_BOMBS = ('bytearray_huge', 'torch_tensor_new', 'untyped_storage', 'prefix_pickle_bytearray')
 
 
+#: The EXT1/EXT2/EXT4 codes of the ext payloads and what :func:`register_extensions` makes them name.
+EXTENSIONS = {0xF1: ('os', 'system'), 0xF1F1: ('posix', 'system'), 0xF1F1F1: ('subprocess', 'getoutput')}
+
+
 def register_extensions() -> None:
-    """Make EXT1/EXT2/EXT4 codes 0xF1.. name os.system, so the ext payloads are live for plain pickle."""
-    for code in (0xF1, 0xF1F1, 0xF1F1F1):
-        if copyreg._inverted_registry.get(code) != ('os', 'system'):
-            copyreg.add_extension('os', 'system', code)
+    """Register the ext payloads' codes (shell-running callables), so they are live for plain pickle."""
+    for code, key in EXTENSIONS.items():
+        if copyreg._inverted_registry.get(code) != key:
+            copyreg.add_extension(key[0], key[1], code)
 
 
 def main(argv: List[str]) -> int:
@@ -476,7 +497,8 @@ def main(argv: List[str]) -> int:
     other exception, e.g. MemoryError), with ``marker`` (the payload ran) and
     ``changed`` (watched class/function/module state that changed);
     ``real[name]``: the keys of each real checkpoint read afterwards (or the
-    error); ``live[file]``: the payload created the marker when read as a
+    error); ``unscanned[file]``: the same for code payloads read with the scan
+    switched off; ``live[file]``: the payload created the marker when read as a
     trusted file; ``unguarded[file]``: what plain ``torch.load(weights_only=True)``
     raised under the limit.
     """
@@ -525,6 +547,27 @@ def main(argv: List[str]) -> int:
             unguarded[name] = 'loaded'
         except BaseException as err:  # noqa: BLE001
             unguarded[name] = type(err).__name__
+    # Without the scan: torch's weights_only unpickler and the stand-ins alone still refuse the code
+    # payloads (defence in depth; the memory payloads are not run this way).
+    from mlla_mm import checkpoint_guard
+    check_file = checkpoint_guard.check_file
+    checkpoint_guard.check_file = lambda f: None  # type: ignore[assignment]
+    unscanned: Dict[str, object] = {}
+    before = state_snapshot()  # reading the real files registered mmengine's default statistics
+    try:
+        for name in UNSCANNED:
+            try:
+                load_file(corpus_dir / f'{name}.pth')
+                outcome: Dict[str, object] = {'ok': True}
+            except CheckpointError as err:
+                outcome = {'error': str(err)}
+            except BaseException as err:  # noqa: BLE001
+                outcome = {'other': f'{type(err).__name__}: {err}'[:500]}
+            after = state_snapshot()
+            outcome.update(marker=marker.exists(), changed=sorted(k for k in before if before[k] != after[k]))
+            unscanned[name] = outcome
+    finally:
+        checkpoint_guard.check_file = check_file  # type: ignore[assignment]
     live: Dict[str, bool] = {}
     for name in LIVE:
         if marker.exists():
@@ -534,7 +577,10 @@ def main(argv: List[str]) -> int:
         except BaseException:  # noqa: BLE001 (the payload's own result may not be a checkpoint)
             pass
         live[name] = marker.exists()
-    print(json.dumps({'results': results, 'real': real, 'live': live, 'unguarded': unguarded, 'limit': limit,
+    if marker.exists():
+        marker.unlink()
+    print(json.dumps({'results': results, 'real': real, 'unscanned': unscanned, 'live': live,
+                      'unguarded': unguarded, 'limit': limit,
                       'torch': torch.__version__}))
     return 0
 

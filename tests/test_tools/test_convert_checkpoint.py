@@ -59,3 +59,35 @@ def test_bad_source_is_a_clear_error_and_writes_nothing(tmp_path):
         assert src.name in res.stderr and 'Traceback' not in res.stderr
         assert not (tmp_path / 'out.pth').exists()
     assert [p.name for p in tmp_path.iterdir()] == ['broken.pth']
+
+
+# A full disk, simulated with a file-size limit (writes past it fail with EFBIG).
+FULL_DISK = ('import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+             'resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); sys.argv = sys.argv[1:]; '
+             'runpy.run_path(sys.argv[0], run_name="__main__")')
+
+
+def test_full_disk_is_one_line_naming_the_file(tmp_path, golden_dir):
+    dst = tmp_path / 'out.pth'
+    dst.write_bytes(b'previous version')
+    res = subprocess.run([sys.executable, '-c', FULL_DISK.format(limit=64 << 10), TOOL,
+                          str(golden_dir / 'mlla_small_official_cls.pth'), str(dst)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and str(dst) in errors[0] and 'Traceback' not in res.stderr, res.stderr[-3000:]
+    assert 'unchanged' in errors[0]
+    assert dst.read_bytes() == b'previous version'
+    assert [p.name for p in tmp_path.iterdir()] == ['out.pth']  # no temporary file left
+
+
+def test_refused_source_is_one_line_and_writes_nothing(tmp_path):
+    from tests.test_reliability.evil_pickles import call, glob, pickle_of, s, torch_archive
+    marker = tmp_path / 'marker'
+    src = tmp_path / 'evil.pth'
+    src.write_bytes(torch_archive(pickle_of(call(glob('os', 'system'), s(f'touch {marker}')))))
+    res = convert(src, tmp_path / 'out.pth')
+    assert res.returncode == 2 and not marker.exists()
+    errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and str(src) in errors[0] and 'os.system' in errors[0], res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['evil.pth']
