@@ -31,7 +31,10 @@ def n_params(module):
 def test_every_segmentation_config_is_tested():
     names = {p.stem for p in SEG.glob('*.py')}
     # upernet_timm_mlla_t (mmseg's TIMMBackbone) is tested in tests/test_models/test_timm_mlla.py
-    assert names == set(ARCH) | {'upernet_mlla_t_demo', 'upernet_timm_mlla_t'}
+    # Semantic FPN, Mask2Former and the own-data template: tests/test_configs/test_zoo_configs.py
+    from tests.test_configs.test_zoo_configs import CONFIGS as ZOO
+    zoo = {n for n, (folder, *_) in ZOO.items() if folder == 'segmentation'}
+    assert names == set(ARCH) | {'upernet_mlla_t_demo', 'upernet_timm_mlla_t'} | zoo
 
 
 @pytest.mark.parametrize('name', sorted(ARCH) + ['upernet_mlla_t_demo'])

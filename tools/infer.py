@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""Draw a detector's (mmdet) or segmentor's (mmseg) predictions on images.
+
+    python tools/infer.py CONFIG WEIGHTS IMAGE_OR_FOLDER --out DIR [--score-thr 0.3]
+                          [--device cpu|cuda] [--cfg-options k=v ...]
+
+For every image (a folder is searched recursively for .jpg, .jpeg, .png,
+.bmp, .tif, .tiff and .webp files, with a progress bar) it writes
+``DIR/<same relative path>.png``: the image with the predicted boxes and
+masks (mmdet's ``DetLocalVisualizer``) or the predicted segmentation
+(mmseg's ``SegLocalVisualizer``) drawn on it. The config's
+``default_scope`` decides which. The test pipeline of the config (its
+resize, without loading annotations) is used, and the weights are read
+through mmengine's checkpoint loader (mlla-mm's safe loader) and must fit
+the config's model exactly. Class names come from the checkpoint (mmengine
+saves the data set's meta) or else from the config's test data set.
+
+An image that cannot be read is skipped with a ``warning:`` line. Missing
+config, weights or images, or weights that do not fit the model, give one
+``error:`` line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from mmengine.config import DictAction
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+SCOPES = ('mmdet', 'mmseg')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Draw the predictions of an mmdet or mmseg config on images.')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('weights', help='checkpoint of the whole model (e.g. work_dirs/<name>/epoch_12.pth)')
+    parser.add_argument('images', help='an image file, or a folder searched recursively for images')
+    parser.add_argument('--out', required=True, help='folder for the pictures (PNG)')
+    parser.add_argument('--score-thr', type=float, default=0.3,
+                        help='detection: draw boxes and masks scoring at least this (default 0.3)')
+    parser.add_argument('--device', default=None, help='cpu or cuda[:N] (default: cuda when available)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                        help='override config entries')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from mlla_mm.engine.launch import run_main
+    args = parse_args(argv)
+    return run_main(lambda: infer(args))
+
+
+def find_images(path: str) -> List[Path]:
+    """The image file ``path``, or the images under the folder ``path`` (sorted)."""
+    from mlla_mm.engine.launch import UsageError
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        images = sorted(f for f in p.rglob('*') if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise UsageError(f'no images ({", ".join(IMAGE_SUFFIXES)}) in folder: {path}')
+        return images
+    raise UsageError(f'image or folder not found: {path}')
+
+
+def output_paths(images: List[Path], root: Path, out: Path) -> Dict[Path, Path]:
+    """``out/<path relative to root>.png`` for each image; ``a.jpg`` next to ``a.png`` becomes ``a_jpg.png``."""
+    result: Dict[Path, Path] = {}
+    taken = set()
+    for img in sorted(images, key=lambda p: p.suffix.lower() != '.png'):  # PNGs keep their names
+        rel = img.relative_to(root) if root.is_dir() else Path(img.name)
+        target = out / rel.with_suffix('.png')
+        if target in taken:
+            target = out / rel.with_name(f'{rel.stem}_{rel.suffix.lstrip(".")}.png')
+        taken.add(target)
+        result[img] = target
+    return result
+
+
+def dataset_meta(cfg: Any, checkpoint: Dict) -> Dict[str, Any]:
+    """Classes and palette: from the checkpoint's meta, else from the config's test data set."""
+    from mmengine.registry import DATASETS
+    meta = dict((checkpoint.get('meta') or {}).get('dataset_meta') or {})
+    if not meta.get('classes'):
+        ds = (cfg.get('test_dataloader') or {}).get('dataset') or {}
+        while isinstance(ds, dict) and 'dataset' in ds:  # wrappers such as RepeatDataset
+            ds = ds['dataset']
+        cls = DATASETS.get(ds.get('type')) if isinstance(ds, dict) and ds.get('type') else None
+        meta = dict(getattr(cls, 'METAINFO', {}) or {})
+        meta.update(ds.get('metainfo') or {})
+    return meta
+
+
+def with_palette(meta: Dict[str, Any], num_classes: int) -> Dict[str, Any]:
+    """``meta`` with classes and a palette for at least ``num_classes`` classes."""
+    import numpy as np
+    classes = list(meta.get('classes') or [])
+    classes += [f'class {i}' for i in range(len(classes), num_classes)]
+    palette = [tuple(int(v) for v in c) for c in (meta.get('palette') or [])]
+    if len(palette) < len(classes):
+        extra = np.random.default_rng(0).integers(0, 256, (len(classes) - len(palette), 3))
+        palette += [tuple(int(v) for v in c) for c in extra]
+    return dict(meta, classes=classes, palette=palette)
+
+
+def head_classes(cfg: Any) -> int:
+    """Number of classes the model predicts (0 when the config does not say)."""
+    model = cfg.model
+    for head in ('decode_head', 'bbox_head'):
+        if isinstance(model.get(head), dict) and 'num_classes' in model[head]:
+            return int(model[head]['num_classes'])
+    bbox = (model.get('roi_head') or {}).get('bbox_head')
+    bbox = bbox[-1] if isinstance(bbox, (list, tuple)) else bbox
+    return int((bbox or {}).get('num_classes', 0))
+
+
+def build_model(cfg: Any, weights: str, device: str, config_path: str):
+    """Build the config's model, load ``weights`` (strictly), move it to ``device``, eval mode."""
+    import torch
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import MODELS
+    from mmengine.runner import load_checkpoint
+
+    from mlla_mm.checkpoint import CheckpointError
+    from mlla_mm.engine.launch import UsageError, one_line
+    backbone = cfg.model.get('backbone')
+    if isinstance(backbone, dict) and backbone.get('init_cfg'):
+        backbone.init_cfg = None  # the whole model comes from WEIGHTS
+    try:
+        model = MODELS.build(cfg.model)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UsageError(f'{config_path}: {one_line(err)}') from None
+    model = revert_sync_batchnorm(model)
+    try:
+        checkpoint = load_checkpoint(model, weights, map_location='cpu', strict=True)
+    except CheckpointError:
+        raise  # unreadable or refused file: run_main reports it
+    except RuntimeError as err:  # mmengine's strict load: missing / unexpected / wrong-shape tensors
+        raise UsageError(f'weights {weights} do not fit the model of {config_path}: {one_line(err)[:300]}') from None
+    model.to(torch.device(device)).eval()
+    return model, checkpoint if isinstance(checkpoint, dict) else {}
+
+
+def test_pipeline(cfg: Any, scope: str):
+    """The config's test pipeline reading an array instead of a file, without annotations."""
+    from mmcv.transforms import Compose
+    ds = cfg.test_dataloader.dataset
+    while 'pipeline' not in ds and 'dataset' in ds:
+        ds = ds.dataset
+    steps = [copy.deepcopy(t) for t in ds.pipeline if 'LoadAnnotations' not in str(t.get('type'))]
+    if not steps or 'LoadImageFromFile' not in str(steps[0].get('type')):
+        from mlla_mm.engine.launch import UsageError
+        raise UsageError('infer: the test pipeline must start with LoadImageFromFile')
+    steps[0] = dict(type=f'{scope}.LoadImageFromNDArray')
+    return Compose(steps)
+
+
+def make_visualizer(scope: str, meta: Dict[str, Any]):
+    """mmdet's DetLocalVisualizer or mmseg's SegLocalVisualizer for ``meta`` (no storage backends)."""
+    name = f'mlla_mm_infer_{os.getpid()}'
+    if scope == 'mmseg':
+        from mmseg.visualization import SegLocalVisualizer
+        vis = SegLocalVisualizer(name=name, alpha=0.6)
+        vis.set_dataset_meta(classes=meta['classes'], palette=meta['palette'])
+    else:
+        from mmdet.visualization import DetLocalVisualizer
+        vis = DetLocalVisualizer(name=name)
+        vis.dataset_meta = meta
+    return vis
+
+
+def read_image(path: Path):
+    """BGR uint8 array, or None when the file is not a readable image."""
+    import cv2
+    import mmcv
+    try:
+        img = mmcv.imread(str(path), flag='color', channel_order='bgr')
+    except (OSError, ValueError, cv2.error):
+        return None
+    return img if img is not None and img.size else None
+
+
+def infer(args: argparse.Namespace) -> int:
+    import cv2
+    import torch
+    from mmengine.registry import init_default_scope
+    from mmengine.utils import ProgressBar
+
+    from mlla_mm.engine.launch import UsageError, load_config
+    from mlla_mm.utils.io import atomic_write
+
+    cfg = load_config(args.config, args.cfg_options)
+    if not os.path.isfile(args.weights):
+        raise UsageError(f'weights file not found: {args.weights}')
+    images = find_images(args.images)
+    scope = cfg.get('default_scope')
+    if scope not in SCOPES:
+        raise UsageError(f'{args.config}: default_scope must be one of {list(SCOPES)}, got {scope!r}')
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    init_default_scope(scope)
+    model, checkpoint = build_model(cfg, args.weights, device, args.config)
+    meta = with_palette(dataset_meta(cfg, checkpoint), head_classes(cfg))
+    pipeline = test_pipeline(cfg, scope)
+    vis = make_visualizer(scope, meta)
+    root = Path(args.images)
+    targets = output_paths(images, root, Path(args.out))
+
+    bar = ProgressBar(len(images), file=sys.stdout) if root.is_dir() else None
+    written, skipped = 0, []
+    for img_path in images:
+        img = read_image(img_path)
+        if img is None:
+            skipped.append(img_path)
+            print(f'\nwarning: skipped {img_path}: not a readable image', file=sys.stderr)
+        else:
+            data = pipeline(dict(img=img, img_id=0) if scope == 'mmdet' else dict(img=img))
+            with torch.no_grad():
+                sample = model.test_step(dict(inputs=[data['inputs']], data_samples=[data['data_samples']]))[0]
+            rgb = img[:, :, ::-1].copy()
+            if scope == 'mmdet':
+                vis.add_datasample('prediction', rgb, data_sample=sample.cpu(), draw_gt=False,
+                                   pred_score_thr=args.score_thr)
+            else:
+                vis.add_datasample('prediction', rgb, data_sample=sample.cpu(), draw_gt=False)
+            ok, png = cv2.imencode('.png', vis.get_image()[:, :, ::-1])
+            if not ok:
+                raise RuntimeError(f'could not encode the picture of {img_path}')
+            target = targets[img_path]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(str(target), 'wb') as f:
+                f.write(png.tobytes())
+            written += 1
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        print()
+    if not written:
+        raise UsageError(f'none of the {len(images)} image(s) under {args.images} could be read')
+    note = f', skipped {len(skipped)} unreadable' if skipped else ''
+    print(f'infer: wrote {written} picture(s) to {args.out}{note}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
