@@ -204,10 +204,35 @@ def save_atomic(obj: Any, path: str) -> None:
     """
     path = os.fspath(path)
     with atomic_write(path, 'wb') as f:
+        out = _WriteRecorder(f)
         try:
-            torch.save(obj, f)
+            torch.save(obj, out)
         except RuntimeError as err:  # torch's zip writer reports a failed write as RuntimeError
+            if out.error is not None:  # the real reason (e.g. no space left on device)
+                raise out.error from None
             raise OSError(errno.EIO, _first_line(err)) from None
+
+
+class _WriteRecorder:
+    """A binary file for ``torch.save`` that remembers the ``OSError`` of a failed write."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as err:
+            self.error = err
+            raise
 
 
 def convert_file(src: str, dst: str, use_ema: bool = False, backbone_only: bool = False,

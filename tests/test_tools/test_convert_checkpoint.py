@@ -76,7 +76,7 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path, golden_dir):
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and str(dst) in errors[0] and 'Traceback' not in res.stderr, res.stderr[-3000:]
-    assert 'unchanged' in errors[0]
+    assert 'File too large' in errors[0] and 'unchanged' in errors[0]  # the OS's reason, not torch's
     assert dst.read_bytes() == b'previous version'
     assert [p.name for p in tmp_path.iterdir()] == ['out.pth']  # no temporary file left
 
