@@ -70,7 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--levels', nargs='+', choices=LEVELS, default=['all', 'extended', 'basic', 'disable'],
                    help='ONNX Runtime graph optimisation levels to time for MLLA-T (others use the first)')
     p.add_argument('--no-bf16', action='store_true', help='skip the bf16 autocast measurement')
+    p.add_argument('--bf16-size', help='HxW for the bf16 measurement (default: the backbone size)')
     p.add_argument('--json', help='write all numbers to this JSON file')
+    p.add_argument('--malloc', choices=['tuned', 'default'],
+                   help="glibc malloc as the tools set it ('tuned', mlla_mm/utils/malloc.py) or left alone "
+                        "('default'); the same for both runtimes (default: MLLA_MM_MALLOC, else tuned)")
     p.add_argument('--quick', action='store_true', help='small sizes, one repeat (for tests)')
     return p.parse_args(argv)
 
@@ -88,16 +92,23 @@ def main(argv=None) -> int:
         print(f'error: {err}', file=sys.stderr)
         return 2
     import onnxruntime as ort
+    from mlla_mm.utils.malloc import tune_cpu_malloc
+    try:
+        malloc = tune_cpu_malloc(None if args.malloc is None else args.malloc == 'tuned')
+    except ValueError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     if args.quick:
         args.backbone_size, args.seg_size, args.repeats = '64x96', '64x64', 1
     torch.set_num_threads(args.threads)
     bsize, ssize = parse_size(args.backbone_size), parse_size(args.seg_size)
     cpu = cpu_description()
-    results: dict = dict(cpu=cpu, threads=args.threads, repeats=args.repeats, torch=torch.__version__,
+    results: dict = dict(cpu=cpu, malloc=malloc, threads=args.threads, repeats=args.repeats, torch=torch.__version__,
                          onnxruntime=ort.__version__, date=time.strftime('%Y-%m-%d %H:%M:%S'),
                          backbone_size=args.backbone_size, seg_size=args.seg_size, models={}, goals={})
     print(f"# CPU: {cpu['model_name']} (bf16-related flags: {', '.join(cpu['bf16_flags']) or 'none'}); "
-          f'{args.threads} threads; torch {torch.__version__}, onnxruntime {ort.__version__}', flush=True)
+          f'{args.threads} threads; malloc {malloc}; torch {torch.__version__}, onnxruntime {ort.__version__}',
+          flush=True)
 
     groups: Dict[Tuple[int, int], Dict[str, object]] = {}
     for name in args.models:
@@ -115,7 +126,7 @@ def main(argv=None) -> int:
         sessions = {}
         for level in levels:
             t = time.perf_counter()
-            sessions[level] = make_session(data, threads=args.threads, level=level)
+            sessions[level] = make_session(data, threads=args.threads, level=level, spinning=False)
             results.setdefault('session_s', {})[f'{name}:{level}'] = time.perf_counter() - t
         with torch.no_grad():
             ref = target.model(x)
@@ -171,7 +182,8 @@ def main(argv=None) -> int:
     if not args.no_bf16 and 'mlla_t' in results['models']:
         from mlla_mm.deploy.onnx_export import build_target
         model = build_target('mlla_t', log=lambda m: None).model
-        x = torch.randn(1, 3, *bsize, generator=torch.Generator().manual_seed(0))
+        bf_size = parse_size(args.bf16_size) if args.bf16_size and not args.quick else bsize
+        x = torch.randn(1, 3, *bf_size, generator=torch.Generator().manual_seed(0))
 
         def fp32(m=model, inp=x):
             with torch.no_grad():
@@ -183,11 +195,11 @@ def main(argv=None) -> int:
 
         bt = interleaved_times({'fp32': fp32, 'bf16': bf16}, args.repeats)
         diff = relative_difference([o.float().numpy() for o in bf16()], fp32())
-        results['bf16'] = dict(fp32=median(bt['fp32']), bf16=median(bt['bf16']),
+        results['bf16'] = dict(size=f'{bf_size[0]}x{bf_size[1]}', fp32=median(bt['fp32']), bf16=median(bt['bf16']),
                                bf16_over_fp32=paired_ratio(bt, 'bf16', 'fp32'), max_rel_diff=diff,
                                native_bf16=cpu['native_bf16'])
         r = results['bf16']
-        print(f"\nbf16 autocast, MLLA-T backbone {args.backbone_size}: fp32 {r['fp32']:.3f} s, bf16 {r['bf16']:.3f} s, "
+        print(f"\nbf16 autocast, MLLA-T backbone {r['size']}: fp32 {r['fp32']:.3f} s, bf16 {r['bf16']:.3f} s, "
               f"bf16/fp32 {r['bf16_over_fp32']:.3f}; max rel. diff {diff:.1e}; native bf16 on this CPU: "
               f"{'yes' if cpu['native_bf16'] else 'no'}")
 

@@ -288,8 +288,16 @@ class CheckRow:
                 f'rel {rel:.2e}  {"PASS" if self.passed else "FAIL"}' + (f'  ({self.note})' if self.note else ''))
 
 
-def make_session(model: Union[bytes, str], threads: int = 0, level: str = 'all'):
-    """An ONNX Runtime CPU session (``threads=0``: ONNX Runtime's default; ``level``: graph optimisation)."""
+def make_session(model: Union[bytes, str], threads: int = 0, level: str = 'all', spinning: bool = True):
+    """An ONNX Runtime CPU session.
+
+    Args:
+        model: The serialised model or a path.
+        threads: Intra-op threads (0: ONNX Runtime's default, one per core).
+        level: Graph optimisation: ``disable``, ``basic``, ``extended`` or ``all``.
+        spinning: Let idle worker threads spin (ONNX Runtime's default); switch
+            it off when other work (e.g. PyTorch in a benchmark) shares the cores.
+    """
     require('onnxruntime')
     import onnxruntime as ort
     levels = dict(disable=ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -304,6 +312,8 @@ def make_session(model: Union[bytes, str], threads: int = 0, level: str = 'all')
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return ort.InferenceSession(model, sess_options=opts, providers=['CPUExecutionProvider'])
 
 

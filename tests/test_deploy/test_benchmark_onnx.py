@@ -1,0 +1,46 @@
+"""The ONNX Runtime benchmark: interleaving, paired ratios, and a quick run of tools/benchmark_onnx.py."""
+import json
+
+import pytest
+
+from mlla_mm.deploy.benchmark import cpu_description, interleaved_times, paired_ratio
+from tests.helpers import load_tool
+
+
+def test_interleaved_times_warms_up_then_alternates_the_order():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in 'abc'}
+    times = interleaved_times(fns, repeats=3, warmup=1)
+    assert calls == list('abc') + list('abc') + list('cba') + list('abc')
+    assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3, 'c': 3}
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    times = {'x': [1.0, 4.0, 3.0], 'y': [2.0, 2.0, 2.0]}
+    assert paired_ratio(times, 'x', 'y') == pytest.approx(1.5)
+    # Load that hits one round slows both runs of that round: the ratio is unaffected.
+    assert paired_ratio({'x': [1.0, 10.0, 1.0], 'y': [2.0, 20.0, 2.0]}, 'x', 'y') == pytest.approx(0.5)
+
+
+def test_cpu_description_names_the_cpu_and_its_bf16_support():
+    cpu = cpu_description()
+    assert isinstance(cpu['model_name'], str) and cpu['model_name']
+    assert cpu['native_bf16'] == any(f in cpu['bf16_flags'] for f in ('avx512_bf16', 'amx_bf16'))
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_consistent_numbers(tmp_path):
+    out = tmp_path / 'bench.json'
+    tool = load_tool('benchmark_onnx')
+    assert tool.main(['--quick', '--models', 'mlla_t', '--levels', 'all', 'disable', '--threads', '1',
+                      '--json', str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data['latency']) == {'mlla_t:torch', 'mlla_t:ort-all', 'mlla_t:ort-disable'}
+    for row in data['latency'].values():
+        assert 0 < row['min'] <= row['median'] <= row['max'] and row['n'] == 1
+    assert data['latency']['mlla_t:torch']['over_torch'] == pytest.approx(1.0)
+    assert data['goals']['mlla_t_ort_over_torch'] == pytest.approx(data['latency']['mlla_t:ort-all']['over_torch'])
+    assert data['models']['mlla_t']['max_rel_diff'] < 1e-4 and data['models']['mlla_t']['dynamic']
+    assert data['bf16']['bf16_over_fp32'] > 0 and data['bf16']['max_rel_diff'] < 0.1
+    assert data['cpu']['model_name']
