@@ -1,4 +1,12 @@
-"""Models of mlla-mm. Importing this needs only torch, mmengine and timm."""
-from .mlla import MLLA, ARCH_SETTINGS
+"""Models of mlla-mm. Importing this needs only torch, mmengine and timm.
+
+* ``mlla.py``: the MLLA model as readable autograd code (blocks, stages, the
+  ``MLLA`` backbone for mmdet/mmseg): change the maths here.
+* ``fast_inference.py``: the in-place, chunked, fused inference forward of a
+  stage's blocks, chosen by one rule (``use_fast_inference``) in
+  ``MLLAStage.forward``: change inference speed-ups here.
+* ``mlla_reference.py``: a slow implementation straight from the spec, for tests.
+"""
+from .mlla import ARCH_SETTINGS, MLLA
 
 __all__ = ['MLLA', 'ARCH_SETTINGS']

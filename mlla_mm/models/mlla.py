@@ -1,30 +1,38 @@
-"""MLLA: Mamba-Like Linear Attention backbone for dense prediction.
+"""MLLA: the Mamba-Like Linear Attention backbone, written as its maths.
 
-"Demystify Mamba in Vision: A Linear Attention Perspective" (NeurIPS 2024).
+"Demystify Mamba in Vision: A Linear Attention Perspective" (NeurIPS 2024);
+the facts it is built from are in ``docs`` of the shared spec (mlla-spec.md).
 
-Building blocks from small to large (conv layer, RoPE, linear attention, the
-MLLA block, a stage), then the backbone, then the registered constructors.
-Parameter names follow the published code exactly, so its checkpoints load
-without renaming.
+Where things live:
 
-Internally tokens are kept as a ``(B, H, W, C)`` tensor: linear layers work
-on the last dimension, and the 3x3 depthwise convolutions see the same memory
-as a channels-last ``(B, C, H, W)`` view, so no layout copy is needed between
-the two.
+* this file: the model, one autograd implementation that reads like the
+  paper. Building blocks from small to large (``ConvLayer``, ``LayerNorm``,
+  ``Stem``, ``Downsample``, ``Mlp``, the real-valued ``RoPE``,
+  ``LinearAttention``, ``MLLABlock``), then ``MLLAStage``, then the ``MLLA``
+  backbone for mmdet/mmseg and its registration. It trains, checkpoints
+  (``with_cp``), runs under autocast, and traces, exports to ONNX and
+  compiles (no complex tensors, no in-place tricks, sizes only through
+  tensor ops while tracing).
+* :mod:`mlla_mm.models.fast_inference`: the same numbers for inference, in
+  place, chunked and fused. ``MLLAStage.forward`` is the one place that
+  chooses it, by the one rule ``use_fast_inference(stage, x)`` (eval mode,
+  no gradients, no autocast, not tracing).
+* :mod:`mlla_mm.models.mlla_reference`: a slow, independent implementation
+  from the spec that the tests check both against.
 
-Speed (see docs/benchmarks.md): when no gradient is recorded and autocast is
-off, blocks run an in-place path that allocates few large temporaries and
-runs the MLP over token chunks; otherwise an autograd-safe path computes the
-same values. ``in_proj`` and ``act_proj`` run as one matmul, the attention
-normaliser is one small matmul, and the per-head products are strided
-``bmm`` calls with no layout copies.
+Parameter names are the published ones, so published checkpoints load
+without renaming. Tokens are kept as a ``(B, H, W, C)`` tensor: linear layers
+work on the last dimension, and the 3x3 depthwise convolutions see the same
+memory as a channels-last ``(B, C, H, W)`` view, so no layout copy is needed
+between the two.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -36,6 +44,8 @@ from timm.layers import DropPath, trunc_normal_
 
 from ..checkpoint import load_backbone_weights
 from ..registry import register_everywhere
+from . import fast_inference
+from .fast_inference import is_tracing, use_fast_inference
 
 ARCH_SETTINGS: Dict[str, Dict[str, Tuple[int, ...]]] = {
     'tiny': dict(embed_dims=64, depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16)),
@@ -46,7 +56,7 @@ ARCH_ALIASES = {'t': 'tiny', 's': 'small', 'b': 'base'}
 
 
 # --------------------------------------------------------------------------
-# Small building blocks.
+# Layers and layout helpers.
 # --------------------------------------------------------------------------
 class ConvLayer(nn.Module):
     """Conv2d, then optional BatchNorm2d, then optional ReLU."""
@@ -69,29 +79,20 @@ class ConvLayer(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` that always normalises in float32 (also under autocast)."""
+    """``nn.LayerNorm`` that normalises in float32 at least (also under autocast; float64 stays)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        if x.dtype == dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
-                                self.bias.float(), self.eps)
+            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
+                                self.bias.to(dtype), self.eps)
 
 
 def dwconv_bhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply a convolution to a ``(B, H, W, C)`` tensor, returning the same layout."""
+    """Apply a convolution to a ``(B, H, W, C)`` tensor (a channels-last NCHW view), same layout out."""
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-def fast_path(x: torch.Tensor) -> bool:
-    """True when nothing is recorded for autograd and autocast is off: in-place work is safe.
-
-    Under ``torch.compile`` the plain out-of-place code is traced instead (the
-    in-place path's cached fused weight would make it recompile per block).
-    """
-    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-            and not is_tracing())
 
 
 def as_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -108,8 +109,16 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
+def attention_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the attention maths runs in: float32, or float64 for a float64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------
+# Stem, downsample and MLP.
+# --------------------------------------------------------------------------
 class Stem(nn.Module):
-    """Overlapping convolutional stem: 3 -> C channels at stride 4."""
+    """Overlapping convolutional stem ``patch_embed``: 3 -> C channels at stride 4."""
 
     def __init__(self, in_channels: int, embed_dims: int) -> None:
         super().__init__()
@@ -125,8 +134,7 @@ class Stem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C)."""
         x = self.conv1(as_channels_last(pad_to_multiple(x, 4)))
-        y = self.conv2(x)
-        x = y.add_(x) if fast_path(x) else x + y
+        x = x + self.conv2(x)
         return as_channels_last(self.conv3(x)).permute(0, 2, 3, 1)
 
 
@@ -148,7 +156,7 @@ class Downsample(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2."""
+    """fc1 -> exact GELU -> fc2, with dropout."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.) -> None:
         super().__init__()
@@ -160,32 +168,10 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
-    def add_residual_(self, x: torch.Tensor, norm: nn.LayerNorm, chunk: int = 4096) -> torch.Tensor:
-        """``x += mlp(norm(x))`` in place over token chunks (inference only, no dropout).
-
-        The 4x-wide hidden activations then stay small and cache-resident.
-        """
-        x2 = x.view(-1, x.shape[-1])
-        w2 = self.fc2.weight.t()
-        for i in range(0, x2.shape[0], chunk):
-            part = x2[i:i + chunk]
-            hidden = torch._C._nn.gelu_(F.linear(norm(part), self.fc1.weight, self.fc1.bias))
-            part.addmm_(hidden, w2).add_(self.fc2.bias)
-        return x
-
 
 # --------------------------------------------------------------------------
-# RoPE and the linear attention.
+# RoPE (real-valued) and the linear attention.
 # --------------------------------------------------------------------------
-def is_tracing() -> bool:
-    """True under ``torch.jit.trace``, ONNX export, ``torch.compile`` or ``torch.export``.
-
-    Shapes are then symbolic: tables are built from them with tensor ops and
-    not cached, and the plain (out-of-place, real-valued) code is recorded.
-    """
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
-
-
 def rope_angles(height: int, width: int, dim: int, device: torch.device,
                 dtype: torch.dtype = torch.float32, base: float = 10000.) -> torch.Tensor:
     """Rotation angles ``(H, W, dim/2)`` of the 2-D RoPE on an ``(H, W, dim)`` map.
@@ -193,7 +179,7 @@ def rope_angles(height: int, width: int, dim: int, device: torch.device,
     Pair ``m`` (channels ``2m``, ``2m+1``) rotates by ``row * theta_m`` for
     ``m < dim/4`` and by ``col * theta_(m - dim/4)`` otherwise, with
     ``theta_j = base ** (-j / (dim / 4))``. ``height`` and ``width`` may be
-    traced sizes: only tensor ops on them.
+    traced sizes: they only enter tensor ops.
     """
     k = dim // 4
     theta = base ** (-torch.arange(k, dtype=dtype, device=device) / k)
@@ -203,67 +189,82 @@ def rope_angles(height: int, width: int, dim: int, device: torch.device,
 
 
 def rope_cos_sin(height: int, width: int, dim: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+                 dtype: torch.dtype = torch.float32, base: float = 10000.) -> Tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and ``sin`` tables ``(H, W, dim/2)`` of the 2-D RoPE (see :func:`rope_angles`)."""
-    angles = rope_angles(height, width, dim, device, dtype)
+    angles = rope_angles(height, width, dim, device, dtype, base)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs ``(a, b)`` of ``x`` (..., C) to ``(a cos - b sin, b cos + a sin)``.
+    """Rotate the channel pairs ``(a, b)`` of ``x`` (..., C) to ``(a cos - b sin, b cos + a sin)``.
 
-    Real-valued (no complex tensors), so it traces, exports to ONNX and
-    compiles. ``cos``/``sin`` have C/2 entries per position and broadcast
-    against ``x``'s leading dimensions with the pair index last.
+    ``cos`` and ``sin`` hold C/2 values per position (pair index last) and
+    broadcast against ``x``'s leading dimensions. Real-valued, so it traces,
+    exports and compiles.
     """
     a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
 
 
-def rope_table(height: int, width: int, dim: int, device: torch.device, base: float = 10000.) -> torch.Tensor:
-    """Complex rotations ``(H, W, dim/2)`` (``cos + i sin``) for the in-place inference path. Always complex64."""
-    angles = rope_angles(height, width, dim, device, torch.float32, base)
-    return torch.polar(torch.ones_like(angles), angles)
+class RoPE(nn.Module):
+    """The 2-D RoPE tables of one stage (``dim`` channels), cached per size.
 
-
-class RoPECache:
-    """Computes RoPE tables once per (H, W, C, device, dtype, kind) and keeps a few.
-
-    ``kind`` is ``'complex'`` (the in-place path's table) or ``'real'``
-    (the ``(cos, sin)`` pair of the autograd path). While tracing, exporting
-    or compiling the real tables are built from the (symbolic) sizes on every
-    call instead.
+    The tables depend only on ``(H, W, dim)``, so they are computed for the
+    actual input, once per ``(H, W, device, dtype)``, and the last
+    ``capacity`` are kept (no parameters, no buffers: nothing in the state
+    dict). While tracing, exporting or compiling they are built from the
+    traced sizes on every call instead, so an exported graph serves any size.
     """
 
-    def __init__(self, capacity: int = 16) -> None:
-        self.capacity = capacity
-        self._tables: 'OrderedDict[tuple, object]' = OrderedDict()
+    def __init__(self, dim: int, base: float = 10000., capacity: int = 4) -> None:
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f'RoPE: dim must be divisible by 4, got {dim}')
+        self.dim, self.base, self.capacity = dim, base, capacity
+        self._cache: 'OrderedDict[tuple, object]' = OrderedDict()
 
-    def __call__(self, height: int, width: int, dim: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32, kind: str = 'real') -> object:
-        if kind == 'real' and is_tracing():
-            return rope_cos_sin(height, width, dim, device, dtype)
-        key = (height, width, dim, str(device), dtype, kind)
-        table = self._tables.get(key)
-        if table is None:
-            if kind == 'complex':
-                table = rope_table(height, width, dim, device)
-            else:
-                table = rope_cos_sin(height, width, dim, device, dtype)
-            self._tables[key] = table
-            if len(self._tables) > self.capacity:
-                self._tables.popitem(last=False)
+    def build(self, height: int, width: int, device: torch.device,
+              dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` for an ``(H, W)`` map, computed afresh."""
+        return rope_cos_sin(height, width, self.dim, device, dtype, self.base)
+
+    def cached(self, key: tuple, build: Callable[[], object]) -> object:
+        """``build()`` once per ``key`` (least recently used entries are dropped)."""
+        value = self._cache.get(key)
+        if value is None:
+            value = build()
+            self._cache[key] = value
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
         else:
-            self._tables.move_to_end(key)
-        return table
+            self._cache.move_to_end(key)
+        return value
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``(H, W, dim/2)``, for tokens ``x`` (B, H, W, dim)."""
+        _, h, w, _ = x.shape
+        dtype = attention_dtype(x.dtype)
+        if is_tracing():
+            return self.build(h, w, x.device, dtype)
+        return self.cached(('cos_sin', h, w, x.device, dtype), lambda: self.build(h, w, x.device, dtype))
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, base={self.base:g}'
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, heads, H*W, C/heads): head ``i`` is channels ``i*d .. (i+1)*d - 1``."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, heads, c // heads).transpose(1, 2)
 
 
 class LinearAttention(nn.Module):
-    """Linear attention with RoPE and a locally-enhanced positional encoding.
+    """Linear attention with RoPE and a locally-enhanced positional encoding (LePE).
 
-    ``q, k = ELU(qk(x)) + 1``; ``v = x``; per head
-    ``out = (RoPE(q) @ (RoPE(k)^T @ v / N)) / (q . mean(k) + 1e-6)``,
-    then ``out + lepe(v)``. The attention math runs in float32.
+    ``q, k = ELU(qk(x)) + 1``; ``v = x`` (no value projection); per head of
+    ``d`` channels ``out = (RoPE(q) @ (RoPE(k)^T @ v / N)) * z`` with
+    ``z = 1 / (q . mean(k) + 1e-6)``; then ``out + lepe(v)``. The attention
+    maths runs in float32 (float64 for a float64 model), also under autocast.
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:
@@ -276,66 +277,34 @@ class LinearAttention(nn.Module):
         self.qk = nn.Linear(dim, dim * 2)
         self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C); rope: complex (H, W, C/2) on the in-place path, else (cos, sin). Returns (B, H, W, C)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C); cos, sin: RoPE tables (H, W, C/2). Returns (B, H, W, C)."""
         b, h, w, c = x.shape
         n, heads = h * w, self.num_heads
-        d = c // heads
-        inplace = fast_path(x)
         qk = self.qk(x)
         with torch.autocast(x.device.type, enabled=False):
-            qk = qk if qk.dtype == torch.float32 else qk.float()
-            v = (x if x.dtype == torch.float32 else x.float()).view(b, n, c)
-            qk = F.elu(qk, inplace=True).add_(1.0) if inplace else F.elu(qk) + 1.0
-            # (B, N, C) strided views of q and k; unbind (not slicing or indexing) keeps
-            # the backward to one gradient buffer per split.
-            q, k = qk.view(b, n, 2, c).unbind(2)
-            # z = 1 / (q . mean(k) + eps) per token and head, as one (N, C) x (C, heads) matmul
-            # against the block-diagonal matrix of the per-head key means.
-            k_mean = k.mean(dim=1)  # (B, C)
-            eye = torch.eye(heads, dtype=qk.dtype, device=qk.device)
-            k_blk = (k_mean.view(b, heads, d, 1) * eye.view(1, heads, 1, heads)).view(b, c, heads)
-            z = torch.bmm(q, k_blk)  # (B, N, heads)
-            z = z.add_(1e-6).reciprocal_() if inplace else (z + 1e-6).reciprocal()
-            # RoPE on q and k together: (B, H, W, 2, C) with tables (H, W, 1, C/2).
-            if inplace:  # complex table, one in-place multiply; q and k are views of qk: rotated too
-                torch.view_as_complex(qk.view(b, h, w, 2, c // 2, 2)).mul_(rope[:, :, None])
-            else:  # (cos, sin), real-valued
-                cos, sin = rope
-                qk_r = apply_rope(qk.view(b, h, w, 2, c), cos[:, :, None], sin[:, :, None])
-                q, k = qk_r.view(b, n, 2, c).unbind(2)
-            outs = []
-            out = torch.empty(b, n, c, dtype=qk.dtype, device=qk.device) if inplace else None
-            for i, (q_b, k_b, v_b) in enumerate(zip(q.unbind(0), k.unbind(0), v.unbind(0))):
-                # (heads, N, d) strided views of (N, C) rows: bmm reads them without copies.
-                q_i = q_b.view(n, heads, d).transpose(0, 1)
-                k_i = k_b.view(n, heads, d).transpose(0, 1)
-                v_i = v_b.view(n, heads, d).transpose(0, 1)
-                kv = torch.bmm(k_i.transpose(1, 2), v_i)  # (heads, d, d)
-                kv = kv.mul_(1.0 / n) if inplace else kv * (1.0 / n)
-                if inplace:
-                    torch.bmm(q_i, kv, out=out[i].view(n, heads, d).transpose(0, 1))
-                else:
-                    outs.append(torch.bmm(q_i, kv).transpose(0, 1))  # (N, heads, d)
-            if inplace:
-                out = out.view(b, n, heads, d).mul_(z.unsqueeze(-1))
-            else:
-                out = torch.stack(outs) * z.unsqueeze(-1)
-            out = out.reshape(b, h, w, c)  # a view in eager mode
-        lepe = dwconv_bhwc(self.lepe, x)
-        if inplace:
-            return lepe.add_(out)
-        return out.to(x.dtype) + lepe
+            qk = (F.elu(qk.to(cos.dtype)) + 1.0).unflatten(-1, (2, c))  # (B, H, W, 2, C): q and k
+            v = x.to(cos.dtype)
+            # RoPE on q and k together, tables (H, W, 1, C/2); unbind (not slicing) keeps the
+            # backward of each split to one gradient buffer.
+            q_r, k_r = apply_rope(qk, cos[:, :, None], sin[:, :, None]).unbind(-2)
+            q, k = qk.unbind(-2)
+            q, k, v, q_r, k_r = (split_heads(t, heads) for t in (q, k, v, q_r, k_r))  # (B, heads, N, d)
+            z = 1.0 / (q @ k.mean(dim=2).unsqueeze(-1) + 1e-6)  # (B, heads, N, 1)
+            kv = (k_r.transpose(-2, -1) @ v) * (1.0 / n)  # (B, heads, d, d): (k_r^T / sqrt N)(v / sqrt N)
+            out = (q_r @ kv) * z
+            out = out.transpose(1, 2).reshape(b, h, w, c)
+        return out.to(x.dtype) + dwconv_bhwc(self.lepe, x)
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}'
 
 
 # --------------------------------------------------------------------------
-# The MLLA block and a stage.
+# The MLLA block.
 # --------------------------------------------------------------------------
 class MLLABlock(nn.Module):
-    """One MLLA block on a ``(B, H, W, C)`` map."""
+    """One MLLA block on a ``(B, H, W, C)`` map (spec item 3, line by line)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., drop: float = 0.,
                  drop_path: float = 0.) -> None:
@@ -352,51 +321,23 @@ class MLLABlock(nn.Module):
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self._fused_in_act: Optional[tuple] = None
 
-    def in_act_proj(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``in_proj(y), act_proj(y)`` as one matmul; the fused weight is cached when no grad is needed."""
-        if torch.is_grad_enabled() or is_tracing():
-            weight = torch.cat([self.in_proj.weight, self.act_proj.weight])
-            bias = torch.cat([self.in_proj.bias, self.act_proj.bias])
-        else:
-            params = (self.in_proj.weight, self.act_proj.weight, self.in_proj.bias, self.act_proj.bias)
-            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-            cached = self._fused_in_act
-            if cached is None or cached[0] != key:
-                cached = (key, torch.cat(params[:2]), torch.cat(params[2:]))
-                self._fused_in_act = cached
-            weight, bias = cached[1], cached[2]
-        both = F.linear(y, weight, bias)
-        # unbind, not two slices: its backward writes both gradients into one buffer.
-        y_in, y_act = both.unflatten(-1, (2, self.dim)).unbind(-2)
-        return y_in, y_act
-
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        if fast_path(x) and not self.training:
-            return self._forward_inplace(x, rope)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C); cos, sin: the stage's RoPE tables. Returns (B, H, W, C)."""
         x = x + dwconv_bhwc(self.cpe1, x)
         shortcut = x
-        y, gate = self.in_act_proj(self.norm1(x))
-        gate = F.silu(gate)
-        y = F.silu(dwconv_bhwc(self.dwc, y))
-        y = self.attn(y, rope)
+        y = self.norm1(x)
+        gate = F.silu(self.act_proj(y))
+        y = F.silu(dwconv_bhwc(self.dwc, self.in_proj(y)))
+        y = self.attn(y, cos, sin)
         x = shortcut + self.drop_path(self.out_proj(y * gate))
         x = x + dwconv_bhwc(self.cpe2, x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def _forward_inplace(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """The same computation with few large temporaries (no autograd, no autocast)."""
-        x = dwconv_bhwc(self.cpe1, x).add_(x).contiguous()
-        y, gate = self.in_act_proj(self.norm1(x))
-        y = self.attn(F.silu(dwconv_bhwc(self.dwc, y), inplace=True), rope)
-        y.mul_(F.silu(gate, inplace=True))
-        x2 = x.view(-1, self.dim)
-        x2.addmm_(y.view(-1, self.dim), self.out_proj.weight.t()).add_(self.out_proj.bias)
-        x = dwconv_bhwc(self.cpe2, x).add_(x).contiguous()
-        return self.mlp.add_residual_(x, self.norm2)
 
-
+# --------------------------------------------------------------------------
+# Activation checkpointing.
+# --------------------------------------------------------------------------
 @contextmanager
 def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
     """BatchNorm layers in ``module`` normalise as usual but leave their running statistics alone."""
@@ -440,22 +381,38 @@ def checkpoint_module(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     return cp.checkpoint(run, *args, use_reentrant=False)
 
 
+# --------------------------------------------------------------------------
+# A stage.
+# --------------------------------------------------------------------------
 class MLLAStage(nn.Module):
-    """``depth`` MLLA blocks, then (except for the last stage) a downsample."""
+    """``depth`` MLLA blocks sharing one RoPE table, then (except in the last stage) a downsample.
 
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, drop: float,
-                 drop_path: Sequence[float], downsample: bool) -> None:
+    ``forward`` runs the blocks only: the pyramid takes its feature map
+    between the blocks and ``downsample``, which the caller runs.
+    ``grad_checkpointing`` checkpoints each block when gradients are needed.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4., drop: float = 0.,
+                 drop_path: Union[float, Sequence[float]] = 0., downsample: bool = True) -> None:
         super().__init__()
+        drop_path = [drop_path] * depth if isinstance(drop_path, (int, float)) else list(drop_path)
+        self.dim = dim
+        self.rope = RoPE(dim)
         self.blocks = nn.ModuleList(
             MLLABlock(dim, num_heads, mlp_ratio, drop, drop_path[i]) for i in range(depth))
         self.downsample = Downsample(dim, dim * 2) if downsample else None
+        self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, with_cp: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C) through the blocks."""
+        if use_fast_inference(self, x):  # the only place where the inference path is chosen
+            return fast_inference.forward_blocks(self, x)
+        cos, sin = self.rope(x)
         for blk in self.blocks:
-            if with_cp and needs_checkpoint(blk, x):
-                x = checkpoint_module(blk, x, rope)
+            if self.grad_checkpointing and needs_checkpoint(blk, x):
+                x = checkpoint_module(blk, x, cos, sin)
             else:
-                x = blk(x, rope)
+                x = blk(x, cos, sin)
         return x
 
 
@@ -489,6 +446,34 @@ def resolve_arch(arch: Union[str, dict]) -> Dict[str, Tuple[int, ...]]:
     return dict(embed_dims=dims, depths=depths, num_heads=heads)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_hyperparameters(embed_dims: int, mlp_ratio: float, drop_rate: float, drop_path_rate: float) -> None:
+    """ValueError naming the argument and the expected range for an out-of-range rate or ratio."""
+    for name, value in (('drop_rate', drop_rate), ('drop_path_rate', drop_path_rate)):
+        if not _is_number(value) or not 0 <= value < 1:
+            raise ValueError(f'MLLA: {name} must be a number in [0, 1), got {value!r}')
+    if not _is_number(mlp_ratio) or mlp_ratio <= 0:
+        raise ValueError(f'MLLA: mlp_ratio must be a number > 0, got {mlp_ratio!r}')
+    if int(embed_dims * mlp_ratio) < 1:
+        raise ValueError(f'MLLA: mlp_ratio {mlp_ratio!r} leaves no MLP channels at embed_dims {embed_dims} '
+                         f'(need embed_dims * mlp_ratio >= 1)')
+
+
+def check_images(x: object) -> None:
+    """ValueError unless ``x`` is a non-empty ``(B, 3, H, W)`` tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f'MLLA expects images of shape (B, 3, H, W), got {shape}')
+    if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[0] < 1:
+        raise ValueError(f'MLLA expects a non-empty batch with H, W >= 1, got {tuple(x.shape)}')
+
+
+INIT_CFG_KEYS = ('checkpoint', 'prefix', 'map_location', 'strict', 'use_ema', 'trusted', 'if_missing')
+
+
 @register_everywhere
 class MLLA(BaseModule):
     """MLLA backbone returning NCHW feature maps at strides 4, 8, 16, 32.
@@ -496,9 +481,10 @@ class MLLA(BaseModule):
     Args:
         arch: ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``, ``'s'``, ``'b'``),
             or a dict with ``embed_dims``, ``depths`` and ``num_heads``.
-        mlp_ratio: Hidden size of the MLPs relative to the channels.
-        drop_rate: Dropout in the MLPs.
-        drop_path_rate: Stochastic depth, rising linearly over all blocks.
+        mlp_ratio: Hidden size of the MLPs relative to the channels (> 0).
+        drop_rate: Dropout in the MLPs, in [0, 1).
+        drop_path_rate: Stochastic depth, rising linearly over all blocks
+            from 0 to this value, in [0, 1).
         out_indices: Stages whose (normalised) output is returned.
         frozen_stages: Freeze the stem and stages ``0..frozen_stages-1``;
             -1 freezes nothing.
@@ -508,8 +494,12 @@ class MLLA(BaseModule):
             and recompute the rest in the backward pass (BatchNorm
             statistics are still updated once per step).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads any
-            supported checkpoint layout (optional keys: ``strict=True``,
-            ``use_ema=False``, ``trusted=None``, ``if_missing='error'|'warn'``).
+            supported checkpoint layout. Optional keys: ``prefix`` (take only
+            the weights under this prefix, e.g. ``'backbone.'`` of a whole
+            detector, and strip it, as in mmengine's ``PretrainedInit``),
+            ``map_location`` (as in ``torch.load``; default ``'cpu'``),
+            ``strict=True``, ``use_ema=False``, ``trusted=None``,
+            ``if_missing='error'|'warn'``.
     """
 
     def __init__(self, arch: Union[str, dict] = 'tiny', mlp_ratio: float = 4., drop_rate: float = 0.,
@@ -517,8 +507,12 @@ class MLLA(BaseModule):
                  frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         settings = resolve_arch(arch)
+        check_hyperparameters(settings['embed_dims'], mlp_ratio, drop_rate, drop_path_rate)
         if init_cfg is not None and not isinstance(init_cfg, dict):
             raise ValueError(f'MLLA: init_cfg must be a dict or None, got {init_cfg!r}')
+        for name, value in (('norm_eval', norm_eval), ('with_cp', with_cp)):
+            if not isinstance(value, bool):
+                raise ValueError(f'MLLA: {name} must be True or False, got {value!r}')
         super().__init__(init_cfg=init_cfg)
         self.embed_dims: int = settings['embed_dims']
         self.depths: Tuple[int, ...] = settings['depths']
@@ -532,7 +526,6 @@ class MLLA(BaseModule):
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.with_cp = with_cp
         self.channels = [self.embed_dims * 2**i for i in range(num_stages)]
         self.strides = [4 * 2**i for i in range(num_stages)]
 
@@ -541,23 +534,34 @@ class MLLA(BaseModule):
         self.layers = nn.ModuleList()
         for i in range(num_stages):
             start = sum(self.depths[:i])
-            stage = MLLAStage(self.channels[i], self.depths[i], self.num_heads[i], mlp_ratio, drop_rate,
-                              dpr[start:start + self.depths[i]], downsample=i < num_stages - 1)
-            self.layers.append(stage)
+            self.layers.append(MLLAStage(self.channels[i], self.depths[i], self.num_heads[i], mlp_ratio,
+                                         drop_rate, dpr[start:start + self.depths[i]],
+                                         downsample=i < num_stages - 1))
         for i in out_indices:
             self.add_module(f'norm{i}', LayerNorm(self.channels[i]))
-        self._rope = RoPECache()
+        self.with_cp = with_cp
         self.apply(self._init_module)
         self._freeze_stages()
 
-    # -- feature-pyramid description ---------------------------------------
+    # -- options -------------------------------------------------------------
+    @property
+    def with_cp(self) -> bool:
+        """Activation checkpointing of the stem, every block and every downsample layer."""
+        return self._with_cp
+
+    @with_cp.setter
+    def with_cp(self, enable: bool) -> None:
+        self._with_cp = bool(enable)
+        for stage in self.layers:
+            stage.grad_checkpointing = self._with_cp
+
     @property
     def feature_info(self) -> List[Dict[str, Union[int, str]]]:
         """Channels, stride and module name of each returned map."""
         return [dict(num_chs=self.channels[i], reduction=self.strides[i], module=f'norm{i}')
                 for i in self.out_indices]
 
-    # -- initialisation ----------------------------------------------------
+    # -- initialisation ------------------------------------------------------
     @staticmethod
     def _init_module(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -576,26 +580,23 @@ class MLLA(BaseModule):
             return
         cfg = dict(cfg)
         cfg.pop('type')
-        path = cfg.pop('checkpoint', None)
-        if_missing = cfg.pop('if_missing', 'error')
-        strict = cfg.pop('strict', True)
-        use_ema = cfg.pop('use_ema', False)
-        trusted = cfg.pop('trusted', None)
-        cfg.pop('map_location', None)
-        cfg.pop('prefix', None)
-        if cfg:
-            raise ValueError(f'MLLA: unknown init_cfg keys {sorted(cfg)}; allowed: checkpoint, strict, '
-                             'use_ema, trusted, if_missing')
+        unknown = sorted(set(cfg) - set(INIT_CFG_KEYS))
+        if unknown:
+            raise ValueError(f'MLLA: unknown init_cfg keys {unknown}; allowed: type, {", ".join(INIT_CFG_KEYS)}')
+        path = cfg.get('checkpoint')
         if not path:
             raise ValueError("MLLA: init_cfg type 'Pretrained' needs a checkpoint path")
-        if if_missing == 'warn' and not os.path.isfile(os.path.expanduser(path)):
+        path = os.path.expanduser(path)
+        if cfg.get('if_missing', 'error') == 'warn' and not os.path.isfile(path):
             print_log(f'MLLA: pretrained checkpoint {path} not found; the backbone is RANDOMLY '
                       f'initialised. Put the published ImageNet weights at {path} (or set '
                       'model.backbone.init_cfg.checkpoint) to fine-tune from them.', logger='current',
                       level=30)
         else:
             load_backbone_weights(
-                self, os.path.expanduser(path), strict=strict, use_ema=use_ema, trusted=trusted,
+                self, path, strict=cfg.get('strict', True), use_ema=cfg.get('use_ema', False),
+                trusted=cfg.get('trusted'), prefix=cfg.get('prefix'),
+                map_location=cfg.get('map_location', 'cpu'),
                 optional=lambda k: k.split('.')[0] in {f'norm{i}' for i in self.out_indices},
                 log=lambda msg: print_log('MLLA: ' + msg, logger='current'))
         self._is_init = True
@@ -627,7 +628,7 @@ class MLLA(BaseModule):
         return self
 
     # -- forward -------------------------------------------------------------
-    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _checkpointed(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The stem or a downsample layer, checkpointed under ``with_cp``."""
         if self.with_cp and needs_checkpoint(module, x):
             return checkpoint_module(module, x)
@@ -635,25 +636,19 @@ class MLLA(BaseModule):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, 3, H, W) -> tuple of (B, C_i, ceil(H/2^(i+2)), ...) for ``out_indices``."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f'MLLA expects images of shape (B, 3, H, W), got {shape}')
-        if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[0] < 1:
-            raise ValueError(f'MLLA expects a non-empty batch with H, W >= 1, got {tuple(x.shape)}')
-        x = self._run(self.patch_embed, x)
+        if not is_tracing():  # (traced sizes would be frozen into the graph by these checks)
+            check_images(x)
+        x = self._checkpointed(self.patch_embed, x)
+        last = max(self.out_indices)
         outs = []
-        for i, stage in enumerate(self.layers):
-            _, h, w, c = x.shape
-            kind = 'complex' if fast_path(x) else 'real'  # what LinearAttention will use
-            rope = self._rope(h, w, c, x.device, torch.promote_types(x.dtype, torch.float32), kind)
-            x = stage(x, rope, with_cp=self.with_cp)
+        for i, stage in enumerate(self.layers[:last + 1]):
+            x = stage(x)
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{i}')(x).permute(0, 3, 1, 2).contiguous())
-            if stage.downsample is not None and i < max(self.out_indices):
-                x = self._run(stage.downsample, x)
-            elif i >= max(self.out_indices):
-                break
+            if i < last:
+                x = self._checkpointed(stage.downsample, x)
         return tuple(outs)
 
 
-__all__ = ['MLLA', 'MLLABlock', 'LinearAttention', 'rope_table', 'rope_cos_sin', 'apply_rope', 'resolve_arch', 'ARCH_SETTINGS']
+__all__ = ['MLLA', 'MLLAStage', 'MLLABlock', 'LinearAttention', 'RoPE', 'Mlp', 'Stem', 'Downsample',
+           'rope_cos_sin', 'apply_rope', 'resolve_arch', 'ARCH_SETTINGS']

@@ -50,8 +50,14 @@ def test_out_indices_and_feature_info():
     assert [f['reduction'] for f in model.feature_info] == [8, 32]
 
 
+@pytest.mark.parametrize('path', ['inference', 'plain'])
 @pytest.mark.parametrize('source', ['det', 'cls'])
-def test_golden_outputs(golden, golden_arch, golden_dir, source):
+def test_golden_outputs(golden, golden_arch, golden_dir, source, path, monkeypatch):
+    """Both code paths reproduce the published code: the fast inference path (eval, no grad) and the
+    plain autograd path with its real-valued RoPE (what training, tracing and ONNX export run)."""
+    calls = []
+    real_fast = mlla_module.fast_inference.forward_blocks
+    monkeypatch.setattr(mlla_module.fast_inference, 'forward_blocks', lambda *a: calls.append(1) or real_fast(*a))
     if source == 'det':
         ckpt = golden_dir / 'mlla_small_official_det.pth'
     else:
@@ -64,12 +70,13 @@ def test_golden_outputs(golden, golden_arch, golden_dir, source):
     model.eval()
     assert len(golden['cases']) >= 3
     for name, case in golden['cases'].items():
-        with torch.no_grad():
-            ys = model(case['x'])
+        with torch.set_grad_enabled(path == 'plain'):
+            ys = [y.detach() for y in model(case['x'])]
         assert len(ys) == len(case['ys']) == 4
         for y, ref in zip(ys, case['ys']):
             assert y.shape == ref.shape, name
             torch.testing.assert_close(y, ref, atol=1e-4, rtol=0, msg=f'case {name}')
+    assert bool(calls) == (path == 'inference')
 
 
 def test_parameter_counts(golden_dir):
@@ -113,6 +120,40 @@ def test_unknown_arch_lists_choices():
 def test_misspelt_argument_is_a_type_error():
     with pytest.raises(TypeError):
         MLLA('tiny', drop_path=0.2)  # the argument is drop_path_rate
+
+
+@pytest.mark.parametrize('kwargs, expected', [
+    (dict(drop_path_rate=1.0), r'drop_path_rate must be a number in \[0, 1\), got 1\.0'),
+    (dict(drop_path_rate=-0.1), r'drop_path_rate must be a number in \[0, 1\), got -0\.1'),
+    (dict(drop_path_rate=float('nan')), r'drop_path_rate must be a number in \[0, 1\)'),
+    (dict(drop_path_rate='0.1'), r"drop_path_rate must be a number in \[0, 1\), got '0\.1'"),
+    (dict(drop_rate=1.5), r'drop_rate must be a number in \[0, 1\), got 1\.5'),
+    (dict(drop_rate=-1e-3), r'drop_rate must be a number in \[0, 1\)'),
+    (dict(mlp_ratio=0), r'mlp_ratio must be a number > 0, got 0'),
+    (dict(mlp_ratio=-4.), r'mlp_ratio must be a number > 0, got -4\.0'),
+    (dict(mlp_ratio=float('inf')), r'mlp_ratio must be a number > 0, got inf'),
+    (dict(mlp_ratio=True), r'mlp_ratio must be a number > 0, got True'),
+    (dict(mlp_ratio=0.01), r'mlp_ratio 0\.01 leaves no MLP channels at embed_dims 16'),
+    (dict(with_cp='yes'), r"with_cp must be True or False, got 'yes'"),
+    (dict(norm_eval=1), r'norm_eval must be True or False, got 1'),
+])
+def test_out_of_range_hyperparameters_name_the_argument(kwargs, expected):
+    with pytest.raises(ValueError, match='^MLLA: ' + expected):
+        MLLA(SMALL, **kwargs)
+
+
+def test_edge_hyperparameters_are_accepted():
+    model = MLLA(SMALL, drop_path_rate=0.0, drop_rate=0.999, mlp_ratio=0.5)
+    assert model.layers[0].blocks[0].mlp.fc1.out_features == 8
+    model = MLLA(SMALL, drop_path_rate=0.99, mlp_ratio=1)
+    assert model.layers[3].blocks[0].drop_path.drop_prob == pytest.approx(0.99)
+
+
+def test_out_of_range_drop_path_rate_through_the_registry():
+    import mlla_mm  # noqa: F401
+    from mmengine.registry import MODELS
+    with pytest.raises(ValueError, match=r'drop_path_rate must be a number in \[0, 1\), got 1\.2'):
+        MODELS.build(dict(type='MLLA', arch=SMALL, drop_path_rate=1.2))
 
 
 @pytest.mark.parametrize('bad', [torch.randn(3, 32, 32), torch.randn(1, 1, 32, 32), torch.randn(1, 4, 32, 32),
@@ -194,31 +235,6 @@ def test_with_cp_same_outputs_gradients_and_bn_statistics(monkeypatch):
     with torch.no_grad():
         cpm(x)
     assert calls == []
-
-
-def test_rope_tables_computed_once_per_size(monkeypatch):
-    calls = []
-    real = mlla_module.rope_table
-    monkeypatch.setattr(mlla_module, 'rope_table', lambda *a, **k: calls.append(a[:3]) or real(*a, **k))
-    model = MLLA(dict(embed_dims=16, depths=[3, 3, 3, 3], num_heads=[1, 2, 2, 4])).eval()
-    with torch.no_grad():
-        model(torch.randn(1, 3, 64, 96))
-        assert len(calls) == 4  # once per stage, not once per block
-        model(torch.randn(1, 3, 64, 96))
-        assert len(calls) == 4  # cached across forwards
-        model(torch.randn(1, 3, 32, 32))
-    assert len(calls) == 8 and calls[-4] == (8, 8, 16)
-
-
-def test_rope_table_matches_definition():
-    table = mlla_module.rope_table(3, 5, 8, torch.device('cpu'))
-    assert table.shape == (3, 5, 4) and table.dtype == torch.complex64
-    # pair m < K=2 rotates by row * theta_m, else by col * theta_(m-2); theta_j = 1e4^(-j/2)
-    r, c = 2, 4
-    want = [r * 1.0, r * 1e-2, c * 1.0, c * 1e-2]
-    want = torch.tensor(want)
-    torch.testing.assert_close(table[r, c], torch.polar(torch.ones(4), want))
-    assert torch.allclose(table[0, 0], torch.ones(4, dtype=torch.complex64))
 
 
 def test_import_needs_no_mmdet_mmseg_or_mmcv_ops():

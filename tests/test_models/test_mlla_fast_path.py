@@ -1,35 +1,38 @@
-"""The fast MLLA code paths against a plain reference written from the spec.
+"""Both code paths of MLLA against a plain reference written from the spec, and the rule between them.
 
 ``mlla_mm.models.mlla_reference`` is an independent, slow implementation
 (tokens as (B, N, C), NCHW convs, RoPE from explicit cos/sin per channel
 pair, the attention head by head). It reproduces the golden outputs of the
-published code on its own; here the fast paths of ``MLLA`` (the in-place
-inference path and the autograd path) must match it in outputs and
-gradients on small, odd shapes. Also: bf16 autocast runs without NaN and
-stays close to fp32.
+published code on its own; here the plain autograd path of ``mlla.py`` and
+the in-place inference path of ``fast_inference.py`` must match it in
+outputs (and the plain path in gradients) on small, odd shapes. Also: the
+one rule that picks the inference path, and bf16 autocast.
 """
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import mlla_mm.models.mlla as mlla_module
 from mlla_mm.models import MLLA
-from mlla_mm.models.mlla_reference import MLLAReference, RefMLLABlock, ref_rope
+from mlla_mm.models import fast_inference
+from mlla_mm.models.fast_inference import use_fast_inference
+from mlla_mm.models.mlla_reference import MLLAReference, RefMLLABlock
 
-# Outputs of a block are O(1); fp32 rounding differs between the two paths.
+# Outputs of a block are O(1); fp32 rounding differs between the paths.
 ATOL, RTOL = 2e-5, 1e-4
 BF16_TOL = 0.08  # max |bf16 - fp32| / max |fp32| over every output map (measured ~0.02)
 
 
 def make_pair(dim, heads, seed=0):
     torch.manual_seed(seed)
-    fast = mlla_module.MLLABlock(dim, heads)
+    block = mlla_module.MLLABlock(dim, heads)
     ref = RefMLLABlock(dim, heads)
     # Non-trivial values everywhere (biases are zero at init).
     with torch.no_grad():
-        for p in fast.parameters():
+        for p in block.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
-    ref.load_state_dict(fast.state_dict(), strict=True)
-    return fast, ref
+    ref.load_state_dict(block.state_dict(), strict=True)
+    return block, ref
 
 
 def ref_block(ref, x):
@@ -37,11 +40,15 @@ def ref_block(ref, x):
     return ref(x.reshape(b, h * w, c), h, w).reshape(b, h, w, c)
 
 
-def fast_block(fast, x):
+def plain_block(block, x):
     _, h, w, c = x.shape
-    if mlla_module.fast_path(x):
-        return fast(x, mlla_module.rope_table(h, w, c, x.device))
-    return fast(x, mlla_module.rope_cos_sin(h, w, c, x.device))
+    return block(x, *mlla_module.rope_cos_sin(h, w, c, x.device))
+
+
+def fast_block(block, x):
+    _, h, w, c = x.shape
+    with torch.no_grad():
+        return fast_inference.block_forward(block, x, torch.complex(*mlla_module.rope_cos_sin(h, w, c, x.device)))
 
 
 SHAPES = [  # (batch, H, W, dim, heads)
@@ -53,42 +60,35 @@ SHAPES = [  # (batch, H, W, dim, heads)
 ]
 
 
-def test_ref_rope_is_the_complex_table():
-    x = torch.randn(2, 3 * 5, 8)
-    table = mlla_module.rope_table(3, 5, 8, torch.device('cpu')).reshape(15, 4)
-    want = torch.view_as_real(torch.view_as_complex(x.reshape(2, 15, 4, 2)) * table).reshape(2, 15, 8)
-    torch.testing.assert_close(ref_rope(x, 3, 5), want, atol=1e-6, rtol=1e-5)
-
-
 @pytest.mark.parametrize('shape', SHAPES)
 def test_block_outputs_match_reference(shape):
     b, h, w, c, heads = shape
-    fast, ref = make_pair(c, heads)
-    fast.eval(), ref.eval()
+    block, ref = make_pair(c, heads)
+    block.eval(), ref.eval()
     x = torch.randn(b, h, w, c)
+    x_before = x.clone()
     with torch.no_grad():
         want = ref_block(ref, x)
-        got_inplace = fast_block(fast, x)  # in-place inference path
-    x_before = x.clone()
-    got_grad = fast_block(fast, x)  # autograd path
-    torch.testing.assert_close(got_inplace, want, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(got_grad, want, atol=ATOL, rtol=RTOL)
-    assert torch.equal(x, x_before), 'the block must not modify its input'
+        got_plain = plain_block(block, x)
+    got_fast = fast_block(block, x)
+    torch.testing.assert_close(got_plain, want, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got_fast, want, atol=ATOL, rtol=RTOL)
+    assert torch.equal(x, x_before), 'a block must not modify its input'
 
 
 @pytest.mark.parametrize('shape', SHAPES)
 def test_block_gradients_match_reference(shape):
     b, h, w, c, heads = shape
-    fast, ref = make_pair(c, heads, seed=1)
-    fast.train(), ref.train()  # no dropout or drop_path in the block: same maths
+    block, ref = make_pair(c, heads, seed=1)
+    block.train(), ref.train()  # no dropout or drop_path in the block: same maths
     x = torch.randn(b, h, w, c)
     g = torch.randn(b, h, w, c)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    (fast_block(fast, x1) * g).sum().backward()
+    (plain_block(block, x1) * g).sum().backward()
     (ref_block(ref, x2) * g).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-3)
     ref_params = dict(ref.named_parameters())
-    for name, p in fast.named_parameters():
+    for name, p in block.named_parameters():
         q = ref_params[name]
         scale = q.grad.abs().max().clamp_min(1.0)
         torch.testing.assert_close(p.grad / scale, q.grad / scale, atol=1e-4, rtol=1e-3, msg=name)
@@ -97,50 +97,58 @@ def test_block_gradients_match_reference(shape):
 def small_backbone_pair():
     arch = dict(embed_dims=8, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4])
     torch.manual_seed(2)
-    fast = MLLA(arch, drop_path_rate=0.)
+    model = MLLA(arch, drop_path_rate=0.)
     with torch.no_grad():
-        for name, p in fast.named_parameters():
+        for name, p in model.named_parameters():
             if name.endswith('bias'):
                 p.copy_(torch.randn_like(p) * 0.1)
-        for name, buf in fast.named_buffers():
+        for name, buf in model.named_buffers():
             if name.endswith('running_var'):
                 buf.uniform_(0.5, 1.5)
             elif name.endswith('running_mean'):
                 buf.normal_(0, 0.1)
     ref = MLLAReference(arch)
-    ref.load_state_dict(fast.state_dict(), strict=True)
-    return fast, ref
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return model, ref
 
 
 @pytest.mark.parametrize('hw', [(33, 47), (13, 9)])
-def test_backbone_matches_reference_outputs_and_grads(hw):
-    fast, ref = small_backbone_pair()
-    fast.eval(), ref.eval()
+def test_backbone_matches_reference_outputs_and_grads(hw, monkeypatch):
+    model, ref = small_backbone_pair()
+    model.eval(), ref.eval()
+    calls = []
+    real = fast_inference.forward_blocks
+    monkeypatch.setattr(fast_inference, 'forward_blocks', lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 3, *hw)
     with torch.no_grad():
         want = ref(x)
-        got = fast(x)
+        got = model(x)
+    assert len(calls) == 4, 'eval + no_grad must run the inference path in every stage'
     for a, b in zip(got, want):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     gs = [torch.randn_like(o) for o in want]
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    sum((o * g).sum() for o, g in zip(fast(x1), gs)).backward()
+    outs = model(x1)  # with gradients: the plain path
+    assert len(calls) == 4
+    for a, b in zip(outs, want):
+        torch.testing.assert_close(a.detach(), b, atol=1e-4, rtol=1e-4)
+    sum((o * g).sum() for o, g in zip(outs, gs)).backward()
     sum((o * g).sum() for o, g in zip(ref(x2), gs)).backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-3)
     ref_params = dict(ref.named_parameters())
-    for name, p in fast.named_parameters():
+    for name, p in model.named_parameters():
         q = ref_params[name]
         scale = q.grad.abs().max().clamp_min(1.0)
         torch.testing.assert_close(p.grad / scale, q.grad / scale, atol=1e-4, rtol=1e-3, msg=name)
 
 
 def test_reference_matches_golden(golden, golden_arch, golden_dir):
-    fast = MLLA(golden_arch, init_cfg=dict(type='Pretrained',
-                                           checkpoint=str(golden_dir / 'mlla_small_official_det.pth')))
-    fast.init_weights()
+    model = MLLA(golden_arch, init_cfg=dict(type='Pretrained',
+                                            checkpoint=str(golden_dir / 'mlla_small_official_det.pth')))
+    model.init_weights()
     ref = MLLAReference(golden_arch).eval()
-    ref.load_state_dict(fast.state_dict(), strict=True)
+    ref.load_state_dict(model.state_dict(), strict=True)
     for case in list(golden['cases'].values())[:2]:
         with torch.no_grad():
             outs = ref(case['x'])
@@ -148,7 +156,7 @@ def test_reference_matches_golden(golden, golden_arch, golden_dir):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
-def test_inplace_and_autograd_paths_agree_on_tiny():
+def test_inference_and_plain_paths_agree_on_tiny():
     model = MLLA(dict(embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8])).eval()
     x = torch.randn(2, 3, 70, 90)
     with torch.no_grad():
@@ -158,17 +166,56 @@ def test_inplace_and_autograd_paths_agree_on_tiny():
         torch.testing.assert_close(p, q.detach(), atol=1e-5, rtol=1e-4)
 
 
-def test_fused_weight_cache_follows_weight_updates():
-    fast, ref = make_pair(16, 2)
-    fast.eval(), ref.eval()
-    x = torch.randn(1, 5, 6, 16)
+def test_the_rule_for_the_inference_path(monkeypatch):
+    stage = mlla_module.MLLAStage(16, 1, 2, downsample=False).eval()
+    x = torch.zeros(1, 4, 4, 16)
     with torch.no_grad():
-        fast_block(fast, x)  # fills the fused in/act weight cache
-        fast.in_proj.weight.add_(0.5)
-        fast.act_proj.bias.sub_(0.3)
-        ref.load_state_dict(fast.state_dict())
-        torch.testing.assert_close(fast_block(fast, x), ref_block(ref, x), atol=ATOL, rtol=RTOL)
-    assert not any('fused' in k for k in fast.state_dict())
+        assert use_fast_inference(stage, x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not use_fast_inference(stage, x)
+        stage.blocks[0].drop_path.train()  # any submodule in training mode
+        assert not use_fast_inference(stage, x)
+        stage.eval()
+        stage.train()
+        assert not use_fast_inference(stage, x)
+        stage.eval()
+        for name in ['torch.jit.is_tracing', 'torch.onnx.is_in_onnx_export', 'torch.compiler.is_compiling']:
+            with monkeypatch.context() as m:
+                m.setattr(name, lambda: True)
+                assert not use_fast_inference(stage, x), name
+        assert use_fast_inference(stage, x)
+    assert not use_fast_inference(stage, x)  # gradients recorded
+
+
+def test_stage_dispatch_follows_the_rule(monkeypatch):
+    """MLLAStage.forward is the one caller: the inference path exactly when the rule holds."""
+    taken = []
+    real = fast_inference.forward_blocks
+    monkeypatch.setattr(fast_inference, 'forward_blocks', lambda *a: taken.append('fast') or real(*a))
+    stage = mlla_module.MLLAStage(16, 2, 2, downsample=False).eval()
+    x = torch.randn(1, 5, 7, 16)
+    with torch.no_grad():
+        want = stage(x)
+        assert taken == ['fast']
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+        got = stage(x)  # the plain code is traced under torch.compile
+    assert taken == ['fast']
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_inference_path_follows_weight_updates():
+    block, ref = make_pair(16, 2)
+    block.eval(), ref.eval()
+    x = torch.randn(1, 5, 6, 16)
+    fast_block(block, x)
+    with torch.no_grad():
+        block.in_proj.weight.add_(0.5)
+        block.act_proj.bias.sub_(0.3)
+    ref.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        want = ref_block(ref, x)
+    torch.testing.assert_close(fast_block(block, x), want, atol=ATOL, rtol=RTOL)
+    assert set(block.state_dict()) == set(ref.state_dict())
 
 
 def test_bf16_autocast_no_nan_and_close_to_fp32():
@@ -197,42 +244,24 @@ def test_bf16_autocast_no_nan_and_close_to_fp32():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_attention_math_stays_float32_under_autocast(monkeypatch):
-    seen = []
-    real = torch.bmm
+class MatmulDtypes(TorchFunctionMode):
+    """Records the dtypes of every matrix product (``@``, ``matmul``, ``bmm``)."""
 
-    def spy(a, b, **kw):
-        seen.append((a.dtype, b.dtype))
-        return real(a, b, **kw)
+    def __init__(self):
+        super().__init__()
+        self.seen = []
 
-    monkeypatch.setattr(mlla_module.torch, 'bmm', spy)
-    block = mlla_module.MLLABlock(16, 2).eval()
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm):
+            self.seen.append((args[0].dtype, args[1].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_math_stays_float32_under_autocast():
+    attn = mlla_module.LinearAttention(16, 2)
     x = torch.randn(1, 6, 7, 16)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        out = fast_block(block, x)
-    assert seen and all(d == (torch.float32, torch.float32) for d in seen)
+    cos, sin = mlla_module.rope_cos_sin(6, 7, 16, x.device)
+    with torch.autocast('cpu', dtype=torch.bfloat16), MatmulDtypes() as mode:
+        out = attn(x, cos, sin)
+    assert len(mode.seen) == 3 and all(d == (torch.float32, torch.float32) for d in mode.seen), mode.seen
     assert torch.isfinite(out).all()
-
-
-def test_traced_under_torch_compile_uses_the_plain_path(monkeypatch):
-    """Under torch.compile the block must not take the in-place path or cache the fused weight."""
-    fast, ref = make_pair(32, 2)
-    fast.eval()
-    x = torch.randn(1, 5, 7, 32)
-    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
-    monkeypatch.setattr(fast, '_forward_inplace', lambda *a: pytest.fail('in-place path taken while compiling'))
-    with torch.no_grad():
-        out = fast_block(fast, x)
-    assert fast._fused_in_act is None
-    torch.testing.assert_close(out, ref_block(ref, x), atol=ATOL, rtol=RTOL)
-
-
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_real_rope_equals_complex_rope(dtype):
-    b, h, w, c = 2, 33, 47, 64
-    x = torch.randn(b, h, w, c, dtype=dtype)
-    angles = mlla_module.rope_angles(h, w, c, torch.device('cpu'), dtype)
-    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
-    want = torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
-    cos, sin = mlla_module.rope_cos_sin(h, w, c, torch.device('cpu'), dtype)
-    torch.testing.assert_close(mlla_module.apply_rope(x, cos, sin), want, atol=1e-6, rtol=0)
