@@ -43,6 +43,7 @@ import pickletools
 import re
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
@@ -336,10 +337,8 @@ def inspect_archive(f: BinaryIO) -> Archive:
             raise Refused('the archive has no data.pkl (not written by torch.save)')
         try:
             data = zf.read(name)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
             raise Refused(f'the zip archive is truncated or corrupt ({err})') from None
-        except Exception as err:  # zlib.error for a damaged deflate stream
-            raise Refused(f'the zip archive is truncated or corrupt ({type(err).__name__}: {err})') from None
     return Archive(prefix, sizes, data)
 
 

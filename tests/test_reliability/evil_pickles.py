@@ -17,7 +17,6 @@ from __future__ import annotations
 import copyreg
 import io
 import json
-import os
 import pickle
 import struct
 import sys
