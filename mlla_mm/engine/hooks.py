@@ -23,7 +23,6 @@ import functools
 import json
 import math
 import os.path as osp
-import re
 import signal
 import threading
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -36,7 +35,7 @@ from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop, EpochBasedTrainLoop, Runner
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, check_checkpoint_fits
 from ..utils.io import atomic_write
 from .loops import validation_due
 from .rng import get_random_state, set_random_state
@@ -389,39 +388,9 @@ class FiniteLossHook(Hook):
 
 
 # --------------------------------------------------------------------------
-# Checkpoints that do not fit the model.
+# Checkpoints: written atomically, refused when they do not fit the model
+# (mlla_mm.checkpoint.check_checkpoint_fits).
 # --------------------------------------------------------------------------
-def check_checkpoint_fits(model: torch.nn.Module, state_dict: Dict[str, Any], filename: str) -> None:
-    """Raise :class:`CheckpointError` when ``state_dict`` cannot be meant for ``model``.
-
-    Backbone tensors of another shape (another MLLA size) or no tensor in
-    common at all (another model) are errors; other shape differences (e.g.
-    a head with another number of classes when fine-tuning) are left to
-    mmengine, which skips them with a warning.
-    """
-    own = model.state_dict()
-    keys = [re.sub(r'^module\.', '', k) for k in state_dict]
-    common = [k for k in keys if k in own]
-    if own and not common:
-        sample = ', '.join(keys[:4]) or 'none'
-        hint = (' It looks like backbone-only weights: load them with model.backbone.init_cfg='
-                "dict(type='Pretrained', checkpoint=...) instead of load_from."
-                if any(k.startswith(('layers.', 'patch_embed.')) for k in keys) else '')
-        raise CheckpointError(
-            f'{filename}: none of its {len(keys)} tensors belong to this model '
-            f'(file keys e.g. {sample}; model keys e.g. {", ".join(list(own)[:3])}): '
-            f'a checkpoint of another model?{hint}')
-    wrong = [f'{k}: file {tuple(state_dict[o].shape)} vs model {tuple(own[k].shape)}'
-             for o, k in zip(state_dict, keys)
-             if k.startswith('backbone.') and k in own and hasattr(state_dict[o], 'shape')
-             and tuple(state_dict[o].shape) != tuple(own[k].shape)]
-    if wrong:
-        raise CheckpointError(
-            f'{filename}: {len(wrong)} backbone tensor(s) have the wrong shape, e.g. {"; ".join(wrong[:2])}. '
-            'Is it a checkpoint of another MLLA size (arch)?')
-
-
-
 @HOOKS.register_module()
 class CheckpointGuardHook(Hook):
     """Checkpoints written atomically; checkpoints of another model refused when loading.
@@ -462,5 +431,5 @@ class CheckpointGuardHook(Hook):
         check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename)
 
 __all__ = ['RandomStateHook', 'ValidationResumeHook', 'PreemptionHook', 'FiniteLossHook', 'CheckpointGuardHook',
-           'NonFiniteLossError', 'TrainingInterrupted', 'check_checkpoint_fits', 'get_random_state',
+           'NonFiniteLossError', 'TrainingInterrupted', 'get_random_state',
            'set_random_state', 'VALIDATION_MARKER']
