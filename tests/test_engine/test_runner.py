@@ -131,3 +131,50 @@ def test_saferunner_without_cuda_uses_bn_gloo_and_cpu_ddp(tmp_path, monkeypatch,
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _loop(cls, runner, **attrs):
+    """A loop object with just the attributes validation_due reads (no dataloader is built)."""
+    loop = object.__new__(cls)
+    loop._runner = runner
+    loop.val_begin, loop.val_interval = 1, attrs.pop('val_interval')
+    loop.dynamic_milestones, loop.dynamic_intervals = [0], [loop.val_interval]
+    for k, v in attrs.items():
+        setattr(loop, k, v)
+    return loop
+
+
+def test_validation_due_follows_the_loops_rule():
+    from types import SimpleNamespace
+
+    from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
+
+    from mlla_mm.engine.loops import validation_due
+    hub = MessageHub.get_instance('test_validation_due')
+    runner = SimpleNamespace(val_loop=object(), message_hub=hub)
+    epochs = dict(_max_epochs=6, _iter=0, dataloader=[0, 0], val_interval=2)
+    assert validation_due(_loop(EpochBasedTrainLoop, runner, _epoch=4, **dict(epochs, _iter=8)))
+    assert not validation_due(_loop(EpochBasedTrainLoop, runner, _epoch=3, **dict(epochs, _iter=6)))
+    assert validation_due(_loop(EpochBasedTrainLoop, runner, _epoch=6, **dict(epochs, _iter=12)))  # the last one
+    assert not validation_due(_loop(EpochBasedTrainLoop, runner, _epoch=0, **epochs))
+    assert not validation_due(_loop(EpochBasedTrainLoop, runner, _epoch=4, **dict(epochs, _iter=9)))  # mid-epoch
+    iters = dict(_max_iters=100, _epoch=0, val_interval=40)
+    assert validation_due(_loop(IterBasedTrainLoop, runner, _iter=80, **iters))
+    assert validation_due(_loop(IterBasedTrainLoop, runner, _iter=100, **iters))
+    assert not validation_due(_loop(IterBasedTrainLoop, runner, _iter=81, **iters))
+    assert not validation_due(_loop(EpochBasedTrainLoop, SimpleNamespace(val_loop=None, message_hub=hub),
+                                    _epoch=4, **dict(epochs, _iter=8)))
+
+
+def test_fast_forward_leaves_the_random_state_alone():
+    from mlla_mm.engine.loops import _FastForward
+    batches = _FastForward(iter(lambda: torch.rand(1), None), 3)  # each batch draws from torch's generator
+    torch.manual_seed(0)
+    first = torch.rand(1)
+    torch.manual_seed(0)
+    skipped = [next(batches) for _ in range(3)]
+    assert torch.equal(torch.rand(1), first)  # the three skipped batches did not move the generator
+    assert all(torch.equal(s, first) for s in skipped)
+    torch.manual_seed(0)
+    assert torch.equal(next(batches), first)  # afterwards batches draw as usual
+    assert not torch.equal(torch.rand(1), first)
