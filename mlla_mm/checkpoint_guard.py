@@ -56,8 +56,8 @@ MAX_EXPANSION = 4
 EXPANSION_SLACK = 1 << 20
 #: Python objects the pickle may build: this many bytes ...
 OBJECT_BUDGET_BASE = 64 << 20
-#: ... plus this many per byte of pickle.
-OBJECT_BUDGET_PER_BYTE = 16
+#: ... plus this many per byte of pickle (real checkpoints cost 16-25 per byte by this account).
+OBJECT_BUDGET_PER_BYTE = 64
 #: Deepest nesting of containers in a checkpoint.
 MAX_DEPTH = 100
 #: Most dimensions of one tensor or array.

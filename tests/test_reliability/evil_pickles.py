@@ -283,7 +283,7 @@ def corpus(marker: str) -> Dict[str, bytes]:
     many = EMPTY_LIST + MARK + b''.join(i(k) for k in range(20_000)) + b'e' + put(3)
     add('set_copies', many + EMPTY_LIST + b''.join(call(glob('builtins', 'set'), get(3)) + APPEND
                                                     for _ in range(3_000)))  # 3 GB of sets from 160 kB
-    add('empty_sets', EMPTY_LIST + (EMPTY_SET + APPEND) * 600_000)
+    add('empty_sets', EMPTY_LIST + (EMPTY_SET + APPEND) * 1_000_000)  # 2 MB -> 216 MB of empty sets
     nested = EMPTY_LIST * 1000 + APPEND * 999
     add('deep_nesting', nested)
     # Storages and tensors out of range.

@@ -219,3 +219,17 @@ def test_test_tool_refuses(name, evil, tmp_path, tiny_data):
     done = run_tool('tools/test.py', config, files[name], '--work-dir', tmp_path / 'work')
     assert_one_error_line(done, files[name], marker)
 
+
+
+def test_real_checkpoints_fit_the_per_byte_budget_alone(real, tmp_path, monkeypatch):
+    """The object budget's per-byte part alone (no 64 MiB base) covers real checkpoints, with room to spare."""
+    from mlla_mm import checkpoint_guard as guard
+    many = {f'backbone.layers.{i}.blocks.{j}.w': torch.zeros(2, 2) for i in range(20) for j in range(50)}
+    opt = {'state': {k: {'step': torch.tensor(1.0), 'exp_avg': torch.zeros(2, 2)} for k in range(1000)},
+           'param_groups': [{'params': list(range(1000)), 'lr': 0.1, 'betas': (0.9, 0.999)}]}
+    torch.save({'state_dict': many, 'optimizer': opt}, tmp_path / 'many.pth')
+    monkeypatch.setattr(guard, 'OBJECT_BUDGET_BASE', 0)
+    monkeypatch.setattr(guard, 'OBJECT_BUDGET_PER_BYTE', guard.OBJECT_BUDGET_PER_BYTE // 2)
+    for path in [*real.values(), tmp_path / 'many.pth']:
+        with open(path, 'rb') as f:
+            guard.scan_pickle(guard.inspect_archive(f))
