@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def kind_and_arch(name: str) -> Tuple[str, Optional[str]]:
-    """('mask_rcnn' | 'upernet' | 'backbone' | 'other', 't' | 's' | 'b' | None) from a name."""
+    """('mask_rcnn' | 'cascade_mask_rcnn' | 'upernet' | 'backbone' | 'other', 't' | 's' | 'b' | None) from a name."""
     base = os.path.basename(name).lower()
     arch = None
     for letter in 'tsb':
@@ -52,6 +52,8 @@ def kind_and_arch(name: str) -> Tuple[str, Optional[str]]:
             arch = letter
     if base in BACKBONES:
         return 'backbone', arch
+    if 'cascade' in base:  # no published MLLA figures to compare with
+        return 'cascade_mask_rcnn', arch
     if 'mask_rcnn' in base or 'mask-rcnn' in base:
         return 'mask_rcnn', arch
     if 'upernet' in base:

@@ -16,7 +16,7 @@ from mmengine.registry import init_default_scope
 
 import mlla_mm  # noqa: F401
 from mlla_mm.models import MLLA
-from tests.helpers import ROOT, weight_decay_of_params
+from tests.helpers import ROOT, load_tool, weight_decay_of_params
 
 RUNTIME = '../_base_/mlla_runtime.py'
 RUNTIME_STATED = ('cascade_mask_rcnn_mlla_t_3x', 'mask2former_mlla_t')
@@ -180,6 +180,12 @@ def test_mask2former_recipe_and_parameter_keys():
             elif p.ndim > 1:
                 assert decay[n] == 0.05, n
     assert sum(n.startswith('backbone.') and n in norms for n in decay) == 96
+
+
+def test_get_flops_does_not_compare_cascade_with_mask_rcnn():
+    kind_and_arch = load_tool('get_flops').kind_and_arch
+    assert kind_and_arch('configs/detection/cascade_mask_rcnn_mlla_s_3x.py') == ('cascade_mask_rcnn', 's')
+    assert kind_and_arch('configs/detection/mask_rcnn_mlla_s_3x.py') == ('mask_rcnn', 's')
 
 
 # ---------------------------------------------------------------- tiny runs

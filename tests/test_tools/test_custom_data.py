@@ -10,7 +10,7 @@ import re
 import pytest
 
 from tests.helpers import ROOT, run_tool
-from tests.test_tools.zoo_helpers import TINY_ARCH_OPTIONS, edit_template
+from tests.test_tools.zoo_helpers import SEG_PIPELINES_64, TINY_ARCH_OPTIONS, edit_template
 
 DET = ROOT / 'configs' / 'detection'
 SEG = ROOT / 'configs' / 'segmentation'
@@ -52,19 +52,7 @@ MASK_HEADS = ("model.update(roi_head=dict(bbox_roi_extractor=dict(out_channels=3
 
 SEG_SPEED = '''
 _base_ = [{edited!r}]
-crop_size = (64, 64)
-_train = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=False),
-    dict(type='RandomCrop', crop_size=crop_size),
-    dict(type='PackSegInputs'),
-]
-_test = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=crop_size, keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=False),
-    dict(type='PackSegInputs'),
-]
+''' + SEG_PIPELINES_64 + '''
 train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False, dataset=dict(pipeline=_train))
 val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False, dataset=dict(pipeline=_test))
 test_dataloader = val_dataloader

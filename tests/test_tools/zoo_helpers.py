@@ -9,9 +9,8 @@ TINY_ARCH_OPTIONS = ['model.backbone.arch._delete_=True', 'model.backbone.arch.e
                      'model.backbone.arch.depths=[1,1,1,1]', 'model.backbone.arch.num_heads=[1,2,2,4]',
                      'model.backbone.init_cfg=None']
 
-TINY_SEG_CONFIG = '''
-_base_ = [{base!r}]
-data_root = {root!r}
+# 64x64 segmentation pipelines (label value k = class k; no braces: used in str.format templates).
+SEG_PIPELINES_64 = '''
 crop_size = (64, 64)
 _train = [
     dict(type='LoadImageFromFile'),
@@ -25,6 +24,12 @@ _test = [
     dict(type='LoadAnnotations', reduce_zero_label=False),
     dict(type='PackSegInputs'),
 ]
+'''
+
+TINY_SEG_CONFIG = '''
+_base_ = [{base!r}]
+data_root = {root!r}
+''' + SEG_PIPELINES_64 + '''
 train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
                         dataset=dict(data_root=data_root, pipeline=_train))
 val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
