@@ -124,6 +124,7 @@ def test_cfg_options_that_do_not_fit_the_config_are_one_line_exit_2(cfg_path, tm
     assert rc == 2 and '--cfg-options' in line and 'embed_dims' in line
 
 
+@pytest.mark.slow  # trains 2 epochs in the test process
 def test_full_disk_while_saving_a_checkpoint_is_one_line_exit_2(cfg_path, tmp_path, capsys, monkeypatch):
     import errno
     import os
@@ -136,7 +137,8 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line_exit_2(cfg_path, tmp_pa
         return real_fsync(fd)
 
     monkeypatch.setattr(os, 'fsync', full_disk)
-    rc = load_tool('train').main([str(cfg_path), '--work-dir', str(work), '--cfg-options', 'train_cfg.max_epochs=2'])
+    rc = load_tool('train').main([str(cfg_path), '--work-dir', str(work), '--cfg-options', 'train_cfg.max_epochs=2',
+                                   'train_dataloader.batch_size=4'])  # one iteration per epoch
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and str(work / 'epoch_2.pth') in line and 'No space left on device' in line
     assert not (work / 'epoch_2.pth').exists() and not list(work.glob('.*.tmp-*'))
