@@ -283,7 +283,7 @@ class LinearAttention(nn.Module):
         n, heads = h * w, self.num_heads
         qk = self.qk(x)
         with torch.autocast(x.device.type, enabled=False):
-            qk = (F.elu(qk.to(cos.dtype)) + 1.0).unflatten(-1, (2, c))  # (B, H, W, 2, C): q and k
+            qk = (F.elu(qk.to(cos.dtype)) + 1.0).view(b, h, w, 2, c)  # (B, H, W, 2, C) q, k; view: traced sizes (ONNX)
             v = x.to(cos.dtype)
             # RoPE on q and k together, tables (H, W, 1, C/2); unbind (not slicing) keeps the
             # backward of each split to one gradient buffer.
