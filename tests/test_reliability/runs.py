@@ -37,8 +37,8 @@ def start(config, work_dir, log, *extra, **env):
                             cwd=ROOT, env=tool_env(**env), stdout=open(log, 'w'), stderr=subprocess.STDOUT)
 
 
-def wait_for(text, log, proc, timeout=240):
-    """Wait until ``text`` appears in the log file (the process must still run)."""
+def wait_for(text, log, proc, timeout=600):
+    """Wait until ``text`` appears in the log file (the process must still run; generous for busy CI machines)."""
     end = time.time() + timeout
     while time.time() < end:
         if text in Path(log).read_text():
