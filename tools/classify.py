@@ -79,12 +79,12 @@ def build_classifier(name: str, weights: str, model_kwargs: Dict[str, Any], use_
     import mlla_mm  # noqa: F401  (registers the models)
     from mlla_mm.checkpoint import load_file
     from mlla_mm.engine.launch import UsageError
-    from mlla_mm.models import mlla_timm_draft as tm
+    from mlla_mm.models import checkpoint_filter_fn, load_checkpoint_weights
 
     choices = timm.list_models('mlla_*')
     if name.split('.')[0] not in choices:
         raise UsageError(f'--model: {name!r} is not an MLLA classifier; choose one of {choices}')
-    state_dict = tm.checkpoint_filter_fn(load_file(weights), use_ema=use_ema, source=weights)
+    state_dict = checkpoint_filter_fn(load_file(weights), use_ema=use_ema, source=weights)
     head = state_dict.get('head.weight')
     if head is None or head.dim() != 2:
         raise UsageError(f'{weights}: has no classifier head (head.weight); a backbone checkpoint cannot classify '
@@ -93,7 +93,7 @@ def build_classifier(name: str, weights: str, model_kwargs: Dict[str, Any], use_
         model = timm.create_model(name, num_classes=head.shape[0], **model_kwargs)
     except (TypeError, ValueError) as err:
         raise UsageError(f'--model {name} --model-kwargs: {err}') from None
-    tm.load_checkpoint_weights(model, state_dict, source=weights)
+    load_checkpoint_weights(model, state_dict, source=weights)
     return model.eval()
 
 

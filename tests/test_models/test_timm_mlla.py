@@ -4,7 +4,8 @@ import json
 import logging
 import math
 import os
-import pickle
+import subprocess
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -15,8 +16,7 @@ from timm.models import FeatureInfo
 
 import mlla_mm  # noqa: F401  (registers the timm models)
 from mlla_mm.checkpoint import CheckpointError
-from mlla_mm.models import MLLA
-from mlla_mm.models import mlla_timm_draft as tm
+from mlla_mm.models import MLLA, MLLAClassifier, checkpoint_filter_fn
 from tests.test_reliability.evil_pickles import CfgNode, YacsPickle
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
@@ -53,6 +53,15 @@ def save(obj, path):
 # --------------------------------------------------------------------------
 # Registry and pretrained_cfg.
 # --------------------------------------------------------------------------
+def test_import_mlla_mm_registers_the_models():
+    code = ('import timm, mlla_mm; m = timm.create_model("mlla_tiny.in1k", embed_dim=16, depths=(1, 1, 1, 1), '
+            'num_heads=(1, 2, 2, 4)); print(type(m).__module__, type(m).__name__, sorted(timm.list_models("mlla*")))')
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "mlla_mm.models.mlla MLLAClassifier ['mlla_base', 'mlla_small', 'mlla_tiny']" in res.stdout
+    assert isinstance(tiny(), MLLAClassifier)
+
+
 def test_models_are_registered_with_a_truthful_cfg():
     assert set(NAMES) <= set(timm.list_models('mlla_*'))
     for name in NAMES:
@@ -333,18 +342,18 @@ def test_bad_arguments():
 # --------------------------------------------------------------------------
 def test_filter_drops_rope_tables_and_is_a_no_op_twice(golden_dir):
     ckpt = torch.load(golden_dir / 'mlla_small_official_cls.pth', weights_only=True)
-    once = tm.checkpoint_filter_fn(ckpt)
-    twice = tm.checkpoint_filter_fn(once)
+    once = checkpoint_filter_fn(ckpt)
+    twice = checkpoint_filter_fn(once)
     assert list(once) == list(twice) and all(once[k] is twice[k] for k in once)
     assert not any('rope' in k for k in once)
     assert 'head.weight' in once and 'norm.weight' in once
     assert len(once) == len([k for k in ckpt['model'] if 'rope' not in k])
     # the detector layout: backbone part only, output norms dropped
     det = torch.load(golden_dir / 'mlla_small_official_det.pth', weights_only=True)
-    bb = tm.checkpoint_filter_fn(det)
+    bb = checkpoint_filter_fn(det)
     assert bb and not any(k.startswith(('backbone.', 'neck.', 'norm0', 'norm3')) for k in bb)
-    assert tm.checkpoint_filter_fn(bb) == bb
-    ddp = tm.checkpoint_filter_fn({'module.' + k: v for k, v in once.items()})
+    assert checkpoint_filter_fn(bb) == bb
+    ddp = checkpoint_filter_fn({'module.' + k: v for k, v in once.items()})
     assert list(ddp) == list(once)
 
 
@@ -485,7 +494,7 @@ def test_mm_checkpoint_loads_into_timm(tmp_path, golden_dir, golden, golden_arch
                   num_heads=golden_arch['num_heads'])
     # a plain backbone state dict: strict=False reports the classifier's norm and head only
     model = timm.create_model('mlla_tiny', num_classes=10, **kwargs).eval()
-    missing, unexpected = model.load_state_dict(tm.checkpoint_filter_fn(mm.state_dict(), model), strict=False)
+    missing, unexpected = model.load_state_dict(checkpoint_filter_fn(mm.state_dict(), model), strict=False)
     assert sorted(missing) == ['head.bias', 'head.weight', 'norm.bias', 'norm.weight'] and unexpected == []
     # the published detector checkpoint through the pretrained file path; same stage outputs
     with caplog.at_level(logging.WARNING):
@@ -494,7 +503,7 @@ def test_mm_checkpoint_loads_into_timm(tmp_path, golden_dir, golden, golden_arch
     assert 'norm.weight' in caplog.text and 'head.weight' in caplog.text
     model.eval()
     feats = timm.create_model('mlla_tiny', features_only=True, **kwargs).eval()
-    feats.model.load_state_dict(tm.checkpoint_filter_fn(mm.state_dict()), strict=False)
+    feats.model.load_state_dict(checkpoint_filter_fn(mm.state_dict()), strict=False)
     for name, case in list(golden['cases'].items())[:2]:
         with torch.no_grad():
             ys = _mm_outputs_from_timm(mm, model, case['x'])

@@ -11,7 +11,6 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 import mlla_mm  # noqa: F401  (registers the timm models)
-from mlla_mm.models import mlla_timm_draft  # noqa: F401  (until the models move into mlla.py)
 from tests.helpers import load_tool, run_tool
 
 TINY_KWARGS = ['embed_dim=16', 'depths=(1,1,1,1)', 'num_heads=(1,2,2,4)']
@@ -162,6 +161,7 @@ def test_bad_input_is_one_clear_line(tool, setup, capsys, tmp_path):
         (['--data-dir', broken, '--weights', w, '--model-kwargs', *TINY_KWARGS, '--workers', '1'], 'x.png'),
         (['--data-dir', tmp_path / 'empty', '--weights', w, '--model-kwargs', *TINY_KWARGS], 'no class subfolders'),
         ([img, '--weights', w, '--model-kwargs', 'depths'], 'KEY=VALUE'),
+        ([img, '--weights', w, '--use-ema', '--model-kwargs', *TINY_KWARGS], 'state_dict_ema'),
         ([img, '--weights', w, '--model-kwargs', 'depth=(1,1,1,1)'], 'depth'),
     ]
     for args, needle in cases:
@@ -175,11 +175,11 @@ def test_bad_input_is_one_clear_line(tool, setup, capsys, tmp_path):
 def test_command_line(setup, tmp_path):
     """The script as users run it: output, and exit code 2 with one line for a refused file."""
     res = run_tool('tools/classify.py', setup['images'][0], '--weights', setup['weights'], '--model-kwargs',
-                   *TINY_KWARGS, '--topk', '3')
+                   *TINY_KWARGS, '--topk', '3', timeout=600)
     assert res.returncode == 0, res.stderr
     assert len([ln for ln in res.stdout.splitlines() if re.match(r'\s+\d\. ', ln)]) == 3
     marker = tmp_path / 'pwned'
-    res = run_tool('tools/classify.py', setup['images'][0], '--weights', _evil(tmp_path, marker))
+    res = run_tool('tools/classify.py', setup['images'][0], '--weights', _evil(tmp_path, marker), timeout=600)
     assert res.returncode == 2 and 'Traceback' not in res.stderr
     assert res.stderr.strip().startswith('error: ') and 'evil.pth' in res.stderr
     assert not marker.exists()
