@@ -661,7 +661,6 @@ class MLLA(BaseModule):
         return tuple(outs)
 
 
-
 # --------------------------------------------------------------------------
 # The ImageNet classifier for timm: the same stem and stages, then the final
 # norm, average pooling and the head of the published classification model.
