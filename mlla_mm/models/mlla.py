@@ -1,7 +1,8 @@
 """MLLA: the Mamba-Like Linear Attention backbone, written as its maths.
 
-"Demystify Mamba in Vision: A Linear Attention Perspective" (NeurIPS 2024);
-the facts it is built from are in ``docs`` of the shared spec (mlla-spec.md).
+"Demystify Mamba in Vision: A Linear Attention Perspective" (NeurIPS 2024).
+"Spec item N" below refers to the numbered list in mlla-spec.md ("What the
+backbone computes"), the description of the published model this was built from.
 
 Where things live:
 
