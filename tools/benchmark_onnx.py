@@ -150,7 +150,10 @@ def main(argv=None) -> int:
     times: Dict[str, List[float]] = {}
     for size, fns in groups.items():
         print(f'# timing {len(fns)} runs at {size[0]}x{size[1]}, {args.repeats} interleaved rounds', flush=True)
-        times.update(interleaved_times(fns, args.repeats))
+        group = interleaved_times(fns, args.repeats)
+        times.update(group)
+        for key, ts in group.items():  # printed at once: a long run that is stopped keeps its numbers
+            print(f'#   {key}: median {median(ts):.3f} s, all {", ".join(f"{t:.3f}" for t in ts)}', flush=True)
     results['latency'] = {k: dict(median=median(v), min=min(v), max=max(v), n=len(v)) for k, v in times.items()}
 
     print(f"\nLatency (s), {args.threads} threads, fp32, batch 1, median of {args.repeats} interleaved rounds")
