@@ -571,7 +571,7 @@ class MLLA(BaseModule):
     def feature_info(self) -> List[Dict[str, Union[int, str]]]:
         """Channels, stride and module name of each returned map."""
         return [dict(num_chs=self.channels[i], reduction=self.strides[i], module=f'norm{i}')
-                for i in self.out_indices]
+                for i in sorted(self.out_indices)]  # forward returns maps in stage order
 
     # -- initialisation ------------------------------------------------------
     @staticmethod

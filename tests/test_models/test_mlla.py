@@ -243,3 +243,12 @@ def test_import_needs_no_mmdet_mmseg_or_mmcv_ops():
             'or m.startswith("mmcv.ops")]; print(bad); sys.exit(1 if bad else 0)')
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_feature_info_follows_the_returned_maps_for_unsorted_out_indices():
+    arch = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
+    model = MLLA(arch=arch, out_indices=(2, 0)).eval()
+    with torch.no_grad():
+        outs = model(torch.rand(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [info['num_chs'] for info in model.feature_info]
+    assert [64 // o.shape[2] for o in outs] == [info['reduction'] for info in model.feature_info]
