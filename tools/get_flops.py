@@ -17,6 +17,7 @@ this prints MACs, and FLOPs = 2 x MACs next to it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -87,6 +88,10 @@ def whole_model_call(model: torch.nn.Module, scope: str, h: int, w: int):
     if scope == 'mmseg':
         from mmseg.structures import SegDataSample
         samples = [SegDataSample(metainfo=meta)]
+        head = getattr(model, 'decode_head', None)
+        if head is not None and 'batch_data_samples' in inspect.signature(head.forward).parameters:
+            # mmseg's tensor mode calls decode_head.forward(x) alone; Mask2Former's head needs the samples.
+            return lambda: head.forward(model.extract_feat(x), samples)
     else:
         from mmdet.structures import DetDataSample
         samples = [DetDataSample(metainfo=meta)]

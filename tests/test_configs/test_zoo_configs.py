@@ -188,6 +188,13 @@ def test_get_flops_does_not_compare_cascade_with_mask_rcnn():
     assert kind_and_arch('configs/detection/mask_rcnn_mlla_s_3x.py') == ('mask_rcnn', 's')
 
 
+def test_get_flops_measures_mask2former():
+    """mmseg's tensor mode leaves out the data samples Mask2Former's head needs; get_flops passes them."""
+    res = load_tool('get_flops').measure(str(path('mask2former_mlla_t')), (64, 64))
+    assert res['macs'] > 2 * res['backbone_macs'] > 0
+    assert res['params'] - res['backbone_params'] > 15e6
+
+
 # ---------------------------------------------------------------- tiny runs
 CHANNEL_KEYS = ('in_channels', 'feat_channels', 'out_channels', 'conv_out_channels', 'fc_out_channels', 'channels',
                 'embed_dims', 'feedforward_channels', 'num_feats')
