@@ -146,7 +146,7 @@ def build_model(cfg: Any, weights: str, device: str, config_path: str):
     return model, checkpoint if isinstance(checkpoint, dict) else {}
 
 
-def test_pipeline(cfg: Any, scope: str):
+def inference_pipeline(cfg: Any, scope: str):
     """The config's test pipeline reading an array instead of a file, without annotations."""
     from mmcv.transforms import Compose
     ds = cfg.test_dataloader.dataset
@@ -205,7 +205,7 @@ def infer(args: argparse.Namespace) -> int:
     init_default_scope(scope)
     model, checkpoint = build_model(cfg, args.weights, device, args.config)
     meta = with_palette(dataset_meta(cfg, checkpoint), head_classes(cfg))
-    pipeline = test_pipeline(cfg, scope)
+    pipeline = inference_pipeline(cfg, scope)
     vis = make_visualizer(scope, meta)
     root = Path(args.images)
     targets = output_paths(images, root, Path(args.out))
