@@ -1,0 +1,67 @@
+"""mlla_mm.utils.cpu.bf16_fast_on_this_cpu: AMX / AVX512-BF16 detection from cpuinfo."""
+from mlla_mm.utils.cpu import bf16_fast_on_this_cpu
+
+AVX2_EPYC = '''processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse sse2 avx f16c fma avx2 bmi2 sha_ni
+
+processor\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse sse2 avx f16c fma avx2 bmi2 sha_ni
+'''
+
+SPR = '''processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8
+'''
+
+ZEN4 = '''processor\t: 0
+model name\t: AMD EPYC 9654 96-Core Processor
+flags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 avx512_vnni
+'''
+
+SKYLAKE_AVX512 = '''processor\t: 0
+model name\t: Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz
+flags\t\t: fpu avx2 avx512f avx512bw avx512vl avx512_vnni
+'''
+
+
+def test_avx2_only_is_slow_and_named():
+    fast, desc = bf16_fast_on_this_cpu(AVX2_EPYC)
+    assert fast is False
+    assert 'AMD EPYC' in desc and 'amx_bf16' in desc and 'avx512_bf16' in desc
+
+
+def test_amx_is_fast():
+    fast, desc = bf16_fast_on_this_cpu(SPR)
+    assert fast is True
+    assert 'Platinum 8480+' in desc and 'amx_bf16' in desc and 'avx512_bf16' in desc
+
+
+def test_avx512_bf16_without_amx_is_fast():
+    fast, desc = bf16_fast_on_this_cpu(ZEN4)
+    assert fast is True
+    assert 'avx512_bf16' in desc and 'amx' not in desc
+
+
+def test_plain_avx512_is_not_enough():
+    fast, _ = bf16_fast_on_this_cpu(SKYLAKE_AVX512)
+    assert fast is False
+
+
+def test_flag_substrings_do_not_count():
+    text = 'model name\t: X\nflags\t\t: avx2 avx512_bf16x amx_bf16_foo\n'
+    assert bf16_fast_on_this_cpu(text)[0] is False
+
+
+def test_no_cpuinfo_falls_back_to_torch():
+    fast, desc = bf16_fast_on_this_cpu('')
+    assert isinstance(fast, bool)
+    assert 'torch CPU capability' in desc
+
+
+def test_this_machine_matches_torch_detection():
+    import torch
+    fast, _ = bf16_fast_on_this_cpu()
+    assert fast == (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
