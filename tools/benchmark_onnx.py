@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -58,6 +58,13 @@ def build(name: str, size: Tuple[int, int], quick: bool = False):
         cfg = os.path.join(root, 'configs', 'segmentation', 'upernet_mlla_t.py')
         return build_target(cfg, log=lambda m: None), size if quick else (256, 256), True
     raise ValueError(name)
+
+
+def bf16_warning(cpu: dict) -> Optional[str]:
+    """The one-line warning printed before a bf16 measurement on a CPU without AMX / AVX512-BF16, else None."""
+    if cpu['native_bf16']:
+        return None
+    return f"warning: bf16 requested, but {cpu['bf16_note']}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,6 +116,10 @@ def main(argv=None) -> int:
     print(f"# CPU: {cpu['model_name']} (bf16-related flags: {', '.join(cpu['bf16_flags']) or 'none'}); "
           f'{args.threads} threads; malloc {malloc}; torch {torch.__version__}, onnxruntime {ort.__version__}',
           flush=True)
+    if not args.no_bf16 and 'mlla_t' in args.models:
+        warning = bf16_warning(cpu)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
 
     groups: Dict[Tuple[int, int], Dict[str, object]] = {}
     for name in args.models:

@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..utils.cpu import bf16_fast_on_this_cpu
+
 
 def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
     """Seconds per call of each function over ``repeats`` interleaved rounds (after ``warmup`` rounds)."""
@@ -51,7 +53,11 @@ def relative_difference(got: Sequence[np.ndarray], ref: Sequence[torch.Tensor]) 
 
 
 def cpu_description() -> Dict[str, object]:
-    """The CPU model name and its bf16-related instruction sets (from lscpu / /proc/cpuinfo)."""
+    """The CPU model name, its bf16-related instruction sets (lscpu, /proc/cpuinfo) and whether bf16 is native.
+
+    ``native_bf16`` and ``bf16_note`` come from
+    :func:`mlla_mm.utils.cpu.bf16_fast_on_this_cpu` (AMX or AVX512-BF16).
+    """
     name = ''
     try:
         out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
@@ -69,8 +75,8 @@ def cpu_description() -> Dict[str, object]:
     except OSError:
         pass
     wanted = [f for f in flags if f.startswith('amx') or f in ('avx512_bf16', 'avx512f', 'avx2', 'avx_vnni')]
-    return dict(model_name=name or 'unknown', bf16_flags=sorted(wanted),
-                native_bf16=any(f in flags for f in ('avx512_bf16', 'amx_bf16')))
+    native, note = bf16_fast_on_this_cpu()
+    return dict(model_name=name or 'unknown', bf16_flags=sorted(wanted), native_bf16=native, bf16_note=note)
 
 
 __all__ = ['cpu_description', 'interleaved_times', 'median', 'paired_ratio', 'relative_difference']

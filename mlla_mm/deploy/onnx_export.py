@@ -44,8 +44,8 @@ EXPORTERS = ('torchscript', 'dynamo')
 DEFAULT_EXPORTER = 'torchscript'
 DEFAULT_OPSET = 18
 TOLERANCE = 1e-4  # max |onnx - torch| relative to max |torch|, per output
-INSTALL_HINT = ('pip install onnx onnxruntime onnxscript (the tested versions are pinned in '
-                'tools/setup_env.sh)')
+INSTALL_HINT = ("pip install onnx onnxruntime onnxscript, or pip install -e '.[deploy]' for the tested "
+                'versions (pinned in setup.cfg and tools/setup_env.sh)')
 
 
 # --------------------------------------------------------------------------

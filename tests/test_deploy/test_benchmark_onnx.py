@@ -30,7 +30,7 @@ def test_cpu_description_names_the_cpu_and_its_bf16_support():
 
 
 @pytest.mark.slow
-def test_quick_benchmark_writes_consistent_numbers(tmp_path):
+def test_quick_benchmark_writes_consistent_numbers(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     tool = load_tool('benchmark_onnx')
     assert tool.main(['--quick', '--models', 'mlla_t', '--levels', 'all', 'disable', '--threads', '1',
@@ -44,3 +44,18 @@ def test_quick_benchmark_writes_consistent_numbers(tmp_path):
     assert data['models']['mlla_t']['max_rel_diff'] < 1e-4 and data['models']['mlla_t']['dynamic']
     assert data['bf16']['bf16_over_fp32'] > 0 and data['bf16']['max_rel_diff'] < 0.1
     assert data['cpu']['model_name']
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith('warning: bf16')]
+    assert len(err) == (0 if data['cpu']['native_bf16'] else 1), err
+
+
+def test_bf16_warning_only_without_amx_or_avx512_bf16():
+    tool = load_tool('benchmark_onnx')
+    slow = dict(native_bf16=False, bf16_note='AMD EPYC has neither amx_bf16 nor avx512_bf16 (cpuinfo): slower')
+    line = tool.bf16_warning(slow)
+    assert line.startswith('warning: ') and '\n' not in line and 'AMD EPYC' in line and 'avx512_bf16' in line
+    assert tool.bf16_warning(dict(native_bf16=True, bf16_note='Xeon has amx_bf16')) is None
+    # On this machine the description agrees with mlla_mm.utils.cpu.
+    from mlla_mm.utils.cpu import bf16_fast_on_this_cpu
+    cpu = cpu_description()
+    assert (cpu['native_bf16'], cpu['bf16_note']) == bf16_fast_on_this_cpu()
+    assert (tool.bf16_warning(cpu) is None) == cpu['native_bf16']

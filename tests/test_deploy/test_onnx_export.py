@@ -217,3 +217,4 @@ def test_package_imports_without_onnx_and_says_what_to_install():
     res = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert 'MSG ONNX export needs onnx, onnxruntime' in res.stdout and 'pip install onnx onnxruntime' in res.stdout
+    assert "pip install -e '.[deploy]'" in res.stdout

@@ -192,3 +192,24 @@ def test_missing_onnx_says_what_to_install(tmp_path):
                          timeout=300)
     assert_one_error_line(res, 'needs onnx', 'pip install onnx')
     assert leftovers(tmp_path) == []
+
+
+def test_deploy_extra_pins_the_versions_of_setup_env():
+    """setup.cfg's ``deploy`` extra installs exactly what tools/setup_env.sh tests, and the hint names it."""
+    import configparser
+    import re
+    from mlla_mm.deploy.onnx_export import INSTALL_HINT
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / 'setup.cfg')
+    extra = {}
+    for line in cfg['options.extras_require']['deploy'].split('\n'):
+        if line.strip():
+            name, _, version = line.strip().partition('==')
+            assert version, f'{line!r} is not pinned with =='
+            extra[name] = version
+    script = (ROOT / 'tools' / 'setup_env.sh').read_text()
+    pinned = {name: re.search(rf'^{var}=(\S+)$', script, re.M).group(1)
+              for name, var in [('onnx', 'ONNX_VERSION'), ('onnxruntime', 'ONNXRUNTIME_VERSION'),
+                                ('onnxscript', 'ONNXSCRIPT_VERSION')]}
+    assert extra == pinned
+    assert "'.[deploy]'" in INSTALL_HINT and all(name in INSTALL_HINT for name in extra)
