@@ -37,21 +37,33 @@ the heap and are reused instead of being page-faulted in anew from fresh
 the warm-up call of each size).
 
 The targets of the project are printed with PASS/FAIL at the end.
+
+``--against-rev REV`` runs only a comparison of today's MLLA-T with the one
+of git revision REV (e.g. before a refactor) in the same process: see
+``compare_with_revision``.
 ``--quick`` (for tests) uses tiny sizes, one repeat, and small train/memory
 checks.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import importlib
 import json
 import math
 import os
+import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+import types
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -275,6 +287,139 @@ def cp_memory(size: Tuple[int, int], batch: int = 2) -> Dict[str, Optional[float
 
 
 # --------------------------------------------------------------------------
+# --against-rev: today's MLLA-T against the one of another git revision.
+# --------------------------------------------------------------------------
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RevisionError(Exception):
+    """git is missing, or the revision (or its model code) cannot be read."""
+
+
+def _git(*args: str) -> str:
+    if shutil.which('git') is None:
+        raise RevisionError('--against-rev needs git, which is not on PATH')
+    res = subprocess.run(['git', '-C', REPO_ROOT, *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RevisionError(f"git {' '.join(args)} failed in {REPO_ROOT}: "
+                            + (res.stderr.strip().splitlines() or ['no output'])[-1])
+    return res.stdout
+
+
+def load_mlla_at_revision(rev: str, folder: str) -> Tuple[type, str]:
+    """The ``MLLA`` class of git revision ``rev``, imported from a copy in ``folder``, and the full commit hash.
+
+    The revision's ``mlla_mm/models/*.py`` (the backbone and what it imports
+    from its own folder) is written to ``folder`` and imported as
+    package ``_mlla_mm_at_<hash>.models``. Its imports from the rest of
+    ``mlla_mm`` (checkpoint reader, registry: not timed) get today's modules,
+    and nothing of the revision is registered (``register_everywhere`` is a
+    no-op there), so today's ``MLLA`` stays the one in the registries.
+    """
+    import mlla_mm.models  # noqa: F401 (today's modules, which the revision's code is given)
+    import mlla_mm.registry
+    _git('rev-parse', '--git-dir')  # a clear error outside a git checkout
+    try:
+        sha = _git('rev-parse', '--verify', '--quiet', f'{rev}^{{commit}}').strip()
+    except RevisionError:
+        raise RevisionError(f'--against-rev: no commit {rev!r} in the git repository {REPO_ROOT}') from None
+    files = [f for f in _git('ls-tree', '--name-only', sha, 'mlla_mm/models/').split()
+             if f.endswith('.py')]
+    if 'mlla_mm/models/mlla.py' not in files:
+        raise RevisionError(f'revision {rev} ({sha[:10]}) has no mlla_mm/models/mlla.py')
+    pkg = f'_mlla_mm_at_{sha[:12]}'
+    models_dir = os.path.join(folder, 'models')
+    os.makedirs(models_dir)
+    for f in files:
+        if f.endswith('/__init__.py'):
+            continue  # the package stays empty: only what mlla.py imports is loaded
+        with open(os.path.join(models_dir, os.path.basename(f)), 'w', encoding='utf-8') as out:
+            out.write(_git('show', f'{sha}:{f}'))
+    root = types.ModuleType(pkg)
+    root.__path__ = []
+    models = types.ModuleType(f'{pkg}.models')
+    models.__path__ = [models_dir]
+    registry = types.ModuleType(f'{pkg}.registry')
+    registry.__dict__.update({k: v for k, v in vars(mlla_mm.registry).items() if not k.startswith('__')})
+    registry.register_everywhere = lambda cls: cls
+    aliases = {f'{pkg}.{name[len("mlla_mm."):]}': mod for name, mod in list(sys.modules.items())
+               if name.startswith('mlla_mm.') and not name.startswith('mlla_mm.models') and mod is not None}
+    sys.modules.update(aliases)
+    sys.modules.update({pkg: root, f'{pkg}.models': models, f'{pkg}.registry': registry})
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # e.g. timm's "overwriting model in registry" of a newer revision
+        module = importlib.import_module(f'{pkg}.models.mlla')
+    return module.MLLA, sha
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (as ``lscpu`` shows it)."""
+    with contextlib.suppress(OSError):
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    return platform.processor() or 'unknown CPU'
+
+
+def compare_with_revision(rev: str, repeats: int, train_size: int = 512,
+                          sizes: Sequence[Tuple[int, int]] = ((512, 512), (800, 1280))) -> dict:
+    """Time today's MLLA-T and the one of git revision ``rev`` with the same weights, interleaved.
+
+    Inference (eval, ``no_grad``, batch 1) at each of ``sizes`` and a train
+    step (train mode, forward + backward of batch 2 at ``train_size``,
+    seeded identically before each call so drop path drops the same blocks).
+    Every round runs both models back to back (alternating which goes first);
+    a ratio is the median over rounds of new time / old time in the round.
+    """
+    from mlla_mm.models import MLLA
+    with tempfile.TemporaryDirectory(prefix='mlla_rev_') as folder:
+        return _compare(MLLA, *load_mlla_at_revision(rev, folder), rev, repeats, train_size, sizes)
+
+
+def _compare(new_cls: type, old_cls: type, sha: str, rev: str, repeats: int, train_size: int,
+             sizes: Sequence[Tuple[int, int]]) -> dict:
+    head = _git('rev-parse', 'HEAD').strip()
+    torch.manual_seed(0)
+    new = new_cls('tiny')
+    old = old_cls('tiny')
+    old.load_state_dict(new.state_dict())
+    out: dict = dict(rev=rev, rev_commit=sha, head_commit=head, cpu=cpu_model_name(),
+                     threads=torch.get_num_threads(), repeats=repeats, ratios={}, times={})
+    print(f'# new: working tree at {head[:10]}; old: {rev} = {sha[:10]}; CPU: {out["cpu"]}; '
+          f'{out["threads"]} threads; {repeats} interleaved rounds', flush=True)
+    new.eval(), old.eval()
+    with torch.no_grad():
+        for h, w in sizes:
+            x = torch.randn(1, 3, h, w)
+            diff = max(float((a - b).abs().max()) for a, b in zip(new(x), old(x)))
+            times = interleaved(dict(new=lambda: new(x), old=lambda: old(x)), repeats)
+            key = f'inference {h}x{w}'
+            out['ratios'][key] = paired_ratio(times, 'new', 'old')
+            out['times'][key] = dict(new=summarize(times['new']), old=summarize(times['old']), max_abs_diff=diff)
+            print(f'# {key} done', flush=True)
+    new.train(), old.train()
+    x = torch.randn(2, 3, train_size, train_size)
+
+    def step(model: torch.nn.Module) -> None:
+        torch.manual_seed(0)
+        model.zero_grad(set_to_none=True)
+        sum(o.mean() for o in model(x)).backward()
+
+    times = interleaved(dict(new=lambda: step(new), old=lambda: step(old)), repeats)
+    key = f'train fwd+bwd 2x{train_size}x{train_size}'
+    out['ratios'][key] = paired_ratio(times, 'new', 'old')
+    out['times'][key] = dict(new=summarize(times['new']), old=summarize(times['old']))
+    print(f"\nMLLA-T, working tree / {rev} ({sha[:10]}), {out['cpu']}, {out['threads']} threads")
+    print(f"{'':<34}{'new s':>8}{'old s':>8}{'new/old':>9}  (median of per-round ratios)")
+    for key, ratio in out['ratios'].items():
+        t = out['times'][key]
+        extra = f"  max |new-old| {t['max_abs_diff']:.1e}" if 'max_abs_diff' in t else ''
+        print(f"{key:<34}{t['new']['median']:8.3f}{t['old']['median']:8.3f}{ratio:9.3f}{extra}")
+    return out
+
+
+# --------------------------------------------------------------------------
 # Report.
 # --------------------------------------------------------------------------
 def parse_size(s: str) -> Tuple[int, int]:
@@ -351,6 +496,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "or left alone ('default'); applies to every model alike (default: "
                         "MLLA_MM_MALLOC, else tuned, as in the other tools)")
     p.add_argument('--quick', action='store_true', help='tiny sizes, one repeat (for tests)')
+    p.add_argument('--against-rev', metavar='REV',
+                   help='only compare MLLA-T of the working tree with that of git revision REV (same weights, '
+                        'interleaved): inference at 512x512 and 800x1280 and a train step at --train-size '
+                        '(--repeats rounds; --json writes the numbers)')
     return p.parse_args(argv)
 
 
@@ -363,6 +512,15 @@ def main(argv=None) -> int:
         print(f'error: {err}', file=sys.stderr)
         return 2
     print(f'# malloc: {malloc}, threads: {args.threads}', flush=True)
+    if args.against_rev is not None:
+        try:
+            found = compare_with_revision(args.against_rev, args.repeats, args.train_size)
+        except RevisionError as err:
+            print(f'error: {err}', file=sys.stderr)
+            return 2
+        if args.json:
+            write_json(args.json, dict(found, malloc=malloc, torch=torch.__version__))
+        return 0
     if args.quick:
         args.sizes = args.sizes or ['64x64', '96x128']
         args.models = args.models or ['mlla_t', 'mlla_t_ref']
