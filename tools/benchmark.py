@@ -72,7 +72,8 @@ from mlla_mm.utils.malloc import tune_cpu_malloc
 
 ALL_MODELS = ['mlla_t', 'mlla_s', 'mlla_b', 'swin_t', 'r50', 'mlla_t_ref']
 OPTIONAL_MODELS = ['mlla_t_compile']  # torch.compile of MLLA-T (inductor); only when asked for
-TARGETS = dict(swin_ratio=0.80, scaling=4.4, flops_frac=0.70, train_ratio=1.0, cp_mem_ratio=0.60)
+TARGETS = dict(swin_ratio=0.80, scaling=4.4, flops_frac=0.70, train_ratio=0.85, detector_ratio=0.85,
+               cp_mem_ratio=0.60)
 
 
 # --------------------------------------------------------------------------
@@ -266,6 +267,53 @@ def train_iteration_times(size: int, repeats: int) -> Dict[str, List[float]]:
         wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0., weight_decay=0.05))
         fns[kind] = (lambda m=model, w=wrapper, d=train_batch(size): step(m, w, d))
     return interleaved(fns, repeats, warmup=1)
+
+
+def detector_inference_times(size: Tuple[int, int], repeats: int, proposals: int = 1000,
+                              detections: int = 100) -> Dict[str, List[float]]:
+    """Seconds per whole Mask R-CNN inference (one image) for MLLA-T and Swin-T, interleaved.
+
+    Backbone, FPN, RPN, RoI box head and mask head, with the masks pasted at
+    the image size (mmdet's ``predict`` with ``rescale=True``). So that both
+    detectors do the same head work, they share the FPN output convolutions,
+    RPN and RoI heads (Swin-T's random init), the RPN's and the box head's
+    output layers are zeroed (every image gets the same proposals: anchors,
+    and the same boxes: those proposals), and there is no suppression
+    (``proposals`` per image go to the box head, ``detections`` masked ones
+    come out). The MLLA-T side is our config (``configs/detection/
+    mask_rcnn_mlla_t.py``), the Swin-T side mmdet's own.
+    """
+    models = {}
+    for kind in ('mlla_t', 'swin_t'):
+        torch.manual_seed(0)
+        models[kind] = build_detector(kind).eval()
+    mlla, swin = models['mlla_t'], models['swin_t']
+    with torch.no_grad():
+        for layer in (swin.rpn_head.rpn_cls, swin.rpn_head.rpn_reg, swin.roi_head.bbox_head.fc_cls,
+                      swin.roi_head.bbox_head.fc_reg):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    mlla.neck.fpn_convs.load_state_dict(swin.neck.fpn_convs.state_dict())
+    mlla.rpn_head.load_state_dict(swin.rpn_head.state_dict())
+    mlla.roi_head.load_state_dict(swin.roi_head.state_dict())
+    for model in models.values():
+        rpn, rcnn = model.rpn_head.test_cfg, model.roi_head.test_cfg
+        rpn.nms_pre, rpn.max_per_img, rpn.nms.iou_threshold = proposals, proposals, 1.0
+        rcnn.score_thr, rcnn.nms.iou_threshold, rcnn.max_per_img = 0.0, 1.0, detections
+    from mmdet.structures import DetDataSample
+    h, w = size
+    sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), scale_factor=(1., 1.)))
+    image = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    batch = dict(inputs=[image], data_samples=[sample])
+
+    def infer(model):
+        out = model.test_step(batch)[0].pred_instances
+        if len(out) != detections:
+            raise RuntimeError(f'expected {detections} detections, got {len(out)}: the equal-work setup broke')
+        return out
+
+    with torch.no_grad():
+        return interleaved({kind: (lambda m=model: infer(m)) for kind, model in models.items()}, repeats)
 
 
 def cp_memory(size: Tuple[int, int], batch: int = 2) -> Dict[str, Optional[float]]:
@@ -491,6 +539,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--train-size', type=int, default=512)
     p.add_argument('--train-repeats', type=int, default=5, help='interleaved rounds of the train check')
     p.add_argument('--memory-size', default='800x1280')
+    p.add_argument('--detector', action=argparse.BooleanOptionalAction, default=True,
+                   help='whole Mask R-CNN inference, MLLA-T vs Swin-T with equal head work (--train-repeats rounds)')
+    p.add_argument('--detector-size', default='800x1333', help='HxW of the whole-detector inference check')
     p.add_argument('--malloc', choices=['tuned', 'default'],
                    help="glibc malloc as the tools set it ('tuned', see mlla_mm/utils/malloc.py) "
                         "or left alone ('default'); applies to every model alike (default: "
@@ -528,6 +579,7 @@ def main(argv=None) -> int:
         args.memory_size = '64x96'
         args.train_size = 128
         args.train_repeats = 1
+        args.detector_size = '96x128'
     sizes = [parse_size(s) for s in (args.sizes or ['512x512', '800x1280', '1024x1024', '2048x2048'])]
     names = args.models or list(ALL_MODELS)
     models: Dict[str, torch.nn.Module] = {}
@@ -614,6 +666,15 @@ def main(argv=None) -> int:
                 'swin_t']['min']
         except ImportError as e:
             print(f'# skip train check: {e}')
+    if args.detector:
+        try:
+            dsize = parse_size(args.detector_size)
+            dt = detector_inference_times(dsize, args.train_repeats)
+            results['detector_inference'] = {k: summarize(v) for k, v in dt.items()}
+            results['detector_inference']['size'] = args.detector_size
+            t['detector_inference_mlla_t_over_swin_t'] = paired_ratio(dt, 'mlla_t', 'swin_t')
+        except ImportError as e:
+            print(f'# skip detector inference check: {e}')
     if not args.no_memory:
         mem = cp_memory(parse_size(args.memory_size))
         results['memory'] = dict(mem, size=args.memory_size, batch=2)
@@ -626,6 +687,8 @@ def main(argv=None) -> int:
         ('MLLA-T t(2048^2) / t(1024^2)', t.get('mlla_t_2048_over_1024'), TARGETS['scaling'], False),
         ('MLLA-T FLOP/s / matmul FLOP/s', t.get('flops_fraction_of_matmul'), TARGETS['flops_frac'], True),
         ('Mask R-CNN train iter MLLA-T / Swin-T', t.get('train_mlla_t_over_swin_t'), TARGETS['train_ratio'], False),
+        ('Mask R-CNN inference MLLA-T / Swin-T', t.get('detector_inference_mlla_t_over_swin_t'),
+         TARGETS['detector_ratio'], False),
         ('MLLA-T fwd+bwd peak memory with_cp / without', t.get('with_cp_memory_ratio'), TARGETS['cp_mem_ratio'],
          False),
     ]
