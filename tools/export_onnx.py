@@ -2,7 +2,7 @@
 """Export an MLLA backbone, an UperNet segmentor or a detector's backbone + FPN to ONNX.
 
     python tools/export_onnx.py CONFIG_OR_ARCH [WEIGHTS] --out model.onnx [--shape H W] [--dynamic]
-                                [--opset N] [--check] [--backbone-only] [--exporter torchscript|dynamo]
+                                [--opset N] [--check] [--backbone-only] [--threads N]
 
 CONFIG_OR_ARCH is ``mlla_t``, ``mlla_s``, ``mlla_b`` (the backbone alone,
 outputs feat0..feat3), an mmseg config (image -> per-pixel class logits at
@@ -25,7 +25,7 @@ import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mlla_mm.deploy.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS
+    from mlla_mm.deploy.onnx_export import DEFAULT_OPSET
     p = argparse.ArgumentParser(description=__doc__.split('\n')[1])
     p.add_argument('model', metavar='CONFIG_OR_ARCH', help='mlla_t | mlla_s | mlla_b, or a config file')
     p.add_argument('weights', nargs='?', metavar='WEIGHTS', help='checkpoint to load (default: random weights)')
@@ -36,14 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})')
     p.add_argument('--check', action='store_true', help='compare ONNX Runtime with PyTorch before writing')
     p.add_argument('--backbone-only', action='store_true', help="export only the config's backbone")
-    p.add_argument('--exporter', choices=EXPORTERS, default=DEFAULT_EXPORTER,
-                   help=f'torch.onnx exporter (default {DEFAULT_EXPORTER})')
     p.add_argument('--threads', type=int, help='torch threads while exporting and checking')
     return p.parse_args(argv)
 
 
 def export(args: argparse.Namespace) -> int:
-    from mlla_mm.deploy.onnx_export import (TOLERANCE, build_target, check_onnx, check_writable,
+    from mlla_mm.deploy.onnx_export import (EXPORTER, TOLERANCE, build_target, check_onnx, check_writable,
                                             default_check_sizes, export_bytes, require, write_onnx)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,10 +50,10 @@ def export(args: argparse.Namespace) -> int:
     target = build_target(args.model, args.weights, backbone_only=args.backbone_only,
                           log=lambda msg: print(msg, flush=True))
     shape = tuple(args.shape)
-    print(f'exporting {target.kind} of {args.model} ({args.exporter}, opset {args.opset}, traced at '
+    print(f'exporting {target.kind} of {args.model} ({EXPORTER}, opset {args.opset}, traced at '
           f'{shape[0]}x{shape[1]}, {"dynamic batch/height/width" if args.dynamic else "static shape"})',
           flush=True)
-    data = export_bytes(target, shape, dynamic=args.dynamic, opset=args.opset, exporter=args.exporter)
+    data = export_bytes(target, shape, dynamic=args.dynamic, opset=args.opset)
     if args.check:
         sizes = default_check_sizes(shape, args.dynamic)
         rows = check_onnx(data, target.model, target.output_names, sizes)

@@ -218,3 +218,22 @@ def test_package_imports_without_onnx_and_says_what_to_install():
     assert res.returncode == 0, res.stderr[-2000:]
     assert 'MSG ONNX export needs onnx, onnxruntime' in res.stdout and 'pip install onnx onnxruntime' in res.stdout
     assert "pip install -e '.[deploy]'" in res.stdout
+
+
+def test_export_needs_no_onnxscript():
+    """The TorchScript exporter runs without onnxscript (so the 'deploy' extra does not install it)."""
+    code = (
+        "import sys\n"
+        "sys.modules['onnxscript'] = None\n"
+        "import torch\n"
+        "from mlla_mm.deploy.onnx_export import ExportTarget, export_bytes, check_onnx\n"
+        "from mlla_mm.deploy.wrappers import BackboneForExport, output_names\n"
+        "from mlla_mm.models import MLLA\n"
+        "torch.set_num_threads(1)\n"
+        "m = BackboneForExport(MLLA(dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4]))).eval()\n"
+        "t = ExportTarget(m, 'backbone', output_names('backbone', 4), 'tiny')\n"
+        "rows = check_onnx(export_bytes(t, (32, 32)), m, t.output_names, [(1, 37, 21)])\n"
+        "print('ROWS', sum(r.passed for r in rows), len(rows))\n")
+    res = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 'ROWS 4 4' in res.stdout
