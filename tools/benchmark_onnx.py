@@ -17,7 +17,8 @@ two goals of the project are printed with PASS/FAIL:
 
 ``--bf16`` (default on) also times the MLLA-T backbone under PyTorch bf16
 autocast against fp32 and states whether the CPU has native bf16
-(AVX512-BF16 / AMX). ``--quick`` (for tests): small size, one repeat.
+(AVX512-BF16 / AMX); without it a one-line ``warning:`` goes to stderr
+first (``mlla_mm.utils.cpu.bf16_fast_on_this_cpu``). ``--quick`` (for tests): small size, one repeat.
 """
 import argparse
 import json
