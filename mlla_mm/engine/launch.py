@@ -42,6 +42,24 @@ def apply_amp(cfg: Config) -> None:
     else:
         wrapper.type = 'CPUAutocastOptimWrapper'
         wrapper.dtype = 'bfloat16'
+        warn_if_bf16_slow()
+
+
+def warn_if_bf16_slow() -> bool:
+    """Print one ``warning:`` line on stderr when bf16 autocast would be slower than fp32 on this CPU.
+
+    bf16 only pays with AMX or AVX512-BF16 (:func:`mlla_mm.utils.cpu.bf16_fast_on_this_cpu`);
+    elsewhere oneDNN emulates it through fp32 (measured ~2-16x slower, docs/benchmarks.md).
+
+    Returns:
+        Whether the warning was printed.
+    """
+    from ..utils.cpu import bf16_fast_on_this_cpu
+    fast, note = bf16_fast_on_this_cpu()
+    if not fast:
+        print(f'warning: --amp runs bf16 autocast, which will be slower than fp32 on this CPU: {note}',
+              file=sys.stderr, flush=True)
+    return not fast
 
 
 def prepare_config(cfg: Config, *, work_dir: Optional[str] = None, config_path: str = '',
