@@ -684,7 +684,9 @@ def main(argv=None) -> int:
     print('\nTargets:')
     lines = [
         ('MLLA-T / Swin-T latency at 800x1280', t.get('mlla_t_over_swin_t_800x1280'), TARGETS['swin_ratio'], False),
-        ('MLLA-T t(2048^2) / t(1024^2)', t.get('mlla_t_2048_over_1024'), TARGETS['scaling'], False),
+        # The malloc mode is process-wide: run once with --malloc tuned and once with --malloc default.
+        (f'MLLA-T t(2048^2) / t(1024^2), malloc {malloc}', t.get('mlla_t_2048_over_1024'),
+         TARGETS['scaling'], False),
         ('MLLA-T FLOP/s / matmul FLOP/s', t.get('flops_fraction_of_matmul'), TARGETS['flops_frac'], True),
         ('Mask R-CNN train iter MLLA-T / Swin-T', t.get('train_mlla_t_over_swin_t'), TARGETS['train_ratio'], False),
         ('Mask R-CNN inference MLLA-T / Swin-T', t.get('detector_inference_mlla_t_over_swin_t'),
