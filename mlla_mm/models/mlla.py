@@ -19,9 +19,10 @@ Where things live:
   compiles (no complex tensors, no in-place tricks, sizes only through
   tensor ops while tracing).
 * :mod:`mlla_mm.models.fast_inference`: the same numbers for inference, in
-  place, chunked and fused. ``MLLAStage.forward`` is the one place that
-  chooses it, by the one rule ``use_fast_inference(stage, x)`` (eval mode,
-  no gradients, no autocast, not tracing).
+  place, chunked and fused, in bands of rows. ``MLLAStage.forward`` (and
+  ``Stem`` and ``Downsample``) choose it by the one rule
+  ``use_fast_inference(module, x)`` (eval mode, no gradients, no autocast,
+  not tracing).
 * :mod:`mlla_mm.models.mlla_reference`: a slow, independent implementation
   from the spec that the tests check both against.
 
@@ -145,6 +146,8 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C)."""
+        if use_fast_inference(self, x):  # in bands of rows (fast_inference.py)
+            return fast_inference.stem_forward(self, x)
         x = self.conv1(as_channels_last(pad_to_multiple(x, 4)))
         x = x + self.conv2(x)
         return as_channels_last(self.conv3(x)).permute(0, 2, 3, 1)
@@ -163,6 +166,8 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
+        if use_fast_inference(self, x):  # in bands of rows (fast_inference.py)
+            return fast_inference.downsample_forward(self, x)
         x = as_channels_last(pad_to_multiple(x.permute(0, 3, 1, 2), 2))
         return as_channels_last(self.conv(x)).permute(0, 2, 3, 1)
 
@@ -417,7 +422,7 @@ class MLLAStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C) through the blocks."""
-        if use_fast_inference(self, x):  # the only place where the inference path is chosen
+        if use_fast_inference(self, x):  # the rule is also asked by Stem and Downsample
             return fast_inference.forward_blocks(self, x)
         cos, sin = self.rope(x)
         for blk in self.blocks:
