@@ -1,12 +1,14 @@
 """The reliability hooks of an mlla-mm run (listed in ``configs/_base_/mlla_runtime.py``).
 
-They work with any mmengine Runner; :class:`~mlla_mm.engine.runner.SafeRunner`
-always runs them (and adds the exact-resume loops they rely on for
-mid-epoch resumes).
+They work with any mmengine Runner (``Runner.from_cfg`` included);
+:class:`~mlla_mm.engine.runner.SafeRunner` always runs them.
 
-- :class:`RandomStateHook`: python/NumPy/torch random states in every
-  checkpoint, restored on resume; validation leaves the random state as it
-  found it, so the saved state is the one training continues with.
+- :class:`RandomStateHook`: exact resume. Python/NumPy/torch random states in
+  every checkpoint, restored on resume; validation leaves the random state as
+  it found it, so the saved state is the one training continues with; the
+  train loop becomes its exact-resume counterpart
+  (:func:`~mlla_mm.engine.loops.make_exact`: a resume from the middle of an
+  epoch skips the batches already trained).
 - :class:`ValidationResumeHook`: a run resumed from a checkpoint whose
   validation did not complete (killed during it) runs that validation first.
 - :class:`PreemptionHook`: SIGTERM/SIGINT finish the current iteration, write
@@ -37,7 +39,7 @@ from mmengine.runner import BaseLoop, EpochBasedTrainLoop, Runner
 
 from ..checkpoint import CheckpointError, check_checkpoint_fits
 from ..utils.io import atomic_write
-from .loops import validation_due
+from .loops import make_exact, validation_due
 from .rng import get_random_state, set_random_state
 from .runner import ATOMIC_BACKEND, checkpoint_name
 
@@ -86,7 +88,7 @@ def _reseed_dataloader(loader: Any, seed: int) -> None:
 
 @HOOKS.register_module()
 class RandomStateHook(Hook):
-    """Save the random state in checkpoints and restore it on resume.
+    """Exact resume: the random state in checkpoints, restored on resume, and the exact-resume loop.
 
     mmengine stores the seed but not the state of the random generators, so a
     resumed run draws other random numbers (flips, proposal sampling, drop
@@ -102,6 +104,14 @@ class RandomStateHook(Hook):
     it: the saved state is always the one training continues with. Exact
     continuation needs ``num_workers=0`` or non-persistent workers: a
     persistent worker's own generator is not saved.
+
+    In ``before_run`` (after ``Runner.train`` has built the train loop) an
+    mmengine ``EpochBasedTrainLoop`` or ``IterBasedTrainLoop`` becomes its
+    counterpart of :mod:`mlla_mm.engine.loops`
+    (:func:`~mlla_mm.engine.loops.make_exact`): the data of a resumed run is
+    fast-forwarded without drawing random numbers, and a checkpoint from the
+    middle of an epoch (``iter_N.pth`` of a preempted run) continues with the
+    next batch of that epoch instead of starting it again.
     """
 
     priority = 'VERY_LOW'
@@ -109,6 +119,12 @@ class RandomStateHook(Hook):
     def __init__(self) -> None:
         self._pending: Optional[Dict[str, Any]] = None
         self._before_val: Optional[Dict[str, Any]] = None
+
+    def before_run(self, runner: Runner) -> None:
+        loop = getattr(runner, '_train_loop', None)
+        if isinstance(loop, BaseLoop) and not make_exact(loop):
+            runner.logger.info(f'RandomStateHook: {type(loop).__name__} is not mmengine\'s epoch- or '
+                               'iteration-based loop; a resume continues the way that loop does.')
 
     def before_save_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
         checkpoint['rng_state'] = self._before_val or get_random_state(runner.seed)

@@ -1,8 +1,10 @@
 """mmengine's training loops with an exact resume from any iteration.
 
-:class:`~mlla_mm.engine.runner.SafeRunner` builds these in place of
-mmengine's ``EpochBasedTrainLoop`` and ``IterBasedTrainLoop`` (the config's
-loop settings are unchanged). Both fast-forward the data of a resumed run
+:func:`make_exact` turns the ``EpochBasedTrainLoop`` or ``IterBasedTrainLoop``
+that mmengine's Runner (or SafeRunner) built from the config into its
+counterpart here; :class:`~mlla_mm.engine.hooks.RandomStateHook` does it in
+``before_run``, so every Runner that runs the config's hooks gets it (the
+config's loop settings are unchanged). Both fast-forward the data of a resumed run
 without touching the random state, so that the restored state
 (:class:`~mlla_mm.engine.hooks.RandomStateHook`) is the one the next batch is
 drawn with, as in an uninterrupted run:
@@ -131,8 +133,31 @@ class ExactIterBasedTrainLoop(IterBasedTrainLoop):
         return super().run()
 
 
-#: mmengine loop -> its exact counterpart (what SafeRunner builds).
+#: mmengine loop -> its exact counterpart (what :func:`make_exact` turns it into).
 EXACT_LOOPS = {EpochBasedTrainLoop: ExactEpochBasedTrainLoop, IterBasedTrainLoop: ExactIterBasedTrainLoop}
 
-__all__ = ['ExactEpochBasedTrainLoop', 'ExactIterBasedTrainLoop', 'EXACT_LOOPS', 'POSITION_KEY',
+
+def make_exact(loop: Any) -> bool:
+    """Turn a built mmengine ``EpochBasedTrainLoop`` / ``IterBasedTrainLoop`` into its exact counterpart.
+
+    ``Runner.train`` builds the loop from the config before any hook runs,
+    and a config of ours cannot name these loops (``train_cfg`` is set by
+    mmdet's and mmseg's bases; a second base setting it is an error). The
+    exact loops only override methods and keep no state of their own, so the
+    built loop (dataloader, counters) stays as it is and only its class
+    changes. Another loop class (a subclass of mmengine's, or a custom one)
+    is left alone.
+
+    Returns:
+        Whether the loop now resumes exactly.
+    """
+    if isinstance(loop, tuple(EXACT_LOOPS.values())):
+        return True
+    exact = EXACT_LOOPS.get(type(loop))
+    if exact is None:
+        return False
+    loop.__class__ = exact
+    return True
+
+__all__ = ['ExactEpochBasedTrainLoop', 'ExactIterBasedTrainLoop', 'EXACT_LOOPS', 'POSITION_KEY', 'make_exact',
            'batches_done_in_epoch', 'validation_due']

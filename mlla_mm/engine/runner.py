@@ -11,10 +11,9 @@ thing. At build time it:
 - without CUDA, builds a config's ``AmpOptimWrapper`` (fp16, CUDA only) as a
   bf16 :class:`~mlla_mm.engine.optim.CPUAutocastOptimWrapper`;
 - makes the synthetic data set a demo config names in ``synthetic_data``;
-- builds :mod:`~mlla_mm.engine.loops`' exact-resume loops in place of
-  mmengine's epoch- and iteration-based loops;
 - runs the reliability hooks of :data:`REQUIRED_HOOKS` (adding any that
-  ``custom_hooks`` lacks).
+  ``custom_hooks`` lacks), so also the exact-resume loops that
+  :class:`~mlla_mm.engine.hooks.RandomStateHook` switches to.
 
 Checkpoints are written through :class:`AtomicLocalBackend`
 (:func:`mlla_mm.utils.io.atomic_write`: temporary file, fsync, rename), and
@@ -43,7 +42,6 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from ..utils.io import TMP_TAG, atomic_write
-from .loops import EXACT_LOOPS
 
 #: The file backend name for atomic local writes (``backend_args=dict(backend=ATOMIC_BACKEND)``).
 ATOMIC_BACKEND = 'mlla_atomic_local'
@@ -207,7 +205,7 @@ def find_resumable_checkpoint(work_dir: str, logger: Any = None) -> Optional[str
 
 @RUNNERS.register_module()
 class SafeRunner(Runner):
-    """mmengine's Runner with machine-dependent settings, exact-resume loops and atomic checkpoints.
+    """mmengine's Runner with machine-dependent settings, the reliability hooks and atomic checkpoints.
 
     Takes exactly :class:`mmengine.runner.Runner`'s arguments.
     """
@@ -232,18 +230,6 @@ class SafeRunner(Runner):
             model = revert_sync_batchnorm(model)  # SyncBN needs CUDA
             model_wrapper_cfg = cpu_ddp_wrapper_cfg(model_wrapper_cfg, self.cfg.get('find_unused_parameters', False))
         return super().wrap_model(model_wrapper_cfg, model)
-
-    def build_train_loop(self, loop: Any) -> Any:
-        """Build the exact-resume counterpart of mmengine's epoch- and iteration-based loops."""
-        if isinstance(loop, dict):
-            loop = copy.copy(loop)
-            kind = loop.get('type')
-            if kind is None:
-                kind = 'EpochBasedTrainLoop' if 'max_epochs' in loop else 'IterBasedTrainLoop'
-            for plain, exact in EXACT_LOOPS.items():
-                if kind in (plain, plain.__name__, f'mmengine.{plain.__name__}'):
-                    loop['type'] = exact
-        return super().build_train_loop(loop)
 
     def build_optim_wrapper(self, optim_wrapper: Any) -> Any:
         """mmengine's; without CUDA an ``AmpOptimWrapper`` becomes bf16 ``CPUAutocastOptimWrapper``."""
