@@ -269,8 +269,8 @@ def train_iteration_times(size: int, repeats: int) -> Dict[str, List[float]]:
     return interleaved(fns, repeats, warmup=1)
 
 
-def detector_inference_times(size: Tuple[int, int], repeats: int, proposals: int = 1000,
-                              detections: int = 100) -> Dict[str, List[float]]:
+def detector_inference_times(size: Tuple[int, int], repeats: int, proposals: int = 1000, detections: int = 100,
+                              parts: Optional[Dict[str, Dict[str, float]]] = None) -> Dict[str, List[float]]:
     """Seconds per whole Mask R-CNN inference (one image) for MLLA-T and Swin-T, interleaved.
 
     Backbone, FPN, RPN, RoI box head and mask head, with the masks pasted at
@@ -281,7 +281,9 @@ def detector_inference_times(size: Tuple[int, int], repeats: int, proposals: int
     and the same boxes: those proposals), and there is no suppression
     (``proposals`` per image go to the box head, ``detections`` masked ones
     come out). The MLLA-T side is our config (``configs/detection/
-    mask_rcnn_mlla_t.py``), the Swin-T side mmdet's own.
+    mask_rcnn_mlla_t.py``), the Swin-T side mmdet's own. ``parts``, if given,
+    receives each detector's median seconds per call of backbone, neck, RPN
+    head and RoI head (forward hooks; the rest is pre/post-processing).
     """
     models = {}
     for kind in ('mlla_t', 'swin_t'):
@@ -312,8 +314,35 @@ def detector_inference_times(size: Tuple[int, int], repeats: int, proposals: int
             raise RuntimeError(f'expected {detections} detections, got {len(out)}: the equal-work setup broke')
         return out
 
+    part_times: Dict[str, Dict[str, List[float]]] = {kind: {} for kind in models}
+    for kind, model in models.items():
+        for name in ('backbone', 'neck', 'rpn_head', 'roi_head'):
+            module = getattr(model, name)
+
+            def start(mod, args, name=name):
+                mod._bench_t0 = time.perf_counter()
+
+            def stop(mod, args, out, kind=kind, name=name):
+                part_times[kind].setdefault(name, []).append(time.perf_counter() - mod._bench_t0)
+
+            if name in ('rpn_head', 'roi_head'):
+                # Their predict() is not their forward(): time the method.
+                def timed_predict(*args, _p=module.predict, _m=module, _start=start, _stop=stop, **kw):
+                    _start(_m, args)
+                    out = _p(*args, **kw)
+                    _stop(_m, args, out)
+                    return out
+
+                module.predict = timed_predict
+            else:
+                module.register_forward_pre_hook(start)
+                module.register_forward_hook(stop)
     with torch.no_grad():
-        return interleaved({kind: (lambda m=model: infer(m)) for kind, model in models.items()}, repeats)
+        times = interleaved({kind: (lambda m=model: infer(m)) for kind, model in models.items()}, repeats)
+    if parts is not None:
+        for kind, named in part_times.items():
+            parts[kind] = {name: statistics.median(v[1:] or v) for name, v in named.items()}  # [0]: warm-up
+    return times
 
 
 def cp_memory(size: Tuple[int, int], batch: int = 2) -> Dict[str, Optional[float]]:
@@ -669,10 +698,12 @@ def main(argv=None) -> int:
     if args.detector:
         try:
             dsize = parse_size(args.detector_size)
-            dt = detector_inference_times(dsize, args.train_repeats)
+            parts: Dict[str, Dict[str, float]] = {}
+            dt = detector_inference_times(dsize, args.train_repeats, parts=parts)
             results['detector_inference'] = {k: summarize(v) for k, v in dt.items()}
             results['detector_inference']['size'] = args.detector_size
             t['detector_inference_mlla_t_over_swin_t'] = paired_ratio(dt, 'mlla_t', 'swin_t')
+            results['detector_inference']['parts'] = parts
         except ImportError as e:
             print(f'# skip detector inference check: {e}')
     if not args.no_memory:
@@ -710,6 +741,12 @@ def main(argv=None) -> int:
     if 'train' in results:
         print('  (train iteration s: ' + ', '.join(
             f"{k} {v['median']:.2f}" for k, v in results['train'].items() if isinstance(v, dict)) + ')')
+    if 'detector_inference' in results:
+        d = results['detector_inference']
+        print(f"  (Mask R-CNN inference at {d['size']}, s: " + ', '.join(
+            f"{k} {v['median']:.2f}" for k, v in d.items() if isinstance(v, dict) and 'median' in v) + ')')
+        for kind, named in d.get('parts', {}).items():
+            print(f'    {kind} parts (median s): ' + ', '.join(f'{n} {v:.2f}' for n, v in named.items()))
     if 'memory' in results:
         m = results['memory']
         print(f"  (peak MiB at {m['size']} batch 2: no_cp {m['no_cp']}, with_cp {m['with_cp']})")
