@@ -42,11 +42,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils.malloc import malloc_state
+
 if TYPE_CHECKING:  # pragma: no cover - type hints only (mlla.py imports this module)
     from .mlla import Downsample, LinearAttention, MLLABlock, MLLAStage, Mlp, Stem
 
 MLP_CHUNK = 4096  # tokens per MLP chunk
 BAND_BYTES = 4 << 20  # the widest per-row temporary of a band of rows takes at most this much
+UNBANDED = 1 << 40  # a budget no map reaches: whole maps, MLP chunks of MLP_CHUNK tokens
+
+
+def band_budget() -> int:
+    """Bytes per band-wide temporary: :data:`BAND_BYTES`, or :data:`UNBANDED` when malloc is tuned.
+
+    Bands exist so that large temporaries are not fresh ``mmap`` pages with
+    glibc's default malloc. With :func:`mlla_mm.utils.tune_cpu_malloc` (all
+    our tools) big blocks are reused from the heap anyway, and whole maps are
+    faster (800x1280, 2 threads: bands cost 6.5%, docs/benchmarks.md).
+    A :data:`BAND_BYTES` changed from its default (as tests do) always applies.
+    """
+    return UNBANDED if malloc_state() == 'tuned' and BAND_BYTES == _DEFAULT_BAND_BYTES else BAND_BYTES
+
+
+_DEFAULT_BAND_BYTES = BAND_BYTES
 
 
 def is_tracing() -> bool:
@@ -76,7 +94,7 @@ def band_rows(height: int, row_bytes: int, budget: Optional[int] = None) -> int:
 
     At least 2 (the in-place 3x3 convolutions read one row beyond their band), at most ``height``.
     """
-    budget = BAND_BYTES if budget is None else budget
+    budget = band_budget() if budget is None else budget
     return max(2, min(height, budget // max(row_bytes, 1)))
 
 
@@ -262,7 +280,7 @@ def stem_forward(stem: 'Stem', x: torch.Tensor, rows: Optional[int] = None) -> t
     half = torch.empty(b, h2, w2, conv2b.conv.out_channels, dtype=x.dtype, device=x.device)
     out = torch.empty(b, h4, w4, conv3b.conv.out_channels, dtype=x.dtype, device=x.device)
     item = x.element_size()
-    rows2 = rows or band_rows(h2, w2 * conv2b.conv.out_channels * item, 2 * BAND_BYTES)
+    rows2 = rows or band_rows(h2, w2 * conv2b.conv.out_channels * item, 2 * band_budget())
     for r0, r1 in row_bands(h2, rows2):
         half[:, r0:r1] = layer_rows(stem.conv1, img, r0, r1)
 
@@ -291,7 +309,7 @@ def downsample_forward(down: 'Downsample', x: torch.Tensor, rows: Optional[int] 
     b, h, w, _ = x.shape
     ho, wo = h // 2, w // 2
     out = torch.empty(b, ho, wo, project.conv.out_channels, dtype=x.dtype, device=x.device)
-    rows = rows or max(1, band_rows(h, w * expand.conv.out_channels * x.element_size(), 2 * BAND_BYTES) // 2)
+    rows = rows or max(1, band_rows(h, w * expand.conv.out_channels * x.element_size(), 2 * band_budget()) // 2)
     carry, carry_start = None, 0
     for o0, o1 in row_bands(ho, rows):
         s0, s1 = input_rows(dw.conv, h, o0, o1)
@@ -313,7 +331,7 @@ def mlp_residual_(mlp: 'Mlp', norm: nn.Module, x: torch.Tensor, chunk: Optional[
     """
     x2 = x.view(-1, x.shape[-1])
     if chunk is None:
-        chunk = max(256, min(MLP_CHUNK, BAND_BYTES // (mlp.fc1.out_features * x.element_size())))
+        chunk = max(256, min(MLP_CHUNK, band_budget() // (mlp.fc1.out_features * x.element_size())))
     w2 = mlp.fc2.weight.t()
     for i in range(0, x2.shape[0], chunk):
         part = x2[i:i + chunk]
