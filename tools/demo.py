@@ -68,6 +68,12 @@ def parse_metrics(text):
     raise SystemExit('could not find the metrics line in the test output')
 
 
+def config_seed(config: str):
+    """The seed a config fixes (``randomness.seed``), or None."""
+    from mmengine.config import Config
+    return Config.fromfile(str(ROOT / config)).get('randomness', {}).get('seed')
+
+
 def save_untrained(config, path):
     """Write a checkpoint of the freshly initialised model (the baseline)."""
     import torch
@@ -118,6 +124,8 @@ def main(argv=None):
     parser.add_argument('--work-dir', help='default: work_dirs/demo_<task>')
     parser.add_argument('--baseline', action=argparse.BooleanOptionalAction, default=None,
                         help='also evaluate the untrained model (default: on for seg, off for det)')
+    parser.add_argument('--seed', type=int,
+                        help="training seed (default: the config's randomness.seed, 0, so that a run repeats)")
     parser.add_argument('--cfg-options', nargs='+', default=[], help='passed on to train.py and test.py')
     args = parser.parse_args(argv)
     demo = DEMOS[args.task]
@@ -126,8 +134,13 @@ def main(argv=None):
     work_dir.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     opts = ['--cfg-options', *args.cfg_options] if args.cfg_options else []
+    seed = args.seed if args.seed is not None else config_seed(config)
+    train_opts = ['--cfg-options', *args.cfg_options, *([f'randomness.seed={args.seed}'] if args.seed is not None
+                                                        else [])] if (args.cfg_options or args.seed is not None) else []
     start = time.time()
-    summary = {'task': args.task, 'config': config, 'work_dir': str(work_dir)}
+    summary = {'task': args.task, 'config': config, 'work_dir': str(work_dir), 'seed': seed}
+    print(f'seed {seed}' + (' (fixed in the config, so the demo repeats; --seed N for another run)'
+                            if args.seed is None else ' (--seed)'), flush=True)
 
     if demo['baseline'] if args.baseline is None else args.baseline:
         print('== evaluating the untrained model (baseline) ==', flush=True)
@@ -138,7 +151,7 @@ def main(argv=None):
 
     print('== training ==', flush=True)
     t0 = time.time()
-    run([py, 'tools/train.py', config, '--work-dir', work_dir, *opts], work_dir / 'train.log')
+    run([py, 'tools/train.py', config, '--work-dir', work_dir, *train_opts], work_dir / 'train.log')
     summary['train_seconds'] = round(time.time() - t0, 1)
     ckpt = (work_dir / 'last_checkpoint').read_text().strip()
 
