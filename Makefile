@@ -7,11 +7,15 @@ SETUP_STAMP := .venv/.mlla-mm-setup
 setup:
 	@bash tools/setup_env.sh
 
+# Two pytest-xdist workers (one per core), one torch thread each (tests/conftest.py); a test
+# file stays on one worker (--dist loadfile), so its module fixtures are built once.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 demo: setup
 	$(PY) tools/demo.py det

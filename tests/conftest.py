@@ -36,9 +36,15 @@ def golden_arch(golden):
     return dict(embed_dims=a['embed_dim'], depths=list(a['depths']), num_heads=list(a['num_heads']))
 
 
+#: Torch threads per test process: 2 (the machine's cores), 1 under pytest-xdist (``make test`` runs two
+#: workers; subprocess tools get OMP_NUM_THREADS=1 from tests.helpers.tool_env). More threads than cores
+#: makes OpenMP's spin-waiting threads stall each other.
+TEST_THREADS = 1 if os.environ.get('PYTEST_XDIST_WORKER') else 2
+
+
 @pytest.fixture(autouse=True)
 def _two_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     torch.manual_seed(0)
     yield
 
