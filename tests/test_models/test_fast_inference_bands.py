@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 
 import mlla_mm.models.mlla as mlla_module
-from mlla_mm.models import MLLA, fast_inference
-from mlla_mm.models.mlla_reference import MLLAReference, RefMLLABlock
+from mlla_mm.models import fast_inference
+from mlla_mm.models.mlla_reference import RefMLLABlock
+
+from tests.test_models.test_mlla_fast_path import small_backbone_pair
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -67,20 +69,8 @@ def test_conv_rows_rejects_other_kernels():
 
 def test_banded_backbone_matches_reference(monkeypatch):
     """Every stage, the stem and the downsample layers in bands of a few rows (a tiny band budget)."""
-    arch = dict(embed_dims=8, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4])
-    torch.manual_seed(2)
-    model = MLLA(arch, drop_path_rate=0.).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith('bias'):
-                p.copy_(torch.randn_like(p) * 0.1)
-        for name, buf in model.named_buffers():
-            if name.endswith('running_var'):
-                buf.uniform_(0.5, 1.5)
-            elif name.endswith('running_mean'):
-                buf.normal_(0, 0.1)
-    ref = MLLAReference(arch).eval()
-    ref.load_state_dict(model.state_dict(), strict=True)
+    model, ref = small_backbone_pair()
+    model.eval(), ref.eval()
     x = torch.randn(2, 3, 45, 38)
     with torch.no_grad():
         want = ref(x)
