@@ -43,7 +43,7 @@ TEST_THREADS = 1 if os.environ.get('PYTEST_XDIST_WORKER') else 2
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
+def _test_threads():
     torch.set_num_threads(TEST_THREADS)
     torch.manual_seed(0)
     yield

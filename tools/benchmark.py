@@ -232,6 +232,29 @@ def train_batch(size: int, n_images: int = 2, seed: int = 0) -> dict:
     return dict(inputs=inputs, data_samples=samples)
 
 
+def detector_pair(zeroed: Sequence[str]) -> Dict[str, torch.nn.Module]:
+    """MLLA-T and Swin-T Mask R-CNNs that differ only in backbone and FPN lateral convolutions.
+
+    Both get Swin-T's (random) FPN output convolutions, RPN and RoI heads,
+    with the layers named in ``zeroed`` (attribute paths such as
+    ``'rpn_head.rpn_cls'``) zeroed first.
+    """
+    models = {}
+    for kind in ('mlla_t', 'swin_t'):
+        torch.manual_seed(0)
+        models[kind] = build_detector(kind)
+    mlla, swin = models['mlla_t'], models['swin_t']
+    with torch.no_grad():
+        for path in zeroed:
+            layer = swin.get_submodule(path)
+            layer.weight.zero_()
+            layer.bias.zero_()
+    mlla.neck.fpn_convs.load_state_dict(swin.neck.fpn_convs.state_dict())
+    mlla.rpn_head.load_state_dict(swin.rpn_head.state_dict())
+    mlla.roi_head.load_state_dict(swin.roi_head.state_dict())
+    return models
+
+
 def train_iteration_times(size: int, repeats: int) -> Dict[str, List[float]]:
     """Seconds per Mask R-CNN train iteration for MLLA-T and Swin-T, interleaved.
 
@@ -245,18 +268,9 @@ def train_iteration_times(size: int, repeats: int) -> Dict[str, List[float]]:
     lateral convolutions.
     """
     from mmengine.optim import OptimWrapper
-    models = {}
-    for kind in ('mlla_t', 'swin_t'):
-        torch.manual_seed(0)
-        models[kind] = build_detector(kind).train()
-    mlla, swin = models['mlla_t'], models['swin_t']
-    with torch.no_grad():
-        for conv in (swin.rpn_head.rpn_cls, swin.rpn_head.rpn_reg):
-            conv.weight.zero_()
-            conv.bias.zero_()
-    mlla.neck.fpn_convs.load_state_dict(swin.neck.fpn_convs.state_dict())
-    mlla.rpn_head.load_state_dict(swin.rpn_head.state_dict())
-    mlla.roi_head.load_state_dict(swin.roi_head.state_dict())
+    models = detector_pair(('rpn_head.rpn_cls', 'rpn_head.rpn_reg'))
+    for model in models.values():
+        model.train()
 
     def step(model, wrapper, data):
         torch.manual_seed(0)
@@ -283,22 +297,12 @@ def detector_inference_times(size: Tuple[int, int], repeats: int, proposals: int
     come out). The MLLA-T side is our config (``configs/detection/
     mask_rcnn_mlla_t.py``), the Swin-T side mmdet's own. ``parts``, if given,
     receives each detector's median seconds per call of backbone, neck, RPN
-    head and RoI head (forward hooks; the rest is pre/post-processing).
+    head and RoI head (their timed forward/predict; the rest is pre/post-processing).
     """
-    models = {}
-    for kind in ('mlla_t', 'swin_t'):
-        torch.manual_seed(0)
-        models[kind] = build_detector(kind).eval()
-    mlla, swin = models['mlla_t'], models['swin_t']
-    with torch.no_grad():
-        for layer in (swin.rpn_head.rpn_cls, swin.rpn_head.rpn_reg, swin.roi_head.bbox_head.fc_cls,
-                      swin.roi_head.bbox_head.fc_reg):
-            layer.weight.zero_()
-            layer.bias.zero_()
-    mlla.neck.fpn_convs.load_state_dict(swin.neck.fpn_convs.state_dict())
-    mlla.rpn_head.load_state_dict(swin.rpn_head.state_dict())
-    mlla.roi_head.load_state_dict(swin.roi_head.state_dict())
+    models = detector_pair(('rpn_head.rpn_cls', 'rpn_head.rpn_reg', 'roi_head.bbox_head.fc_cls',
+                            'roi_head.bbox_head.fc_reg'))
     for model in models.values():
+        model.eval()
         rpn, rcnn = model.rpn_head.test_cfg, model.roi_head.test_cfg
         rpn.nms_pre, rpn.max_per_img, rpn.nms.iou_threshold = proposals, proposals, 1.0
         rcnn.score_thr, rcnn.nms.iou_threshold, rcnn.max_per_img = 0.0, 1.0, detections
@@ -315,28 +319,21 @@ def detector_inference_times(size: Tuple[int, int], repeats: int, proposals: int
         return out
 
     part_times: Dict[str, Dict[str, List[float]]] = {kind: {} for kind in models}
+
+    def timed_method(method: Callable, record: List[float]) -> Callable:
+        def timed_call(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = method(*args, **kwargs)
+            record.append(time.perf_counter() - t0)
+            return out
+        return timed_call
+
     for kind, model in models.items():
-        for name in ('backbone', 'neck', 'rpn_head', 'roi_head'):
+        # The detector calls backbone/neck through forward(), the heads through predict().
+        for name, method in (('backbone', 'forward'), ('neck', 'forward'), ('rpn_head', 'predict'),
+                             ('roi_head', 'predict')):
             module = getattr(model, name)
-
-            def start(mod, args, name=name):
-                mod._bench_t0 = time.perf_counter()
-
-            def stop(mod, args, out, kind=kind, name=name):
-                part_times[kind].setdefault(name, []).append(time.perf_counter() - mod._bench_t0)
-
-            if name in ('rpn_head', 'roi_head'):
-                # Their predict() is not their forward(): time the method.
-                def timed_predict(*args, _p=module.predict, _m=module, _start=start, _stop=stop, **kw):
-                    _start(_m, args)
-                    out = _p(*args, **kw)
-                    _stop(_m, args, out)
-                    return out
-
-                module.predict = timed_predict
-            else:
-                module.register_forward_pre_hook(start)
-                module.register_forward_hook(stop)
+            setattr(module, method, timed_method(getattr(module, method), part_times[kind].setdefault(name, [])))
     with torch.no_grad():
         times = interleaved({kind: (lambda m=model: infer(m)) for kind, model in models.items()}, repeats)
     if parts is not None:

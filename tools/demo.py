@@ -135,12 +135,16 @@ def main(argv=None):
     py = sys.executable
     opts = ['--cfg-options', *args.cfg_options] if args.cfg_options else []
     seed = args.seed if args.seed is not None else config_seed(config)
-    train_opts = ['--cfg-options', *args.cfg_options, *([f'randomness.seed={args.seed}'] if args.seed is not None
-                                                        else [])] if (args.cfg_options or args.seed is not None) else []
+    train_options = args.cfg_options + ([f'randomness.seed={args.seed}'] if args.seed is not None else [])
+    train_opts = ['--cfg-options', *train_options] if train_options else []
     start = time.time()
     summary = {'task': args.task, 'config': config, 'work_dir': str(work_dir), 'seed': seed}
-    print(f'seed {seed}' + (' (fixed in the config, so the demo repeats; --seed N for another run)'
-                            if args.seed is None else ' (--seed)'), flush=True)
+    if args.seed is not None:
+        print(f'seed {seed} (--seed)', flush=True)
+    elif seed is not None:
+        print(f'seed {seed} (fixed in the config, so the demo repeats; --seed N for another run)', flush=True)
+    else:
+        print('seed: drawn at random by mmengine (the config fixes none; --seed N to repeat a run)', flush=True)
 
     if demo['baseline'] if args.baseline is None else args.baseline:
         print('== evaluating the untrained model (baseline) ==', flush=True)

@@ -49,7 +49,7 @@ def warn_if_bf16_slow() -> bool:
     """Print one ``warning:`` line on stderr when bf16 autocast would be slower than fp32 on this CPU.
 
     bf16 only pays with AMX or AVX512-BF16 (:func:`mlla_mm.utils.cpu.bf16_fast_on_this_cpu`);
-    elsewhere oneDNN emulates it through fp32 (measured ~2-16x slower, docs/benchmarks.md).
+    elsewhere oneDNN emulates it through fp32 (MLLA-T inference 9.7x slower on an AVX2 EPYC, docs/benchmarks.md).
 
     Returns:
         Whether the warning was printed.

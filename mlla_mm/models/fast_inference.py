@@ -59,12 +59,8 @@ def band_budget() -> int:
     glibc's default malloc. With :func:`mlla_mm.utils.tune_cpu_malloc` (all
     our tools) big blocks are reused from the heap anyway, and whole maps are
     faster (800x1280, 2 threads: bands cost 6.5%, docs/benchmarks.md).
-    A :data:`BAND_BYTES` changed from its default (as tests do) always applies.
     """
-    return UNBANDED if malloc_state() == 'tuned' and BAND_BYTES == _DEFAULT_BAND_BYTES else BAND_BYTES
-
-
-_DEFAULT_BAND_BYTES = BAND_BYTES
+    return UNBANDED if malloc_state() == 'tuned' else BAND_BYTES
 
 
 def is_tracing() -> bool:

@@ -74,8 +74,19 @@ def test_banded_backbone_matches_reference(monkeypatch):
     x = torch.randn(2, 3, 45, 38)
     with torch.no_grad():
         want = ref(x)
-        monkeypatch.setattr(fast_inference, 'BAND_BYTES', 1)  # 2 rows per band everywhere
+        monkeypatch.setattr(fast_inference, 'band_budget', lambda: 1)  # 2 rows per band everywhere
         got = model(x)
     for a, b in zip(got, want):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bands_only_without_the_malloc_setting(monkeypatch):
+    """With tune_cpu_malloc() whole maps (bands cost time there), with glibc's defaults BAND_BYTES."""
+    monkeypatch.setattr(fast_inference, 'malloc_state', lambda: 'tuned')
+    assert fast_inference.band_budget() == fast_inference.UNBANDED
+    assert fast_inference.band_rows(4000, 1 << 20) == 4000
+    for state in ('untouched', 'default'):
+        monkeypatch.setattr(fast_inference, 'malloc_state', lambda state=state: state)
+        assert fast_inference.band_budget() == fast_inference.BAND_BYTES
+        assert fast_inference.band_rows(4000, 1 << 20) == fast_inference.BAND_BYTES >> 20

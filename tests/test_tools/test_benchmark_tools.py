@@ -43,6 +43,14 @@ def test_benchmark_quick_writes_json_and_png(tmp_path):
         assert t['verdicts'][label] in ('PASS', 'FAIL')
         assert label in stdout
     assert t['verdicts']['MLLA-T / Swin-T latency at 800x1280'] == 'SKIP'
+    # The whole-detector check (on by default; 96x128 with --quick): both detectors, their parts, the ratio.
+    det = data['detector_inference']
+    assert det['size'] == '96x128'
+    for kind in ('mlla_t', 'swin_t'):
+        assert set(det['parts'][kind]) == {'backbone', 'neck', 'rpn_head', 'roi_head'}
+        assert 0 < sum(det['parts'][kind].values()) < det[kind]['max']
+    assert t['detector_inference_mlla_t_over_swin_t'] > 0
+    assert t['verdicts']['Mask R-CNN inference MLLA-T / Swin-T'] in ('PASS', 'FAIL')
 
 
 def test_slope_and_verdict_helpers():
