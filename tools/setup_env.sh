@@ -8,6 +8,7 @@
 #   MLLA_MM_CACHE     where the built mmcv wheel is cached
 #                     (default: ${XDG_CACHE_HOME:-$HOME/.cache}/mlla-mm)
 #   MAX_JOBS          parallel compile jobs for mmcv (default: nproc)
+#   CPPFLAGS          kept for the mmcv build; MMCV_BUILD_CPPFLAGS is appended to it
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +30,12 @@ ONNXSCRIPT_VERSION=0.7.2
 # torch 2.14 needs setuptools >= 77.0.3; mmengine still imports pkg_resources,
 # which later setuptools releases dropped. (mmcv's own build wants < 70.)
 SETUPTOOLS="setuptools>=77.0.3,<81"
+# mmcv is compiled with Python's own CFLAGS ("-O3 -g ..."); -g0 drops the debug
+# info: each file compiles in about 0.6x the time and the wheel is 1.4 MB
+# instead of 32 MB (docs/benchmarks.md, "mmcv build settings"). It travels in
+# CPPFLAGS: setuptools 69.5.1 (the build's "<70") and 80 both append CPPFLAGS
+# after Python's CFLAGS, while setuptools 80 lets CFLAGS replace them (no -O3).
+MMCV_BUILD_CPPFLAGS="-g0"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -78,7 +85,7 @@ if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 
   CACHE="${MLLA_MM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mlla-mm}"
   WHEELDIR="$CACHE/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$PYTAG-$(uname -m)-cpuops"
   if ! ls "$WHEELDIR"/mmcv-*.whl >/dev/null 2>&1; then
-    log "building mmcv $MMCV_VERSION with its ops (one time, about 15 minutes on 2 cores)"
+    log "building mmcv $MMCV_VERSION with its ops (one time, up to about 15 minutes on 2 cores)"
     "${PIP[@]}" "setuptools<70" wheel "numpy<3" ninja
     mkdir -p "$CACHE"
     TMPW="$(mktemp -d "$CACHE/tmp.XXXXXX")"
@@ -94,11 +101,12 @@ if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 
       while sleep 60; do
         done_o=$(find "$SRC/build" -name '*.o' 2>/dev/null | wc -l)
         log "building mmcv: $(( ($(date +%s) - start) / 60 )) min, $done_o of about 77 files compiled" \
-            "(about 13 min in all on 2 idle cores)"
+            "(up to about 13 min in all on 2 idle cores)"
       done ) &
     TICKER=$!
     trap 'kill $TICKER 2>/dev/null; rm -rf "$TMPW"' EXIT
     (cd "$SRC" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      CPPFLAGS="${CPPFLAGS:+$CPPFLAGS }$MMCV_BUILD_CPPFLAGS" \
       "$PY" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps --no-cache-dir \
       -w "$TMPW/wheel" .)
     kill $TICKER 2>/dev/null || true
