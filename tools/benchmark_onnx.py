@@ -77,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--models', nargs='+', choices=MODELS, default=MODELS)
     p.add_argument('--levels', nargs='+', choices=LEVELS, default=['all', 'extended', 'basic', 'disable'],
                    help='ONNX Runtime graph optimisation levels to time for MLLA-T (others use the first)')
+    p.add_argument('--formulations', nargs='+', choices=['onnx', 'plain'], default=['onnx'],
+                   help="MLLA graphs to time: 'onnx' (rearranged for ONNX Runtime, what export_onnx.py writes) "
+                        "and/or 'plain' (the model's own code traced, timed as <model>:ort-plain-<level>); "
+                        'the first one is used for the goals')
     p.add_argument('--no-bf16', action='store_true', help='skip the bf16 autocast measurement')
     p.add_argument('--bf16-size', help='HxW for the bf16 measurement (default: the backbone size)')
     p.add_argument('--json', help='write all numbers to this JSON file')
@@ -131,8 +135,12 @@ def main(argv=None) -> int:
             print(f'# skip {name}: {err}')
             continue
         t = time.perf_counter()
-        data = export_bytes(target, shape, dynamic=dynamic)
+        data = export_bytes(target, shape, dynamic=dynamic, formulation=args.formulations[0])
         export_s = time.perf_counter() - t
+        others = {}  # the other formulations of an MLLA model, timed at the first level
+        if name != 'swin_t':
+            for form in args.formulations[1:]:
+                others[form] = export_bytes(target, shape, dynamic=dynamic, formulation=form)
         x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
         levels = args.levels if name == 'mlla_t' else args.levels[:1]
         sessions = {}
@@ -140,12 +148,20 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             sessions[level] = make_session(data, threads=args.threads, level=level, spinning=False)
             results.setdefault('session_s', {})[f'{name}:{level}'] = time.perf_counter() - t
+        for form, other in others.items():
+            sessions[f'{form}-{levels[0]}'] = make_session(other, threads=args.threads, level=levels[0],
+                                                          spinning=False)
         with torch.no_grad():
             ref = target.model(x)
         got = sessions[levels[0]].run(None, {'img': x.numpy()})
         diff = relative_difference(got, ref)
         results['models'][name] = dict(size=f'{size[0]}x{size[1]}', export_s=export_s, dynamic=dynamic,
-                                       onnx_mib=len(data) / 2**20, max_rel_diff=diff)
+                                       onnx_mib=len(data) / 2**20, max_rel_diff=diff,
+                                       formulation='plain' if name == 'swin_t' else args.formulations[0])
+        for form in others:
+            odiff = relative_difference(sessions[f'{form}-{levels[0]}'].run(None, {'img': x.numpy()}), ref)
+            results['models'][name][f'max_rel_diff_{form}'] = odiff
+            print(f'# {name}: formulation {form!r}: ONNX Runtime vs PyTorch max rel. diff {odiff:.1e}', flush=True)
         print(f'# {name}: exported in {export_s:.1f} s ({"dynamic" if dynamic else "static"} shape, '
               f'{len(data) / 2**20:.0f} MiB), ONNX Runtime vs PyTorch max rel. diff {diff:.1e}', flush=True)
         fns = groups.setdefault(size, {})

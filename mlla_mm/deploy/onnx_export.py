@@ -36,6 +36,7 @@ import torch.nn as nn
 from ..checkpoint import backbone_state_dict, convert_checkpoint, load_backbone_weights, load_file, CheckpointError
 from ..engine.launch import UsageError
 from ..utils.io import AtomicWriteError, atomic_write
+from .mlla_graph import export_friendly
 from .wrappers import (BackboneForExport, DetectorFeaturesForExport, SegmentorForExport, make_shape_agnostic,
                        output_names)
 
@@ -45,6 +46,7 @@ ARCHS = {'mlla_t': 'tiny', 'mlla_s': 'small', 'mlla_b': 'base'}
 EXPORTER = 'torchscript'
 DEFAULT_OPSET = 18
 TOLERANCE = 1e-4  # max |onnx - torch| relative to max |torch|, per output
+FORMULATIONS = ('onnx', 'plain')  # the traced graph: MLLA rearranged for ONNX Runtime, or the model's own code
 INSTALL_HINT = ("pip install onnx onnxruntime, or pip install -e '.[deploy]' for the tested versions (pinned in "
                 'setup.cfg and tools/setup_env.sh); onnxscript is not needed')
 
@@ -80,8 +82,15 @@ class ExportTarget:
     source: str
     metadata: Dict[str, str] = field(default_factory=dict)
 
-    def exportable(self) -> nn.Module:
-        return make_shape_agnostic(self.model).eval()
+    def exportable(self, formulation: str = 'onnx') -> nn.Module:
+        """The copy to trace: ``'onnx'`` rearranges MLLA's stages for ONNX Runtime (:mod:`.mlla_graph`,
+        same numbers); ``'plain'`` traces the model's own code."""
+        if formulation not in FORMULATIONS:
+            raise UsageError(f'unknown formulation {formulation!r}; choose one of {", ".join(FORMULATIONS)}')
+        model = make_shape_agnostic(self.model)
+        if formulation == 'onnx':
+            model = export_friendly(model)
+        return model.eval()
 
 
 def _mlla_backbone(arch: str) -> nn.Module:
@@ -193,18 +202,19 @@ def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
 # Export.
 # --------------------------------------------------------------------------
 def export_bytes(target: ExportTarget, shape: Tuple[int, int] = (512, 512), dynamic: bool = True,
-                 opset: int = DEFAULT_OPSET) -> bytes:
+                 opset: int = DEFAULT_OPSET, formulation: str = 'onnx') -> bytes:
     """Trace ``target`` at ``shape`` and return the serialised, checked ONNX model.
 
     With ``dynamic`` the input's batch, height and width (and every output's)
     are symbolic; the example batch is 2 so nothing specialises on batch 1.
+    ``formulation``: see :meth:`ExportTarget.exportable`.
     """
     require('onnx')
     import onnx
     h, w = shape
     if h < 1 or w < 1:
         raise UsageError(f'--shape must be positive, got {h} {w}')
-    model = target.exportable()
+    model = target.exportable(formulation)
     example = torch.randn(2 if dynamic else 1, 3, h, w, generator=torch.Generator().manual_seed(0))
     names = target.output_names
     with warnings.catch_warnings():
@@ -219,7 +229,7 @@ def export_bytes(target: ExportTarget, shape: Tuple[int, int] = (512, 512), dyna
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
         proto = onnx.load_from_string(buf.getvalue())
     props = dict(target.metadata, mlla_mm_kind=target.kind, mlla_mm_source=os.path.basename(target.source),
-                 mlla_mm_exporter=EXPORTER, mlla_mm_dynamic=str(dynamic).lower())
+                 mlla_mm_exporter=EXPORTER, mlla_mm_dynamic=str(dynamic).lower(), mlla_mm_formulation=formulation)
     from ..version import __version__
     props['mlla_mm_version'] = __version__
     for key, value in props.items():
@@ -358,6 +368,6 @@ def check_onnx(model: Union[bytes, str], reference: nn.Module, output_names_: Se
     return rows
 
 
-__all__ = ['ARCHS', 'CheckRow', 'DEFAULT_OPSET', 'EXPORTER', 'ExportTarget', 'TOLERANCE',
+__all__ = ['ARCHS', 'CheckRow', 'DEFAULT_OPSET', 'EXPORTER', 'ExportTarget', 'FORMULATIONS', 'TOLERANCE',
            'build_target', 'check_onnx', 'check_writable', 'default_check_sizes', 'export_bytes', 'make_session',
            'require', 'write_onnx']
