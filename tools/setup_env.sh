@@ -31,8 +31,9 @@ ONNXSCRIPT_VERSION=0.7.2
 # which later setuptools releases dropped. (mmcv's own build wants < 70.)
 SETUPTOOLS="setuptools>=77.0.3,<81"
 # mmcv is compiled with Python's own CFLAGS ("-O3 -g ..."); -g0 drops the debug
-# info: each file compiles in about 0.6x the time and the wheel is 1.4 MB
-# instead of 32 MB (docs/benchmarks.md, "mmcv build settings"). It travels in
+# info, not the machine code: sample files compiled in 0.58-0.70x the time
+# and the wheel shrinks from 32 MB to about 1.4 MB (docs/benchmarks.md, "mmcv
+# build settings"; a whole build with -g0 was not timed). It travels in
 # CPPFLAGS: setuptools 69.5.1 (the build's "<70") and 80 both append CPPFLAGS
 # after Python's CFLAGS, while setuptools 80 lets CFLAGS replace them (no -O3).
 MMCV_BUILD_CPPFLAGS="-g0"
