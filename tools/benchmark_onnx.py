@@ -7,7 +7,9 @@ Each model is exported with tools/export_onnx.py's code (MLLA and UperNet
 with dynamic batch/height/width, as users get them; mmdet's Swin-T at the
 benchmark size, since its padding is not traced dynamically), its ONNX
 Runtime output is compared with PyTorch, then ONNX Runtime (one session per
-graph optimisation level in ``--levels``) and PyTorch eager run in the same
+graph optimisation level in ``--levels``; with ``--formulations onnx plain``
+also the graph of the model's own code, before the export-only rearrangement
+of mlla_mm/deploy/mlla_graph.py) and PyTorch eager run in the same
 interleaved rounds with the same number of threads (``torch.set_num_threads``
 and ``intra_op_num_threads``). Medians and per-round ratios are printed; the
 two goals of the project are printed with PASS/FAIL:

@@ -2,7 +2,7 @@
 """Export an MLLA backbone, an UperNet segmentor or a detector's backbone + FPN to ONNX.
 
     python tools/export_onnx.py CONFIG_OR_ARCH [WEIGHTS] --out model.onnx [--shape H W] [--dynamic]
-                                [--opset N] [--check] [--backbone-only] [--threads N]
+                                [--opset N] [--check] [--backbone-only] [--threads N] [--formulation onnx|plain]
 
 CONFIG_OR_ARCH is ``mlla_t``, ``mlla_s``, ``mlla_b`` (the backbone alone,
 outputs feat0..feat3), an mmseg config (image -> per-pixel class logits at
@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--check', action='store_true', help='compare ONNX Runtime with PyTorch before writing')
     p.add_argument('--backbone-only', action='store_true', help="export only the config's backbone")
     p.add_argument('--threads', type=int, help='torch threads while exporting and checking')
+    p.add_argument('--formulation', choices=['onnx', 'plain'], default='onnx',
+                   help="'onnx' (default): MLLA's stages rearranged for ONNX Runtime (same numbers, faster); "
+                        "'plain': the model's own code traced")
     return p.parse_args(argv)
 
 
@@ -50,10 +53,11 @@ def export(args: argparse.Namespace) -> int:
     target = build_target(args.model, args.weights, backbone_only=args.backbone_only,
                           log=lambda msg: print(msg, flush=True))
     shape = tuple(args.shape)
-    print(f'exporting {target.kind} of {args.model} ({EXPORTER}, opset {args.opset}, traced at '
+    print(f'exporting {target.kind} of {args.model} ({EXPORTER}, opset {args.opset}, {args.formulation} graph, '
+          f'traced at '
           f'{shape[0]}x{shape[1]}, {"dynamic batch/height/width" if args.dynamic else "static shape"})',
           flush=True)
-    data = export_bytes(target, shape, dynamic=args.dynamic, opset=args.opset)
+    data = export_bytes(target, shape, dynamic=args.dynamic, opset=args.opset, formulation=args.formulation)
     if args.check:
         sizes = default_check_sizes(shape, args.dynamic)
         rows = check_onnx(data, target.model, target.output_names, sizes)

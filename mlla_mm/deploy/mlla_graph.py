@@ -3,9 +3,10 @@
 ``MLLAStage`` traces to a graph that computes the model as written in
 :mod:`mlla_mm.models.mlla`: RoPE on adjacent channel pairs (a ``Split`` of
 the pairs and a ``Concat`` to put them back, per block), five head
-transposes, bias adds on 4-D ``MatMul`` s that ONNX Runtime does not fuse. For
-export, :func:`export_friendly` swaps every stage of a *copy* of the model
-for an :class:`ExportStage` holding the same weights, rearranged once:
+transposes and a transpose around every depthwise convolution, bias adds on
+4-D ``MatMul`` s that ONNX Runtime does not fuse. For export,
+:func:`export_friendly` swaps every stage of a *copy* of the model for an
+:class:`ExportStage` holding the same weights, rearranged once:
 
 * the rows of the ``qk`` projection are permuted inside each head so that
   the RoPE pairs ``(2m, 2m+1)`` become the two halves ``[a_0..a_{d/2-1},
@@ -13,25 +14,29 @@ for an :class:`ExportStage` holding the same weights, rearranged once:
   product unchanged; ``v`` and the output keep their order);
 * RoPE never shuffles full-size tensors. With ``C2 = [cos, cos]``,
   ``S2 = [sin, sin]`` and ``swap(u) = [-u_b, u_a]`` (a signed swap of the
-  halves), ``RoPE(u) = u C2 + swap(u S2)``, and a swap can be moved onto
-  the small ``d x d`` matrices of each head:
+  halves), ``RoPE(u) = u C2 + swap(u S2)``, and the swap moves onto the
+  small ``d x d`` matrices of each head:
   ``RoPE(k)^T v = (k C2)^T v + swap_rows((k S2)^T v)`` and
   ``RoPE(q) kv = [q C2, q S2] [kv; swap'(kv)]`` with ``swap'(kv) = [kv_b;
-  -kv_a]``. ``[u C2, u S2]`` is one broadcast ``Mul`` of ``u`` with the
-  stage's table ``(heads, N, 2, d)``, so each side costs one ``Mul`` and one
+  -kv_a]``. ``[u C2, u S2]`` is one broadcast ``Mul`` with the stage's
+  ``(heads, 2, 1, d/2, N)`` table, so each side costs one ``Mul`` and one
   ``MatMul`` with a ``2d`` inner size;
-* q and k come from two 2-D ``Gemm`` s (bias fused; no split of a ``qk``
-  tensor), ``z = 1 / (q . mean(k) + 1e-6)`` is one ``(N, C) x (C, heads)``
+* the attention is channel-major (``(B, C, N)``, what the depthwise
+  convolutions give and take): ``v`` is the ``dwc`` convolution's output,
+  q and k come from weight-left ``MatMul`` s, the per-head products contract
+  over positions on both sides (``FusedMatMul`` with a transposed operand,
+  no copy), ``z = 1 / (q . mean(k) + 1e-6)`` is one ``(heads, C) x (C, N)``
   product with the block-diagonal matrix of per-head key means (as in the
-  fast inference path), and only q, k, v and the output are transposed;
-* every linear layer sees a 2-D ``(tokens, C)`` input, so its bias is fused
-  into a ``Gemm``;
+  fast inference path), ``lepe`` reads ``v`` as it is, and the output is
+  transposed back to tokens once;
+* the token-major linear layers see 2-D ``(tokens, C)`` inputs, so their
+  bias is fused into a ``Gemm``;
 * the residual around the 3x3 depthwise ``cpe1`` and ``cpe2`` is folded into
   the kernel (``x + conv(x)`` is ``conv'(x)`` with 1 added to the centre tap).
 
 The eager model, its training maths and the fast inference path are not
 touched; the export check compares the ONNX file with the original model.
-Tested to equal the original model (float64, ``tests/test_deploy``).
+Tested to equal the original model (float64, ``tests/test_deploy/test_mlla_graph.py``).
 """
 from __future__ import annotations
 
@@ -54,15 +59,24 @@ def rope_pair_halves_permutation(channels: int, heads: int) -> torch.Tensor:
 
 def rope_half_tables(height, width, channels: int, heads: int, device: torch.device, dtype: torch.dtype,
                      base: float = 10000.) -> torch.Tensor:
-    """``(heads, H*W, 2, d)``: ``[cos, cos]`` and ``[sin, sin]`` of each head's pairs, for the halves layout.
+    """``(heads, 2, 1, d/2, H*W)``: ``cos`` and ``sin`` of each head's RoPE pairs, positions last.
 
-    ``height`` and ``width`` may be traced sizes.
+    The same angles as :func:`mlla_mm.models.mlla.rope_angles` (pair ``p < C/4``: ``row * theta_p``,
+    else ``col * theta_(p - C/4)``), with ``cos``/``sin`` taken on the small row and column
+    tables before they are expanded. ``height`` and ``width`` may be traced sizes.
     """
     d = channels // heads
-    ang = rope_angles(height, width, channels, device, dtype, base)  # (H, W, C/2): pair p, head p // (d/2)
-    ang = ang.reshape(-1, heads, d // 2)
-    ang = torch.cat([ang, ang], dim=-1)  # (N, heads, d)
-    return torch.stack([ang.cos(), ang.sin()], dim=2).transpose(0, 1)  # (heads, N, 2, d)
+    k = channels // 4
+    theta = base ** (-torch.arange(k, dtype=dtype, device=device) / k)
+    rows = torch.arange(height, dtype=dtype, device=device)[None, :] * theta[:, None]  # (K, H)
+    cols = torch.arange(width, dtype=dtype, device=device)[None, :] * theta[:, None]  # (K, W)
+
+    def per_pair(fn) -> torch.Tensor:  # (heads, 1, 1, d/2, N): pair p = head * d/2 + m
+        r = fn(rows)[:, :, None].expand(-1, -1, width)
+        c = fn(cols)[:, None, :].expand(-1, height, -1)
+        return torch.cat([r, c], dim=0).reshape(heads, 1, 1, d // 2, -1)
+
+    return torch.cat([per_pair(torch.cos), per_pair(torch.sin)], dim=1)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -86,9 +100,8 @@ def _with_identity(conv: nn.Conv2d) -> nn.Conv2d:
 class ExportBlock(nn.Module):
     """One :class:`~mlla_mm.models.mlla.MLLABlock` rearranged for export (see the module docstring)."""
 
-    def __init__(self, blk: MLLABlock, layout: str = 'heads') -> None:
+    def __init__(self, blk: MLLABlock) -> None:
         super().__init__()
-        self.layout = layout
         attn = blk.attn
         c, heads = attn.dim, attn.num_heads
         self.dim, self.num_heads = c, heads
@@ -110,38 +123,11 @@ class ExportBlock(nn.Module):
         self.register_buffer('head_eye', torch.eye(heads).view(1, heads, 1, heads), persistent=False)
 
     def attention(self, v: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """The linear attention without LePE on ``v`` (B, H, W, C); returns ``(B, N, heads, d)``."""
-        b, h, w, c = v.shape
-        heads = self.num_heads
-        d = c // heads
-        half = d // 2
-        v2 = v.reshape(-1, c)
-        q = F.elu(self.q(v2)) + 1.0  # (B*N, C), channels in the halves order
-        k = F.elu(self.k(v2)) + 1.0
-        q3 = q.view(b, h * w, c)
-        # z = 1 / (q . mean(k) + eps) per token and head: one product with the block-diagonal key means.
-        k_mean = k.view(b, h * w, c).mean(dim=1)  # (B, C)
-        k_blk = (k_mean.view(b, heads, d, 1) * self.head_eye).reshape(b, c, heads)
-        z = 1.0 / (torch.bmm(q3, k_blk) + 1e-6)  # (B, N, heads)
-        qh = q.view(b, h * w, heads, d).transpose(1, 2)  # (B, heads, N, d)
-        kh = k.view(b, h * w, heads, d).transpose(1, 2)
-        vh = v2.view(b, h * w, heads, d).transpose(1, 2)
-        k_side = kh.unsqueeze(-2) * table  # (B, heads, N, 2, d): [k C2, k S2]
-        kk = k_side.reshape(*k_side.shape[:-2], 2 * d)
-        m = (kk.transpose(-2, -1) @ vh) * (1.0 / (h * w))  # (B, heads, 2d, d): [(k C2)^T v; (k S2)^T v] / N
-        mc, ms = m[..., :d, :], m[..., d:, :]
-        kv = mc + torch.cat([-ms[..., half:, :], ms[..., :half, :]], dim=-2)  # RoPE(k)^T v / N
-        kv2 = torch.cat([kv, kv[..., half:, :], -kv[..., :half, :]], dim=-2)  # (B, heads, 2d, d)
-        q_side = qh.unsqueeze(-2) * table
-        qq = q_side.reshape(*q_side.shape[:-2], 2 * d)  # [q C2, q S2]
-        out = (qq @ kv2).transpose(1, 2)  # (B, N, heads, d) = RoPE(q) kv
-        return out * z.unsqueeze(-1)
+        """The linear attention without LePE on ``v`` (B, C, H, W); returns (B, C, H, W).
 
-    def attention_channels(self, v: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """The linear attention without LePE on ``v`` (B, C, H, W) channel-major; returns (B, C, H, W).
-
-        ``table``: (heads, 2, d, N). q and k come channel-major from weight-left products, so
-        only the output is transposed (the per-head products contract over N on both sides).
+        ``table``: :func:`rope_half_tables`. Everything is channel-major (positions last, as the
+        depthwise convolutions give and take it): q and k come from weight-left products and the
+        per-head products contract over positions on both sides, so no full-size transpose is needed.
         """
         b, c, h, w = v.shape
         heads = self.num_heads
@@ -153,13 +139,13 @@ class ExportBlock(nn.Module):
         k_mean = k.mean(dim=-1)  # (B, C)
         k_blk = (k_mean.view(b, heads, d, 1) * self.head_eye).reshape(b, c, heads)
         z = 1.0 / (torch.matmul(k_blk.transpose(1, 2), q) + 1e-6)  # (B, heads, N)
-        k_side = k.view(b, heads, 1, d, h * w) * table  # (B, heads, 2, d, N): [k C2; k S2]
+        k_side = k.view(b, heads, 1, 2, half, h * w) * table  # (B, heads, 2, 2, d/2, N): [k C2; k S2]
         kk = k_side.reshape(b, heads, 2 * d, h * w)
         m = (kk @ v3.view(b, heads, d, h * w).transpose(-2, -1)) * (1.0 / (h * w))  # (B, heads, 2d, d)
         mc, ms = m[..., :d, :], m[..., d:, :]
         kv = mc + torch.cat([-ms[..., half:, :], ms[..., :half, :]], dim=-2)
         kv2 = torch.cat([kv, kv[..., half:, :], -kv[..., :half, :]], dim=-2)  # (B, heads, 2d, d)
-        q_side = q.view(b, heads, 1, d, h * w) * table
+        q_side = q.view(b, heads, 1, 2, half, h * w) * table
         qq = q_side.reshape(b, heads, 2 * d, h * w)
         out = (kv2.transpose(-2, -1) @ qq) * z.unsqueeze(2)  # (B, heads, d, N)
         return out.reshape(b, c, h, w)
@@ -171,12 +157,8 @@ class ExportBlock(nn.Module):
         t = x.reshape(-1, c)
         y = self.norm1(t)
         gate = F.silu(self.act_proj(y))
-        if self.layout == 'channels':
-            v = F.silu(self.dwc(self.in_proj(y).view(b, h, w, c).permute(0, 3, 1, 2)))  # (B, C, H, W)
-            att = (self.attention_channels(v, table) + self.lepe(v)).permute(0, 2, 3, 1)
-        else:
-            v = F.silu(dwconv_bhwc(self.dwc, self.in_proj(y).view(b, h, w, c)))
-            att = self.attention(v, table) + dwconv_bhwc(self.lepe, v).reshape(b, h * w, self.num_heads, -1)
+        v = F.silu(self.dwc(self.in_proj(y).view(b, h, w, c).permute(0, 3, 1, 2)))  # (B, C, H, W)
+        att = (self.attention(v, table) + self.lepe(v)).permute(0, 2, 3, 1)  # the one transpose back
         t = t + self.out_proj(att.reshape(-1, c) * gate)
         x = dwconv_bhwc(self.cpe2, t.view(b, h, w, c))  # x + cpe2(x)
         t = x.reshape(-1, c)
@@ -187,13 +169,12 @@ class ExportBlock(nn.Module):
 class ExportStage(nn.Module):
     """An :class:`~mlla_mm.models.mlla.MLLAStage` of :class:`ExportBlock` s (``downsample`` kept as it is)."""
 
-    def __init__(self, stage: MLLAStage, layout: str = 'heads') -> None:
+    def __init__(self, stage: MLLAStage) -> None:
         super().__init__()
-        self.layout = layout
         self.dim = stage.dim
         self.base = stage.rope.base
         self.num_heads = stage.blocks[0].attn.num_heads if len(stage.blocks) else 1
-        self.blocks = nn.ModuleList(ExportBlock(blk, layout) for blk in stage.blocks)
+        self.blocks = nn.ModuleList(ExportBlock(blk) for blk in stage.blocks)
         self.downsample = copy.deepcopy(stage.downsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,17 +184,12 @@ class ExportStage(nn.Module):
         _, h, w, _ = x.shape
         dtype = torch.promote_types(x.dtype, torch.float32)
         table = rope_half_tables(h, w, self.dim, self.num_heads, x.device, dtype, self.base)
-        if self.layout == 'channels':
-            table = table.permute(0, 2, 3, 1)  # (heads, 2, d, N)
         for blk in self.blocks:
             x = blk(x, table)
         return x
 
 
-LAYOUT = 'heads'
-
-
-def export_friendly(model: nn.Module, layout: str = None) -> nn.Module:
+def export_friendly(model: nn.Module) -> nn.Module:
     """``model`` with every :class:`MLLAStage` replaced by an :class:`ExportStage` (in place; pass a copy).
 
     Only for float32/float64 inference (no autocast, eval mode): the export path.
@@ -221,7 +197,7 @@ def export_friendly(model: nn.Module, layout: str = None) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, MLLAStage):
-                setattr(parent, name, ExportStage(child, layout or LAYOUT))
+                setattr(parent, name, ExportStage(child))
     return model
 
 

@@ -212,3 +212,19 @@ def test_deploy_extra_pins_the_versions_of_setup_env():
     pinned = {name: re.search(rf'^{name.upper()}_VERSION=(\S+)$', script, re.M).group(1) for name in extra}
     assert extra == pinned
     assert "'.[deploy]'" in INSTALL_HINT and all(name in INSTALL_HINT for name in extra)
+
+
+@pytest.mark.parametrize('formulation', ['plain', 'onnx'])
+def test_tool_formulation_option(tmp_path, formulation):
+    """--formulation picks the traced graph (recorded in the metadata); both pass the check."""
+    import onnx
+    cfg = write_tiny_upernet(tmp_path)
+    out = tmp_path / 'backbone.onnx'
+    res = run_tool(TOOL, cfg, '--backbone-only', '--out', out, '--shape', '32', '32', '--dynamic', '--check',
+                   '--formulation', formulation, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f'{formulation} graph' in res.stdout and 'check: all 12 PASS' in res.stdout
+    model = onnx.load(str(out))
+    assert {p.key: p.value for p in model.metadata_props}['mlla_mm_formulation'] == formulation
+    splits = sum(n.op_type == 'Split' for n in model.graph.node)
+    assert (splits == 0) == (formulation == 'onnx')  # the plain graph splits the RoPE pairs
