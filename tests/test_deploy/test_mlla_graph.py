@@ -10,24 +10,14 @@ from mlla_mm.deploy.mlla_graph import (ExportStage, count_replaced, export_frien
                                        rope_pair_halves_permutation)
 from mlla_mm.models import MLLA
 from mlla_mm.models.mlla import MLLAStage, apply_rope, rope_cos_sin
+from tests.test_deploy.tiny import nontrivial_norms
 
 ARCH = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4])
 
 
 def tiny_mlla(dtype=torch.float64) -> MLLA:
     torch.manual_seed(0)
-    model = MLLA(ARCH, drop_path_rate=0.).eval().to(dtype)
-    with torch.no_grad():  # every weight matters: non-trivial norms and biases
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.)
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-            if isinstance(m, torch.nn.Linear):
-                m.bias.uniform_(-0.2, 0.2)
-    return model
+    return nontrivial_norms(MLLA(ARCH, drop_path_rate=0.).eval().to(dtype), linear_bias=True)
 
 
 def max_rel_diff(a, b) -> float:

@@ -12,7 +12,7 @@ from mlla_mm.deploy.onnx_export import (TOLERANCE, ExportTarget, build_target, c
 from mlla_mm.deploy.wrappers import AdaptiveAvgPool2dAnySize, BackboneForExport, make_shape_agnostic, output_names
 from mlla_mm.models import MLLA
 from tests.helpers import ROOT
-from tests.test_deploy.tiny import NUM_CLASSES, TINY_ARCH, write_tiny_mask_rcnn, write_tiny_upernet
+from tests.test_deploy.tiny import NUM_CLASSES, TINY_ARCH, nontrivial_norms, write_tiny_mask_rcnn, write_tiny_upernet
 
 # Sizes not used at export (which is traced at 64x64, batch 2): odd, not multiples of 4 or 32, batch 1 and 2.
 SIZES = [(1, 64, 64), (1, 37, 53), (2, 45, 29), (1, 97, 131), (2, 33, 32), (1, 5, 3)]
@@ -20,16 +20,8 @@ SIZES = [(1, 64, 64), (1, 37, 53), (2, 45, 29), (1, 97, 131), (2, 33, 32), (1, 5
 
 def tiny_backbone() -> ExportTarget:
     torch.manual_seed(0)
-    model = BackboneForExport(MLLA(TINY_ARCH, drop_path_rate=0.)).eval()
     # Non-trivial BatchNorm statistics and output norms, so every weight matters.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.)
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    model = nontrivial_norms(BackboneForExport(MLLA(TINY_ARCH, drop_path_rate=0.)).eval())
     return ExportTarget(model, 'backbone', output_names('backbone', 4), 'tiny')
 
 

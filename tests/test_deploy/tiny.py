@@ -1,6 +1,8 @@
 """Tiny models for the deployment tests: an MLLA arch dict and a small UperNet config."""
 from pathlib import Path
 
+import torch
+
 from tests.helpers import ROOT
 
 TINY_ARCH = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
@@ -41,3 +43,18 @@ def write_tiny_mask_rcnn(folder: Path, name: str = 'tiny_mask_rcnn.py') -> Path:
     base = str(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py')
     path.write_text(TINY_MASK_RCNN.format(base=base))
     return path
+
+
+def nontrivial_norms(model: torch.nn.Module, linear_bias: bool = False) -> torch.nn.Module:
+    """Random BatchNorm statistics and LayerNorm affines (and Linear biases), so every weight matters."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.)
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            if linear_bias and isinstance(m, torch.nn.Linear):
+                m.bias.uniform_(-0.2, 0.2)
+    return model
