@@ -69,8 +69,8 @@ def test_failed_check_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
     cfg = write_tiny_upernet(tmp_path)
     make = onnx_export.ExportTarget.exportable
 
-    def corrupted(self):
-        model = make(self)
+    def corrupted(self, formulation='onnx'):
+        model = make(self, formulation)
         with torch.no_grad():
             model.segmentor.decode_head.conv_seg.weight[0, 0] += 1.0
         return model
