@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.mlla import MLLABlock, MLLAStage, dwconv_bhwc, rope_angles
+from ..models.mlla import MLLABlock, MLLAStage, dwconv_bhwc
 
 
 def rope_pair_halves_permutation(channels: int, heads: int) -> torch.Tensor:
