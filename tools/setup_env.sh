@@ -86,10 +86,12 @@ if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 
   CACHE="${MLLA_MM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mlla-mm}"
   WHEELDIR="$CACHE/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$PYTAG-$(uname -m)-cpuops"
   if ! ls "$WHEELDIR"/mmcv-*.whl >/dev/null 2>&1; then
-    log "building mmcv $MMCV_VERSION with its ops (one time, up to about 15 minutes on 2 cores)"
+    log "building mmcv $MMCV_VERSION with its ops (one time: about 5 minutes on 2 cores, up to 15 on slower CPUs)"
     "${PIP[@]}" "setuptools<70" wheel "numpy<3" ninja
     mkdir -p "$CACHE"
     TMPW="$(mktemp -d "$CACHE/tmp.XXXXXX")"
+    # (The EXIT traps must not fail: under set -e a failing command in them, such as kill of a
+    # ticker that already ended, makes the whole set-up exit 1 after it succeeded.)
     trap 'rm -rf "$TMPW"' EXIT
     "$PY" -m pip download --disable-pip-version-check --no-deps --no-binary :all: --no-build-isolation \
       -d "$TMPW/src" "mmcv==$MMCV_VERSION"
@@ -98,14 +100,16 @@ if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 
     sed -i "s/'-std=c++17'/'-std=c++20'/g" "$TMPW/src/mmcv-$MMCV_VERSION/setup.py"
     # A progress line a minute while the 77 C++ files compile (pip prints nothing useful).
     SRC="$TMPW/src/mmcv-$MMCV_VERSION"
+    # (Its sleep is killed with it, so nothing holds the output open after the build.)
     ( start=$(date +%s)
-      while sleep 60; do
+      trap 'kill $nap 2>/dev/null; exit 0' TERM
+      while sleep 60 & nap=$!; wait $nap; do
         done_o=$(find "$SRC/build" -name '*.o' 2>/dev/null | wc -l)
         log "building mmcv: $(( ($(date +%s) - start) / 60 )) min, $done_o of about 77 files compiled" \
-            "(up to about 13 min in all on 2 idle cores)"
+            "(about 5 min in all on a 2-core Xeon, up to about 15 on slower CPUs)"
       done ) &
     TICKER=$!
-    trap 'kill $TICKER 2>/dev/null; rm -rf "$TMPW"' EXIT
+    trap 'kill $TICKER 2>/dev/null || true; rm -rf "$TMPW"' EXIT
     (cd "$SRC" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
       CPPFLAGS="${CPPFLAGS:+$CPPFLAGS }$MMCV_BUILD_CPPFLAGS" \
       "$PY" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps --no-cache-dir \
@@ -113,6 +117,8 @@ if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 
     kill $TICKER 2>/dev/null || true
     rm -rf "$WHEELDIR"
     mv "$TMPW/wheel" "$WHEELDIR"   # atomic: a killed build never leaves a half cache
+    rm -rf "$TMPW"
+    trap - EXIT
   else
     log "using cached mmcv wheel from $WHEELDIR"
   fi
