@@ -7,8 +7,17 @@ understand, train or export the model.
 
 When it runs is decided by one rule, :func:`use_fast_inference`, called in
 ``MLLAStage.forward`` (and ``Stem``/``Downsample``): the stage is in eval mode, no autograd
-graph is recorded, autocast is off, and nothing is being traced, exported or
-compiled. Otherwise the plain code of ``mlla.py`` runs.
+graph is recorded, and nothing is being traced, exported or compiled.
+Otherwise the plain code of ``mlla.py`` runs.
+
+Under autocast (``torch.autocast('cpu', dtype=torch.bfloat16)``, or
+mmengine's ``--amp`` test loop) it runs in the autocast dtype with autocast
+itself switched off: every weight is cast once per call (:func:`cast`), the
+linear layers, convolutions and the residual stream run in bf16, and, as in
+the plain code under autocast, the LayerNorms normalise in float32 and the
+attention maths (ELU, RoPE, the key statistics, the per-head products and
+the normaliser) runs in float32. On CPUs with AMX or AVX512-BF16 this is
+where bf16 pays (docs/benchmarks.md, "bf16 on AMX").
 
 What it does differently (measured in docs/benchmarks.md):
 
@@ -36,7 +45,8 @@ attribute names), so it holds no state of its own.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Tuple
+import functools
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -72,17 +82,73 @@ def use_fast_inference(module: nn.Module, x: torch.Tensor) -> bool:
     """The one rule: may ``module`` run on ``x`` with this module's in-place code?
 
     True when ``module`` and all its submodules are in eval mode (no dropout,
-    drop-path or batch statistics), no autograd graph is recorded, autocast
-    is off, and nothing is being traced, exported or compiled (those record
-    the plain, real-valued code).
+    drop-path or batch statistics), no autograd graph is recorded, and
+    nothing is being traced, exported or compiled (those record the plain,
+    real-valued code). Autocast is allowed: see :func:`compute_dtype`.
     """
-    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-            and not is_tracing() and not any(m.training for m in module.modules()))
+    return (not torch.is_grad_enabled() and not is_tracing()
+            and not any(m.training for m in module.modules()))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the fast path computes in: the autocast dtype when autocast is on for ``x``'s device, else ``x``'s."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def without_autocast(fn):
+    """Run a fast-path entry point with autocast off; its tensors are cast to :func:`compute_dtype` instead."""
+    @functools.wraps(fn)
+    def wrapper(module: nn.Module, x: torch.Tensor, *args, **kwargs):
+        dtype = compute_dtype(x)
+        if dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
+            return fn(module, x, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(module, x.to(dtype), *args, **kwargs)
+    return wrapper
+
+
+def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t`` in ``dtype`` (the same tensor when it already is; None stays None)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _conv_bhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A convolution on a ``(B, H, W, C)`` tensor (a channels-last NCHW view), same layout out."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    """A convolution on a ``(B, H, W, C)`` tensor (a channels-last NCHW view), same layout out.
+
+    The weights are cast to ``x``'s dtype (bf16 under autocast).
+    """
+    return F.conv2d(x.permute(0, 3, 1, 2), cast(conv.weight, x.dtype), cast(conv.bias, x.dtype), conv.stride,
+                    conv.padding, conv.dilation, conv.groups).permute(0, 2, 3, 1)
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm (float32 at least, as in the model), returned in ``x``'s dtype.
+
+    A bf16 ``x`` goes to PyTorch's mixed-dtype kernel with the float32
+    weights: it reads bf16 and computes the statistics and the affine map in
+    float32 (the same numbers as normalising a float32 copy, rounded to
+    bf16), without the two conversion passes.
+    """
+    if x.dtype == torch.bfloat16 and norm.weight.dtype == torch.float32:
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return cast(norm(x), x.dtype)
+
+
+def relu_(x: torch.Tensor) -> torch.Tensor:
+    """ReLU in place; a bf16 tensor as int16 bit patterns.
+
+    Every negative bf16 value (and -0) has the sign bit set, i.e. is a
+    negative int16, so ``clamp_min_(0)`` on the int16 view is ReLU exactly
+    (NaN with the sign bit set becomes 0). PyTorch's bf16 ReLU converts to
+    float32 and back; this is 11x faster on a stage-0 map (docs/benchmarks.md).
+    """
+    if x.dtype == torch.bfloat16:
+        x.view(torch.int16).clamp_min_(0)
+        return x
+    return x.relu_()
 
 
 def band_rows(height: int, row_bytes: int, budget: Optional[int] = None) -> int:
@@ -136,8 +202,8 @@ def layer_rows(layer: nn.Module, x: torch.Tensor, o0: int, o1: int, base: int = 
     y = conv_rows(layer.conv, x, o0, o1, base, height)
     if layer.norm is not None:
         y = layer.norm(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    if layer.act is not None:
-        y = layer.act(y)
+    if layer.act is not None:  # ConvLayer's act is ReLU
+        y = relu_(y)
     return y
 
 
@@ -157,6 +223,31 @@ def _rows_in_place(x: torch.Tensor, rows: int, compute, write) -> None:
         write(*pending)
 
 
+class BlockWeights(NamedTuple):
+    """A block's matrix weights and biases in the compute dtype (cast once per block call)."""
+    in_w: torch.Tensor
+    in_b: torch.Tensor
+    act_w: torch.Tensor
+    act_b: torch.Tensor
+    out_wt: torch.Tensor
+    out_b: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    bq: torch.Tensor
+    bk: torch.Tensor
+
+
+def block_weights(blk: 'MLLABlock', dtype: torch.dtype) -> BlockWeights:
+    """The :class:`BlockWeights` of ``blk`` in ``dtype`` (no copies when the block already is)."""
+    c = blk.dim
+    wq, wk = cast(blk.attn.qk.weight, dtype).split(c)
+    bq, bk = cast(blk.attn.qk.bias, dtype).split(c)
+    return BlockWeights(cast(blk.in_proj.weight, dtype), cast(blk.in_proj.bias, dtype),
+                        cast(blk.act_proj.weight, dtype), cast(blk.act_proj.bias, dtype),
+                        cast(blk.out_proj.weight, dtype).t(), cast(blk.out_proj.bias, dtype), wq, wk, bq, bk)
+
+
+@without_autocast
 def forward_blocks(stage: 'MLLAStage', x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
     """``stage``'s blocks on ``x`` (B, H, W, C); the downsample is not run. ``x`` is not modified.
 
@@ -176,6 +267,7 @@ def forward_blocks(stage: 'MLLAStage', x: torch.Tensor, rows: Optional[int] = No
     return out
 
 
+@without_autocast
 def block_forward(blk: 'MLLABlock', x: torch.Tensor, rope: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
     """``MLLABlock.forward`` on ``x`` (B, H, W, C) into a new tensor; ``rope`` is the complex ``(H, W, C/2)`` table."""
     b, h, w, c = x.shape
@@ -197,6 +289,7 @@ def block_forward_into(blk: 'MLLABlock', x: torch.Tensor, out: torch.Tensor, rop
     """
     _, h, w, c = x.shape
     attn = blk.attn
+    p = block_weights(blk, x.dtype)
     heads = attn.num_heads
     d, n = c // heads, h * w
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -208,20 +301,19 @@ def block_forward_into(blk: 'MLLABlock', x: torch.Tensor, out: torch.Tensor, rop
                    lambda r0, r1, y: torch.add(x[:, r0:r1], y, out=out[:, r0:r1]))
     # v = silu(dwc(in_proj(norm1(x1)))), into work.
     for r0, r1 in row_bands(h, rows):
-        torch.addmm(blk.in_proj.bias, blk.norm1(tokens(out, r0, r1)), blk.in_proj.weight.t(),
-                     out=tokens(work, r0, r1))
-    _rows_in_place(work, rows, lambda r0, r1: F.silu(conv_rows(blk.dwc, work, r0, r1)),
+        torch.addmm(p.in_b, _norm(blk.norm1, tokens(out, r0, r1)), p.in_w.t(), out=tokens(work, r0, r1))
+    _rows_in_place(work, rows, lambda r0, r1: F.silu(conv_rows(blk.dwc, work, r0, r1), inplace=True),
                    lambda r0, r1, y: work[:, r0:r1].copy_(y))
 
     # The attention's key statistics over all tokens: sum of k, and kv = RoPE(k)^T v per head.
-    wq, wk = attn.qk.weight.split(c)
-    bq, bk = attn.qk.bias.split(c)
     k_sum = torch.zeros(c, dtype=dtype, device=x.device)
     kv = torch.zeros(heads, d, d, dtype=dtype, device=x.device)
 
     def elu1(t: torch.Tensor) -> torch.Tensor:  # ELU(t) + 1 in the attention's dtype, in place when it can
-        t = t if t.dtype == dtype else t.to(dtype)
-        return F.elu(t, inplace=True).add_(1.0)
+        if t.dtype == dtype:
+            return F.elu(t, inplace=True).add_(1.0)
+        # bf16 linear output: ELU in place in bf16, then "+ 1" writes the float32 copy (two passes, not three).
+        return torch.add(F.elu(t, inplace=True), 1.0, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
     def rope_(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:  # RoPE in place on (n, C) rows r0..r1
         torch.view_as_complex(t.view(r1 - r0, w, c // 2, 2)).mul_(rope[r0:r1])
@@ -230,7 +322,7 @@ def block_forward_into(blk: 'MLLABlock', x: torch.Tensor, out: torch.Tensor, rop
     for r0, r1 in row_bands(h, rows):
         v = tokens(work, r0, r1)
         v = v if v.dtype == dtype else v.to(dtype)
-        k = elu1(F.linear(tokens(work, r0, r1), wk, bk))
+        k = elu1(F.linear(tokens(work, r0, r1), p.wk, p.bk))
         k_sum += k.sum(0)
         k = rope_(k, r0, r1)
         kv.baddbmm_(k.view(-1, heads, d).permute(1, 2, 0), v.view(-1, heads, d).transpose(0, 1))
@@ -242,15 +334,17 @@ def block_forward_into(blk: 'MLLABlock', x: torch.Tensor, out: torch.Tensor, rop
 
     # Per band: out = (RoPE(q) @ kv) * z + lepe(v); x2 = x1 + out_proj(out * silu(act_proj(norm1(x1)))).
     for r0, r1 in row_bands(h, rows):
-        q = elu1(F.linear(tokens(work, r0, r1), wq, bq))
+        q = elu1(F.linear(tokens(work, r0, r1), p.wq, p.bq))
         z = torch.mm(q, k_blk).add_(1e-6).reciprocal_()  # (n, heads)
         q = rope_(q, r0, r1)
-        att = torch.bmm(q.view(-1, heads, d).transpose(0, 1), kv)  # (heads, n, d)
-        att = att.transpose(0, 1).mul_(z.unsqueeze(-1))  # (n, heads, d) view
+        # (RoPE(q) @ kv) * z as (RoPE(q) * z) @ kv: z is one number per token and head, and the
+        # product with the contiguous q is cheaper than with bmm's transposed output.
+        q = q.view(-1, heads, d).mul_(z.unsqueeze(-1))
+        att = torch.bmm(q.transpose(0, 1), kv).transpose(0, 1)  # (n, heads, d) view
         y = conv_rows(attn.lepe, work, r0, r1).reshape(-1, heads, d).add_(att).view(-1, c)
         x1 = tokens(out, r0, r1)
-        y.mul_(F.silu(F.linear(blk.norm1(x1), blk.act_proj.weight, blk.act_proj.bias), inplace=True))
-        x1.addmm_(y, blk.out_proj.weight.t()).add_(blk.out_proj.bias)
+        y.mul_(F.silu(F.linear(_norm(blk.norm1, x1), p.act_w, p.act_b), inplace=True))
+        x1.addmm_(y, p.out_wt).add_(p.out_b)
 
     # x3 = x2 + cpe2(x2); x4 = x3 + mlp(norm2(x3)), band by band in place.
     def write_cpe2_mlp(r0: int, r1: int, y: torch.Tensor) -> None:
@@ -260,6 +354,7 @@ def block_forward_into(blk: 'MLLABlock', x: torch.Tensor, out: torch.Tensor, rop
     _rows_in_place(out, rows, lambda r0, r1: conv_rows(blk.cpe2, out, r0, r1), write_cpe2_mlp)
 
 
+@without_autocast
 def stem_forward(stem: 'Stem', x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
     """``Stem.forward`` band by band of rows: (B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C).
 
@@ -292,6 +387,7 @@ def stem_forward(stem: 'Stem', x: torch.Tensor, rows: Optional[int] = None) -> t
     return out
 
 
+@without_autocast
 def downsample_forward(down: 'Downsample', x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
     """``Downsample.forward`` band by band of output rows: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C).
 
@@ -328,13 +424,14 @@ def mlp_residual_(mlp: 'Mlp', norm: nn.Module, x: torch.Tensor, chunk: Optional[
     x2 = x.view(-1, x.shape[-1])
     if chunk is None:
         chunk = max(256, min(MLP_CHUNK, band_budget() // (mlp.fc1.out_features * x.element_size())))
-    w2 = mlp.fc2.weight.t()
+    w1, b1 = cast(mlp.fc1.weight, x.dtype), cast(mlp.fc1.bias, x.dtype)
+    w2, b2 = cast(mlp.fc2.weight, x.dtype).t(), cast(mlp.fc2.bias, x.dtype)
     for i in range(0, x2.shape[0], chunk):
         part = x2[i:i + chunk]
-        hidden = F.gelu(F.linear(norm(part), mlp.fc1.weight, mlp.fc1.bias))
-        part.addmm_(hidden, w2).add_(mlp.fc2.bias)
+        hidden = F.gelu(F.linear(_norm(norm, part), w1, b1))
+        part.addmm_(hidden, w2).add_(b2)
     return x
 
 
-__all__ = ['use_fast_inference', 'is_tracing', 'forward_blocks', 'block_forward', 'attention_forward',
-           'mlp_residual_', 'in_act_proj']
+__all__ = ['use_fast_inference', 'compute_dtype', 'is_tracing', 'forward_blocks', 'block_forward', 'stem_forward',
+           'downsample_forward', 'mlp_residual_']

@@ -21,8 +21,8 @@ Where things live:
 * :mod:`mlla_mm.models.fast_inference`: the same numbers for inference, in
   place, chunked and fused, in bands of rows. ``MLLAStage.forward`` (and
   ``Stem`` and ``Downsample``) choose it by the one rule
-  ``use_fast_inference(module, x)`` (eval mode, no gradients, no autocast,
-  not tracing).
+  ``use_fast_inference(module, x)`` (eval mode, no gradients, not tracing;
+  under autocast it runs in the autocast dtype, bf16 on the CPU).
 * :mod:`mlla_mm.models.mlla_reference`: a slow, independent implementation
   from the spec that the tests check both against.
 
@@ -92,15 +92,21 @@ class ConvLayer(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` that normalises in float32 at least (also under autocast; float64 stays)."""
+    """``nn.LayerNorm`` that normalises in float32 at least (also under autocast; float64 stays).
+
+    Under autocast the result stays float32; otherwise it is returned in the
+    input's dtype, so a model converted with ``.bfloat16()`` runs end to end.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
-        if x.dtype == dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.dtype == dtype == self.weight.dtype and not autocast:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
-                                self.bias.to(dtype), self.eps)
+            y = F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
+                             self.bias.to(dtype), self.eps)
+        return y if autocast else y.to(x.dtype)
 
 
 def dwconv_bhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

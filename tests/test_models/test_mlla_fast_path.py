@@ -171,8 +171,10 @@ def test_the_rule_for_the_inference_path(monkeypatch):
     x = torch.zeros(1, 4, 4, 16)
     with torch.no_grad():
         assert use_fast_inference(stage, x)
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            assert not use_fast_inference(stage, x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # runs in bf16 (test_fast_path_under_bf16_autocast)
+            assert use_fast_inference(stage, x)
+            assert fast_inference.compute_dtype(x) == torch.bfloat16
+        assert fast_inference.compute_dtype(x) == torch.float32
         stage.blocks[0].drop_path.train()  # any submodule in training mode
         assert not use_fast_inference(stage, x)
         stage.eval()
@@ -218,21 +220,60 @@ def test_inference_path_follows_weight_updates():
     assert set(block.state_dict()) == set(ref.state_dict())
 
 
+class LayerNormDtypes(TorchFunctionMode):
+    """Records (input dtype, weight dtype) of every ``F.layer_norm`` call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.layer_norm:
+            weight = args[2] if len(args) > 2 else (kwargs or {}).get('weight')
+            self.seen.append((args[0].dtype, weight.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+# Normalising in float32: a float32 input, or a bf16 one with float32 weights (PyTorch's
+# mixed-dtype kernel, which computes the statistics in float32: test_mixed_layer_norm_is_float32_maths).
+FLOAT32_NORM = {(torch.float32, torch.float32), (torch.bfloat16, torch.float32)}
+
+
+def test_mixed_layer_norm_is_float32_maths():
+    """The fast path's bf16 LayerNorm equals normalising a float32 copy, rounded to bf16."""
+    torch.manual_seed(4)
+    norm = mlla_module.LayerNorm(64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+        x = (torch.randn(5000, 64) * 3 + 40).bfloat16()  # a large mean: bf16 statistics would be far off
+        got = fast_inference._norm(norm, x)
+        want = norm(x.float()).bfloat16()
+    assert got.dtype == torch.bfloat16
+    # At most one bf16 rounding step apart (where the float32 sums round differently), rarely.
+    diff = (got.float() - want.float()).abs()
+    assert (diff <= want.float().abs() * 2 ** -7 + 2 ** -9).all(), float(diff.max())
+    assert (got != want).float().mean() < 0.01
+
+
+def test_bf16_relu_on_bit_patterns_is_relu():
+    x = torch.tensor([-3.5, -0.0, 0.0, 1e-30, -1e-30, 2.25, float('inf'), float('-inf')]).bfloat16()
+    want = torch.relu(x)
+    got = fast_inference.relu_(x.clone())
+    assert torch.equal(got, want) and not torch.signbit(got).any()
+    y = torch.randn(2, 5, 7, 3).bfloat16().permute(0, 2, 3, 1)  # a strided view, as conv outputs are
+    assert torch.equal(fast_inference.relu_(y.clone()), torch.relu(y))
+
+
 def test_bf16_autocast_no_nan_and_close_to_fp32():
     torch.manual_seed(3)
     model = MLLA(dict(embed_dims=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8])).eval()
     x = torch.randn(1, 3, 96, 72)
-    ln_dtypes = []
-    hooks = [m.register_forward_hook(lambda m, i, o: ln_dtypes.append(o.dtype))
-             for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     with torch.no_grad():
         ref = model(x)
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            ln_dtypes.clear()
+        with torch.autocast('cpu', dtype=torch.bfloat16), LayerNormDtypes() as ln:
             outs = model(x)
-    for h in hooks:
-        h.remove()
-    assert ln_dtypes and all(d == torch.float32 for d in ln_dtypes), 'LayerNorm must run in float32'
+    assert ln.seen and set(ln.seen) <= FLOAT32_NORM, f'LayerNorm must run in float32: {set(ln.seen)}'
     for a, b in zip(outs, ref):
         assert torch.isfinite(a).all()
         err = (a.float() - b).abs().max() / b.abs().max()
@@ -265,3 +306,81 @@ def test_attention_math_stays_float32_under_autocast():
         out = attn(x, cos, sin)
     assert len(mode.seen) == 3 and all(d == (torch.float32, torch.float32) for d in mode.seen), mode.seen
     assert torch.isfinite(out).all()
+
+
+class ProductDtypes(TorchFunctionMode):
+    """Records the input dtypes of linear layers, convolutions and matrix products, by kind."""
+
+    LINEAR = (torch.nn.functional.linear, torch.addmm, torch.Tensor.addmm_, torch.conv2d,
+              torch.nn.functional.conv2d)
+    PRODUCTS = (torch.bmm, torch.Tensor.baddbmm_, torch.mm)
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.products = [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.LINEAR:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            self.linear.append(tuple(t.dtype for t in tensors))
+        elif func in self.PRODUCTS:
+            self.products.append((args[0].dtype, args[1].dtype))
+        return func(*args, **kwargs)
+
+
+def test_fast_path_under_bf16_autocast(monkeypatch):
+    """Under autocast the fast path runs (not the autograd code) in bf16, with float32 attention maths."""
+    torch.manual_seed(5)
+    model = MLLA(dict(embed_dims=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8])).eval()
+    with torch.no_grad():
+        for m in model.modules():  # non-trivial BatchNorm statistics and LayerNorm affine terms
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 97, 75)
+    taken = []
+    for name in ('forward_blocks', 'stem_forward', 'downsample_forward'):
+        real = getattr(fast_inference, name)
+        monkeypatch.setattr(fast_inference, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
+    with torch.no_grad():
+        ref = model(x)
+        taken.clear()
+        with torch.autocast('cpu', dtype=torch.bfloat16), ProductDtypes() as mode:
+            fast = model(x)
+            assert torch.is_autocast_enabled('cpu')  # switched back on after the fast path
+        assert sorted(set(taken)) == ['downsample_forward', 'forward_blocks', 'stem_forward']
+        monkeypatch.setattr(mlla_module, 'use_fast_inference', lambda *a: False)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            plain = model(x)
+    assert mode.linear and all(set(d) == {torch.bfloat16} for d in mode.linear), set(mode.linear)
+    assert mode.products and all(d == (torch.float32, torch.float32) for d in mode.products), set(mode.products)
+    for f, p, r in zip(fast, plain, ref):
+        assert f.dtype == p.dtype == torch.float32
+        assert torch.isfinite(f).all()
+        scale = r.abs().max()
+        assert (f - r).abs().max() / scale < BF16_TOL
+        # The two bf16 paths round differently, but compute the same numbers.
+        assert (f - p).abs().max() / scale < BF16_TOL / 2
+    # A wrong weight dtype would be caught: the fast path really reads the block weights.
+    with torch.no_grad():
+        model.layers[1].blocks[0].mlp.fc2.weight.mul_(30)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            changed = model(x)
+    assert (changed[1] - fast[1]).abs().max() / fast[1].abs().max() > BF16_TOL
+
+
+def test_bf16_model_without_autocast_runs_the_fast_path_in_bf16():
+    """A model converted with ``.bfloat16()`` and bf16 images: same numbers as autocast, bf16 outputs."""
+    torch.manual_seed(6)
+    model = MLLA(dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])).eval()
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        ref = model(x)
+        outs = model.bfloat16()(x.bfloat16())
+    for o, r in zip(outs, ref):
+        assert o.dtype == torch.bfloat16
+        assert (o.float() - r).abs().max() / r.abs().max() < BF16_TOL
