@@ -67,6 +67,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mlla_mm.datasets.synthetic import random_detection_batch
 from mlla_mm.utils.flops import backbone_flops
 from mlla_mm.utils.malloc import tune_cpu_malloc
 
@@ -207,31 +208,6 @@ def build_detector(kind: str):
     return MODELS.build(cfg.model)
 
 
-def train_batch(size: int, n_images: int = 2, seed: int = 0) -> dict:
-    """Random images with a few boxes and masks, in mmdet's packed-input form."""
-    from mmdet.structures import DetDataSample
-    from mmdet.structures.mask import BitmapMasks
-    from mmengine.structures import InstanceData
-    g = torch.Generator().manual_seed(seed)
-    inputs, samples = [], []
-    for _ in range(n_images):
-        inputs.append(torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8))
-        k = 3
-        xy = torch.rand(k, 2, generator=g) * size * 0.6
-        wh = torch.rand(k, 2, generator=g) * size * 0.3 + 16
-        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
-        masks = torch.zeros(k, size, size, dtype=torch.uint8)
-        for i, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
-            masks[i, y1:y2, x1:x2] = 1
-        inst = InstanceData(bboxes=boxes, labels=torch.randint(0, 80, (k, ), generator=g),
-                            masks=BitmapMasks(masks.numpy(), size, size))
-        s = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size), scale_factor=(1., 1.),
-                                        pad_shape=(size, size), flip=False))
-        s.gt_instances = inst
-        samples.append(s)
-    return dict(inputs=inputs, data_samples=samples)
-
-
 def detector_pair(zeroed: Sequence[str]) -> Dict[str, torch.nn.Module]:
     """MLLA-T and Swin-T Mask R-CNNs that differ only in backbone and FPN lateral convolutions.
 
@@ -279,7 +255,7 @@ def train_iteration_times(size: int, repeats: int) -> Dict[str, List[float]]:
     fns = {}
     for kind, model in models.items():
         wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0., weight_decay=0.05))
-        fns[kind] = (lambda m=model, w=wrapper, d=train_batch(size): step(m, w, d))
+        fns[kind] = (lambda m=model, w=wrapper, d=random_detection_batch(size): step(m, w, d))
     return interleaved(fns, repeats, warmup=1)
 
 

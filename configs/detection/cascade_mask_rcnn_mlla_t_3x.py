@@ -47,7 +47,10 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         with_cp=False,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, if_missing='warn')),
-    neck=dict(in_channels=[64, 128, 256, 512]))
+    neck=dict(in_channels=[64, 128, 256, 512]),
+    # mmdet's RoIAlign settings; on the CPU mlla-mm's multi-threaded RoIAlign (same numbers), on a GPU mmcv's.
+    roi_head=dict(bbox_roi_extractor=dict(type='SparseRoIExtractor'),
+                  mask_roi_extractor=dict(type='SparseRoIExtractor')))
 
 optim_wrapper = dict(
     type='OptimWrapper',

@@ -39,7 +39,8 @@ model = dict(
         with_cp=False,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, if_missing='warn')),
     neck=dict(in_channels=[64, 128, 256, 512]),
-    roi_head=dict(bbox_head=dict(num_classes=len(classes))))
+    # mmdet's RoIAlign settings; on the CPU mlla-mm's multi-threaded RoIAlign (same numbers), on a GPU mmcv's.
+    roi_head=dict(bbox_roi_extractor=dict(type='SparseRoIExtractor'), bbox_head=dict(num_classes=len(classes))))
 
 optim_wrapper = dict(
     type='OptimWrapper',

@@ -173,3 +173,32 @@ def make_ade_shapes(root: str, seed: int = 0, num_train: int = 200, num_val: int
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def random_detection_batch(size: int, n_images: int = 2, seed: int = 0) -> dict:
+    """``n_images`` random ``size`` x ``size`` images with 3 boxes and masks each, in mmdet's packed-input form.
+
+    For the speed benchmarks (``tools/benchmark.py``, ``tools/benchmark_bf16.py``); needs mmdet.
+    """
+    import torch
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+    g = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for _ in range(n_images):
+        inputs.append(torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8))
+        k = 3
+        xy = torch.rand(k, 2, generator=g) * size * 0.6
+        wh = torch.rand(k, 2, generator=g) * size * 0.3 + 16
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
+        masks = torch.zeros(k, size, size, dtype=torch.uint8)
+        for i, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+            masks[i, y1:y2, x1:x2] = 1
+        inst = InstanceData(bboxes=boxes, labels=torch.randint(0, 80, (k, ), generator=g),
+                            masks=BitmapMasks(masks.numpy(), size, size))
+        s = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size), scale_factor=(1., 1.),
+                                        pad_shape=(size, size), flip=False))
+        s.gt_instances = inst
+        samples.append(s)
+    return dict(inputs=inputs, data_samples=samples)

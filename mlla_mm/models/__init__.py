@@ -8,7 +8,12 @@
   stage's blocks, chosen by one rule (``use_fast_inference``) in
   ``MLLAStage.forward``: change inference speed-ups here.
 * ``mlla_reference.py``: a slow implementation straight from the spec, for tests.
+* ``roi_align.py``: mmcv's RoIAlign as one multi-threaded sparse matrix
+  product, and ``SparseRoIExtractor`` (mmdet's ``SingleRoIExtractor`` with it)
+  for the detection configs.
 """
 from .mlla import ARCH_SETTINGS, MLLA, MLLAClassifier, checkpoint_filter_fn, load_checkpoint_weights
+from .roi_align import SparseRoIAlign, SparseRoIExtractor, sparse_roi_align
 
-__all__ = ['MLLA', 'ARCH_SETTINGS', 'MLLAClassifier', 'checkpoint_filter_fn', 'load_checkpoint_weights']
+__all__ = ['MLLA', 'ARCH_SETTINGS', 'MLLAClassifier', 'checkpoint_filter_fn', 'load_checkpoint_weights',
+           'SparseRoIAlign', 'SparseRoIExtractor', 'sparse_roi_align']
