@@ -126,6 +126,8 @@ def main(argv=None):
                         help='also evaluate the untrained model (default: on for seg, off for det)')
     parser.add_argument('--seed', type=int,
                         help="training seed (default: the config's randomness.seed, 0, so that a run repeats)")
+    parser.add_argument('--amp', action='store_true',
+                        help='train with mixed precision (tools/train.py --amp: bf16 on the CPU, fp16 on CUDA)')
     parser.add_argument('--cfg-options', nargs='+', default=[], help='passed on to train.py and test.py')
     args = parser.parse_args(argv)
     demo = DEMOS[args.task]
@@ -138,7 +140,7 @@ def main(argv=None):
     train_options = args.cfg_options + ([f'randomness.seed={args.seed}'] if args.seed is not None else [])
     train_opts = ['--cfg-options', *train_options] if train_options else []
     start = time.time()
-    summary = {'task': args.task, 'config': config, 'work_dir': str(work_dir), 'seed': seed}
+    summary = {'task': args.task, 'config': config, 'work_dir': str(work_dir), 'seed': seed, 'amp': args.amp}
     if args.seed is not None:
         print(f'seed {seed} (--seed)', flush=True)
     elif seed is not None:
@@ -155,7 +157,8 @@ def main(argv=None):
 
     print('== training ==', flush=True)
     t0 = time.time()
-    run([py, 'tools/train.py', config, '--work-dir', work_dir, *train_opts], work_dir / 'train.log')
+    run([py, 'tools/train.py', config, '--work-dir', work_dir, *(['--amp'] if args.amp else []), *train_opts],
+        work_dir / 'train.log')
     summary['train_seconds'] = round(time.time() - t0, 1)
     ckpt = (work_dir / 'last_checkpoint').read_text().strip()
 

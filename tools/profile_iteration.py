@@ -2,7 +2,7 @@
 """Where a Mask R-CNN training iteration's time goes: per part and per operator.
 
     python tools/profile_iteration.py configs/detection/mask_rcnn_mlla_t_demo.py \\
-        [CHECKPOINT] [--iters 8] [--threads 2] [--ops] [--cfg-options KEY=VALUE ...]
+        [CHECKPOINT] [--iters 8] [--threads 2] [--amp] [--ops] [--cfg-options KEY=VALUE ...]
 
 Builds the config's model, optimizer and training data loader (no worker
 processes), runs ``--iters`` training iterations after two warm-up ones and
@@ -11,7 +11,8 @@ step, and the forward time of each part of a two-stage detector (backbone,
 neck, RPN head, RoI extractors, box and mask heads), plus the number of
 positive RoIs the mask head trained on. A CHECKPOINT (e.g. the demo's
 ``epoch_6.pth``) gives the proposals of a trained model, which is what late
-training costs. ``--ops`` adds torch.profiler's table of the slowest operators.
+training costs. ``--amp`` runs the iterations as ``tools/train.py --amp`` does
+(bf16 autocast on the CPU). ``--ops`` adds torch.profiler's table of the slowest operators.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('checkpoint', nargs='?', help='weights to start from (e.g. a trained demo checkpoint)')
     p.add_argument('--iters', type=int, default=8, help='timed iterations (after 2 warm-up ones)')
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--amp', action='store_true', help='mixed precision, as tools/train.py --amp')
     p.add_argument('--ops', action='store_true', help='also print the slowest operators (torch.profiler)')
     p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction, default=None, metavar='KEY=VALUE')
     return p.parse_args(argv)
@@ -45,13 +47,15 @@ def main(argv=None) -> int:
 def profile_iterations(args: argparse.Namespace) -> int:
     """Time ``args.iters`` training iterations of ``args.config`` and print where the time went."""
     import mlla_mm  # noqa: F401
-    from mlla_mm.engine.launch import UsageError, load_config
+    from mlla_mm.engine.launch import UsageError, apply_amp, load_config
     from mlla_mm.engine.runner import SafeRunner
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.cfg_options)
     cfg.work_dir = cfg.get('work_dir') or 'work_dirs/profile_iteration'
     cfg.train_dataloader.num_workers = 0
     cfg.train_dataloader.persistent_workers = False
+    if args.amp:
+        apply_amp(cfg)
     runner = SafeRunner.from_cfg(cfg)
     model = runner.model.train()
     optim = runner.build_optim_wrapper(cfg.optim_wrapper)
@@ -95,7 +99,8 @@ def profile_iterations(args: argparse.Namespace) -> int:
             raise UsageError(f'the training set of {args.config} has fewer than {args.iters + 2} batches') from None
         t1 = time.perf_counter()
         data = model.data_preprocessor(batch, True)
-        loss, _ = model.parse_losses(model(**data, mode='loss'))
+        with optim.optim_context(model):
+            loss, _ = model.parse_losses(model(**data, mode='loss'))
         t2 = time.perf_counter()
         optim.update_params(loss)
         t3 = time.perf_counter()
@@ -119,7 +124,8 @@ def profile_iterations(args: argparse.Namespace) -> int:
         prof.__exit__(None, None, None)
 
     n = args.iters
-    print(f'{args.config}: {n} iterations, {args.threads} threads, {torch.get_num_threads()} torch threads')
+    print(f'{args.config}: {n} iterations, {args.threads} threads, {torch.get_num_threads()} torch threads, '
+          f'{type(optim).__name__}')
     for key, values in totals.items():
         print(f'  {key:<24}{sum(values) / n:8.3f} s/iter')
     for key, values in part_times.items():

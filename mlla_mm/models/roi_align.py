@@ -22,6 +22,7 @@ configs) builds mmdet's ``SingleRoIExtractor`` with this layer.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -117,7 +118,9 @@ def sparse_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: Tu
     crow = torch.zeros(r * ph * pw + 1, dtype=torch.long, device=boxes.device)
     torch.cumsum(keep.view(r * ph * pw, -1).sum(1), 0, out=crow[1:])
     compute = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
-    matrix = torch.sparse_csr_tensor(crow, col[keep], val[keep].to(compute), (r * ph * pw, b * h * w))
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is tested
+        warnings.simplefilter('ignore', UserWarning)
+        matrix = torch.sparse_csr_tensor(crow, col[keep], val[keep].to(compute), (r * ph * pw, b * h * w))
     flat = features.to(compute).permute(0, 2, 3, 1).reshape(b * h * w, c)
     out = matrix @ flat  # (R * PH * PW, C)
     return out.view(r, ph, pw, c).permute(0, 3, 1, 2).to(features.dtype)
