@@ -11,7 +11,9 @@ ratios, bf16 time over fp32 time):
 * inference: the MLLA-T backbone, batch 1 at ``--size``, under
   ``torch.no_grad()`` and ``torch.autocast('cpu', dtype=torch.bfloat16)``
   (the fast inference path in bf16), with the largest difference of the four
-  maps, ``max |bf16 - fp32| / max |fp32|``;
+  maps, ``max |bf16 - fp32| / max |fp32|``; also the model's autograd code
+  under autocast (the fast path switched off), what bf16 inference ran
+  before the fast path learnt autocast;
 * forward + backward: the MLLA-T backbone in train mode, ``--batch`` images
   of ``--train-size`` squared, loss = mean of the squared maps, under
   autocast (the autograd code in bf16);
@@ -31,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+from unittest import mock
 from typing import Callable, Dict, Optional
 
 import torch
@@ -82,6 +85,7 @@ def measure(fns: Dict[str, Callable[[], object]], repeats: int) -> dict:
 
 def inference(size, repeats: int) -> dict:
     """MLLA-T backbone inference, fp32 against bf16 autocast."""
+    import mlla_mm.models.mlla as mlla_module
     from mlla_mm.models import MLLA
     torch.manual_seed(0)
     model = MLLA('tiny').eval()
@@ -95,9 +99,18 @@ def inference(size, repeats: int) -> dict:
         with torch.no_grad(), bf16_autocast():
             return model(x)
 
-    out = measure(dict(fp32=fp32, bf16=bf16), repeats)
-    out.update(size=f'{size[0]}x{size[1]}', max_rel_diff=max_relative_difference(bf16(), fp32()))
-    return out
+    def bf16_autograd_code():  # the model's plain code under autocast: what bf16 ran before the fast path did
+        with mock.patch.object(mlla_module, 'use_fast_inference', lambda *a: False):
+            return bf16()
+
+    from mlla_mm.deploy.benchmark import interleaved_times, median, paired_ratio
+    times = interleaved_times(dict(fp32=fp32, bf16=bf16, bf16_autograd_code=bf16_autograd_code), repeats)
+    return dict(fp32=median(times['fp32']), bf16=median(times['bf16']),
+                bf16_over_fp32=paired_ratio(times, 'bf16', 'fp32'), rounds=repeats,
+                bf16_autograd_code=median(times['bf16_autograd_code']),
+                bf16_autograd_code_over_fp32=paired_ratio(times, 'bf16_autograd_code', 'fp32'),
+                size=f'{size[0]}x{size[1]}', max_rel_diff=max_relative_difference(bf16(), fp32()),
+                max_rel_diff_autograd_code=max_relative_difference(bf16_autograd_code(), fp32()))
 
 
 def forward_backward(size: int, batch: int, repeats: int) -> dict:
@@ -177,7 +190,9 @@ def main(argv=None) -> int:
 
     r = results['inference'] = inference(args.hw, args.repeats)
     print(f"MLLA-T inference {r['size']}: fp32 {r['fp32']:.3f} s, bf16 {r['bf16']:.3f} s, "
-          f"bf16/fp32 {r['bf16_over_fp32']:.3f}, max rel. diff {r['max_rel_diff']:.1e}", flush=True)
+          f"bf16/fp32 {r['bf16_over_fp32']:.3f}, max rel. diff {r['max_rel_diff']:.1e}; the autograd code "
+          f"under autocast {r['bf16_autograd_code']:.3f} s, {r['bf16_autograd_code_over_fp32']:.3f}, "
+          f"{r['max_rel_diff_autograd_code']:.1e}", flush=True)
     r = results['forward_backward'] = forward_backward(args.train_size, args.batch, args.repeats)
     print(f"MLLA-T forward + backward {r['size']}: fp32 {r['fp32']:.3f} s, bf16 {r['bf16']:.3f} s, "
           f"bf16/fp32 {r['bf16_over_fp32']:.3f}, max rel. diff {r['max_rel_diff']:.1e}", flush=True)

@@ -72,18 +72,29 @@ ARCH_ALIASES = {'t': 'tiny', 's': 'small', 'b': 'base'}
 # Layers and layout helpers.
 # --------------------------------------------------------------------------
 class ConvLayer(nn.Module):
-    """Conv2d, then optional BatchNorm2d, then optional ReLU."""
+    """Conv2d, then optional BatchNorm2d, then optional ReLU.
+
+    ``float32_under_autocast``: the convolution runs in float32 even under
+    autocast. Set for the strided depthwise convolution of ``Downsample``,
+    whose bf16 backward on the CPU (oneDNN) was 6-11x slower than float32's
+    (docs/benchmarks.md, "bf16 training").
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: int = 0, groups: int = 1, bias: bool = True, norm: bool = True,
-                 act: bool = True) -> None:
+                 act: bool = True, float32_under_autocast: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self.norm = nn.BatchNorm2d(out_channels) if norm else None
         self.act = nn.ReLU(inplace=True) if act else None
+        self.float32_under_autocast = float32_under_autocast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+        if self.float32_under_autocast and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                x = self.conv(x.to(attention_dtype(self.conv.weight.dtype)))
+        else:
+            x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
         if self.act is not None:
@@ -94,13 +105,24 @@ class ConvLayer(nn.Module):
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` that normalises in float32 at least (also under autocast; float64 stays).
 
-    Under autocast the result stays float32; otherwise it is returned in the
-    input's dtype, so a model converted with ``.bfloat16()`` runs end to end.
+    Under autocast the result is float32, or, with ``bf16_out_under_autocast``
+    (the blocks' ``norm1`` and ``norm2``, whose outputs go straight into bf16
+    linear layers), a bf16 input is normalised by PyTorch's mixed-dtype kernel
+    (float32 statistics and affine map, bf16 result): two conversion passes
+    fewer. Otherwise the result is in the input's dtype, so a model converted
+    with ``.bfloat16()`` runs end to end.
     """
+
+    def __init__(self, *args: Any, bf16_out_under_autocast: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bf16_out_under_autocast = bf16_out_under_autocast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
         autocast = torch.is_autocast_enabled(x.device.type)
+        if (autocast and self.bf16_out_under_autocast and x.dtype == torch.bfloat16
+                and self.weight.dtype == torch.float32):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         if x.dtype == dtype == self.weight.dtype and not autocast:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         with torch.autocast(x.device.type, enabled=False):
@@ -167,7 +189,7 @@ class Downsample(nn.Module):
         hidden = int(out_dim * ratio)
         self.conv = nn.Sequential(
             ConvLayer(dim, hidden, 1, norm=False),
-            ConvLayer(hidden, hidden, 3, 2, 1, groups=hidden, norm=False),
+            ConvLayer(hidden, hidden, 3, 2, 1, groups=hidden, norm=False, float32_under_autocast=True),
             ConvLayer(hidden, out_dim, 1, act=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,7 +356,7 @@ class MLLABlock(nn.Module):
         super().__init__()
         self.dim = dim
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm1 = LayerNorm(dim)
+        self.norm1 = LayerNorm(dim, bf16_out_under_autocast=True)
         self.in_proj = nn.Linear(dim, dim)
         self.act_proj = nn.Linear(dim, dim)
         self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
@@ -342,7 +364,7 @@ class MLLABlock(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm2 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim, bf16_out_under_autocast=True)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,30 @@ def test_interleaved_alternates_the_order_and_pairs_rounds():
 def test_unknown_model_is_rejected_by_name():
     res = run_tool(ROOT / 'tools' / 'benchmark.py', '--models', 'mlla_x', timeout=120)
     assert res.returncode == 2 and "invalid choice: 'mlla_x'" in res.stderr
+
+
+def test_benchmark_bf16_quick(tmp_path):
+    """tools/benchmark_bf16.py: three fp32/bf16 pairs, ratios consistent with the times, CPU named."""
+    out_json = tmp_path / 'bf16.json'
+    stdout = run_ok(ROOT / 'tools' / 'benchmark_bf16.py', '--quick', '--threads', '1', '--json', out_json)
+    data = json.loads(out_json.read_text())
+    assert data['cpu']['model_name'] and isinstance(data['cpu']['native_bf16'], bool)
+    assert f"# CPU: {data['cpu']['model_name']}" in stdout
+    for key in ('inference', 'forward_backward', 'detector_step'):
+        r = data[key]
+        assert r['fp32'] > 0 and r['bf16'] > 0 and r['rounds'] == 1
+        assert r['bf16_over_fp32'] == pytest.approx(r['bf16'] / r['fp32'])  # one round: the paired ratio
+    inf = data['inference']
+    assert inf['size'] == '64x96' and 0 < inf['max_rel_diff'] < 0.1 and 0 < inf['max_rel_diff_autograd_code'] < 0.1
+    assert inf['bf16_autograd_code'] > 0
+    step = data['detector_step']
+    assert step['speedup'] == pytest.approx(step['fp32'] / step['bf16'])
+    assert step['loss_fp32'] > 0 and abs(step['loss_bf16'] - step['loss_fp32']) < 0.1 * step['loss_fp32']
+    assert 'MLLA-T inference bf16 / fp32' in stdout and 'Mask R-CNN step speed-up' in stdout
+    if not data['cpu']['native_bf16']:
+        assert 'warning:' in stdout
+
+
+def test_benchmark_bf16_bad_size_is_one_clear_error():
+    res = run_tool(ROOT / 'tools' / 'benchmark_bf16.py', '--size', '800by1280', timeout=60)
+    assert res.returncode == 2 and '--size' in res.stderr and '800by1280' in res.stderr
