@@ -127,9 +127,9 @@ def profile_iterations(args: argparse.Namespace) -> int:
     print(f'{args.config}: {n} iterations, {args.threads} threads, {torch.get_num_threads()} torch threads, '
           f'{type(optim).__name__}')
     for key, values in totals.items():
-        print(f'  {key:<24}{sum(values) / n:8.3f} s/iter')
+        print(f'  {key:<24}{sum(values) / n:9.4f} s/iter')
     for key, values in part_times.items():
-        print(f'  forward {key:<16}{sum(values) / n:8.3f} s/iter')
+        print(f'  forward {key:<16}{sum(values) / n:9.4f} s/iter')
     if positives:
         print(f'  positive RoIs per iteration (mask head): {positives}')
     if prof is not None:
