@@ -411,3 +411,20 @@ def test_bf16_training_dtypes_where_bf16_is_slow_or_wasteful():
     bf16 = torch.cat([grads[n].flatten() for n, _ in model.named_parameters()])
     fp32 = torch.cat([p.grad.flatten() for _, p in model.named_parameters()])
     assert torch.isfinite(bf16).all() and (bf16 - fp32).norm() / fp32.norm() < 0.05
+
+
+@pytest.mark.parametrize('act', ['none', 'gelu', 'silu'])
+def test_fused_linear_matches_linear_and_activation(act, monkeypatch):
+    """oneDNN's fused linear (bf16 on the CPU) and the fallback compute act(x W^T + b) alike."""
+    torch.manual_seed(8)
+    x, w, b = torch.randn(300, 24), torch.randn(40, 24) * 0.3, torch.randn(40)
+    ref = torch.nn.functional.linear(x, w, b)
+    ref = {'none': ref, 'gelu': torch.nn.functional.gelu(ref), 'silu': torch.nn.functional.silu(ref)}[act]
+    args = [t.bfloat16() for t in (x, w, b)]
+    fused = fast_inference.linear_act(*args, act)
+    monkeypatch.setitem(fast_inference._FUSED_LINEAR, 'ok', False)
+    fallback = fast_inference.linear_act(*args, act)
+    for got in (fused, fallback):
+        assert got.dtype == torch.bfloat16 and got.shape == (300, 40)
+        assert ((got.float() - ref).abs() <= 0.02 * ref.abs() + 0.05).all()
+    assert fast_inference.linear_act(x, w, b, act).dtype == torch.float32  # float32 never takes the fused op
