@@ -63,8 +63,11 @@ def _axis_weights(start: torch.Tensor, bin_size: torch.Tensor, points: torch.Ten
     return low, high, w_low, frac
 
 
+MAX_ENTRIES = 1 << 24  # matrix entries built at once (a chunk of RoIs); about 200 MB of indices and weights
+
+
 def sparse_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float,
-              sampling_ratio: int = 0, aligned: bool = True) -> torch.Tensor:
+                     sampling_ratio: int = 0, aligned: bool = True) -> torch.Tensor:
     """mmcv's ``roi_align`` (average pooling) as a sparse matrix product.
 
     Args:
@@ -77,6 +80,10 @@ def sparse_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: Tu
 
     Returns:
         ``(R, C, PH, PW)`` features in ``features``' dtype.
+
+    RoIs are taken in chunks of similar sampling grids (sorted by points
+    per bin) of at most :data:`MAX_ENTRIES` matrix entries, so one long thin
+    box does not pad every other RoI's grid to its size.
     """
     if features.dim() != 4 or rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f'roi_align: expected features (B, C, H, W) and rois (R, 5), '
@@ -87,19 +94,57 @@ def sparse_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: Tu
     if r == 0 or h == 0 or w == 0:
         return features.new_zeros(r, c, ph, pw)
     boxes = rois.detach().to(torch.float32)
+    index = boxes[:, 0]
+    if not bool(((index >= 0) & (index < b) & (index == index.floor())).all()):
+        raise ValueError(f'roi_align: RoI batch indices must be whole numbers in [0, {b}), got '
+                         f'{sorted(set(index.tolist()))[:8]}')
+    boxes = torch.nan_to_num(boxes, nan=-1e6)  # a NaN box samples nothing (more than a pixel outside)
     offset = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (boxes[:, k] * spatial_scale - offset for k in range(1, 5))
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:
         roi_w, roi_h = roi_w.clamp_min(1.0), roi_h.clamp_min(1.0)
-    bin_h, bin_w = roi_h / ph, roi_w / pw
     if sampling_ratio > 0:
         n_h = n_w = torch.full((r, ), sampling_ratio, dtype=torch.long, device=boxes.device)
-    else:
-        n_h, n_w = torch.ceil(roi_h / ph).long(), torch.ceil(roi_w / pw).long()
+    else:  # (a box larger than 2^20 feature pixels is refused below, before any allocation)
+        n_h = torch.ceil(roi_h.clamp(0, 1 << 20) / ph).long()
+        n_w = torch.ceil(roi_w.clamp(0, 1 << 20) / pw).long()
+    if bool((roi_h > (1 << 20)).any() or (roi_w > (1 << 20)).any()):
+        raise ValueError(f'roi_align: a RoI is more than 2^20 feature pixels wide or high '
+                         f'(spatial_scale {spatial_scale}); check the boxes')
+    compute = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
+    flat = features.to(compute).permute(0, 2, 3, 1).reshape(b * h * w, c)
+    per_roi = (ph * pw * 4 * n_h.clamp_min(1) * n_w.clamp_min(1)).tolist()
+    # One chunk in the given order when everything fits; else sorted by grid size, chunked, put back in order.
+    order = list(range(r)) if r * max(per_roi) <= MAX_ENTRIES else sorted(range(r), key=per_roi.__getitem__)
+    outs, taken, start = [], [], 0
+    while start < r:
+        stop, most = start, 0
+        while stop < r and (stop == start or (stop - start + 1) * max(most, per_roi[order[stop]]) <= MAX_ENTRIES):
+            most = max(most, per_roi[order[stop]])
+            stop += 1
+        part = torch.tensor(order[start:stop], device=boxes.device)
+        outs.append(_roi_chunk(flat, part, boxes, x1, y1, roi_w, roi_h, n_h, n_w, (b, h, w), (ph, pw))
+                    .view(part.numel(), ph * pw, c))
+        taken.append(part)
+        start = stop
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if len(outs) > 1 or order != list(range(r)):
+        out = out[torch.argsort(torch.cat(taken))]
+    return out.view(r, ph, pw, c).permute(0, 3, 1, 2).to(features.dtype)
+
+
+def _roi_chunk(flat: torch.Tensor, part: torch.Tensor, boxes: torch.Tensor, x1: torch.Tensor, y1: torch.Tensor,
+               roi_w: torch.Tensor, roi_h: torch.Tensor, n_h: torch.Tensor, n_w: torch.Tensor,
+               bhw: Tuple[int, int, int], bins: Tuple[int, int]) -> torch.Tensor:
+    """``(len(part) * PH * PW, C)`` RoI features of the RoIs ``part`` (one sparse product)."""
+    b, h, w = bhw
+    ph, pw = bins
+    r = part.numel()
+    boxes, x1, y1, roi_w, roi_h, n_h, n_w = (t[part] for t in (boxes, x1, y1, roi_w, roi_h, n_h, n_w))
     most_h, most_w = max(int(n_h.max()), 1), max(int(n_w.max()), 1)
-    yl, yh, wyl, wyh = _axis_weights(y1, bin_h, n_h, ph, most_h, h)  # (R, PH, most_h)
-    xl, xh, wxl, wxh = _axis_weights(x1, bin_w, n_w, pw, most_w, w)  # (R, PW, most_w)
+    yl, yh, wyl, wyh = _axis_weights(y1, roi_h / ph, n_h, ph, most_h, h)  # (R, PH, most_h)
+    xl, xh, wxl, wxh = _axis_weights(x1, roi_w / pw, n_w, pw, most_w, w)  # (R, PW, most_w)
     inv_count = 1.0 / (n_h * n_w).clamp_min(1).to(torch.float32)
     # Entries ordered (RoI, bin row, bin column, sample row, sample column, corner), so they are
     # already grouped by output row: CSR without sorting. Zero weights (padding samples, points
@@ -117,13 +162,10 @@ def sparse_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: Tu
     keep = val != 0
     crow = torch.zeros(r * ph * pw + 1, dtype=torch.long, device=boxes.device)
     torch.cumsum(keep.view(r * ph * pw, -1).sum(1), 0, out=crow[1:])
-    compute = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is tested
         warnings.simplefilter('ignore', UserWarning)
-        matrix = torch.sparse_csr_tensor(crow, col[keep], val[keep].to(compute), (r * ph * pw, b * h * w))
-    flat = features.to(compute).permute(0, 2, 3, 1).reshape(b * h * w, c)
-    out = matrix @ flat  # (R * PH * PW, C)
-    return out.view(r, ph, pw, c).permute(0, 3, 1, 2).to(features.dtype)
+        matrix = torch.sparse_csr_tensor(crow, col[keep], val[keep].to(flat.dtype), (r * ph * pw, b * h * w))
+    return matrix @ flat
 
 
 def use_mmcv_kernel(features: torch.Tensor) -> bool:

@@ -116,3 +116,40 @@ def test_cuda_features_go_to_mmcvs_kernel(monkeypatch):
     out = SparseRoIAlign((7, 7), 0.25, 0)(feat, rois)
     assert calls == [((7, 7), 0.25, 0, 'avg', True)]
     torch.testing.assert_close(out, sparse_roi_align(feat, rois, (7, 7), 0.25))
+
+
+def test_chunks_of_rois_give_the_same_numbers(monkeypatch):
+    """A long thin box among small ones, with a tiny entry budget: many chunks, mmcv's numbers, input order kept."""
+    import mlla_mm.models.roi_align as module
+    torch.manual_seed(1)
+    feat = torch.randn(2, 4, 40, 60, requires_grad=True)
+    rois = random_rois(30, 2, 160, seed=5, min_size=2)
+    rois[7] = torch.tensor([1., 0., 50., 230., 54.])  # 230 x 4 pixels: 8 points per bin across, 1 down
+    want = ops.RoIAlign(7, 0.25, 0)(feat, rois)
+    whole = sparse_roi_align(feat, rois, (7, 7), 0.25)
+    monkeypatch.setattr(module, 'MAX_ENTRIES', 2000)  # fewer than one RoI's entries: one RoI per chunk
+    chunked = sparse_roi_align(feat, rois, (7, 7), 0.25)
+    torch.testing.assert_close(whole, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked, want, atol=1e-5, rtol=1e-4)
+    (g, ) = torch.autograd.grad(chunked.sum(), feat)
+    (g_want, ) = torch.autograd.grad(want.sum(), feat)
+    torch.testing.assert_close(g, g_want, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_batch_indices_and_absurd_boxes_are_refused_nan_boxes_give_zeros():
+    feat = torch.randn(2, 3, 8, 8)
+    rois = random_rois(4, 2, 32, seed=0)
+    for bad in (2., -1., 0.5):
+        wrong = rois.clone()
+        wrong[1, 0] = bad
+        with pytest.raises(ValueError, match='batch indices'):
+            sparse_roi_align(feat, wrong, (7, 7), 0.25)
+    huge = rois.clone()
+    huge[2, 3] = 1e12
+    with pytest.raises(ValueError, match='2\\^20'):
+        sparse_roi_align(feat, huge, (7, 7), 0.25)
+    nan = rois.clone()
+    nan[3, 1:] = float('nan')
+    out = sparse_roi_align(feat, nan, (7, 7), 0.25)
+    assert torch.isfinite(out).all() and out[3].abs().max() == 0
+    torch.testing.assert_close(out[:3], sparse_roi_align(feat, rois[:3], (7, 7), 0.25))
