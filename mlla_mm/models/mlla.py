@@ -77,7 +77,7 @@ class ConvLayer(nn.Module):
     ``float32_under_autocast``: the convolution runs in float32 even under
     autocast. Set for the strided depthwise convolution of ``Downsample``,
     whose bf16 backward on the CPU (oneDNN) was 6-11x slower than float32's
-    (docs/benchmarks.md, "bf16 training").
+    (docs/benchmarks.md, "bf16 on AMX").
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
@@ -92,7 +92,7 @@ class ConvLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float32_under_autocast and torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                x = self.conv(x.to(attention_dtype(self.conv.weight.dtype)))
+                x = self.conv(x.to(torch.promote_types(self.conv.weight.dtype, torch.float32)))
         else:
             x = self.conv(x)
         if self.norm is not None:
