@@ -72,15 +72,19 @@ def bf16_autocast():
 
 
 def max_relative_difference(got, ref) -> float:
-    return max(float((g.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-12))
-               for g, r in zip(got, ref))
+    """Largest ``max |got - ref| / max |ref|`` over the output maps."""
+    from mlla_mm.deploy.benchmark import relative_difference
+    return relative_difference([g.float().numpy() for g in got], ref)
 
 
 def measure(fns: Dict[str, Callable[[], object]], repeats: int) -> dict:
+    """Interleaved times of ``fns`` (which include ``'fp32'``): each one's median and, for the others,
+    the median per-round ratio to fp32 as ``<name>_over_fp32``."""
     from mlla_mm.deploy.benchmark import interleaved_times, median, paired_ratio
     times = interleaved_times(fns, repeats)
-    return dict(fp32=median(times['fp32']), bf16=median(times['bf16']),
-                bf16_over_fp32=paired_ratio(times, 'bf16', 'fp32'), rounds=repeats)
+    out = dict(rounds=repeats, **{name: median(t) for name, t in times.items()})
+    out.update({f'{name}_over_fp32': paired_ratio(times, name, 'fp32') for name in fns if name != 'fp32'})
+    return out
 
 
 def inference(size, repeats: int) -> dict:
@@ -103,14 +107,10 @@ def inference(size, repeats: int) -> dict:
         with mock.patch.object(mlla_module, 'use_fast_inference', lambda *a: False):
             return bf16()
 
-    from mlla_mm.deploy.benchmark import interleaved_times, median, paired_ratio
-    times = interleaved_times(dict(fp32=fp32, bf16=bf16, bf16_autograd_code=bf16_autograd_code), repeats)
-    return dict(fp32=median(times['fp32']), bf16=median(times['bf16']),
-                bf16_over_fp32=paired_ratio(times, 'bf16', 'fp32'), rounds=repeats,
-                bf16_autograd_code=median(times['bf16_autograd_code']),
-                bf16_autograd_code_over_fp32=paired_ratio(times, 'bf16_autograd_code', 'fp32'),
-                size=f'{size[0]}x{size[1]}', max_rel_diff=max_relative_difference(bf16(), fp32()),
-                max_rel_diff_autograd_code=max_relative_difference(bf16_autograd_code(), fp32()))
+    out = measure(dict(fp32=fp32, bf16=bf16, bf16_autograd_code=bf16_autograd_code), repeats)
+    out.update(size=f'{size[0]}x{size[1]}', max_rel_diff=max_relative_difference(bf16(), fp32()),
+               max_rel_diff_autograd_code=max_relative_difference(bf16_autograd_code(), fp32()))
+    return out
 
 
 def forward_backward(size: int, batch: int, repeats: int) -> dict:

@@ -104,14 +104,13 @@ def sparse_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: Tu
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:
         roi_w, roi_h = roi_w.clamp_min(1.0), roi_h.clamp_min(1.0)
-    if sampling_ratio > 0:
-        n_h = n_w = torch.full((r, ), sampling_ratio, dtype=torch.long, device=boxes.device)
-    else:  # (a box larger than 2^20 feature pixels is refused below, before any allocation)
-        n_h = torch.ceil(roi_h.clamp(0, 1 << 20) / ph).long()
-        n_w = torch.ceil(roi_w.clamp(0, 1 << 20) / pw).long()
-    if bool((roi_h > (1 << 20)).any() or (roi_w > (1 << 20)).any()):
+    if bool((roi_h > (1 << 20)).any() or (roi_w > (1 << 20)).any()):  # (inf included)
         raise ValueError(f'roi_align: a RoI is more than 2^20 feature pixels wide or high '
                          f'(spatial_scale {spatial_scale}); check the boxes')
+    if sampling_ratio > 0:
+        n_h = n_w = torch.full((r, ), sampling_ratio, dtype=torch.long, device=boxes.device)
+    else:  # empty or inverted boxes: no points (mmcv's loops run zero times)
+        n_h, n_w = torch.ceil(roi_h / ph).long(), torch.ceil(roi_w / pw).long()
     compute = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
     flat = features.to(compute).permute(0, 2, 3, 1).reshape(b * h * w, c)
     per_roi = (ph * pw * 4 * n_h.clamp_min(1) * n_w.clamp_min(1)).tolist()
