@@ -86,7 +86,7 @@ if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 
   CACHE="${MLLA_MM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mlla-mm}"
   WHEELDIR="$CACHE/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$PYTAG-$(uname -m)-cpuops"
   if ! ls "$WHEELDIR"/mmcv-*.whl >/dev/null 2>&1; then
-    log "building mmcv $MMCV_VERSION with its ops (one time: about 5 minutes on 2 cores, up to 15 on slower CPUs)"
+    log "building mmcv $MMCV_VERSION with its ops (one time: 5-10 minutes on 2 cores, up to 15 on slower CPUs)"
     "${PIP[@]}" "setuptools<70" wheel "numpy<3" ninja
     mkdir -p "$CACHE"
     TMPW="$(mktemp -d "$CACHE/tmp.XXXXXX")"
@@ -106,7 +106,7 @@ if ! "$PY" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 
       while sleep 60 & nap=$!; wait $nap; do
         done_o=$(find "$SRC/build" -name '*.o' 2>/dev/null | wc -l)
         log "building mmcv: $(( ($(date +%s) - start) / 60 )) min, $done_o of about 77 files compiled" \
-            "(about 5 min in all on a 2-core Xeon, up to about 15 on slower CPUs)"
+            "(5-10 min in all on a 2-core Xeon, up to about 15 on slower CPUs)"
       done ) &
     TICKER=$!
     trap 'kill $TICKER 2>/dev/null || true; rm -rf "$TMPW"' EXIT

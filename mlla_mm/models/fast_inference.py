@@ -29,6 +29,8 @@ What it does differently (measured in docs/benchmarks.md):
 * ``z`` is one ``(N, C) x (C, heads)`` matmul against a block-diagonal
   matrix of per-head key means, and the per-head products are ``bmm`` calls
   on strided ``(heads, N, d)`` views (no layout copies), written in place;
+* the eval BatchNorms of the stem and the downsample layers are folded into
+  their convolutions (:func:`fold_batch_norm`, once per call);
 * the MLP runs over chunks of at most 4096 tokens (fewer where its 4C-wide
   hidden activations would exceed ``BAND_BYTES``), so they stay small;
 * every block, and the stem and downsample layers (``Stem.forward`` and
@@ -230,9 +232,59 @@ def conv_rows(conv: nn.Conv2d, x: torch.Tensor, o0: int, o1: int, base: int = 0,
     return out[:, skip:skip + o1 - o0]
 
 
+class FoldedConv(NamedTuple):
+    """What :func:`conv_rows` reads of an ``nn.Conv2d``: a convolution with its eval BatchNorm folded in."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+
+class FoldedLayer(NamedTuple):
+    """A ``ConvLayer`` as :func:`layer_rows` reads it, its BatchNorm folded into the convolution (``norm`` None)."""
+    conv: FoldedConv
+    norm: None
+    act: Optional[nn.Module]
+
+
+def fold_batch_norm(layer: nn.Module, dtype: torch.dtype):
+    """``layer`` (a ``ConvLayer``) with its eval BatchNorm folded into the convolution's weights, in ``dtype``.
+
+    ``bn(conv(x)) = conv'(x)`` with ``w' = w * s`` and ``b' = (b - mean) * s + beta`` per output channel,
+    ``s = gamma / sqrt(var + eps)`` (computed in float32 at least, then cast). Saves the BatchNorm's pass
+    over the stem's and the downsample layers' wide maps (ONNX Runtime folds it the same way). A layer
+    without BatchNorm, or whose BatchNorm has no running statistics, is returned as it is.
+    """
+    bn, conv = layer.norm, layer.conv
+    if bn is None or bn.running_mean is None or bn.running_var is None:
+        return layer
+    work = torch.promote_types(conv.weight.dtype, torch.float32)
+    scale = bn.running_var.to(work).add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(work)
+    bias = -bn.running_mean.to(work)
+    if conv.bias is not None:
+        bias = bias + conv.bias.to(work)
+    bias = bias * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.to(work)
+    weight = conv.weight.to(work) * scale.view(-1, 1, 1, 1)
+    folded = FoldedConv(weight.to(dtype), bias.to(dtype), conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, conv.groups)
+    return FoldedLayer(folded, None, layer.act)
+
+
 def layer_rows(layer: nn.Module, x: torch.Tensor, o0: int, o1: int, base: int = 0,
                height: Optional[int] = None) -> torch.Tensor:
-    """:func:`conv_rows` of a ``ConvLayer`` (convolution, optional eval BatchNorm, optional ReLU)."""
+    """:func:`conv_rows` of a ``ConvLayer`` (convolution, optional eval BatchNorm, optional ReLU) or a
+    :class:`FoldedLayer`."""
     y = conv_rows(layer.conv, x, o0, o1, base, height)
     if layer.norm is not None:
         y = layer.norm(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -399,15 +451,15 @@ def stem_forward(stem: 'Stem', x: torch.Tensor, rows: Optional[int] = None) -> t
     from .mlla import as_channels_last, pad_to_multiple
     img = as_channels_last(pad_to_multiple(x, 4)).permute(0, 2, 3, 1)  # (B, H, W, 3) view
     b, h, w, _ = img.shape
-    conv2a, conv2b = stem.conv2
-    conv3a, conv3b = stem.conv3
+    conv1, conv2a, conv2b, conv3a, conv3b = (fold_batch_norm(layer, x.dtype)
+                                             for layer in (stem.conv1, *stem.conv2, *stem.conv3))
     h2, w2, h4, w4 = h // 2, w // 2, h // 4, w // 4
     half = torch.empty(b, h2, w2, conv2b.conv.out_channels, dtype=x.dtype, device=x.device)
     out = torch.empty(b, h4, w4, conv3b.conv.out_channels, dtype=x.dtype, device=x.device)
     item = x.element_size()
     rows2 = rows or band_rows(h2, w2 * conv2b.conv.out_channels * item, 2 * band_budget())
     for r0, r1 in row_bands(h2, rows2):
-        half[:, r0:r1] = layer_rows(stem.conv1, img, r0, r1)
+        half[:, r0:r1] = layer_rows(conv1, img, r0, r1)
 
     def conv2_rows(r0: int, r1: int) -> torch.Tensor:
         t0, t1 = input_rows(conv2b.conv, h2, r0, r1)
@@ -431,7 +483,7 @@ def downsample_forward(down: 'Downsample', x: torch.Tensor, rows: Optional[int] 
     from .mlla import pad_to_multiple
     if x.shape[1] % 2 or x.shape[2] % 2:
         x = pad_to_multiple(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
-    expand, dw, project = down.conv
+    expand, dw, project = (fold_batch_norm(layer, x.dtype) for layer in down.conv)
     b, h, w, _ = x.shape
     ho, wo = h // 2, w // 2
     out = torch.empty(b, ho, wo, project.conv.out_channels, dtype=x.dtype, device=x.device)

@@ -428,3 +428,34 @@ def test_fused_linear_matches_linear_and_activation(act, monkeypatch):
         assert got.dtype == torch.bfloat16 and got.shape == (300, 40)
         assert ((got.float() - ref).abs() <= 0.02 * ref.abs() + 0.05).all()
     assert fast_inference.linear_act(x, w, b, act).dtype == torch.float32  # float32 never takes the fused op
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_folded_batch_norm_equals_conv_then_batch_norm(bias):
+    """The stem's and downsample layers' BatchNorm folded into the convolution gives the layer's output."""
+    torch.manual_seed(0)
+    layer = mlla_module.ConvLayer(6, 10, 3, stride=2, padding=1, bias=bias).eval()
+    with torch.no_grad():
+        layer.norm.running_mean.normal_(0, 0.5)
+        layer.norm.running_var.uniform_(0.2, 3.0)
+        layer.norm.weight.normal_()
+        layer.norm.bias.normal_()
+    x = torch.randn(2, 9, 11, 6)  # (B, H, W, C)
+    folded = fast_inference.fold_batch_norm(layer, torch.float32)
+    assert folded.norm is None and folded.conv.out_channels == 10
+    with torch.no_grad():
+        want = layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        got = fast_inference.layer_rows(folded, x, 0, 5)
+        unfolded = fast_inference.layer_rows(layer, x, 0, 5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unfolded, want, atol=1e-5, rtol=1e-5)
+    bf16 = fast_inference.fold_batch_norm(layer, torch.bfloat16)
+    assert bf16.conv.weight.dtype == bf16.conv.bias.dtype == torch.bfloat16
+
+
+def test_batch_norm_without_running_statistics_is_not_folded():
+    layer = mlla_module.ConvLayer(4, 4, 1)
+    layer.norm = torch.nn.BatchNorm2d(4, track_running_stats=False)
+    assert fast_inference.fold_batch_norm(layer.eval(), torch.float32) is layer
+    plain = mlla_module.ConvLayer(4, 4, 1, norm=False)
+    assert fast_inference.fold_batch_norm(plain, torch.float32) is plain
