@@ -54,9 +54,12 @@ param_scheduler = [
 ]
 
 # AdamW; no weight decay on MLLA's norm layers (norm1, norm2, norm0..3 and
-# the BatchNorms, all named "...norm...").
+# the BatchNorms, all named "...norm..."). The constructor puts parameters with
+# equal settings in one group (2 groups instead of one per parameter, the same
+# numbers; mlla_mm/engine/param_groups.py).
 optim_wrapper = dict(
     type='OptimWrapper',
+    constructor='MergedGroupsOptimWrapperConstructor',
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.)}))
 

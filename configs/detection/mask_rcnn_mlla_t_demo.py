@@ -1,6 +1,7 @@
 # The embedded demo: Mask R-CNN MLLA-T on a small synthetic shapes data set in
 # COCO format (made on first use under data/shapes_coco/). Only the data, the
-# image scale, the classes and the schedule differ from mask_rcnn_mlla_t.py.
+# image scale, the classes, the width of the FPN and heads and the schedule differ
+# from mask_rcnn_mlla_t.py.
 _base_ = ['./mask_rcnn_mlla_t.py']
 
 # ---- data --------------------------------------------------------------
@@ -39,13 +40,25 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json', metric=['bbox', 'segm'])
 test_evaluator = val_evaluator
 
-# ---- classes, and proposal counts scaled to 160-pixel images with <= 4 objects.
+# ---- classes, proposal counts scaled to 160-pixel images with <= 4 objects,
+# and 128-channel FPN and heads.
 # 32 sampled RoIs per image (8 positive at most): every positive RoI also goes
-# through the mask head's four 256-channel 3x3 convolutions, so with 128
-# (mmdet's 512 scaled down) a trained model's iteration took 2x as long
-# (9.2 s vs 4.5 s on a 2-core AMD EPYC, docs/benchmarks.md).
+# through the mask head's four 3x3 convolutions, so with 128 (mmdet's 512
+# scaled down) a trained model's iteration took 2x as long (9.2 s vs 4.5 s on a
+# 2-core AMD EPYC, docs/benchmarks.md).
+# The FPN, RPN and RoI heads have 128 channels instead of mmdet's 256 (the
+# backbone is the full MLLA-T): on a 2-core AMD EPYC (Zen 2) an iteration took
+# 0.78 s instead of 1.05-1.2 s and seed 0 reached box mAP 0.564 instead of 0.560
+# (docs/benchmarks.md, "The demo on a Zen 2 EPYC").
+heads = 128
 model = dict(
-    roi_head=dict(bbox_head=dict(num_classes=len(classes)), mask_head=dict(num_classes=len(classes))),
+    neck=dict(out_channels=heads),
+    rpn_head=dict(in_channels=heads, feat_channels=heads),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=heads),
+        bbox_head=dict(in_channels=heads, num_classes=len(classes)),
+        mask_roi_extractor=dict(out_channels=heads),
+        mask_head=dict(in_channels=heads, conv_out_channels=heads, num_classes=len(classes))),
     train_cfg=dict(rpn_proposal=dict(nms_pre=1000, max_per_img=300), rcnn=dict(sampler=dict(num=32))),
     test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=300)))
 

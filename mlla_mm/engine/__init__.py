@@ -6,11 +6,13 @@
 - ``hooks.py``: the reliability hooks (random state, validation resume,
   preemption, NaN stop, checkpoint guard);
 - ``rng.py``: the global random state; ``optim.py``: the CPU autocast optimizer wrapper;
-  ``layer_decay.py``: the layer-wise learning-rate decay constructor;
+  ``layer_decay.py``: the layer-wise learning-rate decay constructor; ``param_groups.py``: the
+  constructor that merges equal parameter groups;
 - ``launch.py``: what the command-line tools add (options, data checks, one-line errors).
 """
 from .optim import CPUAutocastOptimWrapper
 from .layer_decay import MLLALayerDecayOptimizerConstructor  # noqa: F401  (registers it in mmengine's root)
+from .param_groups import MergedGroupsOptimWrapperConstructor  # noqa: F401  (registers it in mmengine's root)
 from .loops import ExactEpochBasedTrainLoop, ExactIterBasedTrainLoop
 from .runner import AtomicLocalBackend, SafeRunner, find_resumable_checkpoint
 from .hooks import (CheckpointGuardHook, FiniteLossHook, NonFiniteLossError, PreemptionHook, RandomStateHook,
