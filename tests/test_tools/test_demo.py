@@ -1,4 +1,6 @@
-"""tools/demo.py: when the demo trains with mixed precision."""
+"""tools/demo.py: when the demo trains with mixed precision, and what it passes to train.py and test.py."""
+import argparse
+
 from tests.helpers import load_tool
 
 demo = load_tool('demo')
@@ -40,3 +42,31 @@ def test_parser_takes_amp_and_no_amp(monkeypatch, tmp_path):
         except _Stop:
             pass
     assert seen == [None, True, False]
+
+
+def test_training_skips_its_final_validation_and_the_test_step_evaluates(monkeypatch, tmp_path):
+    """train.py gets the option that turns its validation off (after the user's options, with --seed); test.py
+    does not, and a real config loop with that option validates at no epoch, not even the last."""
+    from mmengine.config import Config, DictAction
+    cmds = []
+
+    def fake_run(cmd, log_path=None):
+        cmds.append([str(c) for c in cmd])
+        if 'tools/train.py' in cmds[-1]:
+            (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_6.pth'))
+            return ''
+        return 'metrics: coco/bbox_mAP=0.5\n'
+
+    monkeypatch.setattr(demo, 'run', fake_run)
+    monkeypatch.setattr(demo, 'loss_curve', lambda *a: None)
+    demo.main(['det', '--no-amp', '--seed', '3', '--work-dir', str(tmp_path), '--cfg-options', 'a.b=1'])
+    train, test = cmds
+    opts = train[train.index('--cfg-options') + 1:]
+    assert opts == [demo.SKIP_VALIDATION, 'a.b=1', 'randomness.seed=3']
+    assert demo.SKIP_VALIDATION not in test and 'a.b=1' in test
+    cfg = Config.fromfile(str(demo.ROOT / demo.DEMOS['det']['config']))
+    parsed = argparse.Namespace()
+    DictAction(option_strings=['--cfg-options'], dest='o')(None, parsed, [demo.SKIP_VALIDATION])
+    cfg.merge_from_dict(parsed.o)
+    begin, epochs = cfg.train_cfg.val_begin, cfg.train_cfg.max_epochs
+    assert begin > epochs >= cfg.train_cfg.val_interval  # mmengine validates when epoch >= val_begin
