@@ -49,7 +49,7 @@ test_evaluator = val_evaluator
 # The FPN, RPN and RoI heads have 128 channels instead of mmdet's 256 (the
 # backbone is the full MLLA-T): on a 2-core AMD EPYC (Zen 2) an iteration took
 # 0.78 s instead of 1.05-1.2 s and seed 0 reached box mAP 0.564 instead of 0.560
-# (docs/benchmarks.md, "The demo on a Zen 2 EPYC").
+# (docs/benchmarks.md, "AMD EPYC, Zen 2").
 heads = 128
 model = dict(
     neck=dict(out_channels=heads),
