@@ -45,8 +45,9 @@ def test_parser_takes_amp_and_no_amp(monkeypatch, tmp_path):
 
 
 def test_training_skips_its_final_validation_and_the_test_step_evaluates(monkeypatch, tmp_path):
-    """train.py gets the option that turns its validation off (after the user's options, with --seed); test.py
-    does not, and a real config loop with that option validates at no epoch, not even the last."""
+    """train.py gets the option that turns its validation off (first, so the user's own options and --seed come
+    after it and can override it); test.py does not; and with that option the demo config's loop validates at no
+    epoch, not even the last."""
     from mmengine.config import Config, DictAction
     cmds = []
 
