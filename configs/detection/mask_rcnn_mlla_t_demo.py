@@ -47,8 +47,8 @@ test_evaluator = val_evaluator
 # scaled down) a trained model's iteration took 2x as long (9.2 s vs 4.5 s on a
 # 2-core AMD EPYC, docs/benchmarks.md).
 # The FPN, RPN and RoI heads have 128 channels instead of mmdet's 256 (the
-# backbone is the full MLLA-T): on a 2-core AMD EPYC (Zen 2) an iteration took
-# 0.78 s instead of 1.05-1.2 s and seed 0 reached box mAP 0.564 instead of 0.560
+# backbone is the full MLLA-T): on a 2-core AMD EPYC (Zen 2) iterations took
+# 0.71-0.82 s instead of 1.05-1.28 s and seed 0 reached box mAP 0.564 instead of 0.560
 # (docs/benchmarks.md, "AMD EPYC, Zen 2").
 heads = 128
 model = dict(

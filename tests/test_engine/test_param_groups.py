@@ -6,24 +6,17 @@ import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
-from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
-from mmengine.registry import MODELS, init_default_scope
 
-import mlla_mm  # noqa: F401
 from mlla_mm.engine.param_groups import merge_param_groups
 from tests.helpers import ROOT
-
-TINY_ARCH = dict(embed_dims=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4])
+from tests.test_engine.test_layer_decay import tiny_model
 
 
 def tiny_detector() -> nn.Module:
-    cfg = Config.fromfile(str(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py'))
-    cfg.model.neck.update(in_channels=[16, 32, 64, 128], out_channels=16)
-    cfg.model.backbone.update(arch=TINY_ARCH, init_cfg=None)
-    init_default_scope('mmdet')
+    """The tiny Mask R-CNN of test_layer_decay.py, built from a fixed seed."""
     torch.manual_seed(0)
-    return revert_sync_batchnorm(MODELS.build(cfg.model))
+    return tiny_model('mmdet')
 
 
 def wrapper_cfg(constructor: str, fused: bool = False, **paramwise) -> dict:

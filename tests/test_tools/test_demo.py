@@ -48,7 +48,14 @@ def test_training_skips_its_final_validation_and_the_test_step_evaluates(monkeyp
     """train.py gets the option that turns its validation off (first, so the user's own options and --seed come
     after it and can override it); test.py does not; and with that option the demo config's loop validates at no
     epoch, not even the last."""
+    from types import SimpleNamespace
+
     from mmengine.config import Config, DictAction
+    from mmengine.logging import MessageHub
+    from mmengine.runner import EpochBasedTrainLoop
+
+    from mlla_mm.engine.loops import validation_due
+    from tests.test_engine.test_runner import _loop
     cmds = []
 
     def fake_run(cmd, log_path=None):
@@ -69,5 +76,16 @@ def test_training_skips_its_final_validation_and_the_test_step_evaluates(monkeyp
     parsed = argparse.Namespace()
     DictAction(option_strings=['--cfg-options'], dest='o')(None, parsed, [demo.SKIP_VALIDATION])
     cfg.merge_from_dict(parsed.o)
-    begin, epochs = cfg.train_cfg.val_begin, cfg.train_cfg.max_epochs
-    assert begin > epochs >= cfg.train_cfg.val_interval  # mmengine validates when epoch >= val_begin
+    # the loop's own rule (mlla_mm.engine.loops.validation_due), at the end of every epoch
+    hub = MessageHub.get_instance('test_demo_skip_validation')
+    runner = SimpleNamespace(val_loop=object(), message_hub=hub)
+    epochs = cfg.train_cfg.max_epochs
+
+    def due(epoch: int, val_begin: int) -> bool:
+        loop = _loop(EpochBasedTrainLoop, runner, val_interval=cfg.train_cfg.val_interval, _epoch=epoch,
+                     _max_epochs=epochs, _iter=2 * epoch, dataloader=[0, 0])
+        loop.val_begin = val_begin
+        return validation_due(loop)
+
+    assert due(epochs, 1)  # without the option the last epoch validates
+    assert not any(due(e, cfg.train_cfg.val_begin) for e in range(1, epochs + 1))
