@@ -8,6 +8,7 @@ registry, so ``type='MLLA'`` resolves from any default scope once
 ``type='mlla_mm.MLLA'`` works everywhere.
 """
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import VISUALIZERS as MMENGINE_VISUALIZERS
 from mmengine.registry import Registry
 
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mlla_mm', locations=['mlla_mm.models'])
@@ -18,3 +19,10 @@ def register_everywhere(cls: type) -> type:
     MODELS.register_module(module=cls)
     MMENGINE_MODELS.register_module(module=cls)
     return cls
+
+
+# Visualizers (``type='mlla_mm.FastDetVisualizer'`` in a config): mmengine
+# imports ``mlla_mm.visualization`` on first use, so ``import mlla_mm`` stays
+# free of matplotlib and OpenCV drawing code.
+VISUALIZERS = Registry('visualizer', parent=MMENGINE_VISUALIZERS, scope='mlla_mm',
+                       locations=['mlla_mm.visualization'])

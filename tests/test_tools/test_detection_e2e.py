@@ -3,6 +3,7 @@ import re
 import socket
 import sys
 
+import cv2
 import pytest
 import torch
 
@@ -42,6 +43,15 @@ def test_train_val_then_resume(tmp_path, tiny_data):
     assert first['meta']['iter'] == 2 and first['meta']['epoch'] == 1
     step1 = first['optimizer']['state'][0]['step'].item()
     assert step1 == 2
+
+    # test.py --show-dir: every test image drawn by the demo's FastDetVisualizer (ground truth | predictions,
+    # the 64-pixel images enlarged to 320)
+    pics = tmp_path / 'pics'
+    res = run_tool('tools/test.py', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 'test', '--show-dir', pics)
+    assert res.returncode == 0, res.stderr[-3000:]
+    drawn = sorted(pics.rglob('*.png'))
+    assert [p.name for p in drawn] == ['val_00000.png', 'val_00001.png']
+    assert all(cv2.imread(str(p)).shape == (320, 640, 3) for p in drawn)
 
     res = run_tool('tools/train.py', cfg, '--work-dir', work, '--resume', '--cfg-options', 'train_cfg.max_epochs=2')
     assert res.returncode == 0, res.stderr[-3000:]
