@@ -137,3 +137,26 @@ def test_benchmark_bf16_quick(tmp_path):
 def test_benchmark_bf16_bad_size_is_one_clear_error():
     res = run_tool(ROOT / 'tools' / 'benchmark_bf16.py', '--size', '800by1280', timeout=60)
     assert res.returncode == 2 and '--size' in res.stderr and '800by1280' in res.stderr
+
+
+def test_benchmark_visualizer_times_both_and_pairs_the_ratio(tmp_path):
+    """tools/benchmark_visualizer.py: both visualizers timed on the same images, the ratio from those times."""
+    import re
+    from mlla_mm.datasets import make_coco_shapes
+    root = tmp_path / 'shapes'
+    make_coco_shapes(str(root), seed=0, num_train=1, num_val=2, size=64)
+    out = run_ok(ROOT / 'tools' / 'benchmark_visualizer.py', '--data', root, '--images', '2', '--repeats', '1',
+                 '--threads', '1')
+    assert re.search(r'CPU: .+; 1 threads; 2 images of val', out)
+    mmdet = float(re.search(r"mmdet's DetLocalVisualizer +([0-9.]+) ms per image", out).group(1))
+    fast = float(re.search(r'FastDetVisualizer +([0-9.]+) ms per image', out).group(1))
+    ratio = float(re.search(r'fast / mmdet \(median of per-round ratios\): ([0-9.]+)', out).group(1))
+    assert mmdet > 0 and fast > 0
+    assert ratio == pytest.approx(fast / mmdet, rel=0.05, abs=0.002)  # one round: the ratio of the two times
+
+
+def test_benchmark_visualizer_missing_data_is_one_clear_error(tmp_path):
+    res = run_tool(ROOT / 'tools' / 'benchmark_visualizer.py', '--data', tmp_path / 'none', timeout=120)
+    assert res.returncode == 2
+    assert f"{tmp_path / 'none' / 'annotations' / 'instances_val.json'} not found" in res.stderr
+    assert 'Traceback' not in res.stderr

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Time drawing a detection picture: mmdet's DetLocalVisualizer against mlla-mm's FastDetVisualizer.
+
+    python tools/benchmark_visualizer.py [--data data/shapes_coco] [--split val] [--images 20] [--repeats 3]
+
+What ``tools/test.py --show-dir`` does per test image, for the first
+``--images`` images of a COCO-format split: read the image, draw ground truth
+and predictions side by side, write the PNG. The "predictions" are the ground
+truth with a score of 0.9 (so both visualizers draw the same instances). Rounds
+alternate the order of the two visualizers; prints the CPU, each one's median
+milliseconds per image and the median of the per-round ratios (fast / mmdet).
+The demo's data set is made first if missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--data', default=str(ROOT / 'data' / 'shapes_coco'),
+                   help='COCO-format data set root with annotations/instances_<split>.json and <split>/')
+    p.add_argument('--split', default='val')
+    p.add_argument('--images', type=int, default=20, help='images drawn per round')
+    p.add_argument('--repeats', type=int, default=3, help='timed rounds (after one warm-up round)')
+    p.add_argument('--threads', type=int, default=2)
+    args = p.parse_args(argv)
+    if args.images < 1 or args.repeats < 1:
+        p.error('--images and --repeats must be at least 1')
+    return args
+
+
+def load_samples(root: Path, split: str, count: int):
+    """``[(image path, DetDataSample with gt_instances and pred_instances)]`` for the first ``count`` images."""
+    import torch
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    from pycocotools import mask as mask_utils
+    ann_file = root / 'annotations' / f'instances_{split}.json'
+    if not ann_file.is_file():
+        raise FileNotFoundError(f'{ann_file} not found (expected a COCO-format data set under --data {root})')
+    coco = json.loads(ann_file.read_text())
+    cat_index = {c['id']: i for i, c in enumerate(coco['categories'])}
+    by_image = {}
+    for ann in coco['annotations']:
+        by_image.setdefault(ann['image_id'], []).append(ann)
+    samples = []
+    for img in coco['images'][:count]:
+        anns = by_image.get(img['id'], [])
+        h, w = img['height'], img['width']
+        masks = np.zeros((len(anns), h, w), bool)
+        for i, ann in enumerate(anns):
+            seg = ann['segmentation']
+            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) else seg
+            masks[i] = mask_utils.decode(mask_utils.merge(rle) if isinstance(rle, list) else rle).astype(bool)
+        inst = InstanceData()
+        inst.bboxes = torch.tensor([[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2],
+                                     a['bbox'][1] + a['bbox'][3]] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        inst.labels = torch.tensor([cat_index[a['category_id']] for a in anns], dtype=torch.long)
+        inst.masks = torch.from_numpy(masks)
+        pred = inst.clone()
+        pred.scores = torch.full((len(anns), ), 0.9)
+        sample = DetDataSample()
+        sample.gt_instances = inst
+        sample.pred_instances = pred
+        samples.append((str(root / split / img['file_name']), sample))
+    classes = [c['name'] for c in coco['categories']]
+    return samples, classes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    import mmcv
+    from mmdet.utils import register_all_modules
+    from mmdet.visualization import DetLocalVisualizer
+
+    from mlla_mm.deploy.benchmark import cpu_description, interleaved_times, median, paired_ratio
+    from mlla_mm.visualization import FastDetVisualizer
+    register_all_modules()
+    root = Path(args.data)
+    if root.resolve() == (ROOT / 'data' / 'shapes_coco').resolve() and not root.is_dir():
+        from mlla_mm.datasets import make_coco_shapes
+        make_coco_shapes(str(root))
+    try:
+        samples, classes = load_samples(root, args.split, args.images)
+    except FileNotFoundError as err:
+        print(f'benchmark_visualizer: {err}', file=sys.stderr)
+        return 2
+    palette = [tuple(int(c) for c in np.random.default_rng(i).integers(40, 230, 3)) for i in range(len(classes))]
+    visualizers = {'mmdet': DetLocalVisualizer(name='bench-mmdet'), 'fast': FastDetVisualizer(name='bench-fast')}
+    for vis in visualizers.values():
+        vis.dataset_meta = dict(classes=classes, palette=palette)
+    out_dir = tempfile.mkdtemp(prefix='mlla_mm_vis_')
+
+    def draw_all(key):
+        def run():
+            for path, sample in samples:
+                image = mmcv.imread(path, channel_order='rgb')
+                visualizers[key].add_datasample('x', image, sample, out_file=os.path.join(out_dir, key + '.png'),
+                                                pred_score_thr=0.3)
+        return run
+
+    times = interleaved_times({k: draw_all(k) for k in visualizers}, args.repeats)
+    cpu = cpu_description()['model_name']
+    n = len(samples)
+    print(f'CPU: {cpu}; {args.threads} threads; {n} images of {args.split} from {root}, {args.repeats} rounds')
+    for key, label in (('mmdet', "mmdet's DetLocalVisualizer"), ('fast', 'FastDetVisualizer')):
+        print(f'  {label:<28} {1000 * median(times[key]) / n:8.1f} ms per image')
+    print(f'  fast / mmdet (median of per-round ratios): {paired_ratio(times, "fast", "mmdet"):.3f}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
