@@ -1,9 +1,10 @@
 """A detection visualizer that draws with OpenCV instead of matplotlib.
 
 mmdet's ``DetLocalVisualizer`` renders every picture through a matplotlib
-figure: on a 2-core CPU about 0.2 s per 160x160 image, most of it clearing
-the axes and laying out text (12 of the demo's 40 s of evaluation for its
-60 pictures; docs/benchmarks.md, "AMD EPYC, Zen 2 (session 9)").
+figure, most of its time clearing the axes and laying out text: 86 ms per
+160x160 demo image (read, draw, write) against 22 ms here on a 2-core AMD
+EPYC (``tools/benchmark_visualizer.py``; docs/benchmarks.md, "AMD EPYC, Zen 2
+(session 9)").
 :class:`FastDetVisualizer` draws the same things (ground truth on the left,
 predictions above ``pred_score_thr`` on the right; masks, boxes and
 ``class score`` labels in the data set's palette) with OpenCV, enlarged to

@@ -10,8 +10,9 @@ synthetic_data = dict(kind='coco-shapes', root=data_root, seed=0, num_train=240,
 classes = ('circle', 'triangle', 'rectangle')
 metainfo = dict(classes=classes, palette=[(220, 20, 60), (0, 160, 80), (30, 80, 220)])
 # The 160x160 images are trained and tested at 128x128: the backbone, FPN and RPN
-# see 0.64x the pixels; seeds 0 and 1 reached box mAP 0.565 and 0.589 (0.564 and
-# 0.598 at 160x160; docs/benchmarks.md, "AMD EPYC, Zen 2 (session 9)"). Boxes and
+# see 0.64x the pixels. Seeds 0, 1, 2 reached box mAP 0.563, 0.583, 0.565 (0.564,
+# 0.598, 0.596 at 160x160) in 481-538 s of training instead of 589-638 s on a
+# 2-core AMD EPYC (docs/benchmarks.md, "AMD EPYC, Zen 2 (session 9)"). Boxes and
 # masks are evaluated and drawn at the images' own 160x160.
 image_scale = (128, 128)
 
@@ -51,7 +52,7 @@ test_evaluator = val_evaluator
 # scaled down) a trained model's iteration took 2x as long (9.2 s vs 4.5 s on a
 # 2-core AMD EPYC, docs/benchmarks.md).
 # The FPN, RPN and RoI heads have 128 channels instead of mmdet's 256 (the
-# backbone is the full MLLA-T): on a 2-core AMD EPYC (Zen 2) iterations took
+# backbone is the full MLLA-T): on a 2-core AMD EPYC (Zen 2), at 160x160, iterations took
 # 0.71-0.82 s instead of 1.05-1.28 s and seed 0 reached box mAP 0.564 instead of 0.560
 # (docs/benchmarks.md, "AMD EPYC, Zen 2").
 heads = 128
