@@ -83,25 +83,30 @@ class FastDetVisualizer(Visualizer):
         n = len(instances) if instances is not None else 0
         if n == 0:
             return out
-        labels = _as_array(instances.labels).astype(np.int64).reshape(-1) if 'labels' in instances else np.zeros(n, int)
+        if 'labels' in instances:
+            labels = _as_array(instances.labels).astype(np.int64).reshape(-1)
+        else:
+            labels = np.zeros(n, np.int64)
         colours = [_colour(int(k), palette) for k in labels]
+        masks = None
         if 'masks' in instances:
             masks = _as_array(instances.masks).astype(bool)
-            if masks.ndim == 3 and masks.shape[0] == n:
-                if scale != 1:
-                    masks = masks.repeat(scale, axis=1).repeat(scale, axis=2)
-                fitted = np.zeros((n, ) + out.shape[:2], bool)  # masks of another size: cropped or padded
-                h, w = min(masks.shape[1], out.shape[0]), min(masks.shape[2], out.shape[1])
-                fitted[:, :h, :w] = masks[:, :h, :w]
-                masks = fitted
-                blended = out.astype(np.float32)
-                for mask, colour in zip(masks, colours):
-                    blended[mask] = blended[mask] * (1 - self.alpha) + np.asarray(colour, np.float32) * self.alpha
-                out = np.ascontiguousarray(blended.round().clip(0, 255).astype(np.uint8))
-                for mask, colour in zip(masks, colours):
-                    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                                   cv2.CHAIN_APPROX_SIMPLE)
-                    cv2.drawContours(out, contours, -1, colour, 1)
+            if masks.ndim != 3 or masks.shape[0] != n:
+                raise ValueError(f'FastDetVisualizer: expected masks of shape ({n}, H, W) for {n} instances, '
+                                 f'got {masks.shape}')
+            if scale != 1:
+                masks = masks.repeat(scale, axis=1).repeat(scale, axis=2)
+            fitted = np.zeros((n, ) + out.shape[:2], bool)  # masks of another size: cropped or padded
+            h, w = min(masks.shape[1], out.shape[0]), min(masks.shape[2], out.shape[1])
+            fitted[:, :h, :w] = masks[:, :h, :w]
+            masks = fitted
+            blended = out.astype(np.float32)
+            for mask, colour in zip(masks, colours):
+                blended[mask] = blended[mask] * (1 - self.alpha) + np.asarray(colour, np.float32) * self.alpha
+            out = np.ascontiguousarray(blended.round().clip(0, 255).astype(np.uint8))
+            for mask, colour in zip(masks, colours):
+                contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                cv2.drawContours(out, contours, -1, colour, 1)
         boxes = _as_array(instances.bboxes).reshape(-1, 4) * scale if 'bboxes' in instances else None
         scores = _as_array(instances.scores).reshape(-1) if 'scores' in instances else None
         thickness = max(1, scale // 2 + 1)
@@ -114,7 +119,7 @@ class FastDetVisualizer(Visualizer):
             if boxes is not None:
                 x1, y1, x2, y2 = (int(round(float(v))) for v in boxes[i])
                 cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness)
-            elif 'masks' in instances:
+            elif masks is not None:
                 ys, xs = np.nonzero(masks[i])
                 if len(xs) == 0:
                     continue

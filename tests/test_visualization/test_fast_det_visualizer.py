@@ -129,6 +129,17 @@ def test_bad_image_and_bad_settings_are_clear_errors(tmp_path):
         vis.add_datasample('pic', grey_image(), sample(), out_file=str(blocker / 'x.png'))
 
 
+def test_masks_that_do_not_match_the_instances_are_an_error(tmp_path):
+    from mmdet.structures import DetDataSample
+    vis = make_visualizer('t-mismatch')
+    s = DetDataSample()
+    s.pred_instances = instances([(10, 10, 20, 20)], [0], scores=[0.9])
+    s.pred_instances.masks = torch.zeros(1, 100, dtype=torch.bool)  # one row per instance, but 2-D
+    with pytest.raises(ValueError, match=r'expected masks of shape \(1, H, W\) for 1 instances, got \(1, 100\)'):
+        vis.add_datasample('pic', grey_image(), s, out_file=str(tmp_path / 'x.png'))
+    assert not (tmp_path / 'x.png').exists()
+
+
 def test_semantic_segmentation_goes_to_mmdets_visualizer(tmp_path):
     vis = make_visualizer('t-fallback', min_size=200)
     s = sample()
