@@ -5,7 +5,9 @@ mmengine's root registry, as mmpretrain does. Modules meant to be swapped
 into existing mmdet and mmseg configs are also registered in the root
 registry, so ``type='MLLA'`` resolves from any default scope once
 ``custom_imports=dict(imports=['mlla_mm'])`` has run, and
-``type='mlla_mm.MLLA'`` works everywhere.
+``type='mlla_mm.MLLA'`` works everywhere. Its ``VISUALIZERS`` registry (scope
+``mlla_mm`` too) holds ``FastDetVisualizer``, found as
+``type='mlla_mm.FastDetVisualizer'``.
 """
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import VISUALIZERS as MMENGINE_VISUALIZERS

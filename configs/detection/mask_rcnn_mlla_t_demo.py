@@ -1,7 +1,7 @@
 # The embedded demo: Mask R-CNN MLLA-T on a small synthetic shapes data set in
 # COCO format (made on first use under data/shapes_coco/). Only the data, the
-# image scale, the classes, the width of the FPN and heads and the schedule differ
-# from mask_rcnn_mlla_t.py.
+# image scale, the classes, the width of the FPN and heads, the schedule and the
+# visualizer differ from mask_rcnn_mlla_t.py.
 _base_ = ['./mask_rcnn_mlla_t.py']
 
 # ---- data --------------------------------------------------------------
