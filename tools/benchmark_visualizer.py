@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
-    import mmcv
+    import cv2
     from mmdet.utils import register_all_modules
     from mmdet.visualization import DetLocalVisualizer
 
@@ -101,17 +101,24 @@ def main(argv=None) -> int:
     visualizers = {'mmdet': DetLocalVisualizer(name='bench-mmdet'), 'fast': FastDetVisualizer(name='bench-fast')}
     for vis in visualizers.values():
         vis.dataset_meta = dict(classes=classes, palette=palette)
-    out_dir = tempfile.mkdtemp(prefix='mlla_mm_vis_')
 
-    def draw_all(key):
+    def draw_all(key, out_dir):
         def run():
             for path, sample in samples:
-                image = mmcv.imread(path, channel_order='rgb')
+                image = cv2.imread(path, cv2.IMREAD_COLOR)  # None when missing or unreadable
+                if image is None:
+                    raise ValueError(f'{path}: missing or not a readable image')
+                image = np.ascontiguousarray(image[..., ::-1])  # RGB, as the visualization hook passes it
                 visualizers[key].add_datasample('x', image, sample, out_file=os.path.join(out_dir, key + '.png'),
                                                 pred_score_thr=0.3)
         return run
 
-    times = interleaved_times({k: draw_all(k) for k in visualizers}, args.repeats)
+    try:
+        with tempfile.TemporaryDirectory(prefix='mlla_mm_vis_') as out_dir:
+            times = interleaved_times({k: draw_all(k, out_dir) for k in visualizers}, args.repeats)
+    except ValueError as err:
+        print(f'benchmark_visualizer: {err}', file=sys.stderr)
+        return 2
     cpu = cpu_description()['model_name']
     n = len(samples)
     print(f'CPU: {cpu}; {args.threads} threads; {n} images of {args.split} from {root}, {args.repeats} rounds')

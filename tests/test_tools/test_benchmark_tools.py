@@ -160,3 +160,17 @@ def test_benchmark_visualizer_missing_data_is_one_clear_error(tmp_path):
     assert res.returncode == 2
     assert f"{tmp_path / 'none' / 'annotations' / 'instances_val.json'} not found" in res.stderr
     assert 'Traceback' not in res.stderr
+
+
+def test_benchmark_visualizer_corrupt_image_is_one_clear_error(tmp_path):
+    from mlla_mm.datasets import make_coco_shapes
+    root = tmp_path / 'shapes'
+    make_coco_shapes(str(root), seed=0, num_train=1, num_val=2, size=64)
+    bad = root / 'val' / 'val_00001.png'
+    bad.write_bytes(b'\x89PNG\r\n\x1a\n' + b'\0' * 40)  # a PNG signature and nothing readable after it
+    res = run_tool(ROOT / 'tools' / 'benchmark_visualizer.py', '--data', root, '--images', '2', '--repeats', '1',
+                   timeout=120)
+    assert res.returncode == 2
+    assert f'{bad}: missing or not a readable image' in res.stderr
+    assert 'Traceback' not in res.stderr
+
