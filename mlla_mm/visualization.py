@@ -26,6 +26,7 @@ import torch
 from mmengine.visualization import Visualizer
 
 from .registry import VISUALIZERS
+from .utils.io import atomic_write
 
 _FALLBACK_KEYS = ('gt_sem_seg', 'pred_sem_seg', 'gt_panoptic_seg', 'pred_panoptic_seg')
 
@@ -72,6 +73,7 @@ class FastDetVisualizer(Visualizer):
         self.alpha = alpha
         self.min_size = min_size
         self._mmdet_visualizer = None
+        self._drawn: Optional[np.ndarray] = None
 
     # -- drawing ------------------------------------------------------------
     def draw_instance_panel(self, image: np.ndarray, instances, scale: int) -> np.ndarray:
@@ -157,9 +159,11 @@ class FastDetVisualizer(Visualizer):
         The arguments are those of mmdet's ``DetLocalVisualizer.add_datasample``.
         """
         if show or (data_sample is not None and any(k in data_sample for k in _FALLBACK_KEYS)):
-            return self._mmdet().add_datasample(name, image, data_sample, draw_gt=draw_gt, draw_pred=draw_pred,
-                                                show=show, wait_time=wait_time, out_file=out_file,
-                                                pred_score_thr=pred_score_thr, step=step)
+            mmdet = self._mmdet()
+            mmdet.add_datasample(name, image, data_sample, draw_gt=draw_gt, draw_pred=draw_pred, show=show,
+                                 wait_time=wait_time, out_file=out_file, pred_score_thr=pred_score_thr, step=step)
+            self._drawn = mmdet.get_image()
+            return
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f'FastDetVisualizer: expected an HxWx3 RGB image, got shape {image.shape}')
@@ -177,17 +181,22 @@ class FastDetVisualizer(Visualizer):
                 panels.append(self.draw_instance_panel(image, pred, scale))
         drawn = np.concatenate(panels, axis=1) if panels else image
         self._drawn = drawn
-        if out_file is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
-            if not cv2.imwrite(out_file, np.ascontiguousarray(drawn[..., ::-1])):
-                raise OSError(f'FastDetVisualizer: could not write {out_file}')
+        if out_file is not None:  # encoded in memory, then written atomically: never a half-written PNG
+            ext = os.path.splitext(out_file)[1] or '.png'
+            try:
+                ok, encoded = cv2.imencode(ext, np.ascontiguousarray(drawn[..., ::-1]))
+            except cv2.error:
+                ok = False
+            if not ok:
+                raise ValueError(f'FastDetVisualizer: cannot encode a picture as {ext!r} for {out_file}')
+            with atomic_write(out_file) as f:
+                f.write(encoded.tobytes())
         else:
             self.add_image(name, drawn, step)
 
     def get_image(self) -> np.ndarray:
         """The last picture :meth:`add_datasample` drew (RGB), else mmengine's canvas."""
-        drawn = getattr(self, '_drawn', None)
-        return drawn if drawn is not None else super().get_image()
+        return self._drawn if self._drawn is not None else super().get_image()
 
     def _mmdet(self):
         """mmdet's ``DetLocalVisualizer`` with this one's data set and backends, made on first use."""

@@ -125,8 +125,11 @@ def test_bad_image_and_bad_settings_are_clear_errors(tmp_path):
         make_visualizer('t-bad-size', min_size=-1)
     blocker = tmp_path / 'file'
     blocker.write_text('x')
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match='x.png'):
         vis.add_datasample('pic', grey_image(), sample(), out_file=str(blocker / 'x.png'))
+    with pytest.raises(ValueError, match=r"cannot encode a picture as '\.xyz'"):
+        vis.add_datasample('pic', grey_image(), sample(), out_file=str(tmp_path / 'pic.xyz'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['file']  # nothing half-written, no temporary file
 
 
 def test_masks_that_do_not_match_the_instances_are_an_error(tmp_path):
@@ -142,12 +145,15 @@ def test_masks_that_do_not_match_the_instances_are_an_error(tmp_path):
 
 def test_semantic_segmentation_goes_to_mmdets_visualizer(tmp_path):
     vis = make_visualizer('t-fallback', min_size=200)
+    vis.add_datasample('first', grey_image(), sample(), out_file=str(tmp_path / 'first.png'))
+    assert vis.get_image().shape == (200, 400, 3)
     s = sample()
     s.pred_sem_seg = PixelData(sem_seg=torch.zeros(1, 100, 100, dtype=torch.long))
     out = tmp_path / 'pic.png'
     vis.add_datasample('pic', grey_image(), s, out_file=str(out))
     # mmdet draws at the image's own size (no enlargement): the fallback ran
     assert cv2.imread(str(out)).shape == (100, 200, 3)
+    assert vis.get_image().shape == (100, 200, 3)  # mmdet's picture, not the previous one
 
 
 def test_registry_finds_it_from_mmdets_scope_and_the_demo_uses_it():
