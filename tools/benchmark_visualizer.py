@@ -14,7 +14,6 @@ The demo's data set is made first if missing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -44,36 +43,28 @@ def load_samples(root: Path, split: str, count: int):
     import torch
     from mmdet.structures import DetDataSample
     from mmengine.structures import InstanceData
-    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
     ann_file = root / 'annotations' / f'instances_{split}.json'
     if not ann_file.is_file():
         raise FileNotFoundError(f'{ann_file} not found (expected a COCO-format data set under --data {root})')
-    coco = json.loads(ann_file.read_text())
-    cat_index = {c['id']: i for i, c in enumerate(coco['categories'])}
-    by_image = {}
-    for ann in coco['annotations']:
-        by_image.setdefault(ann['image_id'], []).append(ann)
+    coco = COCO(str(ann_file))
+    cat_ids = coco.getCatIds()
     samples = []
-    for img in coco['images'][:count]:
-        anns = by_image.get(img['id'], [])
-        h, w = img['height'], img['width']
-        masks = np.zeros((len(anns), h, w), bool)
-        for i, ann in enumerate(anns):
-            seg = ann['segmentation']
-            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) else seg
-            masks[i] = mask_utils.decode(mask_utils.merge(rle) if isinstance(rle, list) else rle).astype(bool)
+    for img in coco.loadImgs(coco.getImgIds()[:count]):
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=img['id']))
         inst = InstanceData()
         inst.bboxes = torch.tensor([[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2],
                                      a['bbox'][1] + a['bbox'][3]] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        inst.labels = torch.tensor([cat_index[a['category_id']] for a in anns], dtype=torch.long)
-        inst.masks = torch.from_numpy(masks)
+        inst.labels = torch.tensor([cat_ids.index(a['category_id']) for a in anns], dtype=torch.long)
+        inst.masks = torch.from_numpy(np.array([coco.annToMask(a) for a in anns], bool).reshape(
+            len(anns), img['height'], img['width']))
         pred = inst.clone()
         pred.scores = torch.full((len(anns), ), 0.9)
         sample = DetDataSample()
         sample.gt_instances = inst
         sample.pred_instances = pred
         samples.append((str(root / split / img['file_name']), sample))
-    classes = [c['name'] for c in coco['categories']]
+    classes = [c['name'] for c in coco.loadCats(cat_ids)]
     return samples, classes
 
 
@@ -86,7 +77,7 @@ def main(argv=None) -> int:
     from mmdet.visualization import DetLocalVisualizer
 
     from mlla_mm.deploy.benchmark import cpu_description, interleaved_times, median, paired_ratio
-    from mlla_mm.visualization import FastDetVisualizer
+    from mlla_mm.visualization import FastDetVisualizer, _colour
     register_all_modules()
     root = Path(args.data)
     if root.resolve() == (ROOT / 'data' / 'shapes_coco').resolve() and not root.is_dir():
@@ -97,7 +88,7 @@ def main(argv=None) -> int:
     except FileNotFoundError as err:
         print(f'benchmark_visualizer: {err}', file=sys.stderr)
         return 2
-    palette = [tuple(int(c) for c in np.random.default_rng(i).integers(40, 230, 3)) for i in range(len(classes))]
+    palette = [_colour(i, None) for i in range(len(classes))]  # the visualizer's own fixed colours
     visualizers = {'mmdet': DetLocalVisualizer(name='bench-mmdet'), 'fast': FastDetVisualizer(name='bench-fast')}
     for vis in visualizers.values():
         vis.dataset_meta = dict(classes=classes, palette=palette)
