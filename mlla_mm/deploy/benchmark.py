@@ -38,9 +38,36 @@ def median(times: Sequence[float]) -> float:
     return statistics.median(times)
 
 
+def round_ratios(times: Dict[str, List[float]], num: str, den: str) -> List[float]:
+    """``num``'s time over ``den``'s time in each round (rounds where both ran)."""
+    return [a / b for a, b in zip(times[num], times[den])]
+
+
 def paired_ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
     """Median over rounds of ``num``'s time over ``den``'s time in the same round."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+    return statistics.median(round_ratios(times, num, den))
+
+
+def round_spread(ratios: Sequence[float], limit: float, higher_is_better: bool = False) -> str:
+    """``'rounds 0.866-0.951, 3 of 5 meet it: within the noise'``: the range of per-round ratios and their agreement."""
+    meet = sum(1 for r in ratios if (r >= limit if higher_is_better else r <= limit))
+    agreement = 'every round meets it' if meet == len(ratios) else 'no round meets it' if meet == 0 else \
+        f'{meet} of {len(ratios)} rounds meet it: within the noise'
+    return f'rounds {min(ratios):.3f}-{max(ratios):.3f}, {agreement}'
+
+
+def goal_verdict(ratios: Sequence[float], limit: float, higher_is_better: bool = False) -> str:
+    """PASS/FAIL of the median of per-round ratios against ``limit``, with how far the rounds agree.
+
+    On a shared machine a median just inside or outside a goal says little, so with
+    more than one round the verdict adds :func:`round_spread`, e.g.
+    ``'PASS (rounds 0.866-0.951, 3 of 5 meet it: within the noise)'``. ``'SKIP'`` without rounds.
+    """
+    if not ratios:
+        return 'SKIP'
+    value = statistics.median(ratios)
+    verdict = 'PASS' if (value >= limit if higher_is_better else value <= limit) else 'FAIL'
+    return verdict if len(ratios) == 1 else f'{verdict} ({round_spread(ratios, limit, higher_is_better)})'
 
 
 def relative_difference(got: Sequence[np.ndarray], ref: Sequence[torch.Tensor]) -> float:
@@ -79,4 +106,5 @@ def cpu_description() -> Dict[str, object]:
     return dict(model_name=name or 'unknown', bf16_flags=sorted(wanted), native_bf16=native, bf16_note=note)
 
 
-__all__ = ['cpu_description', 'interleaved_times', 'median', 'paired_ratio', 'relative_difference']
+__all__ = ['cpu_description', 'goal_verdict', 'interleaved_times', 'median', 'paired_ratio',
+           'relative_difference', 'round_ratios', 'round_spread']

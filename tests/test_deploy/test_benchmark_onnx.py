@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from mlla_mm.deploy.benchmark import cpu_description, interleaved_times, paired_ratio
+from mlla_mm.deploy.benchmark import (cpu_description, goal_verdict, interleaved_times, paired_ratio,
+                                      round_ratios, round_spread)
 from tests.helpers import load_tool
 
 
@@ -21,6 +22,25 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert paired_ratio(times, 'x', 'y') == pytest.approx(1.5)
     # Load that hits one round slows both runs of that round: the ratio is unaffected.
     assert paired_ratio({'x': [1.0, 10.0, 1.0], 'y': [2.0, 20.0, 2.0]}, 'x', 'y') == pytest.approx(0.5)
+
+
+def test_round_ratios_pair_each_round():
+    times = {'x': [1.0, 4.0, 3.0], 'y': [2.0, 2.0, 2.0]}
+    assert round_ratios(times, 'x', 'y') == [0.5, 2.0, 1.5]
+
+
+def test_goal_verdict_says_when_the_rounds_straddle_the_goal():
+    # Median 0.89 meets 0.9, but two of five rounds do not: the verdict says it is within the noise.
+    mixed = [0.87, 0.95, 0.89, 0.93, 0.88]
+    assert goal_verdict(mixed, 0.9) == 'PASS (rounds 0.870-0.950, 3 of 5 rounds meet it: within the noise)'
+    assert goal_verdict([0.91, 0.95, 0.92], 0.9) == 'FAIL (rounds 0.910-0.950, no round meets it)'
+    assert goal_verdict([0.80, 0.85, 0.83], 0.9) == 'PASS (rounds 0.800-0.850, every round meets it)'
+    # A median outside the goal fails even when some rounds meet it.
+    assert goal_verdict([0.89, 0.95, 0.93], 0.9).startswith('FAIL (rounds 0.890-0.950, 1 of 3')
+    # Higher is better: the comparison turns round.
+    assert goal_verdict([1.6, 1.4, 1.7], 1.5, higher_is_better=True).startswith('PASS (rounds 1.400-1.700, 2 of 3')
+    assert goal_verdict([0.95], 0.9) == 'FAIL' and goal_verdict([], 0.9) == 'SKIP'
+    assert round_spread([0.9, 1.0], 0.9) == 'rounds 0.900-1.000, 1 of 2 rounds meet it: within the noise'
 
 
 def test_cpu_description_names_the_cpu_and_its_bf16_support():
@@ -41,6 +61,8 @@ def test_quick_benchmark_writes_consistent_numbers(tmp_path, capsys):
         assert 0 < row['min'] <= row['median'] <= row['max'] and row['n'] == 1
     assert data['latency']['mlla_t:torch']['over_torch'] == pytest.approx(1.0)
     assert data['goals']['mlla_t_ort_over_torch'] == pytest.approx(data['latency']['mlla_t:ort-all']['over_torch'])
+    rounds = data['round_ratios']['mlla_t_ort_over_torch']
+    assert len(rounds) == 1 and rounds[0] == pytest.approx(data['goals']['mlla_t_ort_over_torch'])
     assert data['models']['mlla_t']['max_rel_diff'] < 1e-4 and data['models']['mlla_t']['dynamic']
     assert data['bf16']['bf16_over_fp32'] > 0 and data['bf16']['max_rel_diff'] < 0.1
     assert data['cpu']['model_name']

@@ -20,7 +20,7 @@ def run_ok(*args, timeout=240):
 def test_benchmark_quick_writes_json_and_png(tmp_path):
     out_json, out_png = tmp_path / 'b.json', tmp_path / 'b.png'
     stdout = run_ok(ROOT / 'tools' / 'benchmark.py', '--quick', '--threads', '1', '--no-train',
-                      '--sizes', '64x96', '256x256', '--json', out_json, '--plot', out_png)
+                      '--sizes', '64x96', '256x256', '--json', out_json, '--plot', out_png, '--train-repeats', '2')
     data = json.loads(out_json.read_text())
     assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:4] == b'\x89PNG'
     assert set(data['latency']) == {'mlla_t', 'mlla_t_ref'}
@@ -51,6 +51,11 @@ def test_benchmark_quick_writes_json_and_png(tmp_path):
         assert 0 < sum(det['parts'][kind].values()) < det[kind]['max']
     assert t['detector_inference_mlla_t_over_swin_t'] > 0
     assert t['verdicts']['Mask R-CNN inference MLLA-T / Swin-T'] in ('PASS', 'FAIL')
+    # Its per-round ratios are kept, and the printed verdict says how they spread around the goal.
+    rounds = data['round_ratios']['detector_inference_mlla_t_over_swin_t']
+    assert len(rounds) == det['mlla_t']['n'] and min(rounds) <= t['detector_inference_mlla_t_over_swin_t'] <= max(rounds)
+    line = next(ln for ln in stdout.splitlines() if 'Mask R-CNN inference MLLA-T / Swin-T' in ln)
+    assert f"(rounds {min(rounds):.3f}-{max(rounds):.3f}, " in line
 
 
 def test_slope_and_verdict_helpers():
@@ -105,6 +110,12 @@ def test_interleaved_alternates_the_order_and_pairs_rounds():
     assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
     ratio = benchmark.paired_ratio({'a': [1., 4., 3.], 'b': [2., 2., 1.]}, 'a', 'b')
     assert ratio == 2.0  # median of 0.5, 2, 3
+
+
+def test_no_rounds_is_one_clear_error():
+    res = run_tool(ROOT / 'tools' / 'benchmark.py', '--quick', '--train-repeats', '0', timeout=120)
+    assert res.returncode == 2 and res.stdout.count('\n') <= 1
+    assert res.stderr.strip().splitlines()[-1] == 'error: --train-repeats must be at least 1, got 0'
 
 
 def test_unknown_model_is_rejected_by_name():
