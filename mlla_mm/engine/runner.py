@@ -85,30 +85,88 @@ def make_synthetic_data(cfg: Any) -> None:
     makers[kind](**spec)
 
 
+#: What each launcher needs in the environment on a CPU-only machine (torchrun, srun and mpirun set them).
+LAUNCHER_ENV = {
+    'pytorch': ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'),
+    'slurm': ('SLURM_NTASKS', 'SLURM_PROCID'),
+    'mpi': ('OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_RANK', 'MASTER_ADDR'),
+}
+_STARTED_BY = {'pytorch': 'torchrun (or tools/dist_train.sh)', 'slurm': 'srun', 'mpi': 'mpirun'}
+
+
+def first_slurm_node(nodelist: str) -> str:
+    """The first host of a Slurm node list (``node[01-04]`` -> ``node01``), through ``scontrol``.
+
+    Raises:
+        UsageError: ``scontrol`` is missing or fails; the message says to set ``MASTER_ADDR`` instead.
+    """
+    import subprocess
+
+    from .launch import UsageError
+    try:
+        res = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise UsageError(f'--launcher slurm: cannot run scontrol to find the first node of SLURM_NODELIST='
+                         f'{nodelist!r} ({err}); set MASTER_ADDR to that node\'s address') from None
+    hosts = res.stdout.split()
+    if res.returncode != 0 or not hosts:
+        why = ' '.join(res.stderr.split()) or f'exit code {res.returncode}, no host printed'
+        raise UsageError(f'--launcher slurm: scontrol show hostnames {nodelist!r} failed ({why}); set MASTER_ADDR '
+                         'to the first node\'s address')
+    return hosts[0]
+
+
+def distributed_env(launcher: str, env: Dict[str, str]) -> Dict[str, str]:
+    """The variables torch.distributed's ``env://`` start needs, from ``launcher``'s own (added to a copy of ``env``).
+
+    Raises:
+        UsageError: a variable the launcher sets is missing (the process was not started by it), or
+            Slurm's first node cannot be found. The message names the variables.
+    """
+    from .launch import UsageError
+    if launcher not in LAUNCHER_ENV:
+        raise UsageError(f'unknown launcher {launcher!r}; choose one of none, {", ".join(LAUNCHER_ENV)}')
+    missing = [k for k in LAUNCHER_ENV[launcher] if not env.get(k)]
+    if launcher == 'slurm' and not env.get('MASTER_ADDR') and not env.get('SLURM_NODELIST'):
+        missing.append('SLURM_NODELIST (or MASTER_ADDR)')
+    if missing:
+        raise UsageError(f'--launcher {launcher} needs {", ".join(missing)} in the environment, which '
+                         f'{_STARTED_BY[launcher]} sets; start the processes with it, or use --launcher none '
+                         'for one process')
+    out = dict(env)
+    if launcher == 'slurm':
+        out.setdefault('MASTER_PORT', '29500')
+        if not out.get('MASTER_ADDR'):
+            out['MASTER_ADDR'] = first_slurm_node(env['SLURM_NODELIST'])
+        out['WORLD_SIZE'], out['RANK'] = env['SLURM_NTASKS'], env['SLURM_PROCID']
+        out['LOCAL_RANK'] = env.get('SLURM_LOCALID', '0')
+    elif launcher == 'mpi':
+        out.setdefault('MASTER_PORT', '29500')
+        out['WORLD_SIZE'], out['RANK'] = env['OMPI_COMM_WORLD_SIZE'], env['OMPI_COMM_WORLD_RANK']
+        out['LOCAL_RANK'] = env.get('OMPI_COMM_WORLD_LOCAL_RANK', '0')
+    for key in ('WORLD_SIZE', 'RANK', 'MASTER_PORT'):
+        if not out[key].isdigit():
+            raise UsageError(f'--launcher {launcher}: {key}={out[key]!r} is not a non-negative whole number')
+    if int(out['RANK']) >= int(out['WORLD_SIZE']):
+        raise UsageError(f'--launcher {launcher}: RANK {out["RANK"]} is not below WORLD_SIZE {out["WORLD_SIZE"]}')
+    return out
+
+
 def init_cpu_distributed(launcher: str) -> None:
     """Start torch.distributed with gloo when there is no CUDA.
 
     mmengine's launchers call ``torch.cuda.set_device`` unconditionally; on a
     CPU-only machine the process group is started here instead, from the same
-    environment variables (torchrun's, Slurm's or Open MPI's), and mmengine
-    then finds it already initialised.
+    environment variables (torchrun's, Slurm's or Open MPI's, see
+    :func:`distributed_env`), and mmengine then finds it already initialised.
     """
-    import subprocess
-
     import torch.distributed as dist
     if launcher == 'none' or torch.cuda.is_available() or (dist.is_available() and dist.is_initialized()):
         return
-    env = os.environ
-    if launcher == 'slurm':
-        env.setdefault('MASTER_PORT', '29500')
-        if 'MASTER_ADDR' not in env:
-            env['MASTER_ADDR'] = subprocess.getoutput(f'scontrol show hostname {env["SLURM_NODELIST"]} | head -n1')
-        env['WORLD_SIZE'], env['RANK'] = env['SLURM_NTASKS'], env['SLURM_PROCID']
-        env['LOCAL_RANK'] = env.get('SLURM_LOCALID', '0')
-    elif launcher == 'mpi':
-        env.setdefault('MASTER_PORT', '29500')
-        env['WORLD_SIZE'], env['RANK'] = env['OMPI_COMM_WORLD_SIZE'], env['OMPI_COMM_WORLD_RANK']
-        env['LOCAL_RANK'] = env.get('OMPI_COMM_WORLD_LOCAL_RANK', '0')
+    resolved = distributed_env(launcher, dict(os.environ))
+    for key in ('MASTER_ADDR', 'MASTER_PORT', 'WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        if key in resolved:
+            os.environ[key] = resolved[key]
     dist.init_process_group(backend='gloo')
     print_log(f'No CUDA: torch.distributed started with gloo (rank {dist.get_rank()} of {dist.get_world_size()}).',
               logger='current')
@@ -279,6 +337,7 @@ def checkpoint_name(runner: Runner) -> str:
     return getattr(runner, 'checkpoint_being_loaded', None) or runner._load_from or 'the checkpoint'
 
 
-__all__ = ['SafeRunner', 'AtomicLocalBackend', 'ATOMIC_BACKEND', 'REQUIRED_HOOKS', 'make_synthetic_data',
-           'init_cpu_distributed', 'find_resumable_checkpoint', 'remove_stale_temp_files', 'checkpoint_name',
-           'with_required_hooks', 'cpu_ddp_wrapper_cfg', 'cpu_amp_wrapper_cfg']
+__all__ = ['SafeRunner', 'AtomicLocalBackend', 'ATOMIC_BACKEND', 'LAUNCHER_ENV', 'REQUIRED_HOOKS', 'make_synthetic_data',
+           'init_cpu_distributed', 'distributed_env', 'first_slurm_node', 'find_resumable_checkpoint',
+           'remove_stale_temp_files', 'checkpoint_name', 'with_required_hooks', 'cpu_ddp_wrapper_cfg',
+           'cpu_amp_wrapper_cfg']

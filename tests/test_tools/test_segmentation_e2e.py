@@ -309,3 +309,53 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert ckpt['meta']['iter'] == 2
     assert 'decode_head.fpn_bottleneck.bn.running_mean' in ckpt['state_dict']
     assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason='with CUDA mmengine starts Slurm jobs itself (nccl)')
+def test_two_slurm_tasks_on_cpu(tmp_path):
+    """Two processes started the way srun starts them (SLURM_* variables, scontrol on PATH): gloo, one run."""
+    import os
+    import socket
+    import stat
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    scontrol = bin_dir / 'scontrol'  # Slurm is not installed here: the node list resolves to this machine
+    scontrol.write_text('#!/bin/sh\nprintf "127.0.0.1\\n127.0.0.2\\n"\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IXUSR)
+    cfg = write_tiny_seg_config(tmp_path, tmp_path / 'shapes_ade')
+    work = tmp_path / 'work'
+    procs = []
+    for rank in range(2):
+        e = env()
+        e.pop('MASTER_ADDR', None)
+        e.update(SLURM_NTASKS='2', SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODELIST='cpu[1-2]',
+                 MASTER_PORT=str(port), PATH=f'{bin_dir}{os.pathsep}{e.get("PATH", "")}')
+        procs.append(subprocess.Popen([PY, 'tools/train.py', str(cfg), '--launcher', 'slurm', '--work-dir', str(work)],
+                                      cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f'rank {rank}:\n' + out[-4000:]
+        assert 'Traceback' not in out
+    assert 'torch.distributed started with gloo (rank 0 of 2)' in outs[0]
+    assert re.search(r'Iter\(val\) \[1/1\]\s+aAcc: [0-9.]+\s+mIoU: [0-9.]+', outs[0]), outs[0][-3000:]
+    ckpt = load_file(work / 'iter_2.pth')
+    assert ckpt['meta']['iter'] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='with CUDA mmengine starts Slurm jobs itself')
+def test_slurm_launcher_outside_srun_is_one_clear_error(tmp_path):
+    cfg = write_tiny_seg_config(tmp_path, tmp_path / 'shapes_ade')
+    e = env()
+    for key in [k for k in e if k.startswith('SLURM_')] + ['MASTER_ADDR']:
+        e.pop(key, None)
+    res = subprocess.run([PY, 'tools/train.py', str(cfg), '--launcher', 'slurm', '--work-dir', str(tmp_path / 'w')],
+                         cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert 'Traceback' not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        'error: --launcher slurm needs SLURM_NTASKS, SLURM_PROCID, SLURM_NODELIST (or MASTER_ADDR) in the '
+        'environment, which srun sets; start the processes with it, or use --launcher none for one process')
