@@ -255,3 +255,49 @@ def test_save_atomic_failure_names_the_file_and_keeps_the_old_one(tmp_path, monk
         save_atomic({'w': torch.zeros(3)}, path)
     assert str(path) in str(err.value) and 'file write failed' in str(err.value)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ['out.pth']
+
+
+@pytest.mark.parametrize('content, message', [
+    ([torch.ones(2)], 'expected a dict of weights, got list'),
+    ({'epoch': 3, 'optimizer': {'state': {}}, 'note': 'no weights'},
+     'no weights found; expected a state dict under "state_dict" (mmdet/mmseg/mmengine), "model" (published '
+     'ImageNet) or a plain dict of tensors, got keys: epoch, optimizer, note'),
+    ({'state_dict': {}}, 'no weights found'),  # an empty state dict is no weights either
+])
+def test_a_file_without_weights_is_named_and_explained(tmp_path, golden_arch, content, message):
+    path = tmp_path / 'not_weights.pth'
+    torch.save(content, path)
+    with pytest.raises(CheckpointError) as err:
+        golden_model(golden_arch, path).init_weights()
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_ddp_prefixed_weights_load_as_the_plain_ones(tmp_path, det_sd, golden_arch, golden):
+    """A state dict saved from a DistributedDataParallel module has 'module.' before every key."""
+    ddp = {'state_dict': {f'module.backbone.{k}': v for k, v in det_sd.items()}}
+    converted = convert_checkpoint(ddp)
+    assert list(converted['state_dict']) == [f'backbone.{k}' for k in det_sd if 'rope' not in k]
+    assert converted['meta']['mlla_mm_layout'] == 'detector/segmentor'
+    path = tmp_path / 'ddp.pth'
+    torch.save(ddp, path)
+    model = golden_model(golden_arch, path)
+    model.init_weights()
+    assert_golden(model, golden)
+
+
+def test_atomic_write_interrupted_inside_the_block_leaves_the_old_file_and_no_temporary(tmp_path):
+    from mlla_mm.utils.io import atomic_write
+    path = tmp_path / 'results.json'
+    path.write_text('{"old": true}')
+    for stop in (RuntimeError('serialisation failed'), KeyboardInterrupt()):
+        with pytest.raises(type(stop)):
+            with atomic_write(path, 'w') as f:
+                f.write('{"new": ')
+                raise stop
+        assert path.read_text() == '{"old": true}' and [p.name for p in tmp_path.iterdir()] == ['results.json']
+    fresh = tmp_path / 'fresh.json'
+    with pytest.raises(RuntimeError):
+        with atomic_write(fresh, 'w') as f:
+            f.write('half')
+            raise RuntimeError('stop')
+    assert not fresh.exists() and [p.name for p in tmp_path.iterdir()] == ['results.json']
