@@ -64,3 +64,27 @@ def test_sigterm_mid_epoch_and_sigint_in_validation_then_resume_exactly(tmp_path
     log3 = logs[3].read_text()
     assert 'validation after epoch 2 did not complete' in log3
     assert_same_weights(ref / f'epoch_{EPOCHS}.pth', work / f'epoch_{EPOCHS}.pth')
+
+
+@pytest.mark.slow
+def test_mid_epoch_checkpoint_resumed_with_another_batch_size_restarts_the_epoch(tmp_path, tiny_data):
+    """A preemption checkpoint from batch 1 of 2 resumed with batch size 1 (4 batches per epoch): the position
+    cannot be mapped, so the run says so in one warning and trains that epoch from its first batch."""
+    config = tiny_config_with_validation(tmp_path, tiny_data, EPOCHS)
+    work = tmp_path / 'work'
+    logs = [tmp_path / f'run{i}.log' for i in range(2)]
+    proc = start(config, work, logs[0], MLLA_MM_TEST_PAUSE='train:3')
+    wait_for('paused before iteration 3', logs[0], proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert finish(proc) == 143
+    proc = start(config, work, logs[1], '--resume', '--cfg-options', 'train_dataloader.batch_size=1')
+    assert finish(proc) == 0, logs[1].read_text()[-3000:]
+    log = logs[1].read_text()
+    _no_traceback(log)
+    warnings = [line for line in log.splitlines() if 'does not fit' in line]
+    assert len(warnings) == 1 and 'written after batch 1 of epoch 2' in warnings[0], log[-3000:]
+    assert 'its iteration count (3) does not fit 4 batches per epoch' in warnings[0]
+    assert 'skipped its first' not in log
+    assert 'Epoch(train) [2][4/4]' in log and 'Epoch(train) [3][4/4]' in log  # epoch 2 ran whole, then 3
+    ckpt = load_file(work / f'epoch_{EPOCHS}.pth')
+    assert (ckpt['meta']['epoch'], ckpt['meta']['iter']) == (EPOCHS, 3 + 4 + 4)
