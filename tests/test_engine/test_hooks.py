@@ -33,10 +33,26 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, marker):
         _ckpt(tmp_path / f'epoch_{s}.pth', s)
     data = (tmp_path / 'epoch_10.pth').read_bytes()
     (tmp_path / 'epoch_10.pth').write_bytes(data[:len(data) // 2])  # as a non-atomic writer would leave it
+    text = None
     if marker is not None:
         text = {'': '', 'garbage': 'not/a/file', 'missing': str(tmp_path / 'epoch_11.pth')}[marker]
         (tmp_path / 'last_checkpoint').write_text(text)
     assert find_resumable_checkpoint(str(tmp_path)) == str(tmp_path / 'epoch_2.pth')
+
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def warning(self, msg):
+            self.lines.append(msg)
+
+    log = Log()
+    assert find_resumable_checkpoint(str(tmp_path), log) == str(tmp_path / 'epoch_2.pth')
+    if marker is None:  # no marker: nothing to warn about
+        assert log.lines == []
+    else:  # the marker named something unusable: said once, with both names
+        assert log.lines == [f"{tmp_path / 'last_checkpoint'} names {text!r}, which is missing or unreadable; "
+                             f"resuming from {tmp_path / 'epoch_2.pth'} instead."]
 
 
 def test_nothing_to_resume(tmp_path):

@@ -1,4 +1,5 @@
 """Detection through the real tools: train + val, resume, load_from, DDP, AMP, missing data."""
+import pickle
 import re
 import socket
 import sys
@@ -52,6 +53,18 @@ def test_train_val_then_resume(tmp_path, tiny_data):
     drawn = sorted(pics.rglob('*.png'))
     assert [p.name for p in drawn] == ['val_00000.png', 'val_00001.png']
     assert all(cv2.imread(str(p)).shape == (320, 640, 3) for p in drawn)
+
+    # test.py --out: the raw predictions of every test image in one pickle (mmengine's DumpResults).
+    out_file = tmp_path / 'results.pkl'
+    res = run_tool('tools/test.py', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 'test2', '--out', out_file)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(out_file, 'rb') as f:
+        dumped = pickle.load(f)  # written by this test's own run
+    assert len(dumped) == 2 and all('pred_instances' in d and 'bboxes' in d['pred_instances'] for d in dumped)
+    # A checkpoint that is not there: one line, exit 2.
+    res = run_tool('tools/test.py', cfg, work / 'epoch_9.pth', '--work-dir', tmp_path / 'test3')
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == \
+        f"error: checkpoint not found: {work / 'epoch_9.pth'}"
 
     res = run_tool('tools/train.py', cfg, '--work-dir', work, '--resume', '--cfg-options', 'train_cfg.max_epochs=2')
     assert res.returncode == 0, res.stderr[-3000:]
