@@ -59,6 +59,19 @@ class TrainingInterrupted(SystemExit):
     """
 
 
+class TrainingAborted(KeyboardInterrupt):
+    """A second SIGINT (Ctrl-C twice): training stopped at once, without the checkpoint of the first.
+
+    A ``KeyboardInterrupt`` (so no ``except Exception`` swallows it, and
+    :func:`mlla_mm.utils.io.atomic_write` discards a half-written file) that
+    says where ``--resume`` continues from; ``code`` is 130.
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def _training(runner: Runner) -> bool:
     return isinstance(getattr(runner, '_train_loop', None), BaseLoop)
 
@@ -228,9 +241,12 @@ class PreemptionHook(Hook):
     logged and :class:`TrainingInterrupted` exits with 128 + the signal
     number. ``--resume`` continues exactly (the exact-resume loops skip the
     batches of the epoch already trained). During validation the
-    validation is abandoned and re-run on resume. A second signal gets the
-    default behaviour (immediate stop). In a distributed run all processes
-    stop after the same iteration.
+    validation is abandoned and re-run on resume. A second signal stops at
+    once: a second SIGTERM the default way (a checkpoint being written stays a
+    temporary file, removed by the next start), a second SIGINT (Ctrl-C
+    twice) as :class:`TrainingAborted`, which discards the file being written
+    and ends the tool with one line and exit code 130. In a distributed run
+    all processes stop after the same iteration.
 
     Args:
         signals: Names of the signals to handle.
@@ -250,11 +266,20 @@ class PreemptionHook(Hook):
 
     # -- signal handling ----------------------------------------------------
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:  # a second signal: stop now, the default way
-            self._restore()
+        if self.received is None:
+            self.received = signum
+            return
+        # A second signal: stop now. SIGTERM the default way (the process ends at once; a checkpoint
+        # being written is left as a temporary file, which the next start removes); SIGINT, Ctrl-C twice,
+        # as an exception, so the file being written is discarded and the tool says so in one line.
+        self._restore()
+        if signum != signal.SIGINT:
             signal.raise_signal(signum)
             return
-        self.received = signum
+        resume = (f'--resume continues from {self._saved[1]}' if self._saved is not None
+                  else 'no checkpoint of this run yet: it starts again from the beginning')
+        raise TrainingAborted(f'{signal.Signals(signum).name} received again: stopped at once, without the '
+                              f'checkpoint of the first one; {resume}.', 128 + signum)
 
     def _restore(self) -> None:
         for sig, previous in self._previous.items():
@@ -315,7 +340,7 @@ class PreemptionHook(Hook):
             self._stop(runner, signum, position, name, 'during the validation after')
 
     def _stop(self, runner: Runner, signum: int, position: Tuple[int, int], name: str, when: str) -> None:
-        self._restore()
+        # The handlers stay until the checkpoint is written: a second signal during the write is _handle's.
         if self._saved is not None and self._saved[0] == position and osp.isfile(self._saved[1]):
             path = self._saved[1]
         else:  # where the CheckpointHook writes, the way it writes (atomically: CheckpointGuardHook)
@@ -339,6 +364,7 @@ class PreemptionHook(Hook):
             done = position[1] - position[0] * per_epoch if when == 'after' else 0
             where += (f' (epoch {position[0] + 1}, batch {done} of {per_epoch})' if done
                       else f' (end of epoch {position[0]})')
+        self._restore()
         name_of = signal.Signals(signum).name
         runner.logger.warning(f'{name_of} received: stopped {when} {where}; resumable checkpoint {path} '
                               f'(continue with --resume); exit code {128 + signum}.')
@@ -447,5 +473,5 @@ class CheckpointGuardHook(Hook):
         check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename)
 
 __all__ = ['RandomStateHook', 'ValidationResumeHook', 'PreemptionHook', 'FiniteLossHook', 'CheckpointGuardHook',
-           'NonFiniteLossError', 'TrainingInterrupted', 'get_random_state',
+           'NonFiniteLossError', 'TrainingAborted', 'TrainingInterrupted', 'get_random_state',
            'set_random_state', 'VALIDATION_MARKER']

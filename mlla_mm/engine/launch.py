@@ -187,10 +187,11 @@ def run_main(main: Callable[[], int]) -> int:
     Exit codes: 0 done, 2 bad input (paths, config, data, checkpoint) or a
     failed write (disk full: the message names the file), 1 training stopped
     on a non-finite loss, 128 + N training stopped on signal N after writing
-    a resumable checkpoint (143 SIGTERM, 130 SIGINT).
+    a resumable checkpoint (143 SIGTERM, 130 SIGINT), 130 also for Ctrl-C
+    outside training or pressed twice (one ``error:`` line).
     """
     from ..checkpoint import CheckpointError
-    from .hooks import NonFiniteLossError, TrainingInterrupted
+    from .hooks import NonFiniteLossError, TrainingAborted, TrainingInterrupted
     try:
         tune_cpu_malloc()  # large CPU tensors off fresh mmap pages; MLLA_MM_MALLOC=default to skip
     except ValueError as err:
@@ -209,3 +210,9 @@ def run_main(main: Callable[[], int]) -> int:
         return 1
     except TrainingInterrupted as stop:  # the hook logged where the resumable checkpoint is
         return int(stop.code)
+    except TrainingAborted as stop:  # Ctrl-C twice during training
+        print(f'error: {stop}', file=sys.stderr)
+        return stop.code
+    except KeyboardInterrupt:
+        print('error: interrupted (Ctrl-C)', file=sys.stderr)
+        return 130

@@ -164,3 +164,22 @@ def test_preemption_hook_does_nothing_outside_training():
 def test_preemption_hook_rejects_unknown_signals():
     with pytest.raises(ValueError, match='SIGTERMM'):
         PreemptionHook(signals=['SIGTERMM'])
+
+
+def test_run_main_turns_ctrl_c_into_one_line_and_exit_130(capsys):
+    from mlla_mm.engine.hooks import TrainingAborted, TrainingInterrupted
+    from mlla_mm.engine.launch import run_main
+
+    def raising(exc):
+        def main():
+            raise exc
+        return main
+
+    assert run_main(raising(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == 'error: interrupted (Ctrl-C)\n'
+    aborted = TrainingAborted('SIGINT received again: stopped at once, ...; --resume continues from x.pth.', 130)
+    assert run_main(raising(aborted)) == 130
+    assert capsys.readouterr().err == f'error: {aborted}\n'
+    assert run_main(raising(TrainingInterrupted(143))) == 143  # the hook has logged its line: nothing more
+    assert capsys.readouterr().err == ''
+    assert run_main(lambda: 0) == 0

@@ -88,3 +88,43 @@ def test_mid_epoch_checkpoint_resumed_with_another_batch_size_restarts_the_epoch
     assert 'Epoch(train) [2][4/4]' in log and 'Epoch(train) [3][4/4]' in log  # epoch 2 ran whole, then 3
     ckpt = load_file(work / f'epoch_{EPOCHS}.pth')
     assert (ckpt['meta']['epoch'], ckpt['meta']['iter']) == (EPOCHS, 3 + 4 + 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['SIGINT', 'SIGTERM'])
+def test_second_signal_while_the_checkpoint_is_written_stops_at_once_and_loses_nothing(tmp_path, tiny_data, name):
+    """The first signal asks for a checkpoint after iteration 3; a second one while it is half written stops the
+    run at once. Ctrl-C twice: the half-written file is discarded, one line says where --resume continues,
+    exit 130. SIGTERM twice: the process ends by the signal; the next start removes the temporary file.
+    Either way the marker still names epoch_1.pth and the resumed run ends with the uninterrupted run's weights."""
+    sig = getattr(signal, name)
+    config = tiny_config_with_validation(tmp_path, tiny_data, EPOCHS)
+    ref, work = tmp_path / 'ref', tmp_path / 'work'
+    logs = [tmp_path / f'run{i}.log' for i in range(3)]
+    assert finish(start(config, ref, logs[0])) == 0, logs[0].read_text()[-3000:]
+
+    proc = start(config, work, logs[1], MLLA_MM_TEST_PAUSE='train:3', MLLA_MM_TEST_SAVE_PAUSE='iter_3.pth:120')
+    wait_for('paused before iteration 3', logs[1], proc)
+    os.kill(proc.pid, sig)
+    wait_for('half written; pausing', logs[1], proc)
+    os.kill(proc.pid, sig)
+    rc = finish(proc, timeout=60)  # not the 120 s of the paused write
+    log1 = logs[1].read_text()
+    temporaries = glob.glob(str(work / '.iter_3.pth.tmp-*'))
+    if name == 'SIGINT':
+        assert rc == 130, log1[-3000:]
+        _no_traceback(log1)
+        assert log1.strip().splitlines()[-1] == (
+            f'error: SIGINT received again: stopped at once, without the checkpoint of the first one; '
+            f'--resume continues from {work / "epoch_1.pth"}.')
+        assert temporaries == []
+    else:
+        assert rc == -signal.SIGTERM, log1[-3000:]
+        assert len(temporaries) == 1  # killed mid-write: the next start removes it
+    assert not (work / 'iter_3.pth').exists()
+    assert (work / 'last_checkpoint').read_text().strip() == str(work / 'epoch_1.pth')
+
+    proc = start(config, work, logs[2], '--resume')
+    assert finish(proc) == 0, logs[2].read_text()[-3000:]
+    assert not glob.glob(str(work / '.*.tmp-*'))
+    assert_same_weights(ref / f'epoch_{EPOCHS}.pth', work / f'epoch_{EPOCHS}.pth')
