@@ -269,3 +269,26 @@ def test_panoptic_file_gets_the_image_checks_only(coco):
     write_ann(root, data)
     with pytest.raises(BadAnnotationError, match='duplicate image ids 1 '):
         check_annotations(cfg, 'train_dataloader')
+
+
+def _png_header_only(path, width, height):
+    """A PNG of a few dozen bytes whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
+                     + chunk(b'IDAT', zlib.compress(b'\0' * 16)) + chunk(b'IEND', b''))
+    return path
+
+
+def test_decompression_bomb_is_a_bad_image_found_without_decoding_it(tmp_path):
+    import resource
+    bomb = _png_header_only(tmp_path / 'bomb.png', 30000, 30000)  # 2.7 GB of pixels from 72 bytes
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert inspect_image(str(bomb)) == (None, 'more pixels than PIL allows (decompression-bomb limit)')
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: nothing decoded
+    fine = _png_header_only(tmp_path / 'small.png', 4, 2)  # the same file with a small header is an image
+    assert inspect_image(str(fine))[0] == (4, 2)
