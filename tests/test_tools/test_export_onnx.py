@@ -228,3 +228,43 @@ def test_tool_formulation_option(tmp_path, formulation):
     assert {p.key: p.value for p in model.metadata_props}['mlla_mm_formulation'] == formulation
     splits = sum(n.op_type == 'Split' for n in model.graph.node)
     assert (splits == 0) == (formulation == 'onnx')  # the plain graph splits the RoPE pairs
+
+
+def test_bad_configs_and_shapes_are_one_line(tmp_path, capsys):
+    broken = tmp_path / 'broken.py'
+    broken.write_text('model = dict(type=\n')
+    code, lines = run_in_process(capsys, broken, '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, f'{broken}: cannot read the config')
+    no_model = tmp_path / 'no_model.py'
+    no_model.write_text('train_cfg = dict(max_iters=1)\n')
+    code, lines = run_in_process(capsys, no_model, '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, f'{no_model}: the config has no model')
+    unknown = tmp_path / 'unknown_type.py'
+    unknown.write_text("default_scope = 'mmseg'\nmodel = dict(type='NoSuchSegmentor')\n")
+    code, lines = run_in_process(capsys, unknown, '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, f'{unknown}: the model does not build', 'NoSuchSegmentor')
+    code, lines = run_in_process(capsys, 'mlla_t', '--out', tmp_path / 'm.onnx', '--shape', '0', '64')
+    assert_error(code, lines, '--shape must be positive, got 0 64')
+    assert leftovers(tmp_path) == []
+
+
+def test_backbone_only_weights_for_a_segmentor_say_so_and_export(tmp_path, capsys):
+    """ImageNet backbone weights for a whole UperNet: the backbone gets them, the tool says the heads do not."""
+    from mlla_mm.deploy.onnx_export import build_target, make_session
+    from mlla_mm.models import MLLA
+    cfg = write_tiny_upernet(tmp_path)
+    torch.manual_seed(7)
+    backbone = MLLA(TINY_ARCH)
+    ckpt = tmp_path / 'backbone.pth'
+    torch.save({'state_dict': backbone.state_dict()}, ckpt)
+    out = tmp_path / 'seg.onnx'
+    assert export_tool.main([str(cfg), str(ckpt), '--out', str(out), '--shape', '32', '32']) == 0
+    printed = capsys.readouterr()
+    assert f'{ckpt} holds backbone weights only: the neck and heads keep their random initialisation' in \
+        printed.out + printed.err
+    # The exported backbone computes with the saved weights: an MLP layer's matrix is in the file as saved.
+    import onnx
+    fc1 = backbone.state_dict()['layers.0.blocks.0.mlp.fc1.weight'].numpy()
+    inits = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer]
+    assert any(a.shape == fc1.T.shape and np.array_equal(a, fc1.T) for a in inits)
+    assert make_session(str(out)).run(None, {'img': np.zeros((1, 3, 32, 32), np.float32)})[0].shape[1] == NUM_CLASSES
