@@ -1,6 +1,8 @@
 """tools/demo.py: when the demo trains with mixed precision, and what it passes to train.py and test.py."""
 import argparse
 
+import pytest
+
 from tests.helpers import load_tool
 
 demo = load_tool('demo')
@@ -89,3 +91,28 @@ def test_training_skips_its_final_validation_and_the_test_step_evaluates(monkeyp
 
     assert due(epochs, 1)  # without the option the last epoch validates
     assert not any(due(e, cfg.train_cfg.val_begin) for e in range(1, epochs + 1))
+
+
+@pytest.mark.slow
+def test_the_demo_command_runs_end_to_end_on_a_few_images(tmp_path):
+    """tools/demo.py det itself (the README's main job), cut to 4 training and 2 test images: it trains, evaluates
+    the untrained and the trained model, draws the test images, plots the loss and writes its summary."""
+    import json
+    from tests.helpers import run_tool
+    work = tmp_path / 'demo'
+    res = run_tool('tools/demo.py', 'det', '--work-dir', work, '--baseline', '--no-amp', '--cfg-options',
+                   'train_dataloader.dataset.indices=4', 'test_dataloader.dataset.indices=2',
+                   'train_cfg.max_epochs=1', 'default_hooks.logger.interval=1', timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert 'mixed precision off (--no-amp)' in out
+    assert 'seed 0 (fixed in the config, so the demo repeats; --seed N for another run)' in out
+    summary = json.loads((work / 'demo_summary.json').read_text())
+    for key in ('untrained', 'trained'):
+        assert set(summary[key]) == {'coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'}, \
+            summary[key]
+        assert all(0 <= v <= 1 for v in summary[key].values())
+    assert summary['num_pictures'] == 2 and summary['seed'] == 0 and summary['amp'] is False
+    assert (work / 'loss_curve.png').read_bytes()[:4] == b'\x89PNG'
+    assert summary['checkpoint'] == str(work / 'epoch_1.pth')
+    assert f"pictures: 2 PNGs in {work / 'predictions'}" in out
