@@ -116,3 +116,21 @@ def test_the_demo_command_runs_end_to_end_on_a_few_images(tmp_path):
     assert (work / 'loss_curve.png').read_bytes()[:4] == b'\x89PNG'
     assert summary['checkpoint'] == str(work / 'epoch_1.pth')
     assert f"pictures: 2 PNGs in {work / 'predictions'}" in out
+
+
+@pytest.mark.slow
+def test_the_segmentation_demo_command_runs_end_to_end_on_a_few_images(tmp_path):
+    """tools/demo.py seg (make demo-seg), cut to 2 iterations on 4 training images and 2 test images."""
+    import json
+    from tests.helpers import run_tool
+    work = tmp_path / 'demo'
+    res = run_tool('tools/demo.py', 'seg', '--work-dir', work, '--cfg-options', 'train_dataloader.dataset.indices=4',
+                   'test_dataloader.dataset.indices=2', 'train_cfg.max_iters=2', 'default_hooks.logger.interval=1',
+                   timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert 'mixed precision off (--amp to turn it on)' in res.stdout
+    summary = json.loads((work / 'demo_summary.json').read_text())
+    for key in ('untrained', 'trained'):  # the segmentation demo evaluates the untrained model by default
+        assert set(summary[key]) == {'mIoU', 'mAcc', 'aAcc'} and all(0 <= v <= 100 for v in summary[key].values())
+    assert summary['num_pictures'] == 2 and summary['checkpoint'] == str(work / 'iter_2.pth')
+    assert (work / 'loss_curve.png').read_bytes()[:4] == b'\x89PNG'
