@@ -68,7 +68,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from mlla_mm.datasets.synthetic import random_detection_batch
-from mlla_mm.deploy.benchmark import goal_verdict, paired_ratio, round_ratios
+from mlla_mm.deploy.benchmark import paired_ratio, round_ratios, round_spread
 from mlla_mm.utils.flops import backbone_flops
 from mlla_mm.utils.io import atomic_write
 from mlla_mm.utils.malloc import tune_cpu_malloc
@@ -711,7 +711,8 @@ def main(argv=None) -> int:
         t['verdicts'][label] = v
         shown = f'{value:.3f}' if value is not None else '-'
         # Paired ratios also say how their rounds spread around the goal (a median near it is noise).
-        text = goal_verdict(rounds[paired[0]], limit, higher) if paired and paired[0] in rounds else v
+        spread = rounds.get(paired[0], []) if paired else []
+        text = f'{v} ({round_spread(spread, limit, higher)})' if len(spread) > 1 else v
         print(f"  {label:<48} {shown:>7}  ({'>=' if higher else '<='} {limit})  {text}")
     mins = {k[len('min_based_'):]: v for k, v in t.items() if k.startswith('min_based_')}
     if mins:

@@ -81,8 +81,12 @@ def main(argv=None) -> int:
     register_all_modules()
     root = Path(args.data)
     if root.resolve() == (ROOT / 'data' / 'shapes_coco').resolve() and not root.is_dir():
-        from mlla_mm.datasets import make_coco_shapes
-        make_coco_shapes(str(root))
+        from mmengine.config import Config
+
+        from mlla_mm.engine.runner import make_synthetic_data  # the demo's data set, as its config makes it
+        cfg = Config.fromfile(str(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t_demo.py'))
+        cfg.synthetic_data.root = str(root)
+        make_synthetic_data(cfg)
     try:
         samples, classes = load_samples(root, args.split, args.images)
     except FileNotFoundError as err:

@@ -28,6 +28,7 @@ import inspect
 import os
 import os.path as osp
 import re
+import subprocess
 import zipfile
 from typing import Any, Dict, Optional, Union
 
@@ -100,8 +101,6 @@ def first_slurm_node(nodelist: str) -> str:
     Raises:
         UsageError: ``scontrol`` is missing or fails; the message says to set ``MASTER_ADDR`` instead.
     """
-    import subprocess
-
     from .launch import UsageError
     try:
         res = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True, timeout=60)
@@ -163,10 +162,7 @@ def init_cpu_distributed(launcher: str) -> None:
     import torch.distributed as dist
     if launcher == 'none' or torch.cuda.is_available() or (dist.is_available() and dist.is_initialized()):
         return
-    resolved = distributed_env(launcher, dict(os.environ))
-    for key in ('MASTER_ADDR', 'MASTER_PORT', 'WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
-        if key in resolved:
-            os.environ[key] = resolved[key]
+    os.environ.update(distributed_env(launcher, dict(os.environ)))
     dist.init_process_group(backend='gloo')
     print_log(f'No CUDA: torch.distributed started with gloo (rank {dist.get_rank()} of {dist.get_world_size()}).',
               logger='current')
