@@ -24,11 +24,14 @@ What it does differently (measured in docs/benchmarks.md):
 * residual adds, SiLU, ELU, the gate product, the attention normaliser and
   the LePE add write into tensors that were just allocated; ``out_proj`` and
   ``fc2`` accumulate straight into the residual stream with ``addmm_``;
-* ``in_proj`` and ``act_proj`` run as one ``C -> 2C`` matmul;
-* RoPE is one in-place complex multiply on q and k together;
-* ``z`` is one ``(N, C) x (C, heads)`` matmul against a block-diagonal
-  matrix of per-head key means, and the per-head products are ``bmm`` calls
-  on strided ``(heads, N, d)`` views (no layout copies), written in place;
+* ``in_proj`` runs with its bias in one ``addmm`` per band; the q, k and gate
+  projections run with their bias (and SiLU for the gate) in one fused
+  linear call where oneDNN offers it (:func:`linear_act`);
+* RoPE is an in-place complex multiply on each band of q and of k;
+* the key statistics (sum of k, ``RoPE(k)^T v`` per head) accumulate band by
+  band with ``baddbmm_`` on strided ``(heads, d, n)`` views (no layout
+  copies); ``z`` is one ``(n, C) x (C, heads)`` matmul per band against a
+  block-diagonal matrix of per-head key means;
 * the eval BatchNorms of the stem and the downsample layers are folded into
   their convolutions (:func:`fold_batch_norm`, once per call);
 * the MLP runs over chunks of at most 4096 tokens (fewer where its 4C-wide
