@@ -17,6 +17,11 @@ Every path in mlla-mm that reads a checkpoint goes through :func:`load_file`
 3. Files you trust can be loaded with plain pickle by passing ``trusted=True``
    or setting ``MLLA_MM_TRUST_CHECKPOINTS=1``.
 
+``.safetensors`` files (recognised by their header, whatever their name)
+hold only tensors and a JSON header, so nothing in them can run: they are
+read with the ``safetensors`` library (installed with timm) into a plain
+state dict.
+
 Every failure is a :class:`CheckpointError` naming the file.
 
 :func:`convert_checkpoint` turns any supported layout (published ImageNet,
@@ -78,11 +83,14 @@ def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = No
         raise FileNotFoundError(f'checkpoint file not found: {path}')
     if os.path.getsize(path) == 0:
         raise CheckpointError(f'checkpoint file is empty: {path}')
-    if _is_trusted(trusted):
-        return _torch_load(path, path, map_location, weights_only=False)
     # One open file for the check and the load: renaming another file into
     # place in between cannot swap what is read.
     with open(path, 'rb') as f:
+        if is_safetensors(f):
+            return _load_safetensors(f, path, map_location)
+        if _is_trusted(trusted):
+            f.seek(0)
+            return _torch_load(f, path, map_location, weights_only=False)
         try:
             guard.check_file(f)
         except guard.Refused as err:
@@ -97,6 +105,35 @@ def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = No
         present = set(torch.serialization.get_safe_globals())
         with torch.serialization.safe_globals([g for g in guard.safe_globals() if g not in present]):
             return _torch_load(f, path, map_location, weights_only=True)
+
+
+def is_safetensors(f: Any) -> bool:
+    """True when the open binary file ``f`` starts like a safetensors file (8-byte header size, then ``{``)."""
+    f.seek(0)
+    head = f.read(9)
+    f.seek(0)
+    if len(head) < 9 or head[8:9] != b'{':
+        return False
+    return 0 < int.from_bytes(head[:8], 'little') <= os.fstat(f.fileno()).st_size - 8
+
+
+def _load_safetensors(f: Any, path: str, map_location: Any) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as an ordered state dict (file order); errors name the file."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+    except ImportError:  # pragma: no cover - timm depends on safetensors
+        raise CheckpointError(f'{path} is a safetensors file; install safetensors to read it') from None
+    f.seek(0)
+    try:
+        weights = load_safetensors(f.read())
+    except MemoryError:
+        raise CheckpointError(f'checkpoint file {path} needs more memory than is available') from None
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
+        raise CheckpointError(f'safetensors file is truncated or corrupt: {path} ({_first_line(err)})') from None
+    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+        weights = {k: v.to(map_location) for k, v in weights.items()}
+    return OrderedDict(weights)
 
 
 def _first_line(err: BaseException) -> str:

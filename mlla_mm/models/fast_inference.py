@@ -79,8 +79,9 @@ def band_budget() -> int:
 
 
 def is_tracing() -> bool:
-    """True under ``torch.jit.trace``, ONNX export, ``torch.compile`` or ``torch.export``."""
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+    """True under ``torch.jit.trace``, ONNX export, ``torch.compile``, ``torch.export`` or ``torch.fx`` tracing."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+                or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
 
 
 def use_fast_inference(module: nn.Module, x: torch.Tensor) -> bool:

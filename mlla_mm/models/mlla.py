@@ -40,7 +40,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -50,7 +50,7 @@ import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, SelectAdaptivePool2d, get_device_dtype, register_notrace_module, trunc_normal_
 from timm.models import (adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model,
                          resolve_pretrained_cfg)
 from timm.models._features import feature_take_indices
@@ -102,6 +102,7 @@ class ConvLayer(nn.Module):
         return x
 
 
+@register_notrace_module  # a leaf for timm's FX feature extraction (autocast check inside)
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` that normalises in float32 at least (also under autocast; float64 stays).
 
@@ -158,6 +159,7 @@ def attention_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------
 # Stem, downsample and MLP.
 # --------------------------------------------------------------------------
+@register_notrace_module  # a leaf for timm's FX feature extraction (shape-dependent code inside)
 class Stem(nn.Module):
     """Overlapping convolutional stem ``patch_embed``: 3 -> C channels at stride 4."""
 
@@ -181,6 +183,7 @@ class Stem(nn.Module):
         return as_channels_last(self.conv3(x)).permute(0, 2, 3, 1)
 
 
+@register_notrace_module  # a leaf for timm's FX feature extraction (shape-dependent code inside)
 class Downsample(nn.Module):
     """Inverted-bottleneck downsampling: C -> 2C channels at stride 2."""
 
@@ -341,6 +344,13 @@ class LinearAttention(nn.Module):
             out = out.transpose(1, 2).reshape(b, h, w, c)
         return out.to(x.dtype) + dwconv_bhwc(self.lepe, x)
 
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The published checkpoints carry each block's fixed 224-input RoPE table
+        # (``attn.rope.rotations``); RoPE is computed for the actual input size, so the table is dropped
+        # on every load path (``load_state_dict``, timm's ``checkpoint_path=``), not only by the filters.
+        state_dict.pop(prefix + 'rope.rotations', None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}'
 
@@ -414,21 +424,22 @@ def checkpoint_module(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     without checkpointing (random draws such as drop-path are replayed by
     ``torch.utils.checkpoint``).
     """
-    calls = [0]
-
-    def run(*inputs: torch.Tensor) -> torch.Tensor:
-        calls[0] += 1
-        if calls[0] == 1:
-            return module(*inputs)
-        with frozen_bn_stats(module):
-            return module(*inputs)
-
-    return cp.checkpoint(run, *args, use_reentrant=False)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    if not has_bn:
+        return cp.checkpoint(module, *args, use_reentrant=False)
+    if torch.compiler.is_compiling():
+        # torch.compile cannot checkpoint BatchNorm's in-place statistics update (nor take
+        # context_fn): under it the stem and the downsample layers run without checkpointing.
+        return module(*args)
+    # The forward runs as usual; the recomputation runs under the second context.
+    return cp.checkpoint(module, *args, use_reentrant=False,
+                         context_fn=lambda: (nullcontext(), frozen_bn_stats(module)))
 
 
 # --------------------------------------------------------------------------
 # A stage.
 # --------------------------------------------------------------------------
+@register_notrace_module  # a leaf for timm's FX feature extraction (shape-dependent code inside)
 class MLLAStage(nn.Module):
     """``depth`` MLLA blocks sharing one RoPE table, then (except in the last stage) a downsample.
 
@@ -707,6 +718,17 @@ _PRETRAINED_USE_EMA: 'contextvars.ContextVar[bool]' = contextvars.ContextVar('ml
                                                                             default=False)
 
 
+def make_pool(global_pool: str) -> nn.Module:
+    """timm's global pooling of NHWC maps to ``(B, C * feat_mult)``; ``''``: none (the maps pass through)."""
+    if not isinstance(global_pool, str):
+        raise ValueError(f"MLLA: global_pool must be a string such as 'avg' or '', got {global_pool!r}")
+    try:
+        return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool), input_fmt='NHWC')
+    except (AssertionError, ValueError, KeyError):
+        raise ValueError(f"MLLA: global_pool must be one of 'avg', 'max', 'avgmax', 'catavgmax' or '', "
+                         f'got {global_pool!r}') from None
+
+
 class MLLAClassifier(nn.Module):
     """MLLA ImageNet classifier (timm model): stem, four stages, final norm, average pool, linear head.
 
@@ -719,7 +741,8 @@ class MLLAClassifier(nn.Module):
     Args:
         in_chans: Input image channels.
         num_classes: Classes of the head; 0 for no head (pooled features).
-        global_pool: ``'avg'`` or ``''`` (no pooling: ``forward_head`` gets NHWC maps).
+        global_pool: timm's pooling (``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'``) or ``''``
+            (no pooling: ``forward_head`` gets NHWC maps).
         embed_dim: Channels of stage 0 (stage i has ``embed_dim * 2**i``).
         depths: Blocks per stage (four stages).
         num_heads: Attention heads per stage.
@@ -727,23 +750,37 @@ class MLLAClassifier(nn.Module):
         drop_rate: Dropout before the head.
         proj_drop_rate: Dropout in the block MLPs.
         drop_path_rate: Stochastic depth, rising linearly over all blocks.
+        output_stride: Must be 32 (no dilated variant); accepted as timm's feature API passes it.
+        device: Where the parameters are created (e.g. ``'meta'``); timm's factory argument.
+        dtype: Floating dtype of the parameters; timm's factory argument.
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, global_pool: str = 'avg',
                  embed_dim: int = 64, depths: Tuple[int, ...] = (2, 4, 8, 4),
                  num_heads: Tuple[int, ...] = (2, 4, 8, 16), mlp_ratio: float = 4., drop_rate: float = 0.,
-                 proj_drop_rate: float = 0., drop_path_rate: float = 0.) -> None:
+                 proj_drop_rate: float = 0., drop_path_rate: float = 0., output_stride: int = 32,
+                 device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        if output_stride != 32:
+            raise ValueError(f'MLLA: output_stride must be 32 (MLLA has no dilated stages), got {output_stride!r}')
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f'MLLA: dtype must be a floating torch.dtype, got {dtype!r}')
+        with torch.device(device) if device is not None else nullcontext():
+            self._build(in_chans, num_classes, global_pool, embed_dim, depths, num_heads, mlp_ratio, drop_rate,
+                        proj_drop_rate, drop_path_rate)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    def _build(self, in_chans: int, num_classes: int, global_pool: str, embed_dim: int, depths: Tuple[int, ...],
+               num_heads: Tuple[int, ...], mlp_ratio: float, drop_rate: float, proj_drop_rate: float,
+               drop_path_rate: float) -> None:
         arch = resolve_arch(dict(embed_dims=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads)))
         check_hyperparameters(arch['embed_dims'], mlp_ratio, proj_drop_rate, drop_path_rate)
         if not _is_number(drop_rate) or not 0 <= drop_rate < 1:
             raise ValueError(f'MLLA: drop_rate must be a number in [0, 1), got {drop_rate!r}')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"MLLA: global_pool must be 'avg' or '', got {global_pool!r}")
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f'MLLA: num_classes must be an int >= 0, got {num_classes!r}')
         self.num_classes = num_classes
-        self.global_pool = global_pool
         self.in_chans = in_chans
         self.embed_dim: int = arch['embed_dims']
         self.depths: Tuple[int, ...] = arch['depths']
@@ -764,21 +801,42 @@ class MLLAClassifier(nn.Module):
             self.layers.append(MLLAStage(channels[i], self.depths[i], self.num_heads[i], mlp_ratio, proj_drop_rate,
                                          dpr[start:start + self.depths[i]], downsample=i < num_stages - 1))
         self.norm = LayerNorm(self.num_features)
+        self.global_pool = global_pool
+        self.pool = make_pool(global_pool)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features * self.pool.feat_mult(), num_classes) if num_classes > 0 \
+            else nn.Identity()
         self.apply(MLLA._init_module)
 
     # -- timm model API ------------------------------------------------------
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Parameter groups for layer-wise learning-rate decay (a downsample goes with the stage it feeds)."""
-        return dict(
-            stem=r'^patch_embed',
-            blocks=r'^layers\.(\d+)' if coarse else [
-                (r'^layers\.(\d+)\.blocks\.(\d+)', None),
-                (r'^layers\.(\d+)\.downsample', (99998, )),
-                (r'^norm', (99999, )),
-            ])
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[int, ...]]:
+        """Parameter groups for layer-wise learning-rate decay, as timm's Swin and ConvNeXt group them.
+
+        The stem first; then each block (or, ``coarse``, each stage); a downsample
+        goes with the first block of the stage it feeds (in MLLA's layout it sits at
+        the end of the previous stage, ``layers.{i}.downsample``); the final norm
+        with the last block; anything else (the head) last. A callable, which
+        timm's ``group_with_matcher`` takes, because the downsample's group is
+        ``i + 1``.
+        """
+        depths = [len(stage.blocks) for stage in self.layers]
+
+        def group(name: str) -> Tuple[int, ...]:
+            if name.startswith('patch_embed.'):
+                return (0, )
+            m = re.match(r'^layers\.(\d+)\.(blocks\.(\d+)|downsample)\.', name)
+            if m:
+                i = int(m.group(1))
+                if m.group(3) is not None:
+                    return (1, i) if coarse else (1, i, int(m.group(3)))
+                return (1, i + 1) if coarse else (1, i + 1, 0)
+            if name.startswith('norm.'):
+                last = len(depths) - 1
+                return (1, last) if coarse else (1, last, max(depths[-1] - 1, 0))
+            return (2, )
+
+        return group
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -792,13 +850,19 @@ class MLLAClassifier(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head by a new one with ``num_classes`` outputs (0: none); optionally change the pooling."""
+        """Replace the head by a new one with ``num_classes`` outputs (0: none); optionally change the pooling.
+
+        The new head is created on the model's device and in its dtype.
+        """
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f'MLLA: num_classes must be an int >= 0, got {num_classes!r}')
         if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"MLLA: global_pool must be 'avg' or '', got {global_pool!r}")
+            self.pool = make_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        dd = get_device_dtype(self)
+        self.head = nn.Linear(self.num_features * self.pool.feat_mult(), num_classes, **dd) if num_classes > 0 \
+            else nn.Identity()
 
     # -- forward ---------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
@@ -880,8 +944,7 @@ class MLLAClassifier(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """NHWC features -> logits (or the pooled features with ``pre_logits``)."""
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(1, 2))
+        x = self.pool(x)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -1022,6 +1085,9 @@ def _cfg(variant: str) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs({f'{name}.in1k': _cfg(name) for name in _FILES})
 
 
+_FEATURE_CLS = ('getter', 'hook')
+
+
 class MissingWeightsError(CheckpointError):
     """``pretrained=True`` without a weights file (nothing can be downloaded)."""
 
@@ -1029,6 +1095,13 @@ class MissingWeightsError(CheckpointError):
 def _create_mlla(variant: str, pretrained: bool = False, use_ema: bool = False, **kwargs: Any) -> nn.Module:
     """Build ``variant`` with timm's ``build_model_with_cfg``; weights come from ``pretrained_cfg`` ``file``."""
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    feature_cls = kwargs.get('feature_cls', 'getter')
+    if kwargs.get('features_only') and not (isinstance(feature_cls, str) and feature_cls.lower() in _FEATURE_CLS):
+        # 'list'/'dict' need the stages as sequential children, and 'fx' (torchvision's rule: the last
+        # node inside a module) would return each stage's *downsampled* map, because the downsample
+        # layers are children of the stages in the published layout.
+        raise ValueError(f"{variant}: features_only supports feature_cls 'getter' (the default) or 'hook', got "
+                         f'{feature_cls!r}')
     if use_ema and not pretrained:
         raise ValueError(f'{variant}: use_ema=True selects pretrained weights; it needs pretrained=True')
     if pretrained:

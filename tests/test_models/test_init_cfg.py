@@ -78,3 +78,18 @@ def test_unknown_init_cfg_key_lists_the_allowed_ones(tmp_path):
                  init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'x.pth'), prefixx='backbone.'))
     with pytest.raises(ValueError, match=r"prefixx.*prefix.*map_location"):
         model.init_weights()
+
+
+def test_safetensors_file_is_recognised_by_its_header(tmp_path, det_ckpt, golden_arch, golden):
+    """A safetensors file (here named .pth) loads through the same init_cfg; nothing in it can run."""
+    from safetensors.torch import save_file
+    path = tmp_path / 'det_weights.pth'
+    save_file({k: v.contiguous() for k, v in det_ckpt['state_dict'].items()}, str(path))
+    assert_golden(build(golden_arch, path, prefix='backbone.'), golden)
+    assert_golden(build(golden_arch, path), golden)  # the detector layout is recognised as for .pth files
+    # corrupt header: one clear error naming the file, as for a torch file
+    data = bytearray(path.read_bytes())
+    data[9:13] = b'\xff\xfe\xfd\xfc'
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match='safetensors file is truncated or corrupt: .*det_weights.pth'):
+        build(golden_arch, path)

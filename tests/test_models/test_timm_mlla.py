@@ -158,7 +158,7 @@ def test_forward_and_default_cfg_checks():
     state_dict = model.state_dict()
     assert cfg['classifier'] + '.weight' in state_dict and cfg['first_conv'] + '.weight' in state_dict
     with pytest.raises(ValueError, match='global_pool'):
-        tiny(global_pool='max')
+        tiny(global_pool='median')
 
 
 def test_backward_reaches_every_parameter():
@@ -318,12 +318,126 @@ def test_group_matcher_orders_every_parameter():
     names = [n for g in groups.values() for n in g]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     order = {n: gid for gid, g in groups.items() for n in g}
-    # a downsample belongs after its stage's blocks and before the next stage
+    # timm's convention (Swin, ConvNeXt): a downsample shares the group of the first block of the
+    # stage it feeds; in MLLA's layout it is a child of the stage before
     assert order['layers.0.blocks.0.norm1.weight'] < order['layers.0.downsample.conv.0.conv.weight'] \
-        < order['layers.1.blocks.0.norm1.weight']
+        == order['layers.1.blocks.0.norm1.weight']
     assert order['patch_embed.conv1.conv.weight'] < order['layers.0.blocks.0.norm1.weight']
-    # timm's convention: the final norm joins the last stage's group, the head comes last
+    # the final norm joins the last stage's group, the head comes last
     assert order['norm.weight'] == order['layers.3.blocks.0.norm1.weight'] < order['head.weight']
+    # one group per block, plus the stem and the head: layer decay has no level of its own per downsample
+    assert len(groups) == 1 + sum(TINY['depths']) + 1
+    coarse = group_parameters(model, model.group_matcher(coarse=True))
+    corder = {n: gid for gid, g in coarse.items() for n in g}
+    assert len(coarse) == 1 + len(TINY['depths']) + 1
+    assert corder['layers.2.downsample.conv.0.conv.weight'] == corder['layers.3.blocks.0.norm1.weight']
+
+
+def test_layer_decay_scales_follow_the_groups():
+    from timm.optim import create_optimizer_v2
+    model = tiny(depths=(2, 2, 2, 2))
+    opt = create_optimizer_v2(model, 'adamw', lr=1.0, layer_decay=0.5)
+    scale = {id(p): g['lr_scale'] for g in opt.param_groups for p in g['params']}
+    named = dict(model.named_parameters())
+    layers = 1 + 8 + 1  # stem, eight blocks, head
+    assert scale[id(named['head.weight'])] == 1.0
+    assert scale[id(named['patch_embed.conv1.conv.weight'])] == pytest.approx(0.5 ** (layers - 1))
+    assert scale[id(named['layers.0.downsample.conv.0.conv.weight'])] == \
+        scale[id(named['layers.1.blocks.0.norm1.weight'])] == pytest.approx(0.5 ** (layers - 1 - 3))
+
+
+def test_timm_factory_device_and_dtype():
+    meta = tiny(device='meta')
+    assert {p.device.type for p in meta.parameters()} == {'meta'}
+    meta.reset_classifier(7)
+    assert meta.head.weight.device.type == 'meta' and meta.head.out_features == 7
+    bf16 = tiny(dtype=torch.bfloat16, num_classes=3)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    bf16.reset_classifier(10)  # the new head follows the model's dtype, so the model still runs
+    assert bf16.head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert bf16.eval()(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).shape == (1, 10)
+    with pytest.raises(ValueError, match='dtype'):
+        tiny(dtype=torch.int8)
+    with pytest.raises(ValueError, match='num_classes'):
+        tiny().reset_classifier(-1)
+
+
+@pytest.mark.parametrize('pool', ['max', 'avgmax', 'catavgmax', 'avg'])
+def test_global_pool_options(pool):
+    torch.manual_seed(0)
+    model = tiny(num_classes=5, global_pool=pool).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = model.forward_features(x)  # NHWC
+        pre = model.forward_head(feats, pre_logits=True)
+        logits = model(x)
+    avg, mx = feats.mean(dim=(1, 2)), feats.amax(dim=(1, 2))
+    want = {'avg': avg, 'max': mx, 'avgmax': (avg + mx) / 2, 'catavgmax': torch.cat([avg, mx], 1)}[pool]
+    torch.testing.assert_close(pre, want)
+    torch.testing.assert_close(logits, model.head(want))
+    assert model.head.in_features == (256 if pool == 'catavgmax' else 128)
+    # changing the pooling through reset_classifier resizes the head
+    model.reset_classifier(4, 'catavgmax' if pool != 'catavgmax' else 'avg')
+    with torch.no_grad():
+        assert model(x).shape == (2, 4)
+    model.reset_classifier(0, '')
+    with torch.no_grad():
+        assert model(x).shape == feats.shape  # no pooling, no head: the NHWC maps
+
+
+def test_bad_global_pool_and_output_stride():
+    with pytest.raises(ValueError, match="'avg', 'max', 'avgmax', 'catavgmax'"):
+        tiny(global_pool='mean')
+    with pytest.raises(ValueError, match="global_pool"):
+        tiny().reset_classifier(3, 'bogus')
+    assert tiny(features_only=True, output_stride=32).feature_info.reduction()[-1] == 32
+    with pytest.raises(ValueError, match='output_stride must be 32'):
+        tiny(features_only=True, output_stride=16)
+
+
+def test_fx_tracing_and_feature_wrappers():
+    from timm.models import get_graph_node_names
+    _, nodes = get_graph_node_names(tiny())
+    assert {'patch_embed', 'layers.0', 'layers.0.downsample', 'layers.3', 'norm', 'head'} <= set(nodes)
+    for cls in ('fx', 'dict', 'list'):  # would return the wrong (downsampled) maps or fail inside timm
+        with pytest.raises(ValueError, match="feature_cls 'getter' .* or 'hook'"):
+            tiny(features_only=True, feature_cls=cls)
+    torch.manual_seed(0)
+    getter = tiny(features_only=True).eval()
+    torch.manual_seed(0)
+    hook = tiny(features_only=True, feature_cls='hook').eval()
+    x = torch.randn(1, 3, 70, 45)
+    with torch.no_grad():
+        for a, b in zip(getter(x), hook(x)):
+            torch.testing.assert_close(a, b.permute(0, 3, 1, 2))  # the hooks see the stages' NHWC maps
+
+
+def test_compile_with_grad_checkpointing_is_one_graph():
+    """torch.compile(fullgraph=True) of a checkpointed model in training: same outputs, gradients and BN stats."""
+    torch.manual_seed(0)
+    base = tiny(num_classes=5).train()
+    x = torch.randn(2, 3, 48, 48)
+
+    def step(compiled, ckpt):
+        model = __import__('copy').deepcopy(base)
+        model.set_grad_checkpointing(ckpt)
+        fn = torch.compile(model, backend='eager', fullgraph=True) if compiled else model
+        out = fn(x)
+        out.square().sum().backward()
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        return (out.detach(), [p.grad for p in model.parameters()], [b.running_var.clone() for b in bns],
+                [int(b.num_batches_tracked) for b in bns])
+
+    ref = step(False, False)
+    for compiled, ckpt in ((False, True), (True, True)):
+        got = step(compiled, ckpt)
+        torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+        for a, b in zip(got[1], ref[1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        for a, b in zip(got[2], ref[2]):
+            torch.testing.assert_close(a, b)  # statistics updated once per step, not again by the recomputation
+        assert got[3] == ref[3] == [1] * len(ref[3])
 
 
 def test_bad_arguments():
@@ -340,6 +454,40 @@ def test_bad_arguments():
 # --------------------------------------------------------------------------
 # Pretrained weights: layouts, EMA, the filter, clear errors.
 # --------------------------------------------------------------------------
+def test_published_checkpoint_loads_through_timms_own_loaders(golden_dir, golden_cls, golden_cls_kwargs):
+    """checkpoint_path= and load_state_dict: the published RoPE tables are dropped on every path."""
+    path = golden_dir / 'mlla_small_official_cls.pth'
+    model = timm.create_model('mlla_tiny', checkpoint_path=str(path), **golden_cls_kwargs).eval()
+    case = next(iter(golden_cls['cases'].values()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(case['x']), case['logits'], atol=1e-4, rtol=0)
+    ckpt = torch.load(path, weights_only=True)['model']
+    assert any(k.endswith('attn.rope.rotations') for k in ckpt)
+    fresh = timm.create_model('mlla_tiny', **golden_cls_kwargs)
+    result = fresh.load_state_dict(ckpt)  # strict
+    assert not result.missing_keys and not result.unexpected_keys
+    # anything else that is not the model's is still refused
+    with pytest.raises(RuntimeError, match='layers.0.blocks.0.attn.bogus'):
+        fresh.load_state_dict(dict(ckpt, **{'layers.0.blocks.0.attn.bogus': torch.zeros(1)}))
+
+
+def test_safetensors_weights(tmp_path, golden_dir, golden_cls, golden_cls_kwargs):
+    from safetensors.torch import save_file
+    ckpt = checkpoint_filter_fn(torch.load(golden_dir / 'mlla_small_official_cls.pth', weights_only=True))
+    path = tmp_path / 'mlla.safetensors'
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, str(path))
+    model = timm.create_model('mlla_tiny', pretrained=True, **golden_cls_kwargs,
+                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    case = next(iter(golden_cls['cases'].values()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(case['x']), case['logits'], atol=1e-4, rtol=0)
+    # a truncated file is an error naming it
+    bad = tmp_path / 'cut.safetensors'
+    bad.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r'safetensors file is truncated or corrupt: .*cut\.safetensors'):
+        timm.create_model('mlla_tiny', pretrained=True, **golden_cls_kwargs, pretrained_cfg_overlay=dict(file=str(bad)))
+
+
 def test_filter_drops_rope_tables_and_is_a_no_op_twice(golden_dir):
     ckpt = torch.load(golden_dir / 'mlla_small_official_cls.pth', weights_only=True)
     once = checkpoint_filter_fn(ckpt)
