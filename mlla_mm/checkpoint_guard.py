@@ -23,9 +23,10 @@ This module checks a file first, without running anything from it:
    objects it builds are costed: more than ``OBJECT_BUDGET_BASE +
    OBJECT_BUDGET_PER_BYTE`` x (pickle size) is refused, as is nesting
    deeper than ``MAX_DEPTH``.
-3. :func:`safe_globals`: the names torch's unpickler may resolve, with two
+3. :func:`safe_globals`: the names torch's unpickler may resolve, with three
    foreign names mapped to inert stand-ins of this module (yacs' ``CfgNode``
-   becomes a plain ``OrderedDict``; mmengine's ``HistoryBuffer`` becomes
+   and argparse's ``Namespace`` become a plain ``OrderedDict``, whose
+   identifier-named attributes the file may set; mmengine's ``HistoryBuffer`` becomes
    :class:`LoadedHistoryBuffer`, whose ``__setstate__`` accepts only the
    buffer's own three fields and writes nothing but them, on the instance).
 
@@ -65,6 +66,8 @@ MAX_NDIM = 64
 
 HISTORY_BUFFER = 'mmengine.logging.history_buffer.HistoryBuffer'
 CFG_NODE = 'yacs.config.CfgNode'
+#: timm's train.py saves its arguments (an argparse.Namespace) under ``args``.
+NAMESPACE = 'argparse.Namespace'
 #: The instance fields of mmengine's HistoryBuffer (mmengine 0.x).
 HISTORY_BUFFER_FIELDS = frozenset({'max_length', '_log_history', '_count_history'})
 #: mmengine's HistoryBuffer.__getstate__ adds its class-level statistics methods under this key ...
@@ -106,6 +109,18 @@ def human_bytes(n: float) -> str:
 # --------------------------------------------------------------------------
 # The inert stand-ins.
 # --------------------------------------------------------------------------
+class NamespaceStandIn:
+    """Stand-in for ``argparse.Namespace`` (timm's ``train.py`` checkpoints keep their arguments in one).
+
+    Creating it returns a fresh ``OrderedDict``; the file's arguments land in
+    that instance's ``__dict__`` (so ``ckpt['args'].lr`` still reads). Only
+    identifier-named attributes, as for :class:`CfgNodeStandIn`.
+    """
+
+    def __new__(cls) -> 'OrderedDict[Any, Any]':  # type: ignore[misc]
+        return OrderedDict()
+
+
 class CfgNodeStandIn:
     """Stand-in for yacs' ``CfgNode``: the file's node becomes a plain ``OrderedDict``.
 
@@ -196,7 +211,8 @@ def safe_globals() -> List[Any]:
     """
     reconstruct, scalar = _numpy_reconstruct()
     out: List[Any] = [(history_buffer_class(), HISTORY_BUFFER), (history_buffer_statistic, 'builtins.getattr'),
-                      (CfgNodeStandIn, CFG_NODE), (np.ndarray, 'numpy.ndarray'), (np.dtype, 'numpy.dtype')]
+                      (CfgNodeStandIn, CFG_NODE), (NamespaceStandIn, NAMESPACE),
+                      (np.ndarray, 'numpy.ndarray'), (np.dtype, 'numpy.dtype')]
     for core in ('numpy.core', 'numpy._core'):
         out += [(reconstruct, f'{core}.multiarray._reconstruct'), (scalar, f'{core}.multiarray.scalar')]
     # torch's BUILD needs the type of a fresh numeric dtype among the allowed objects (the scan
@@ -238,7 +254,7 @@ def roles() -> Dict[str, Tuple[str, Any]]:
         '_codecs.encode': ('encode', None), 'builtins.bytearray': ('bytearray', None),
         'builtins.set': ('set', None), 'builtins.complex': ('complex', None),
         'numpy.ndarray': ('np_ndarray', None), 'numpy.dtype': ('np_dtype', None),
-        HISTORY_BUFFER: ('history_buffer', None), CFG_NODE: ('cfg_node', None),
+        HISTORY_BUFFER: ('history_buffer', None), CFG_NODE: ('cfg_node', None), NAMESPACE: ('cfg_node', None),
         'builtins.getattr': ('hb_statistic', None)})
     for core in ('numpy.core', 'numpy._core'):
         out[f'{core}.multiarray._reconstruct'] = ('np_reconstruct', None)
@@ -767,5 +783,5 @@ def check_file(f: BinaryIO) -> Archive:
 
 
 __all__ = ['Refused', 'Archive', 'inspect_archive', 'scan_pickle', 'check_file', 'safe_globals', 'roles',
-           'history_buffer_class', 'CfgNodeStandIn', 'MAX_EXPANSION', 'EXPANSION_SLACK', 'OBJECT_BUDGET_BASE',
+           'history_buffer_class', 'CfgNodeStandIn', 'NamespaceStandIn', 'MAX_EXPANSION', 'EXPANSION_SLACK', 'OBJECT_BUDGET_BASE',
            'OBJECT_BUDGET_PER_BYTE', 'MAX_DEPTH', 'human_bytes']

@@ -15,7 +15,7 @@ import torch.nn as nn
 from timm.models import FeatureInfo
 
 import mlla_mm  # noqa: F401  (registers the timm models)
-from mlla_mm.checkpoint import CheckpointError
+from mlla_mm.checkpoint import CheckpointError, load_file
 from mlla_mm.models import MLLA, MLLAClassifier, checkpoint_filter_fn
 from tests.test_reliability.evil_pickles import CfgNode, YacsPickle
 
@@ -614,13 +614,11 @@ def test_timm_checkpoint_loads_into_mm_backbone(tmp_path, layout):
         obj = state
     else:  # what timm's train.py writes: EMA weights and an argparse.Namespace of its arguments
         obj = {'epoch': 1, 'arch': 'mlla_tiny', 'state_dict': state, 'state_dict_ema': state,
-               'args': argparse.Namespace(model='mlla_tiny', lr=0.1), 'version': 2}
-        path = save(obj, tmp_path / 'timm_refused.pth')
-        # the Namespace is a Python object mlla-mm's loader does not build: refused unless trusted
-        mm = MLLA(TINY_MM, init_cfg=dict(type='Pretrained', checkpoint=path))
-        with pytest.raises(CheckpointError, match='argparse.Namespace'):
-            mm.init_weights()
-        trusted = True
+               'args': argparse.Namespace(model='mlla_tiny', lr=0.1, mean=(0.5, 0.5, 0.5)), 'version': 2}
+        # the safe loader reads the Namespace inertly, as an OrderedDict carrying its attributes
+        loaded = load_file(save(obj, tmp_path / 'timm_args.pth'))
+        assert type(loaded['args']) is OrderedDict
+        assert (loaded['args'].model, loaded['args'].lr, loaded['args'].mean) == ('mlla_tiny', 0.1, (0.5, 0.5, 0.5))
     path = save(obj, tmp_path / 'timm.pth')
     mm = MLLA(TINY_MM, init_cfg=dict(type='Pretrained', checkpoint=path, trusted=trusted))
     mm.init_weights()

@@ -250,6 +250,10 @@ def corpus(marker: str) -> Dict[str, bytes]:
     add('build_history_buffer_statistics', glob(*HB) + EMPTY_TUPLE + NEWOBJ
         + dict_of(_statistics_methods=dict_of(mean=glob('builtins', 'eval'))) + BUILD)
     add('build_ordereddict_class', glob('collections', 'OrderedDict') + dict_of(__init__=NONE) + BUILD)
+    # argparse.Namespace (timm's train.py checkpoints) is allowed only as NEWOBJ + one BUILD of plain values.
+    add('build_namespace_class', glob('argparse', 'Namespace') + tup(NONE, dict_of(__init__=NONE)) + BUILD)
+    add('namespace_value_os_system', glob('argparse', 'Namespace') + EMPTY_TUPLE + NEWOBJ
+        + dict_of(lr=call(glob('os', 'system'), s(touch(m)))) + BUILD)
     add('build_numpy_global_dtype', call(glob('numpy', 'dtype'), s('f8'), NEWFALSE, NEWFALSE)
         + tup(i(3), s('>'), NONE, NONE, NONE, i(-1), i(-1), i(0)) + BUILD)
     add('getattr_builtins', call(glob('builtins', 'getattr'), glob('torch._utils', '_rebuild_tensor_v2'),
@@ -456,7 +460,8 @@ CODE = ('reduce_os_system', 'reduce_posix_system', 'reduce_builtins_eval', 'redu
         'reduce_subprocess', 'inst_os_system', 'obj_os_system', 'newobj_foreign', 'newobj_ex_foreign',
         'stack_global', 'ext1', 'ext2', 'ext4', 'getattr_chain', 'getattr_builtins', 'getattr_history_buffer',
         'rebuild_from_type_eval', 'build_rebuild_defaults', 'build_history_buffer_class',
-        'build_history_buffer_statistics', 'build_ordereddict_class', 'build_numpy_global_dtype', 'layout_oddity')
+        'build_history_buffer_statistics', 'build_ordereddict_class', 'build_numpy_global_dtype', 'layout_oddity',
+        'build_namespace_class', 'namespace_value_os_system')
 MEMORY = ('bytearray_huge', 'bytearray_py2', 'set_range', 'torch_tensor_new', 'torch_tensor_newobj',
           'untyped_storage', 'rebuild_from_type_bytearray', 'qtensor', 'encode_chain', 'bytearray_copies',
           'set_copies', 'empty_sets', 'deep_nesting', 'storage_out_of_range', 'storage_missing',

@@ -132,6 +132,16 @@ PICKLES = {
     'reduce_on_a_string': (pickle_of(s('x') + tup() + ep.REDUCE), "its pickle calls 'x'()"),
     'bytearray_of_utf8_text': (pickle_of(call(glob('builtins', 'bytearray'), s('x'), s('utf-8'))),
                                "calls builtins.bytearray('x', 'utf-8')"),
+    # argparse.Namespace (timm's train.py): only created empty (NEWOBJ) and given identifier attributes once
+    'namespace_called': (pickle_of(call(glob('argparse', 'Namespace'))), 'calls argparse.Namespace()'),
+    'namespace_with_arguments': (pickle_of(glob('argparse', 'Namespace') + tup(i(1)) + ep.NEWOBJ),
+                                 'creates an object of argparse.Namespace(1)'),
+    'namespace_built_twice': (pickle_of(glob('argparse', 'Namespace') + ep.EMPTY_TUPLE + ep.NEWOBJ
+                                        + ep.dict_of(lr=i(1)) + BUILD + ep.dict_of(lr=i(2)) + BUILD),
+                              'sets the state of dict (BUILD with dict)'),
+    'namespace_attribute_not_a_name': (pickle_of(glob('argparse', 'Namespace') + ep.EMPTY_TUPLE + ep.NEWOBJ
+                                                 + EMPTY_DICT + MARK + s('a b') + i(1) + SETITEMS + BUILD),
+                                       'sets the state of dict (BUILD with dict)'),
 }
 
 
