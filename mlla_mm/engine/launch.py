@@ -101,6 +101,64 @@ class ToolArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
+    return value
+
+
+def image_size(text: str) -> Tuple[int, int]:
+    """argparse type: ``HxW`` with positive integers (e.g. ``800x1280``)."""
+    h, sep, w = text.lower().partition('x')
+    try:
+        size = (int(h), int(w)) if sep else (0, 0)
+    except ValueError:
+        size = (0, 0)
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f'expected HxW with positive integers (e.g. 800x1280), got {text!r}')
+    return size
+
+
+def check_output(path: Optional[str], option: str, folder: bool = False) -> None:
+    """Fail before any work when ``path`` (a file, or ``folder``) cannot be written: one :class:`UsageError`."""
+    from ..utils.io import output_path_problem
+    if path:
+        problem = output_path_problem(path, folder=folder)
+        if problem:
+            raise UsageError(f'{option} {path}: cannot write there: {problem}')
+
+
+def check_device(text: str, option: str = '--device') -> torch.device:
+    """A torch device that exists on this machine, or a :class:`UsageError` naming ``option``."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f'{option} {text}: not a device (expected cpu, cuda, cuda:N, ...)') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'{option} {text}: no CUDA device on this machine (use --device cpu)')
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f'{option} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    if device.type not in ('cpu', 'cuda'):
+        raise UsageError(f'{option} {text}: only cpu and cuda devices are supported')
+    return device
+
+
 class CfgOptionsAction(DictAction):
     """mmengine's ``DictAction`` (``--cfg-options k=v ...``) with parse errors as argparse errors."""
 

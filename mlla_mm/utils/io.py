@@ -23,6 +23,29 @@ class AtomicWriteError(OSError):
     """
 
 
+def output_path_problem(path: str, folder: bool = False) -> str:
+    """Why ``path`` cannot be created as a file (or, ``folder``, as a directory); ``''`` when it can be.
+
+    Walks up to the first part of the path that exists: it must be a directory
+    that can be written; a file in the way, a directory where a file is wanted
+    (or the other way round) and missing write permission each get their reason.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if folder and not os.path.isdir(path):
+            return f'{path} exists and is not a directory'
+        if not folder and os.path.isdir(path):
+            return f'{path} is a directory'
+        target = path if folder else os.path.dirname(path)
+        return '' if os.access(target, os.W_OK) else f'no permission to write in {target}'
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f'{parent} is a file, not a directory'
+    return '' if os.access(parent, os.W_OK) else f'no permission to write in {parent}'
+
+
 def temp_name(path: str) -> str:
     """The temporary file :func:`atomic_write` uses for ``path``."""
     folder, name = os.path.split(os.path.abspath(path))
@@ -64,7 +87,7 @@ def atomic_write(path: str, mode: str = 'wb') -> Iterator[IO]:
         fsync_dir(folder)
     except OSError as err:
         _remove(tmp)
-        reason = err.strerror or str(err)
+        reason = output_path_problem(path) or err.strerror or str(err)
         raise AtomicWriteError(err.errno, f'cannot write {path}: {reason} '
                                '(any previous version of the file is unchanged)') from None
     except BaseException:
