@@ -79,6 +79,8 @@ def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = No
             calls anything outside the allow-list (and is not trusted).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a directory, not a checkpoint file')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
     if os.path.getsize(path) == 0:
@@ -322,13 +324,18 @@ def compare_state_dicts(own: Mapping[str, Any], weights: Mapping[str, Any]) -> S
                         unexpected=[k for k in weights if k not in own])
 
 
-def check_checkpoint_fits(model: torch.nn.Module, state_dict: Dict[str, Any], filename: str) -> None:
+def check_checkpoint_fits(model: torch.nn.Module, state_dict: Dict[str, Any], filename: str,
+                          whole: bool = False) -> None:
     """Raise :class:`CheckpointError` when ``state_dict`` cannot be meant for ``model``.
 
     Backbone tensors of another shape (another MLLA size) or no tensor in
     common at all (another model) are errors; other shape differences (e.g.
     a head with another number of classes when fine-tuning) are left to
-    mmengine, which skips them with a warning.
+    mmengine, which skips them with a warning. With ``whole`` (tools/test.py,
+    ``--resume``: the whole model comes from the file) every tensor of the
+    model must be in it with its shape: a checkpoint of the other task (its
+    heads) or of a deeper MLLA (its extra blocks) would otherwise run with
+    those parts at random.
     """
     own = model.state_dict()
     keys = [re.sub(r'^module\.', '', k) for k in state_dict]
@@ -347,6 +354,17 @@ def check_checkpoint_fits(model: torch.nn.Module, state_dict: Dict[str, Any], fi
         raise CheckpointError(
             f'{filename}: {len(wrong)} backbone tensor(s) have the wrong shape, e.g. {"; ".join(wrong[:2])}. '
             'Is it a checkpoint of another MLLA size (arch)?')
+    if whole:
+        missing = [k for k in fit.missing if not k.endswith('num_batches_tracked')]
+        if missing or fit.wrong:
+            parts = []
+            if missing:
+                parts.append(f'{len(missing)} of the model\'s tensors are not in it (e.g. {", ".join(missing[:3])})')
+            if fit.wrong:
+                parts.append(f'{len(fit.wrong)} have another shape (e.g. {"; ".join(m for _, m in fit.wrong[:2])})')
+            raise CheckpointError(
+                f'{filename}: {"; ".join(parts)}. Testing and resuming take the whole model from the checkpoint: '
+                'is it a checkpoint of another config (the other task, another MLLA size or head)?')
 
 
 def load_backbone_weights(model: torch.nn.Module, path: str, strict: bool = True, use_ema: bool = False,

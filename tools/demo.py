@@ -70,9 +70,17 @@ def run(cmd, log_path=None):
                 sys.stdout.write(line)
                 sys.stdout.flush()
     if proc.wait() != 0:
-        raise SystemExit(f'demo step failed (exit code {proc.returncode}): {" ".join(map(str, cmd))}'
-                         + (f'; full log: {log_path}' if log_path else ''))
+        raise StepFailed(proc.returncode, f'demo step failed (exit code {proc.returncode}): '
+                         f'{" ".join(map(str, cmd))}' + (f'; full log: {log_path}' if log_path else ''))
     return ''.join(lines)
+
+
+class StepFailed(Exception):
+    """A step (tools/train.py or tools/test.py) exited with ``code``; its own error line was shown."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _noise(line):
@@ -101,18 +109,25 @@ def config_seed(config: str):
     return Config.fromfile(str(ROOT / config)).get('randomness', {}).get('seed')
 
 
-def save_untrained(config, path):
-    """Write a checkpoint of the freshly initialised model (the baseline)."""
+def build_untrained(cfg):
+    """The freshly initialised model of ``cfg`` (with the demo's --cfg-options); a bad config is a UsageError."""
     import torch
-    from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
     import mlla_mm  # noqa: F401
-    from mlla_mm.checkpoint import save_atomic
-    cfg = Config.fromfile(str(ROOT / config))
+    from mlla_mm.engine.launch import UsageError, one_line
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
+    try:
+        model = MODELS.build(cfg.model)
+    except (ValueError, KeyError, TypeError, AssertionError) as err:
+        raise UsageError(f'{cfg.filename}: the model does not build: {one_line(err)}') from None
     model.init_weights()
+    return model
+
+
+def save_untrained(model, path):
+    """Write a checkpoint of the freshly initialised model (the baseline)."""
+    from mlla_mm.checkpoint import save_atomic
     save_atomic({'state_dict': model.state_dict(), 'meta': {'note': 'untrained baseline'}}, path)
 
 
@@ -146,7 +161,13 @@ def loss_curve(work_dir, out_png):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Run an embedded mlla-mm demo end to end.')
+    from mlla_mm.engine.launch import run_main
+    return run_main(lambda: demo_main(argv))
+
+
+def demo_main(argv=None):
+    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser, check_output, load_config
+    parser = ToolArgumentParser(description='Run an embedded mlla-mm demo end to end.')
     parser.add_argument('task', choices=sorted(DEMOS), help='det: Mask R-CNN; seg: UperNet')
     parser.add_argument('--work-dir', help='default: work_dirs/demo_<task>')
     parser.add_argument('--baseline', action=argparse.BooleanOptionalAction, default=None,
@@ -161,6 +182,12 @@ def main(argv=None):
     demo = DEMOS[args.task]
     config = demo['config']
     work_dir = ROOT / (args.work_dir or demo['work_dir'])
+    # Everything the steps will be given is checked first: the options parse and apply, the model builds.
+    check_output(str(work_dir), '--work-dir', folder=True)
+    probe = ToolArgumentParser(prog=parser.prog)
+    probe.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction, default=None)
+    options = probe.parse_args(['--cfg-options', *args.cfg_options]).cfg_options if args.cfg_options else None
+    untrained = build_untrained(load_config(str(ROOT / config), options))
     work_dir.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     opts = ['--cfg-options', *args.cfg_options] if args.cfg_options else []
@@ -183,7 +210,7 @@ def main(argv=None):
 
     if demo['baseline'] if args.baseline is None else args.baseline:
         print('== evaluating the untrained model (baseline) ==', flush=True)
-        save_untrained(config, work_dir / 'untrained.pth')
+        save_untrained(untrained, work_dir / 'untrained.pth')
         out = run([py, 'tools/test.py', config, work_dir / 'untrained.pth', '--work-dir', work_dir / 'baseline',
                    *opts], work_dir / 'baseline.log')
         summary['untrained'] = {k: v for k, v in parse_metrics(out).items() if k in demo['metrics']}
@@ -223,4 +250,9 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except StepFailed as failed:
+        if failed.code != 2:  # (exit code 2: the step's own one-line error was shown)
+            print(f'error: {failed}', file=sys.stderr)
+        sys.exit(failed.code)

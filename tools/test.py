@@ -60,14 +60,21 @@ def main(argv=None) -> int:
 
 
 def test(args) -> int:
-    from mlla_mm.engine.launch import UsageError, build_runner, load_config, prepare_config
+    from mlla_mm.engine.launch import UsageError, build_runner, check_output, load_config, prepare_config
+    if os.path.isdir(args.checkpoint):
+        raise UsageError(f'checkpoint {args.checkpoint} is a directory, not a checkpoint file')
     if not os.path.isfile(args.checkpoint):
         raise UsageError(f'checkpoint not found: {args.checkpoint}')
+    if args.out and not args.out.endswith(('.pkl', '.pickle')):
+        raise UsageError(f'--out {args.out}: the raw predictions are written as a pickle; name it .pkl')
+    check_output(args.out, '--out')
+    check_output(args.show_dir, '--show-dir', folder=True)
     cfg = load_config(args.config, args.cfg_options)
     if args.skip_bad_images:
         cfg.skip_bad_images = True
     prepare_config(cfg, work_dir=args.work_dir, config_path=args.config, launcher=args.launcher)
     cfg.load_from = args.checkpoint
+    cfg.checkpoint_is_whole_model = True  # every tensor of the model must be in it (CheckpointGuardHook)
     # The whole model comes from the checkpoint: do not load the backbone's own weights first.
     if cfg.model.get('backbone', {}).get('init_cfg'):
         cfg.model.backbone.init_cfg = None

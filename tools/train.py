@@ -57,6 +57,9 @@ def train(args) -> int:
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume:
+        if os.path.isdir(args.resume):
+            raise UsageError(f'--resume {args.resume} is a directory; name a checkpoint file in it, or give '
+                             '--resume alone to take the latest checkpoint of the work dir')
         if not os.path.isfile(args.resume):
             raise UsageError(f'--resume checkpoint not found: {args.resume}')
         cfg.resume, cfg.load_from = True, args.resume

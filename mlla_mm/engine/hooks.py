@@ -447,7 +447,9 @@ class CheckpointGuardHook(Hook):
       state dict, no tensor in common with the model (another model, or
       backbone-only weights) or backbone tensors of another shape (another
       MLLA size) raise :class:`~mlla_mm.checkpoint.CheckpointError` naming the
-      file; the model is not changed. Other shape differences (a head with
+      file; the model is not changed. When resuming, and in tools/test.py
+      (``checkpoint_is_whole_model=True`` in the config), every tensor of the
+      model must be in the file with its shape. Other shape differences (a head with
       another number of classes when fine-tuning) are left to mmengine,
       which skips them with a warning.
     """
@@ -469,8 +471,12 @@ class CheckpointGuardHook(Hook):
         if not isinstance(state_dict, dict):
             raise CheckpointError(f'{filename}: no state_dict of tensors in it')
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        # The whole model comes from the file when resuming and in tools/test.py (which sets
+        # `checkpoint_is_whole_model` in the config it runs); load_from for fine-tuning may leave parts new.
+        whole = bool(getattr(runner, '_resume', False) or (getattr(runner, 'cfg', None) or {}).get('checkpoint_is_whole_model'))
         # A test-time-augmentation wrapper holds the real model as .module (mmengine's loader unwraps it too).
-        check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename)
+        check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename,
+                              whole=whole)
 
 __all__ = ['RandomStateHook', 'ValidationResumeHook', 'PreemptionHook', 'FiniteLossHook', 'CheckpointGuardHook',
            'NonFiniteLossError', 'TrainingAborted', 'TrainingInterrupted', 'get_random_state',

@@ -15,14 +15,18 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Tuple
 
-import torch
-from mmengine.config import Config, DictAction
-from mmengine.config.utils import ConfigParsingError
-from mmengine.logging import print_log
-from mmengine.runner import Runner
+# mmengine, mmdet and mmseg import setuptools' pkg_resources, whose deprecation notice (about ten lines on
+# stderr from the tools) says nothing to a user of the tools; this filter matches only that notice.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated as an API', category=UserWarning)
+
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
 
 from ..datasets.checks import (DEMO_COMMANDS, LAYOUTS, BadAnnotationError,  # noqa: F401 (re-exported)
                                DataNotFoundError, check_annotations, check_data)
@@ -77,6 +81,7 @@ def prepare_config(cfg: Config, *, work_dir: Optional[str] = None, config_path: 
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = os.path.join('work_dirs', Path(config_path).stem or 'run')
+    check_output(cfg.work_dir, '--work-dir' if work_dir else 'work_dir', folder=True)
     cfg.launcher = launcher
     if amp:
         apply_amp(cfg)
@@ -170,24 +175,29 @@ class CfgOptionsAction(DictAction):
                 raise argparse.ArgumentError(self, f'{kv!r} is not KEY=VALUE')
             try:
                 self._parse_iterable(val)
-            except (AssertionError, ValueError) as err:
+            except (AssertionError, ValueError, RecursionError) as err:  # ('dict(a=1)' recurses in mmengine)
                 raise argparse.ArgumentError(self, f'cannot parse the value of {kv!r}: {one_line(err)}') from None
         super().__call__(parser, namespace, values, option_string)
 
 
-#: what Config.fromfile raises for a config that does not parse or whose bases / custom_imports fail
-_CONFIG_ERRORS = (SyntaxError, NameError, ImportError, KeyError, AttributeError, TypeError, ValueError,
-                  AssertionError, OSError, ConfigParsingError)
-
-
 def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
-    """Read a config file and apply ``--cfg-options``; a config that does not parse is a :class:`UsageError`."""
+    """Read a config file and apply ``--cfg-options``; a config that does not parse is a :class:`UsageError`.
+
+    A config is Python that runs when it is read: whatever it raises (a syntax
+    error, a failing ``_base_`` or ``custom_imports``, ``1/0``) is reported as
+    one line naming the file. It must define ``model``.
+    """
+    if os.path.isdir(path):
+        raise UsageError(f'{path} is a directory, not a config file')
     if not os.path.isfile(path):
         raise UsageError(f'config file not found: {path}')
     try:
         cfg = Config.fromfile(path)
-    except _CONFIG_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 (the config's own code may raise anything)
         raise UsageError(f'{path}: cannot read the config: {type(err).__name__}: {one_line(err)}') from None
+    if not isinstance(cfg.get('model'), dict):
+        raise UsageError(f'{path}: the config defines no model (a dict `model = dict(type=...)`, as in the '
+                         'configs under configs/ or mmdet / mmseg configs)')
     if cfg_options:
         try:
             cfg.merge_from_dict(cfg_options)
@@ -210,6 +220,37 @@ def check_run_data(cfg: Config, check: Tuple[str, ...], config_path: str) -> Non
     check_data(cfg, check, config_path)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_run_settings(cfg: Config, check: Tuple[str, ...], config_path: str) -> None:
+    """Settings that mmengine only checks deep inside ``train()`` / ``test()``: one clear error up front.
+
+    The dataloaders in ``check``: ``batch_size`` >= 1, ``num_workers`` >= 0;
+    when training: ``train_cfg.max_epochs`` / ``max_iters`` >= 1 and a
+    numeric learning rate >= 0.
+    """
+    for name in check:
+        loader = cfg.get(name)
+        if not isinstance(loader, dict):
+            continue
+        bs, workers = loader.get('batch_size', 1), loader.get('num_workers', 0)
+        if not _is_int(bs) or bs < 1:
+            raise UsageError(f'{config_path}: {name}.batch_size must be an integer >= 1, got {bs!r}')
+        if not _is_int(workers) or workers < 0:
+            raise UsageError(f'{config_path}: {name}.num_workers must be an integer >= 0, got {workers!r}')
+    if 'train_dataloader' in check:
+        train_cfg = cfg.get('train_cfg') or {}
+        for key in ('max_epochs', 'max_iters'):
+            value = train_cfg.get(key)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise UsageError(f'{config_path}: train_cfg.{key} must be an integer >= 1, got {value!r}')
+        lr = (cfg.get('optim_wrapper') or {}).get('optimizer', {}).get('lr')
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0):
+            raise UsageError(f'{config_path}: optim_wrapper.optimizer.lr must be a number >= 0, got {lr!r}')
+
+
 def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[str, ...]) -> Runner:
     """Check the data (:func:`check_run_data`), then build the config's Runner as mmdet's tools do.
 
@@ -222,6 +263,7 @@ def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[s
         UsageError: The config does not build (unknown arch, misspelt argument, ...).
     """
     from mmengine.registry import RUNNERS, init_default_scope
+    check_run_settings(cfg, check, config_path)
     check_run_data(cfg, check, config_path)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     if cfg.get('runner_type') != 'SafeRunner':
@@ -232,6 +274,12 @@ def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[s
         runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     except (ValueError, TypeError, KeyError) as err:
         raise UsageError(f'{config_path}: {one_line(err)}') from None
+    model = runner.model.module if hasattr(runner.model, 'module') else runner.model
+    step = 'train_step' if 'train_dataloader' in check else 'test_step'
+    if not callable(getattr(model, step, None)):
+        raise UsageError(f'{config_path}: the model ({type(model).__name__}) has no {step}: it is not a whole '
+                         'detector or segmentor (a backbone alone cannot be trained or tested; put it in a '
+                         'detector or segmentor config)')
     print_log(f'mlla-mm: glibc malloc {malloc_state()} (MLLA_MM_MALLOC=default leaves it alone; '
               'see mlla_mm/utils/malloc.py)', logger='current')
     return runner
@@ -262,6 +310,14 @@ def run_main(main: Callable[[], int]) -> int:
         return 2
     except (UsageError, CheckpointError, AtomicWriteError, FileNotFoundError) as err:
         print(f'error: {one_line(err)}', file=sys.stderr)
+        return 2
+    except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as err:
+        # a path the user gave that cannot be used (checked up front where the tools can; this is the net)
+        from ..utils.io import output_path_problem
+        path = err.filename or ''
+        reason = (output_path_problem(path, folder=isinstance(err, FileExistsError)) if path else '') \
+            or err.strerror or str(err)
+        print(f'error: cannot use {path}: {reason}' if path else f'error: {one_line(err)}', file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f'error: {one_line(err)}', file=sys.stderr)

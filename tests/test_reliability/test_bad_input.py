@@ -109,7 +109,107 @@ def test_config_that_does_not_parse_is_one_line_exit_2(tmp_path, capsys, text, w
     assert rc == 2 and str(bad) in line and word in line
 
 
-@pytest.mark.parametrize('option', ['train_cfg.max_epochs', 'train_cfg.max_epochs=[1,2', '=3'])
+@pytest.mark.parametrize('text, word', [('x = 1 / 0\n', 'ZeroDivisionError'),
+                                        ('raise RuntimeError("boom")\n', 'boom'),
+                                        ('def f():\n    return f()\nf()\n', 'RecursionError'),
+                                        ('', 'defines no model'),
+                                        ('model = 3\n', 'defines no model')])
+def test_config_code_that_raises_anything_is_one_line_exit_2(tmp_path, capsys, text, word):
+    """A config is Python that runs when read: whatever it raises is one line naming the file (train and test)."""
+    bad = tmp_path / 'raising_config.py'
+    bad.write_text(text)
+    ckpt = tmp_path / 'c.pth'
+    torch.save({'state_dict': {}}, ckpt)
+    for argv in (['train', str(bad)], ['test', str(bad), str(ckpt)]):
+        rc = load_tool(argv[0]).main(argv[1:] + ['--work-dir', str(tmp_path / 'w')])
+        line = _one_error_line(capsys.readouterr().err)
+        assert rc == 2 and str(bad) in line and word in line, line
+    assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('option, word', [('train_dataloader.batch_size=-1', 'train_dataloader.batch_size'),
+                                          ('train_dataloader.batch_size=0', 'train_dataloader.batch_size'),
+                                          ('val_dataloader.num_workers=-1', 'val_dataloader.num_workers'),
+                                          ('train_cfg.max_epochs=0', 'train_cfg.max_epochs'),
+                                          ('train_cfg.max_epochs=-1', 'train_cfg.max_epochs'),
+                                          ("optim_wrapper.optimizer.lr='abc'", 'optimizer.lr')])
+def test_settings_mmengine_checks_late_are_one_line_exit_2(cfg_path, tmp_path, capsys, option, word):
+    """Values mmengine would only reject inside train() (after building everything; a traceback), or accept
+    silently (0 epochs: nothing trained, exit 0), are one error line before anything runs."""
+    rc = load_tool('train').main([str(cfg_path), '--work-dir', str(tmp_path / 'w'), '--cfg-options', option])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and word in line, line
+    assert not list((tmp_path / 'w').rglob('*.pth'))
+
+
+def test_a_backbone_alone_is_not_a_trainable_model(tmp_path, capsys):
+    bare = tmp_path / 'bare_backbone.py'
+    bare.write_text("custom_imports = dict(imports=['mlla_mm'], allow_failed_imports=False)\n"
+                    "default_scope = 'mmdet'\nmodel = dict(type='mlla_mm.MLLA', arch='tiny')\n"
+                    "train_dataloader = None\ntrain_cfg = None\noptim_wrapper = None\n")
+    rc = load_tool('train').main([str(bare), '--work-dir', str(tmp_path / 'w')])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and 'no train_step' in line and 'MLLA' in line, line
+
+
+@pytest.mark.parametrize('tool, option', [('train', '--work-dir'), ('test', '--work-dir'), ('test', '--show-dir'),
+                                          ('test', '--out')])
+def test_output_under_a_regular_file_is_one_line_exit_2(cfg_path, tmp_path, capsys, tool, option):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    ckpt = tmp_path / 'c.pth'
+    torch.save({'state_dict': {}}, ckpt)
+    target = str(blocker / ('x.pkl' if option == '--out' else 'dir'))
+    argv = [str(cfg_path)] + ([str(ckpt)] if tool == 'test' else []) + [option, target]
+    if option != '--work-dir':
+        argv += ['--work-dir', str(tmp_path / 'w')]
+    rc = load_tool(tool).main(argv)
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and option in line and f'{blocker} is a file, not a directory' in line, line
+
+
+def test_test_out_must_be_a_pickle_and_a_directory_is_not_a_checkpoint(cfg_path, tmp_path, capsys):
+    ckpt = tmp_path / 'c.pth'
+    torch.save({'state_dict': {}}, ckpt)
+    test = load_tool('test')
+    assert test.main([str(cfg_path), str(ckpt), '--out', str(tmp_path / 'p.json')]) == 2
+    assert '--out' in _one_error_line(capsys.readouterr().err)
+    assert test.main([str(cfg_path), str(tmp_path)]) == 2
+    assert 'is a directory, not a checkpoint file' in _one_error_line(capsys.readouterr().err)
+    assert load_tool('train').main([str(cfg_path), '--work-dir', str(tmp_path / 'w'), '--resume', str(tmp_path)]) == 2
+    assert '--resume' in _one_error_line(capsys.readouterr().err)
+    with pytest.raises(CheckpointError, match='is a directory, not a checkpoint file'):
+        load_file(str(tmp_path))
+
+
+def test_whole_model_check_for_test_and_resume(runner, tmp_path):
+    """tools/test.py and --resume take the whole model from the file: every tensor must be in it (a checkpoint of
+    the other task or of a deeper MLLA would otherwise run with those parts at random); load_from for
+    fine-tuning still accepts a partial file."""
+    from mlla_mm.checkpoint import check_checkpoint_fits
+    model = runner.model
+    full = model.state_dict()
+    partial = {k: v for k, v in full.items() if not k.startswith('roi_head.')}
+    check_checkpoint_fits(model, full, 'full.pth', whole=True)
+    check_checkpoint_fits(model, partial, 'partial.pth')  # fine-tuning: allowed
+    with pytest.raises(CheckpointError, match=r'partial\.pth: \d+ of the model.s tensors are not in it.*roi_head'):
+        check_checkpoint_fits(model, partial, 'partial.pth', whole=True)
+    blocks = {k: v for k, v in full.items() if '.blocks.0.' not in k}
+    with pytest.raises(CheckpointError, match='blocks.0'):
+        check_checkpoint_fits(model, blocks, 'shallower.pth', whole=True)
+    # through the runner: resuming is "whole", plain load_from is not
+    torch.save({'state_dict': partial, 'meta': {}}, tmp_path / 'partial.pth')
+    runner.load_checkpoint(str(tmp_path / 'partial.pth'))  # load_from: a warning, no error
+    runner._resume = True
+    try:
+        with pytest.raises(CheckpointError, match='not in it'):
+            runner.load_checkpoint(str(tmp_path / 'partial.pth'))
+    finally:
+        runner._resume = False
+
+
+@pytest.mark.parametrize('option', ['train_cfg.max_epochs', 'train_cfg.max_epochs=[1,2', '=3',
+                                    'model=dict(type="X",arch="tiny")'])
 def test_cfg_options_that_do_not_parse_are_one_line_exit_2(cfg_path, tmp_path, capsys, option):
     with pytest.raises(SystemExit) as stop:
         load_tool('train').main([str(cfg_path), '--cfg-options', option])

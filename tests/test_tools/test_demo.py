@@ -134,3 +134,39 @@ def test_the_segmentation_demo_command_runs_end_to_end_on_a_few_images(tmp_path)
         assert set(summary[key]) == {'mIoU', 'mAcc', 'aAcc'} and all(0 <= v <= 100 for v in summary[key].values())
     assert summary['num_pictures'] == 2 and summary['checkpoint'] == str(work / 'iter_2.pth')
     assert (work / 'loss_curve.png').read_bytes()[:4] == b'\x89PNG'
+
+
+@pytest.mark.parametrize('options, word', [(['foo'], 'foo'), (['model.backbone.arch=huge'], 'huge'),
+                                           (['model.backbone.arch=[1,2'], 'arch')])
+def test_bad_options_stop_before_any_step(monkeypatch, tmp_path, capsys, options, word):
+    """Options that would make train.py or test.py fail are one error line (exit 2) before the demo writes
+    anything (no untrained checkpoint, no logs) or runs a step."""
+    steps = []
+    monkeypatch.setattr(demo, 'run', lambda cmd, log_path=None: steps.append(cmd))
+    work = tmp_path / 'work'
+    for task in ('det', 'seg'):
+        try:
+            rc = demo.main([task, '--baseline', '--work-dir', str(work), '--cfg-options', *options])
+        except SystemExit as stop:  # argparse-level parse errors exit from the parser
+            rc = stop.code
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith('error: ')]
+        assert rc == 2 and len(errors) == 1 and word in errors[0] and 'Traceback' not in err, err[-1500:]
+    assert not steps and not work.exists()
+
+
+def test_work_dir_under_a_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    assert demo.main(['det', '--work-dir', str(blocker / 'w')]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith('error: --work-dir') and 'is a file, not a directory' in err
+
+
+def test_a_failed_step_passes_its_exit_code_on_without_a_second_error_line(tmp_path):
+    """A step that fails on bad input (exit 2) already printed its one error line; the demo exits 2 too."""
+    from tests.helpers import run_tool
+    res = run_tool('tools/demo.py', 'det', '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+                   'train_dataloader.batch_size=0')
+    errors = [line for line in res.stderr.splitlines() + res.stdout.splitlines() if line.startswith('error: ')]
+    assert res.returncode == 2 and len(errors) == 1 and 'batch_size' in errors[0], res.stdout[-2000:] + res.stderr
