@@ -43,6 +43,11 @@ of git revision REV (e.g. before a refactor) in the same process: see
 ``compare_with_revision``.
 ``--quick`` (for tests) uses tiny sizes, one repeat, and small train/memory
 checks.
+
+Bad arguments (a size that is not ``HxW`` with positive integers, a thread or
+repeat count below 1, a ``--json`` / ``--plot`` path that cannot be written)
+are one ``error:`` line on stderr and exit code 2, before anything is
+measured. The JSON file and the plot are written whole or not at all.
 """
 from __future__ import annotations
 
@@ -470,8 +475,15 @@ def _compare(new_cls: type, old_cls: type, sha: str, rev: str, repeats: int, tra
 # Report.
 # --------------------------------------------------------------------------
 def parse_size(s: str) -> Tuple[int, int]:
-    h, w = s.lower().split('x')
-    return int(h), int(w)
+    """``'800x1280'`` -> ``(800, 1280)``; raises ``argparse.ArgumentTypeError`` unless HxW with positive integers."""
+    from mlla_mm.engine.launch import image_size
+    return image_size(s)
+
+
+def size_arg(text: str) -> str:
+    """argparse type: ``HxW`` with positive integers, kept as the text ``'HxW'`` (the key in the results)."""
+    h, w = parse_size(text)
+    return f'{h}x{w}'
 
 
 def slope(points: List[Tuple[float, float]]) -> float:
@@ -504,8 +516,11 @@ def make_plot(results: dict, path: str) -> None:
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write(path, 'wb') as f:  # whole or not at all
+            fig.savefig(f, format='png', dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def write_json(path: str, results: dict) -> None:
@@ -523,26 +538,30 @@ def verdict(value: Optional[float], limit: float, higher_is_better: bool = False
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--sizes', nargs='+', help='HxW sizes (default 512x512 800x1280 1024x1024 2048x2048)')
+    from mlla_mm.engine.launch import ToolArgumentParser, non_negative_int, positive_int
+    p = ToolArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--sizes', nargs='+', type=size_arg,
+                   help='HxW sizes (default 512x512 800x1280 1024x1024 2048x2048)')
     p.add_argument('--models', nargs='+', choices=ALL_MODELS + OPTIONAL_MODELS, metavar='MODEL',
                    help=f'models among {ALL_MODELS} (default all) and {OPTIONAL_MODELS}')
-    p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--repeats', type=int, default=5)
-    p.add_argument('--ref-max-pixels', type=int, default=1024 * 1024,
+    p.add_argument('--threads', type=positive_int, default=2, help='torch threads (default 2)')
+    p.add_argument('--repeats', type=positive_int, default=5, help='interleaved rounds (default 5)')
+    p.add_argument('--ref-max-pixels', type=non_negative_int, default=1024 * 1024,
                    help='skip mlla_t_ref above this many pixels (it is slow)')
     p.add_argument('--json', help='write all numbers to this JSON file')
     p.add_argument('--plot', help='write a log-log latency plot (PNG) here')
     p.add_argument('--no-train', action='store_true', help='skip the Mask R-CNN train-iteration check')
     p.add_argument('--no-memory', action='store_true',
                    help='skip the with_cp memory check and the per-size inference peak memory')
-    p.add_argument('--train-size', type=int, default=512)
+    p.add_argument('--train-size', type=positive_int, default=512,
+                   help='square image size of the train check and of --against-rev\'s train step')
     p.add_argument('--train-repeats', type=int,
                    help='interleaved rounds of the train and detector checks (default 5; 1 with --quick)')
-    p.add_argument('--memory-size', default='800x1280')
+    p.add_argument('--memory-size', type=size_arg, default='800x1280', help='HxW of the with_cp memory check')
     p.add_argument('--detector', action=argparse.BooleanOptionalAction, default=True,
                    help='whole Mask R-CNN inference, MLLA-T vs Swin-T with equal head work (--train-repeats rounds)')
-    p.add_argument('--detector-size', default='800x1333', help='HxW of the whole-detector inference check')
+    p.add_argument('--detector-size', type=size_arg, default='800x1333',
+                   help='HxW of the whole-detector inference check')
     p.add_argument('--malloc', choices=['tuned', 'default'],
                    help="glibc malloc as the tools set it ('tuned', see mlla_mm/utils/malloc.py) "
                         "or left alone ('default'); applies to every model alike (default: "
@@ -556,7 +575,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from mlla_mm.engine.launch import UsageError, one_line
+    from mlla_mm.utils.io import AtomicWriteError
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, AtomicWriteError) as err:  # not run_main: it would tune malloc before --malloc applies
+        print(f'error: {one_line(err)}', file=sys.stderr)
+        return 2
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What argparse cannot check: the output paths can be written (before hours of measuring)."""
+    from mlla_mm.engine.launch import UsageError, check_output
+    if args.train_repeats is not None and args.train_repeats < 1:
+        raise UsageError(f'--train-repeats must be at least 1, got {args.train_repeats}')
+    check_output(args.json, '--json')
+    check_output(args.plot, '--plot')
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
     torch.set_num_threads(args.threads)
     try:
         malloc = tune_cpu_malloc(None if args.malloc is None else args.malloc == 'tuned')
@@ -582,9 +621,6 @@ def main(argv=None) -> int:
         args.detector_size = '96x128'
     if args.train_repeats is None:
         args.train_repeats = 1 if args.quick else 5
-    elif args.train_repeats < 1:
-        print(f'error: --train-repeats must be at least 1, got {args.train_repeats}', file=sys.stderr)
-        return 2
     sizes = [parse_size(s) for s in (args.sizes or ['512x512', '800x1280', '1024x1024', '2048x2048'])]
     names = args.models or list(ALL_MODELS)
     models: Dict[str, torch.nn.Module] = {}
@@ -737,7 +773,6 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, results)
     if args.plot:
-        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         make_plot(results, args.plot)
     return 0
 

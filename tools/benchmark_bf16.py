@@ -26,6 +26,10 @@ ratios, bf16 time over fp32 time):
 The CPU's bf16 instruction sets are printed first: on CPUs without AMX or
 AVX512-BF16 bf16 is emulated and slower (a warning says so), and the goals
 (inference <= 0.5x fp32, detector step >= 1.5x faster) are for CPUs with them.
+
+Bad arguments (a size that is not ``HxW`` with positive integers, a count
+below 1, a ``--json`` path that cannot be written) are one ``error:`` line on
+stderr and exit code 2, before anything is measured.
 """
 from __future__ import annotations
 
@@ -43,27 +47,19 @@ GOAL_STEP_SPEEDUP = 1.5  # fp32 / bf16 time, Mask R-CNN training step (AMX)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mlla_mm.engine.launch import ToolArgumentParser
+    from mlla_mm.engine.launch import ToolArgumentParser, image_size, positive_int
     p = ToolArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--repeats', type=int, default=5, help='interleaved rounds per measurement')
-    p.add_argument('--size', default='800x1280', help='HxW of the inference measurement')
-    p.add_argument('--train-size', type=int, default=512, help='square image size of the training measurements')
-    p.add_argument('--batch', type=int, default=2, help='images per backbone forward + backward')
+    p.add_argument('--threads', type=positive_int, default=2, help='torch threads (default 2)')
+    p.add_argument('--repeats', type=positive_int, default=5, help='interleaved rounds per measurement')
+    p.add_argument('--size', type=image_size, default='800x1280', help='HxW of the inference measurement')
+    p.add_argument('--train-size', type=positive_int, default=512,
+                   help='square image size of the training measurements')
+    p.add_argument('--batch', type=positive_int, default=2, help='images per backbone forward + backward')
     p.add_argument('--no-detector', action='store_true', help='skip the Mask R-CNN training step')
     p.add_argument('--json', help='write the numbers to this JSON file')
     p.add_argument('--quick', action='store_true', help='tiny sizes, one round (for tests)')
     args = p.parse_args(argv)
-    try:
-        h, w = (int(v) for v in args.size.lower().split('x'))
-        if h < 1 or w < 1:
-            raise ValueError
-    except ValueError:
-        p.error(f'argument --size: expected HxW with positive integers, got {args.size!r}')
-    args.hw = (h, w)
-    for name in ('threads', 'repeats', 'train_size', 'batch'):
-        if getattr(args, name) < 1:
-            p.error(f'argument --{name.replace("_", "-")}: must be >= 1, got {getattr(args, name)}')
+    args.hw = args.size
     return args
 
 
@@ -173,11 +169,18 @@ def verdict(ok: Optional[bool]) -> str:
 
 
 def main(argv=None) -> int:
+    from mlla_mm.engine.launch import run_main
     args = parse_args(argv)
+    return run_main(lambda: run(args))  # tunes malloc (MLLA_MM_MALLOC) first; UsageError etc.: one line, exit 2
+
+
+def run(args: argparse.Namespace) -> int:
     from mlla_mm.deploy.benchmark import cpu_description
+    from mlla_mm.engine.launch import check_output
     from mlla_mm.utils.io import atomic_write
-    from mlla_mm.utils.malloc import tune_cpu_malloc
-    malloc = tune_cpu_malloc()
+    from mlla_mm.utils.malloc import malloc_state
+    check_output(args.json, '--json')  # before minutes of measuring
+    malloc = malloc_state()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.hw, args.train_size, args.batch, args.repeats = (64, 96), 64, 1, 1

@@ -21,6 +21,10 @@ two goals of the project are printed with PASS/FAIL:
 autocast against fp32 and states whether the CPU has native bf16
 (AVX512-BF16 / AMX); without it a one-line ``warning:`` goes to stderr
 first (``mlla_mm.utils.cpu.bf16_fast_on_this_cpu``). ``--quick`` (for tests): small size, one repeat.
+
+Bad arguments (a size that is not ``HxW`` with positive integers, a thread or
+repeat count below 1, a ``--json`` path that cannot be written) are one
+``error:`` line on stderr and exit code 2, before anything is exported or timed.
 """
 import argparse
 import json
@@ -37,8 +41,15 @@ GOAL_ORT_OVER_TORCH = 0.9
 
 
 def parse_size(text: str) -> Tuple[int, int]:
-    h, w = text.lower().split('x')
-    return int(h), int(w)
+    """``'800x1280'`` -> ``(800, 1280)``; raises ``argparse.ArgumentTypeError`` unless HxW with positive integers."""
+    from mlla_mm.engine.launch import image_size
+    return image_size(text)
+
+
+def size_arg(text: str) -> str:
+    """argparse type: ``HxW`` with positive integers, kept as the text ``'HxW'``."""
+    h, w = parse_size(text)
+    return f'{h}x{w}'
 
 
 def build(name: str, size: Tuple[int, int], quick: bool = False):
@@ -71,11 +82,13 @@ def bf16_warning(cpu: dict) -> Optional[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--repeats', type=int, default=5)
-    p.add_argument('--backbone-size', default='800x1280', help='HxW for the backbones (default 800x1280)')
-    p.add_argument('--seg-size', default='512x512', help='HxW for UperNet (default 512x512)')
+    from mlla_mm.engine.launch import ToolArgumentParser, positive_int
+    p = ToolArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--threads', type=positive_int, default=2, help='threads of both runtimes (default 2)')
+    p.add_argument('--repeats', type=positive_int, default=5, help='interleaved rounds (default 5)')
+    p.add_argument('--backbone-size', type=size_arg, default='800x1280',
+                   help='HxW for the backbones (default 800x1280)')
+    p.add_argument('--seg-size', type=size_arg, default='512x512', help='HxW for UperNet (default 512x512)')
     p.add_argument('--models', nargs='+', choices=MODELS, default=MODELS)
     p.add_argument('--levels', nargs='+', choices=LEVELS, default=['all', 'extended', 'basic', 'disable'],
                    help='ONNX Runtime graph optimisation levels to time for MLLA-T (others use the first)')
@@ -84,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and/or 'plain' (the model's own code traced, timed as <model>:ort-plain-<level>); "
                         'the first one is used for the goals')
     p.add_argument('--no-bf16', action='store_true', help='skip the bf16 autocast measurement')
-    p.add_argument('--bf16-size', help='HxW for the bf16 measurement (default: the backbone size)')
+    p.add_argument('--bf16-size', type=size_arg, help='HxW for the bf16 measurement (default: the backbone size)')
     p.add_argument('--json', help='write all numbers to this JSON file')
     p.add_argument('--malloc', choices=['tuned', 'default'],
                    help="glibc malloc as the tools set it ('tuned', mlla_mm/utils/malloc.py) or left alone "
@@ -97,13 +110,14 @@ def main(argv=None) -> int:
     from mlla_mm.deploy.benchmark import (cpu_description, goal_verdict, interleaved_times, median, paired_ratio,
                                           relative_difference, round_ratios, round_spread)
     from mlla_mm.deploy.onnx_export import export_bytes, make_session, require
-    from mlla_mm.engine.launch import UsageError
-    from mlla_mm.utils.io import atomic_write
+    from mlla_mm.engine.launch import UsageError, check_output, one_line
+    from mlla_mm.utils.io import AtomicWriteError, atomic_write
     args = parse_args(argv)
     try:
+        check_output(args.json, '--json')  # before minutes of exporting and timing
         require('onnx', 'onnxruntime')
     except UsageError as err:
-        print(f'error: {err}', file=sys.stderr)
+        print(f'error: {one_line(err)}', file=sys.stderr)
         return 2
     import onnxruntime as ort
     from mlla_mm.utils.malloc import tune_cpu_malloc
@@ -243,8 +257,12 @@ def main(argv=None) -> int:
               f"{'yes' if cpu['native_bf16'] else 'no'}")
 
     if args.json:
-        with atomic_write(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
+        try:
+            with atomic_write(args.json, 'w') as f:
+                json.dump(results, f, indent=2)
+        except AtomicWriteError as err:  # e.g. the disk filled up meanwhile; nothing half-written is left
+            print(f'error: {one_line(err)}', file=sys.stderr)
+            return 2
     return 0
 
 

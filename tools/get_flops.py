@@ -7,6 +7,10 @@ Examples::
     python tools/get_flops.py mlla_t --shape 224 224                           # backbone only
     python tools/get_flops.py mlla_t --shape 800 1280 --json flops.json
 
+Bad input (a missing or broken config, an unknown backbone name, a shape or
+thread count below 1, a ``--json`` path that cannot be written) is one
+``error:`` line on stderr and exit code 2, before anything is measured.
+
 ``--shape H W`` is the input height and width (default 800 1280 for
 detection and backbones, 512 2048 for segmentation, i.e. the papers'
 "1280x800" and "2048x512"). Every convolution and matmul is counted at the
@@ -36,12 +40,26 @@ PUBLISHED_BACKBONE = {('t', 224, 224): 4.13, ('t', 800, 1280): 84.3}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    from mlla_mm.engine.launch import ToolArgumentParser, positive_int
+    p = ToolArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('config', help='a config file, or a backbone name: ' + ', '.join(BACKBONES))
-    p.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'), help='input height and width')
+    p.add_argument('--shape', type=positive_int, nargs=2, metavar=('H', 'W'),
+                   help='input height and width (positive integers)')
     p.add_argument('--json', help='write the numbers to this JSON file')
-    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--threads', type=positive_int, default=2, help='torch threads (default 2)')
     return p.parse_args(argv)
+
+
+def check_target(target: str) -> None:
+    """A backbone name or an existing config file; else a :class:`~mlla_mm.engine.launch.UsageError`."""
+    from mlla_mm.engine.launch import UsageError
+    if os.path.basename(target).lower() in BACKBONES:
+        return
+    if os.path.isdir(target):
+        raise UsageError(f'{target} is a directory, not a config file')
+    if not os.path.isfile(target):
+        raise UsageError(f'{target}: neither a config file nor a backbone name '
+                         f'(expected a config file or one of {", ".join(BACKBONES)})')
 
 
 def kind_and_arch(name: str) -> Tuple[str, Optional[str]]:
@@ -64,20 +82,31 @@ def kind_and_arch(name: str) -> Tuple[str, Optional[str]]:
 
 def build_from_config(path: str) -> Tuple[torch.nn.Module, str]:
     """Build the model of a config (no weights loaded); returns it and the default scope."""
-    from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import MODELS, init_default_scope
 
     import mlla_mm  # noqa: F401  (registers MLLA)
-    cfg = Config.fromfile(path)
+    from mlla_mm.engine.launch import UsageError, load_config, one_line
+    cfg = load_config(path)  # a config that does not read is a UsageError naming the file
+    if not isinstance(cfg.get('model'), dict):
+        raise UsageError(f'{path}: the config defines no model')
     scope = cfg.get('default_scope', 'mmdet')
-    init_default_scope(scope)
+    try:
+        init_default_scope(scope)
+    except (KeyError, ValueError, ImportError) as err:
+        raise UsageError(f'{path}: default_scope {scope!r}: {one_line(err)}') from None
     backbone = cfg.model.get('backbone', {})
     if isinstance(backbone, dict) and 'init_cfg' in backbone:
         backbone['init_cfg'] = None  # FLOPs need no weights
     # SyncBN only runs under DDP: count with plain BN (same FLOPs), as mmengine's Runner does in one process.
-    model = revert_sync_batchnorm(MODELS.build(cfg.model))
-    return model, scope
+    try:
+        model = MODELS.build(cfg.model)
+    except (ValueError, TypeError, KeyError, AttributeError, AssertionError, ImportError) as err:
+        raise UsageError(f'{path}: the model does not build: {type(err).__name__}: {one_line(err)}') from None
+    if not hasattr(model, 'backbone'):
+        raise UsageError(f'{path}: the model ({type(model).__name__}) has no backbone: expected a detector or '
+                         'segmentor config')
+    return revert_sync_batchnorm(model), scope
 
 
 def whole_model_call(model: torch.nn.Module, scope: str, h: int, w: int):
@@ -112,12 +141,12 @@ def measure(target: str, shape: Optional[Tuple[int, int]] = None) -> Dict[str, o
     res: Dict[str, object] = dict(target=target, kind=kind, arch=arch, height=h, width=w)
     backbone.eval()
     x = torch.randn(1, 3, h, w)
-    bb = count_flops(lambda: backbone(x))
+    bb = _count(lambda: backbone(x), target, h, w)
     res.update(backbone_params=count_params(backbone), backbone_macs=bb.macs, backbone_flops=bb.flops,
                backbone_by_op={k: v // 2 for k, v in bb.by_op.items()})
     if model is not None:
         model.eval()
-        whole = count_flops(whole_model_call(model, scope, h, w))
+        whole = _count(whole_model_call(model, scope, h, w), target, h, w)
         res.update(params=count_params(model), macs=whole.macs, flops=whole.flops,
                    by_op={k: v // 2 for k, v in whole.by_op.items()})
         pub = PUBLISHED.get((kind, arch))
@@ -127,6 +156,16 @@ def measure(target: str, shape: Optional[Tuple[int, int]] = None) -> Dict[str, o
     if pub_bb is not None:
         res['published_backbone_gmacs'] = pub_bb
     return res
+
+
+def _count(fn, target: str, h: int, w: int):
+    """:func:`count_flops` of ``fn``; a model that cannot run at this input size is a UsageError."""
+    from mlla_mm.engine.launch import UsageError, one_line
+    try:
+        return count_flops(fn)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise UsageError(f'{target} does not run on a {h}x{w} (HxW) input (--shape {h} {w}): '
+                         f'{one_line(err)[:300]}') from None
 
 
 def report(res: Dict[str, object]) -> str:
@@ -150,12 +189,22 @@ def report(res: Dict[str, object]) -> str:
 
 
 def main(argv=None) -> int:
+    from mlla_mm.engine.launch import run_main
     args = parse_args(argv)
+    return run_main(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure and print (and write ``--json``); bad input raises before anything is measured."""
+    from mlla_mm.engine.launch import check_output
+    from mlla_mm.utils.io import atomic_write
+    check_target(args.config)
+    check_output(args.json, '--json')
     torch.set_num_threads(args.threads)
     res = measure(args.config, tuple(args.shape) if args.shape else None)
     print(report(res))
     if args.json:
-        with open(args.json, 'w') as f:
+        with atomic_write(args.json, 'w') as f:  # whole or not at all
             json.dump(res, f, indent=2)
     return 0
 

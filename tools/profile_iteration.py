@@ -13,25 +13,34 @@ positive RoIs the mask head trained on. A CHECKPOINT (e.g. the demo's
 ``epoch_6.pth``) gives the proposals of a trained model, which is what late
 training costs. ``--amp`` runs the iterations as ``tools/train.py --amp`` does
 (bf16 autocast on the CPU). ``--ops`` adds torch.profiler's table of the slowest operators.
+
+CHECKPOINT may have any layout the project reads (mmdet/mmseg ``state_dict``,
+published ``model``, plain; see :func:`mlla_mm.checkpoint.convert_checkpoint`).
+A whole-model checkpoint must fit the config's model (every tensor, same
+shapes); backbone-only weights (e.g. published ImageNet ones) go into the
+backbone, the neck and heads stay random. Bad input (a count below 1, a
+checkpoint that is missing, unreadable or does not fit) is one ``error:`` line
+and exit code 2; the file is read before the model is built.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 import time
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser
+    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser, positive_int
     p = ToolArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('config')
     p.add_argument('checkpoint', nargs='?', help='weights to start from (e.g. a trained demo checkpoint)')
-    p.add_argument('--iters', type=int, default=8, help='timed iterations (after 2 warm-up ones)')
-    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--iters', type=positive_int, default=8, help='timed iterations (after 2 warm-up ones)')
+    p.add_argument('--threads', type=positive_int, default=2, help='torch threads (default 2)')
     p.add_argument('--amp', action='store_true', help='mixed precision, as tools/train.py --amp')
     p.add_argument('--ops', action='store_true', help='also print the slowest operators (torch.profiler)')
     p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction, default=None, metavar='KEY=VALUE')
@@ -44,6 +53,63 @@ def main(argv=None) -> int:
     return run_main(lambda: profile_iterations(args))
 
 
+#: MLLA's output norms, which published ImageNet weights do not have (as tools/export_onnx.py allows)
+_OUT_NORMS = {'norm0', 'norm1', 'norm2', 'norm3'}
+
+
+def read_weights(path: str) -> Dict[str, Any]:
+    """A checkpoint of any supported layout, converted (``{'state_dict': ..., 'meta': ...}``).
+
+    Raises:
+        UsageError / CheckpointError: The file is missing, a folder, unreadable or holds no weights.
+    """
+    from mlla_mm.checkpoint import convert_checkpoint, load_file
+    from mlla_mm.engine.launch import UsageError
+    if os.path.isdir(path):
+        raise UsageError(f'checkpoint {path} is a directory, not a checkpoint file')
+    if not os.path.isfile(path):
+        raise UsageError(f'checkpoint not found: {path}')
+    return convert_checkpoint(load_file(path), source=path)
+
+
+def load_weights(model: torch.nn.Module, converted: Dict[str, Any], path: str, config: str) -> str:
+    """Load :func:`read_weights`' result into ``model``; returns what was loaded, in words.
+
+    A whole-model checkpoint must have every tensor of the model with its
+    shape and nothing else; backbone-only weights go into ``model.backbone``
+    (the MLLA output norms may be missing from them).
+
+    Raises:
+        UsageError: The weights do not fit (names the file, the config and example tensors).
+    """
+    from mlla_mm.checkpoint import compare_state_dicts
+    from mlla_mm.engine.launch import UsageError
+    weights = converted['state_dict']
+    meta = converted.get('meta') or {}
+    backbone_only = bool(weights) and meta.get('mlla_mm_layout') == 'backbone' and hasattr(model, 'backbone')
+    target, prefix = (model.backbone, 'backbone.') if backbone_only else (model, '')
+    fit = compare_state_dicts(target.state_dict(), weights)
+    missing = [k for k in fit.missing if not k.endswith('num_batches_tracked')
+               and not (backbone_only and k.split('.')[0] in _OUT_NORMS)]
+    if fit.wrong or missing or fit.unexpected or not weights:
+        problems = []
+        if fit.wrong:
+            problems.append(f'{len(fit.wrong)} tensor(s) of another shape (e.g. '
+                            + '; '.join(prefix + m for _, m in fit.wrong[:2]) + ')')
+        if missing:
+            problems.append(f'{len(missing)} missing (e.g. {", ".join(prefix + k for k in missing[:3])})')
+        if fit.unexpected:
+            problems.append(f'{len(fit.unexpected)} unexpected (e.g. {", ".join(fit.unexpected[:3])})')
+        kind = 'backbone-only weights, for model.backbone' if backbone_only else 'whole-model weights'
+        raise UsageError(f'{path} does not fit the model of {config} ({kind}): '
+                         + ('; '.join(problems) or 'no weights in it')
+                         + ': a checkpoint of another config or MLLA size?')
+    target.load_state_dict(weights, strict=False)  # num_batches_tracked / output norms may be absent
+    if backbone_only:
+        return f'{len(weights)} backbone tensors from {path} (backbone-only weights: the neck and heads stay random)'
+    return f'{len(weights)} tensors from {path}'
+
+
 def profile_iterations(args: argparse.Namespace) -> int:
     """Time ``args.iters`` training iterations of ``args.config`` and print where the time went."""
     import mlla_mm  # noqa: F401
@@ -51,6 +117,7 @@ def profile_iterations(args: argparse.Namespace) -> int:
     from mlla_mm.engine.runner import SafeRunner
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.cfg_options)
+    converted = read_weights(args.checkpoint) if args.checkpoint else None  # before minutes of building
     cfg.work_dir = cfg.get('work_dir') or 'work_dirs/profile_iteration'
     cfg.train_dataloader.num_workers = 0
     cfg.train_dataloader.persistent_workers = False
@@ -60,12 +127,8 @@ def profile_iterations(args: argparse.Namespace) -> int:
     model = runner.model.train()
     optim = runner.build_optim_wrapper(cfg.optim_wrapper)
     loader = runner.build_dataloader(cfg.train_dataloader)
-    if args.checkpoint:
-        from mlla_mm.checkpoint import load_file
-        result = model.load_state_dict(load_file(args.checkpoint)['state_dict'], strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise UsageError(f'{args.checkpoint} does not fit the model of {args.config}: '
-                             f'{len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected keys')
+    if converted is not None:
+        print(f'loaded {load_weights(model, converted, args.checkpoint, args.config)}', flush=True)
 
     part_times: Dict[str, List[float]] = collections.defaultdict(list)
     parts = {name: getattr(model, name, None) for name in ('backbone', 'neck', 'rpn_head')}

@@ -11,7 +11,7 @@ import re
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,14 @@ from ..utils.cpu import bf16_fast_on_this_cpu
 
 
 def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
-    """Seconds per call of each function over ``repeats`` interleaved rounds (after ``warmup`` rounds)."""
+    """Seconds per call of each function over ``repeats`` interleaved rounds (after ``warmup`` rounds).
+
+    Raises:
+        ValueError: ``repeats`` < 1 (no times to take a median of) or ``warmup`` < 0; the tools'
+            arguments are checked before (``positive_int``), this is the net.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f'interleaved_times needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}')
     for _ in range(warmup):
         for fn in fns.values():
             fn()

@@ -81,3 +81,67 @@ def test_bf16_warning_only_without_amx_or_avx512_bf16():
     cpu = cpu_description()
     assert (cpu['native_bf16'], cpu['bf16_note']) == bf16_fast_on_this_cpu()
     assert (tool.bf16_warning(cpu) is None) == cpu['native_bf16']
+
+
+# --------------------------------------------------------------------------
+# Bad input: one ``error:`` line naming the argument, exit code 2, before anything is exported or timed.
+# --------------------------------------------------------------------------
+def _exit_code(main, argv):
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as stop:
+        return stop.code
+
+
+def _one_error_line(capsys, *names):
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    assert 'Traceback' not in err
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+
+
+def _never(*args, **kwargs):
+    raise AssertionError('exported or timed although the arguments are bad')
+
+
+@pytest.mark.parametrize('argv, name', [
+    (['--quick', '--threads', '0'], '--threads'),
+    (['--threads', '-3'], '--threads'),
+    (['--repeats', '0'], '--repeats'),
+    (['--backbone-size', 'abc'], '--backbone-size'),
+    (['--backbone-size', '0x64'], '--backbone-size'),
+    (['--seg-size', '64'], '--seg-size'),
+    (['--bf16-size', '64by64'], '--bf16-size'),
+])
+def test_bad_arguments_are_one_error_line(argv, name, capsys, monkeypatch):
+    tool = load_tool('benchmark_onnx')
+    monkeypatch.setattr(tool, 'build', _never)
+    assert _exit_code(tool.main, argv) == 2
+    _one_error_line(capsys, name)
+
+
+def test_json_that_cannot_be_written_fails_before_exporting(tmp_path, capsys, monkeypatch):
+    tool = load_tool('benchmark_onnx')
+    monkeypatch.setattr(tool, 'build', _never)
+    plain = tmp_path / 'plain'
+    plain.write_text('x')
+    for out in (plain / 'x.json', tmp_path):
+        assert _exit_code(tool.main, ['--quick', '--models', 'mlla_t', '--json', out]) == 2
+        _one_error_line(capsys, '--json', out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['plain']
+
+
+def test_parse_size_rejects_what_is_not_hxw():
+    import argparse
+    tool = load_tool('benchmark_onnx')
+    for text in ('abc', '64', '0x0', '64x-2'):
+        with pytest.raises(argparse.ArgumentTypeError, match='HxW'):
+            tool.parse_size(text)
+    assert tool.parse_size('64x96') == (64, 96)
+
+
+def test_interleaved_times_refuses_zero_rounds():
+    with pytest.raises(ValueError, match='repeats >= 1'):
+        interleaved_times({'a': lambda: None}, repeats=0)

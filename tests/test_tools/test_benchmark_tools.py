@@ -53,7 +53,8 @@ def test_benchmark_quick_writes_json_and_png(tmp_path):
     assert t['verdicts']['Mask R-CNN inference MLLA-T / Swin-T'] in ('PASS', 'FAIL')
     # Its per-round ratios are kept, and the printed verdict says how they spread around the goal.
     rounds = data['round_ratios']['detector_inference_mlla_t_over_swin_t']
-    assert len(rounds) == det['mlla_t']['n'] and min(rounds) <= t['detector_inference_mlla_t_over_swin_t'] <= max(rounds)
+    assert len(rounds) == det['mlla_t']['n']
+    assert min(rounds) <= t['detector_inference_mlla_t_over_swin_t'] <= max(rounds)
     line = next(ln for ln in stdout.splitlines() if 'Mask R-CNN inference MLLA-T / Swin-T' in ln)
     assert f"(rounds {min(rounds):.3f}-{max(rounds):.3f}, " in line
 
@@ -182,6 +183,176 @@ def test_benchmark_visualizer_corrupt_image_is_one_clear_error(tmp_path):
     res = run_tool(ROOT / 'tools' / 'benchmark_visualizer.py', '--data', root, '--images', '2', '--repeats', '1',
                    timeout=120)
     assert res.returncode == 2
-    assert f'{bad}: missing or not a readable image' in res.stderr
+    # The annotation file's images are checked first (mlla_mm.datasets.checks), as tools/test.py checks them.
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith('error: ')]
+    assert len(lines) == 1 and f'{bad} (not an image file)' in lines[0] and 'cannot be read' in lines[0], res.stderr
+    assert '--skip-bad-images' not in res.stderr  # this tool has no such option
     assert 'Traceback' not in res.stderr
 
+
+
+# --------------------------------------------------------------------------
+# Bad input: one ``error:`` line naming the argument or file, exit code 2, no traceback,
+# no output file, and nothing measured first (in-process, so each takes a second or two).
+# --------------------------------------------------------------------------
+benchmark_bf16 = load_tool('benchmark_bf16')
+benchmark_visualizer = load_tool('benchmark_visualizer')
+
+
+def exit_code(main, argv):
+    """``main(argv)``'s return value, or the code of the SystemExit an argparse error raises."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as stop:
+        return stop.code
+
+
+def assert_one_error_line(capsys, *names):
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    assert 'Traceback' not in err
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def never(*args, **kwargs):
+    raise AssertionError('measured although the arguments are bad')
+
+
+@pytest.fixture
+def file_in_the_way(tmp_path):
+    """A regular file: a path under it cannot be written."""
+    path = tmp_path / 'plain'
+    path.write_text('x')
+    return path
+
+
+@pytest.mark.parametrize('argv, name', [
+    (['mlla_t', '--threads', '0'], '--threads'),
+    (['mlla_t', '--threads', '-2'], '--threads'),
+    (['mlla_t', '--shape', '0', '32'], '--shape'),
+    (['mlla_t', '--shape', '32', 'x'], '--shape'),
+])
+def test_get_flops_bad_arguments_are_one_error_line(argv, name, capsys, monkeypatch):
+    monkeypatch.setattr(get_flops, 'measure', never)
+    assert exit_code(get_flops.main, argv) == 2
+    assert_one_error_line(capsys, name)
+
+
+def test_get_flops_bad_config_or_backbone_name_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(get_flops, 'count_flops', never)
+    broken = tmp_path / 'broken_cfg.py'
+    broken.write_text('model = dict(\n')
+    for target, expected in ((tmp_path / 'nonexist.py', 'neither a config file nor a backbone name'),
+                             ('mlla_x', 'mlla_t, mlla_s, mlla_b'),
+                             (broken, 'SyntaxError'),
+                             (tmp_path, 'is a directory')):
+        assert exit_code(get_flops.main, [target]) == 2
+        assert expected in assert_one_error_line(capsys, target)
+
+
+def test_get_flops_json_that_cannot_be_written_fails_before_measuring(tmp_path, file_in_the_way, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setattr(get_flops, 'measure', never)
+    for out in (file_in_the_way / 'x.json', tmp_path):
+        assert exit_code(get_flops.main, ['mlla_t', '--shape', '32', '32', '--json', out]) == 2
+        assert_one_error_line(capsys, '--json', out)
+    assert not (file_in_the_way / 'x.json').exists()
+
+
+def test_get_flops_json_is_whole_or_absent(tmp_path, monkeypatch, capsys):
+    """--json goes through atomic_write: numbers that cannot be written leave no half-written file."""
+    monkeypatch.setattr(get_flops, 'report', lambda res: 'report')
+    monkeypatch.setattr(get_flops, 'measure', lambda target, shape: dict(target=target, bad=object()))
+    out = tmp_path / 'f.json'
+    with pytest.raises(TypeError):
+        get_flops.main(['mlla_t', '--json', str(out)])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(get_flops, 'measure', lambda target, shape: dict(target=target, macs=1))
+    assert get_flops.main(['mlla_t', '--json', str(out)]) == 0
+    assert json.loads(out.read_text()) == dict(target='mlla_t', macs=1)
+    assert [p.name for p in tmp_path.iterdir()] == ['f.json']
+
+
+@pytest.mark.parametrize('argv, name', [
+    (['--quick', '--threads', '0'], '--threads'),
+    (['--threads', '-1'], '--threads'),
+    (['--sizes', 'abc'], '--sizes'),
+    (['--sizes', '64x64', '0x0'], '--sizes'),
+    (['--memory-size', '7'], '--memory-size'),
+    (['--detector-size', '96by128'], '--detector-size'),
+    (['--repeats', '0'], '--repeats'),
+    (['--train-size', '0'], '--train-size'),
+    (['--ref-max-pixels', '-1'], '--ref-max-pixels'),
+])
+def test_benchmark_bad_arguments_are_one_error_line(argv, name, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, 'build_backbone', never)
+    assert exit_code(benchmark.main, argv) == 2
+    assert_one_error_line(capsys, name)
+
+
+def test_benchmark_outputs_that_cannot_be_written_fail_before_measuring(tmp_path, file_in_the_way, capsys,
+                                                                        monkeypatch):
+    monkeypatch.setattr(benchmark, 'build_backbone', never)
+    monkeypatch.setattr(benchmark, 'matmul_fn', never)
+    for option, out in (('--json', file_in_the_way / 'x.json'), ('--plot', file_in_the_way / 'p.png'),
+                        ('--json', tmp_path), ('--plot', tmp_path)):
+        assert exit_code(benchmark.main, ['--quick', option, out]) == 2
+        assert_one_error_line(capsys, option, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['plain']
+
+
+def test_benchmark_parse_size_rejects_what_is_not_hxw():
+    import argparse
+    for text in ('abc', '7', '0x0', '64x-1', 'x64'):
+        with pytest.raises(argparse.ArgumentTypeError, match='HxW'):
+            benchmark.parse_size(text)
+    assert benchmark.size_arg('64X96') == '64x96'
+
+
+def test_benchmark_bf16_json_that_cannot_be_written_fails_before_measuring(file_in_the_way, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark_bf16, 'inference', never)
+    out = file_in_the_way / 'x.json'
+    assert exit_code(benchmark_bf16.main, ['--quick', '--no-detector', '--json', out]) == 2
+    assert_one_error_line(capsys, '--json', out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('option', ['--threads', '--repeats', '--batch', '--train-size'])
+def test_benchmark_bf16_counts_below_one_are_one_error_line(option, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark_bf16, 'inference', never)
+    assert exit_code(benchmark_bf16.main, ['--quick', option, '0']) == 2
+    assert_one_error_line(capsys, option)
+
+
+@pytest.mark.parametrize('option', ['--threads', '--images', '--repeats'])
+def test_benchmark_visualizer_counts_below_one_are_one_error_line(option, capsys):
+    assert exit_code(benchmark_visualizer.main, [option, '0']) == 2
+    assert_one_error_line(capsys, option)
+
+
+def test_benchmark_visualizer_invalid_annotation_json_is_one_error_line(tmp_path, capsys):
+    from mlla_mm.datasets import make_coco_shapes
+    root = tmp_path / 'shapes'
+    make_coco_shapes(str(root), seed=0, num_train=1, num_val=2, size=64)
+    ann = root / 'annotations' / 'instances_val.json'
+    ann.write_text('{"images": [')
+    assert exit_code(benchmark_visualizer.main, ['--data', root, '--images', '1', '--repeats', '1',
+                                                 '--threads', '1']) == 2
+    assert 'not valid JSON' in assert_one_error_line(capsys, ann)
+
+
+def test_benchmark_visualizer_annotation_without_mask_is_one_error_line(tmp_path, capsys):
+    from mlla_mm.datasets import make_coco_shapes
+    root = tmp_path / 'shapes'
+    make_coco_shapes(str(root), seed=0, num_train=1, num_val=2, size=64)
+    ann = root / 'annotations' / 'instances_val.json'
+    data = json.loads(ann.read_text())
+    for a in data['annotations']:
+        del a['segmentation']
+    ann.write_text(json.dumps(data))
+    assert exit_code(benchmark_visualizer.main, ['--data', root, '--images', '1', '--repeats', '1',
+                                                 '--threads', '1']) == 2
+    assert_one_error_line(capsys, ann)
