@@ -29,8 +29,9 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Classify images with an MLLA ImageNet classifier, '
-                                     'or evaluate it on an ImageFolder-layout folder.')
+    from mlla_mm.engine.launch import ToolArgumentParser, non_negative_int, positive_int
+    parser = ToolArgumentParser(description='Classify images with an MLLA ImageNet classifier, '
+                                'or evaluate it on an ImageFolder-layout folder.')
     parser.add_argument('images', nargs='*', help='image files to classify')
     parser.add_argument('--weights', required=True, help='classifier checkpoint (e.g. the published MLLA_T.pth)')
     parser.add_argument('--model', default='mlla_tiny', help='timm model name (default: mlla_tiny)')
@@ -39,9 +40,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--use-ema', action='store_true', help='take state_dict_ema of a training checkpoint')
     parser.add_argument('--data-dir', help='evaluate on this folder (class subfolders) instead of images')
     parser.add_argument('--show-dir', help='write each image with its top-5 drawn here')
-    parser.add_argument('--topk', type=int, default=5, help='classes to print per image (default 5)')
-    parser.add_argument('--batch-size', type=int, default=32, help='batch size for --data-dir (default 32)')
-    parser.add_argument('--workers', type=int, default=2, help='data loading processes for --data-dir')
+    parser.add_argument('--topk', type=positive_int, default=5, help='classes to print per image (default 5)')
+    parser.add_argument('--batch-size', type=positive_int, default=32,
+                        help='batch size for --data-dir (default 32)')
+    parser.add_argument('--workers', type=non_negative_int, default=2,
+                        help='data loading processes for --data-dir (default 2; 0: in the main process)')
     parser.add_argument('--out', help='write the results as JSON to this file')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1 ... (default: cuda if available)')
     args = parser.parse_args(argv)
@@ -49,8 +52,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('give either IMAGE files or --data-dir')
     if args.show_dir and args.data_dir:
         parser.error('--show-dir draws single images; it does not go with --data-dir')
-    if args.topk < 1 or args.batch_size < 1 or args.workers < 0:
-        parser.error('--topk and --batch-size must be >= 1, --workers >= 0')
     return args
 
 
@@ -274,10 +275,24 @@ def classify(args: argparse.Namespace) -> int:
     import torch
     from timm.data import create_transform, resolve_data_config
 
-    from mlla_mm.engine.launch import UsageError, one_line
+    from mlla_mm.engine.launch import UsageError, check_device, check_output, one_line
     from mlla_mm.utils.io import AtomicWriteError, atomic_write
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    model = build_classifier(args.model, args.weights, parse_model_kwargs(args.model_kwargs), args.use_ema)
+    # Everything the user gave is checked before the model is built.
+    device = check_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    check_output(args.out, '--out')
+    check_output(args.show_dir, '--show-dir', folder=True)
+    if os.path.isdir(args.weights):
+        raise UsageError(f'--weights {args.weights} is a directory, not a checkpoint file')
+    for path in args.images:
+        if os.path.isdir(path):
+            raise UsageError(f'{path} is a directory, not an image (a folder of class subfolders goes to --data-dir)')
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'image not found: {path}')
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        raise UsageError(f'--data-dir {args.data_dir}: ' + ('not a directory' if os.path.exists(args.data_dir)
+                                                           else 'not found'))
+    model_kwargs = parse_model_kwargs(args.model_kwargs)
+    model = build_classifier(args.model, args.weights, model_kwargs, args.use_ema)
     model.to(device)
     transform = create_transform(**resolve_data_config({}, model=model))
     try:
@@ -289,8 +304,8 @@ def classify(args: argparse.Namespace) -> int:
             result = dict(result, model=args.model, weights=args.weights)
             with atomic_write(args.out, 'w') as f:
                 json.dump(result, f, indent=1)
-    except AtomicWriteError as err:
-        raise UsageError(one_line(err)) from None
+    except AtomicWriteError as err:  # its message without the '[Errno N]' prefix
+        raise UsageError(err.strerror or one_line(err)) from None
     return 0
 
 

@@ -4,19 +4,33 @@
     python tools/convert_checkpoint.py SRC DST [--backbone-only] [--use-ema] [--trusted]
 
 Running it on its own output gives the same file. A file that is not a
-safe checkpoint (see mlla_mm.checkpoint.load_file), a missing source or a
-failed write (e.g. a full disk) is one ``error:`` line naming the file and
-exit code 2; the destination is written atomically, so a failed write leaves
-any previous file there unchanged.
+safe checkpoint (see mlla_mm.checkpoint.load_file), a missing source, a
+directory given as SRC, a DST that cannot be written (a directory, a file
+in the way, no permission; checked before SRC is read) or a failed write
+(e.g. a full disk) is one ``error:`` line naming the file and exit code 2;
+the destination is written atomically, so a failed write leaves any
+previous file there unchanged.
 """
-import argparse
+import os
 import sys
 
 from mlla_mm.checkpoint import AtomicWriteError, CheckpointError, convert_file
+from mlla_mm.engine.launch import ToolArgumentParser
+from mlla_mm.utils.io import output_path_problem
+
+
+def check_paths(src: str, dst: str) -> str:
+    """Why SRC cannot be read or DST cannot be written, before any work; ``''`` when both are fine."""
+    if os.path.isdir(src):
+        return f'{src} is a directory, not a checkpoint file'
+    if not os.path.exists(src):
+        return f'checkpoint file not found: {src}'
+    problem = output_path_problem(dst)
+    return f'cannot write {dst}: {problem}' if problem else ''
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
+    parser = ToolArgumentParser(description=__doc__.split('\n')[1])
     parser.add_argument('src', help='checkpoint to read')
     parser.add_argument('dst', help='file to write (written atomically)')
     parser.add_argument('--backbone-only', action='store_true', help='keep only the backbone weights')
@@ -24,6 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument('--trusted', action='store_true',
                         help='the file is trusted: allow arbitrary pickled objects (runs code from it)')
     args = parser.parse_args(argv)
+    problem = check_paths(args.src, args.dst)
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
+        return 2
     try:
         out = convert_file(args.src, args.dst, use_ema=args.use_ema, backbone_only=args.backbone_only,
                            trusted=True if args.trusted else None)

@@ -6,7 +6,10 @@
 
 CONFIG_OR_ARCH is ``mlla_t``, ``mlla_s``, ``mlla_b`` (the backbone alone,
 outputs feat0..feat3), an mmseg config (image -> per-pixel class logits at
-the input size) or an mmdet config (backbone + FPN, outputs fpn0..).
+the input size), an mmdet config (backbone + FPN, outputs fpn0..) or a
+config whose ``model`` is a backbone (``dict(type='mlla_mm.MLLA', ...)``).
+``--opset`` is 13 (the lowest that exports every graph of this project) up
+to the TorchScript exporter's maximum (20 with torch 2.14); default 18.
 WEIGHTS (optional; random weights without it) is read by mlla-mm's safe
 checkpoint loader. ``--dynamic`` makes batch, height and width free (one
 file for every size, odd sizes too). ``--check`` runs ONNX Runtime at three
@@ -24,31 +27,52 @@ import sys
 import torch
 
 
+def opset_type(text: str) -> int:
+    """argparse type: an ONNX opset this project's graphs export at (MIN_OPSET..MAX_OPSET)."""
+    from mlla_mm.deploy.onnx_export import MAX_OPSET, MIN_OPSET
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not MIN_OPSET <= value <= MAX_OPSET:
+        raise argparse.ArgumentTypeError(f'expected an ONNX opset from {MIN_OPSET} to {MAX_OPSET}, got {text!r}')
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    from mlla_mm.deploy.onnx_export import DEFAULT_OPSET
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[1])
+    from mlla_mm.deploy.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    from mlla_mm.engine.launch import ToolArgumentParser, positive_int
+    p = ToolArgumentParser(description=__doc__.split('\n')[1])
     p.add_argument('model', metavar='CONFIG_OR_ARCH', help='mlla_t | mlla_s | mlla_b, or a config file')
     p.add_argument('weights', nargs='?', metavar='WEIGHTS', help='checkpoint to load (default: random weights)')
     p.add_argument('--out', required=True, help='the .onnx file to write')
     p.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'), default=(512, 512),
                    help='example input size for tracing (default 512 512)')
     p.add_argument('--dynamic', action='store_true', help='dynamic batch, height and width')
-    p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})')
+    p.add_argument('--opset', type=opset_type, default=DEFAULT_OPSET, metavar='N',
+                   help=f'ONNX opset, {MIN_OPSET} to {MAX_OPSET} (the TorchScript exporter\'s range for these '
+                        f'models; default {DEFAULT_OPSET})')
     p.add_argument('--check', action='store_true', help='compare ONNX Runtime with PyTorch before writing')
-    p.add_argument('--backbone-only', action='store_true', help="export only the config's backbone")
-    p.add_argument('--threads', type=int, help='torch threads while exporting and checking')
+    p.add_argument('--backbone-only', action='store_true',
+                   help="export only the config's backbone (a config whose model is a backbone exports it anyway)")
+    p.add_argument('--threads', type=positive_int, metavar='N',
+                   help="torch threads (>= 1) while exporting and checking (default: torch's own)")
     p.add_argument('--formulation', choices=['onnx', 'plain'], default='onnx',
                    help="'onnx' (default): MLLA's stages rearranged for ONNX Runtime (same numbers, faster); "
                         "'plain': the model's own code traced")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.shape) < 1:
+        p.error(f'--shape must be positive, got {args.shape[0]} {args.shape[1]}')
+    return args
 
 
 def export(args: argparse.Namespace) -> int:
-    from mlla_mm.deploy.onnx_export import (EXPORTER, TOLERANCE, build_target, check_onnx, check_writable,
-                                            default_check_sizes, export_bytes, require, write_onnx)
+    from mlla_mm.deploy.onnx_export import (EXPORTER, TOLERANCE, build_target, check_onnx, default_check_sizes,
+                                            export_bytes, require, write_onnx)
+    from mlla_mm.engine.launch import check_output
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_writable(args.out)
+    check_output(args.out, '--out')
     require('onnx', *(['onnxruntime'] if args.check else []))
     target = build_target(args.model, args.weights, backbone_only=args.backbone_only,
                           log=lambda msg: print(msg, flush=True))

@@ -16,8 +16,10 @@ the config's model exactly. Class names come from the checkpoint (mmengine
 saves the data set's meta) or else from the config's test data set.
 
 An image that cannot be read is skipped with a ``warning:`` line. Missing
-config, weights or images, or weights that do not fit the model, give one
-``error:`` line and exit code 2.
+config, weights or images, weights that do not fit the model, a bad
+argument (``--device``, ``--cfg-options``) or an ``--out`` that cannot be
+written give one ``error:`` line and exit code 2, the last two before the
+model is built.
 """
 from __future__ import annotations
 
@@ -28,14 +30,13 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from mmengine.config import DictAction
-
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 SCOPES = ('mmdet', 'mmseg')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Draw the predictions of an mmdet or mmseg config on images.')
+    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser
+    parser = ToolArgumentParser(description='Draw the predictions of an mmdet or mmseg config on images.')
     parser.add_argument('config', help='config file')
     parser.add_argument('weights', help='checkpoint of the whole model (e.g. work_dirs/<name>/epoch_12.pth)')
     parser.add_argument('images', help='an image file, or a folder searched recursively for images')
@@ -43,7 +44,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--score-thr', type=float, default=0.3,
                         help='detection: draw boxes and masks scoring at least this (default 0.3)')
     parser.add_argument('--device', default=None, help='cpu or cuda[:N] (default: cuda when available)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction, default=None, metavar='KEY=VALUE',
                         help='override config entries')
     return parser.parse_args(argv)
 
@@ -119,7 +120,7 @@ def head_classes(cfg: Any) -> int:
     return int((bbox or {}).get('num_classes', 0))
 
 
-def build_model(cfg: Any, weights: str, device: str, config_path: str):
+def build_model(cfg: Any, weights: str, device: Any, config_path: str):
     """Build the config's model, load ``weights`` (strictly), move it to ``device``, eval mode."""
     import torch
     from mmengine.model import revert_sync_batchnorm
@@ -191,24 +192,32 @@ def infer(args: argparse.Namespace) -> int:
     from mmengine.registry import init_default_scope
     from mmengine.utils import ProgressBar
 
-    from mlla_mm.engine.launch import UsageError, load_config
-    from mlla_mm.utils.io import atomic_write
+    from mlla_mm.engine.launch import UsageError, check_device, check_output, load_config
+    from mlla_mm.utils.io import atomic_write, output_path_problem
 
+    # Everything the user gave is checked before the model is built.
+    device = check_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    check_output(args.out, '--out', folder=True)
     cfg = load_config(args.config, args.cfg_options)
+    if os.path.isdir(args.weights):
+        raise UsageError(f'weights {args.weights} is a directory, not a checkpoint file')
     if not os.path.isfile(args.weights):
         raise UsageError(f'weights file not found: {args.weights}')
     images = find_images(args.images)
     scope = cfg.get('default_scope')
     if scope not in SCOPES:
         raise UsageError(f'{args.config}: default_scope must be one of {list(SCOPES)}, got {scope!r}')
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    root = Path(args.images)
+    targets = output_paths(images, root, Path(args.out))
+    for target in targets.values():
+        problem = output_path_problem(str(target))
+        if problem:
+            raise UsageError(f'--out {args.out}: cannot write {target}: {problem}')
     init_default_scope(scope)
     model, checkpoint = build_model(cfg, args.weights, device, args.config)
     meta = with_palette(dataset_meta(cfg, checkpoint), head_classes(cfg))
     pipeline = inference_pipeline(cfg, scope)
     vis = make_visualizer(scope, meta)
-    root = Path(args.images)
-    targets = output_paths(images, root, Path(args.out))
 
     bar = ProgressBar(len(images), file=sys.stdout) if root.is_dir() else None
     written, skipped = 0, []

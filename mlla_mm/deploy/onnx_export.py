@@ -7,7 +7,9 @@ What can be exported (:func:`build_target`):
 * an mmseg config (UperNet, ...): image in, per-pixel class logits out at
   the input size (output ``logits``);
 * an mmdet config (Mask R-CNN, ...): backbone + neck, outputs ``fpn0..``;
-* any config with ``backbone_only=True``: its backbone alone.
+* any config with ``backbone_only=True``: its backbone alone;
+* a config whose ``model`` is a backbone (``dict(type='mlla_mm.MLLA', ...)``):
+  that backbone, outputs ``feat0..`` (with or without ``backbone_only``).
 
 Inputs are normalised float images ``(B, 3, H, W)`` named ``img``; the
 config's data preprocessor (mean, std, BGR->RGB) is not in the graph, its
@@ -45,10 +47,24 @@ ARCHS = {'mlla_t': 'tiny', 'mlla_s': 'small', 'mlla_b': 'base'}
 # took 264 s for a tiny MLLA (TorchScript: about 2 s), almost all in symbolic-shape reasoning; see docs/deploy.md.
 EXPORTER = 'torchscript'
 DEFAULT_OPSET = 18
+#: Opsets that export every graph of this project (MLLA in both formulations, UperNet, Mask R-CNN features):
+#: below 13 the plain graph's ``aten::unflatten`` has no ONNX op (below 11 not even the padding of odd sizes);
+#: above the TorchScript exporter's maximum torch only warns that it does not support the opset.
+MIN_OPSET = 13
+MAX_OPSET = int(getattr(getattr(torch.onnx, '_constants', None), 'ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET', 20))
 TOLERANCE = 1e-4  # max |onnx - torch| relative to max |torch|, per output
 FORMULATIONS = ('onnx', 'plain')  # the traced graph: MLLA rearranged for ONNX Runtime, or the model's own code
 INSTALL_HINT = ("pip install onnx onnxruntime, or pip install -e '.[deploy]' for the tested versions (pinned in "
                 'setup.cfg and tools/setup_env.sh); onnxscript is not needed')
+
+
+def check_opset(opset: int, option: str = '--opset') -> int:
+    """``opset`` when this project's graphs export at it, else a :class:`UsageError` naming ``option`` and the range."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(f'{option} {opset}: expected an ONNX opset from {MIN_OPSET} to {MAX_OPSET} (the range the '
+                         f'TorchScript exporter of torch {torch.__version__.split("+")[0]} supports for these models; '
+                         f'default {DEFAULT_OPSET})')
+    return opset
 
 
 # --------------------------------------------------------------------------
@@ -171,6 +187,8 @@ def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
     if 'model' not in cfg:
         raise UsageError(f'{path}: the config has no model')
     model_cfg = cfg.model
+    if not isinstance(model_cfg, dict):
+        raise UsageError(f'{path}: model must be a dict such as model = dict(type=...), got {type(model_cfg).__name__}')
     if isinstance(model_cfg.get('backbone'), dict):
         model_cfg.backbone.init_cfg = None  # the weights come from WEIGHTS only
     scope = cfg.get('default_scope', 'mmdet')
@@ -179,10 +197,23 @@ def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
         model = MODELS.build(model_cfg)
     except (KeyError, ValueError, TypeError, ImportError) as err:
         raise UsageError(f'{path}: the model does not build: {" ".join(str(err).split())[:300]}') from None
-    model = revert_sync_batchnorm(model).eval()
+    model = revert_sync_batchnorm(model)
+    model.eval()  # not chained: some modules' train() (mmdet's ResNet) returns None
+    meta = _preprocess_metadata(model_cfg)
+    if _is_bare_backbone(model):
+        # The config's model is a backbone (e.g. model = dict(type='mlla_mm.MLLA', ...)): it is what is exported,
+        # with or without backbone_only; its weights may come from a backbone or a whole-model checkpoint.
+        if weights:
+            load_backbone_weights(model, weights, log=log,
+                                  optional=lambda k: k.split('.')[0] in {'norm0', 'norm1', 'norm2', 'norm3'})
+        n = len(getattr(model, 'out_indices', ())) or 4
+        return ExportTarget(BackboneForExport(model).eval(), 'backbone', output_names('backbone', n), path, meta)
+    if backbone_only and not isinstance(getattr(model, 'backbone', None), nn.Module):
+        raise UsageError(f'{path}: --backbone-only: the model ({type(model).__name__}) has no backbone to export '
+                         '(expected a detector or segmentor with a backbone, or a backbone such as '
+                         "model = dict(type='mlla_mm.MLLA', arch='tiny'))")
     if weights:
         _load_whole_model(model, weights, log)
-    meta = _preprocess_metadata(model_cfg)
     if backbone_only:
         n = len(getattr(model.backbone, 'out_indices', ())) or 4
         return ExportTarget(BackboneForExport(model.backbone).eval(), 'backbone', output_names('backbone', n), path,
@@ -196,6 +227,12 @@ def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
                             output_names('detector-features', count), path, meta)
     raise UsageError(f'{path}: {type(model).__name__} is neither an mmseg segmentor with a decode_head nor a '
                      'detector with a neck; use --backbone-only to export its backbone')
+
+
+def _is_bare_backbone(model: nn.Module) -> bool:
+    """Whether the config's model is a backbone alone (MLLA, or one of mmdet's / mmseg's backbones)."""
+    from ..models import MLLA
+    return isinstance(model, MLLA) or ('.backbones.' in type(model).__module__ and not hasattr(model, 'backbone'))
 
 
 # --------------------------------------------------------------------------
@@ -214,6 +251,7 @@ def export_bytes(target: ExportTarget, shape: Tuple[int, int] = (512, 512), dyna
     h, w = shape
     if h < 1 or w < 1:
         raise UsageError(f'--shape must be positive, got {h} {w}')
+    check_opset(opset)
     model = target.exportable(formulation)
     example = torch.randn(2 if dynamic else 1, 3, h, w, generator=torch.Generator().manual_seed(0))
     names = target.output_names
@@ -244,8 +282,8 @@ def write_onnx(data: bytes, path: str) -> None:
     try:
         with atomic_write(path) as f:
             f.write(data)
-    except AtomicWriteError as err:
-        raise UsageError(str(err)) from None
+    except AtomicWriteError as err:  # its message without the '[Errno N]' prefix
+        raise UsageError(err.strerror or str(err)) from None
 
 
 def check_writable(path: str) -> None:
@@ -368,6 +406,6 @@ def check_onnx(model: Union[bytes, str], reference: nn.Module, output_names_: Se
     return rows
 
 
-__all__ = ['ARCHS', 'CheckRow', 'DEFAULT_OPSET', 'EXPORTER', 'ExportTarget', 'FORMULATIONS', 'TOLERANCE',
-           'build_target', 'check_onnx', 'check_writable', 'default_check_sizes', 'export_bytes', 'make_session',
-           'require', 'write_onnx']
+__all__ = ['ARCHS', 'CheckRow', 'DEFAULT_OPSET', 'EXPORTER', 'ExportTarget', 'FORMULATIONS', 'MAX_OPSET', 'MIN_OPSET',
+           'TOLERANCE', 'build_target', 'check_onnx', 'check_opset', 'check_writable', 'default_check_sizes',
+           'export_bytes', 'make_session', 'require', 'write_onnx']

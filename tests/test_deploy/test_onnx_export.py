@@ -229,3 +229,59 @@ def test_export_needs_no_onnxscript():
     res = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert 'ROWS 4 4' in res.stdout
+
+
+# --------------------------------------------------------------------------
+# Opsets and configs whose model is a backbone.
+# --------------------------------------------------------------------------
+def test_opset_range_ends_export_and_outside_is_a_usage_error():
+    """MIN_OPSET and MAX_OPSET export this project's graphs; anything outside is one UsageError naming the range."""
+    from mlla_mm.deploy.onnx_export import MAX_OPSET, MIN_OPSET, UsageError
+    from torch.onnx import _constants
+    assert MAX_OPSET == _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    target = tiny_backbone()
+    for opset, formulation in [(MIN_OPSET, 'plain'), (MAX_OPSET, 'onnx')]:  # plain needs 13 (aten::unflatten)
+        data = export_bytes(target, (32, 32), dynamic=False, opset=opset, formulation=formulation)
+        assert_all_pass(check_onnx(data, target.model, target.output_names, [(1, 32, 32)]))
+    for opset in (0, MIN_OPSET - 1, MAX_OPSET + 1, 99):
+        with pytest.raises(UsageError, match=rf'--opset {opset}: expected an ONNX opset from {MIN_OPSET} to '
+                                             rf'{MAX_OPSET}'):
+            export_bytes(target, (32, 32), opset=opset)
+
+
+BARE_BACKBONE = ("model = dict(type='mlla_mm.MLLA', arch=dict(embed_dims=16, depths=[1, 1, 1, 1], "
+                 "num_heads=[1, 2, 2, 4]))\n"
+                 "custom_imports = dict(imports=['mlla_mm'], allow_failed_imports=False)\n")
+
+
+@pytest.mark.parametrize('backbone_only', [True, False])
+def test_config_whose_model_is_a_backbone_exports_it(tmp_path, backbone_only):
+    """``model = dict(type='mlla_mm.MLLA', ...)``: the backbone itself, with its weights (backbone_only or not)."""
+    cfg = tmp_path / 'bare.py'
+    cfg.write_text(BARE_BACKBONE)
+    torch.manual_seed(3)
+    saved = MLLA(TINY_ARCH)
+    ckpt = tmp_path / 'bb.pth'
+    torch.save({'state_dict': saved.state_dict()}, ckpt)
+    target = build_target(str(cfg), str(ckpt), backbone_only=backbone_only, log=lambda msg: None)
+    assert target.kind == 'backbone' and target.output_names == ['feat0', 'feat1', 'feat2', 'feat3']
+    got = target.model.backbone.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in saved.state_dict().items())
+    img = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(target.model(img), saved.eval()(img)))
+
+
+def test_backbone_only_needs_a_backbone(tmp_path):
+    """A config whose model has no backbone (an FPN alone) is one clear UsageError; a ResNet alone exports."""
+    from mlla_mm.deploy.onnx_export import UsageError
+    neck = tmp_path / 'neck.py'
+    neck.write_text("default_scope = 'mmdet'\n"
+                    "model = dict(type='mmdet.FPN', in_channels=[16, 32], out_channels=8, num_outs=2)\n")
+    with pytest.raises(UsageError, match=r'neck\.py: --backbone-only: the model \(FPN\) has no backbone'):
+        build_target(str(neck), backbone_only=True, log=lambda msg: None)
+    resnet = tmp_path / 'resnet.py'  # mmdet's ResNet.train() returns None: build_target must not chain .eval()
+    resnet.write_text("default_scope = 'mmdet'\nmodel = dict(type='mmdet.ResNet', depth=18)\n")
+    target = build_target(str(resnet), backbone_only=True, log=lambda msg: None)
+    assert target.kind == 'backbone' and not target.model.training
+    assert [t.shape[1] for t in target.model(torch.zeros(1, 3, 32, 32))] == [64, 128, 256, 512]

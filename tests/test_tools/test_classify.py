@@ -183,3 +183,80 @@ def test_command_line(setup, tmp_path):
     assert res.returncode == 2 and 'Traceback' not in res.stderr
     assert res.stderr.strip().startswith('error: ') and 'evil.pth' in res.stderr
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------
+# Bad arguments: one line, exit 2, before the model is built, nothing written.
+# --------------------------------------------------------------------------
+def run_or_exit(tool, capsys, *args):
+    """``run``, with argparse's exit as an exit code."""
+    try:
+        rc = tool.main([str(a) for a in args])
+    except SystemExit as stop:
+        rc = stop.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_bad_arguments_are_one_line_before_the_model_is_built(tool, setup, capsys, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError('the model was built although an argument is invalid')
+
+    monkeypatch.setattr(tool, 'build_classifier', refuse)
+    img, w = setup['images'][0], setup['weights']
+    afile = tmp_path / 'afile'
+    afile.write_text('x')
+    cases = [
+        (['--device', 'foo'], ['--device foo: not a device']),
+        (['--device', 'cuda:99'], ['--device cuda:99']),
+        (['--out', afile / 'x.json'], [f'--out {afile / "x.json"}: cannot write there',
+                                       f'{afile} is a file, not a directory']),
+        (['--out', tmp_path], [f'--out {tmp_path}: cannot write there', 'is a directory']),
+        (['--show-dir', afile], [f'--show-dir {afile}: cannot write there', 'not a directory']),
+        (['--topk', '0'], ['--topk', "expected a positive integer, got '0'"]),
+        (['--batch-size', 'x'], ['--batch-size', "got 'x'"]),
+        (['--workers', '-1'], ['--workers', "expected an integer >= 0, got '-1'"]),
+        (['--bogus'], ['unrecognized arguments: --bogus']),
+    ]
+    for extra, needles in cases:
+        rc, out, err = run_or_exit(tool, capsys, img, '--weights', w, *extra)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 2 and 'Traceback' not in err, (extra, err)
+        assert len(lines) == 1 and lines[0].startswith('error: ') and '[Errno' not in lines[0], (extra, err)
+        assert all(n in lines[0] for n in needles), (extra, lines)
+    for args, needles in [([tmp_path], [f'{tmp_path} is a directory, not an image', '--data-dir']),
+                          ([img, tmp_path / 'nope.png'], [f'image not found: {tmp_path / "nope.png"}']),
+                          (['--data-dir', afile], [f'--data-dir {afile}: not a directory']),
+                          (['--data-dir', tmp_path / 'nope'], [f'--data-dir {tmp_path / "nope"}: not found'])]:
+        rc, out, err = run_or_exit(tool, capsys, *args, '--weights', w)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 2 and 'Traceback' not in err, (extra, err)
+        assert len(lines) == 1 and lines[0].startswith('error: ') and '[Errno' not in lines[0], (extra, err)
+        assert all(n in lines[0] for n in needles), (extra, lines)
+    rc, out, err = run_or_exit(tool, capsys, img, '--weights', tmp_path)
+    assert rc == 2 and err.strip() == f'error: --weights {tmp_path} is a directory, not a checkpoint file'
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    rc, out, err = run_or_exit(tool, capsys, img, '--weights', w, '--device', 'cuda')
+    assert rc == 2 and err.strip() == 'error: --device cuda: no CUDA device on this machine (use --device cpu)'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['afile'] and afile.read_text() == 'x'
+
+
+def test_failed_json_write_is_one_line_without_errno(tool, setup, capsys, tmp_path, monkeypatch):
+    """The disk fills up while --out is written: the reason, naming the file, no '[Errno N]'; no file left."""
+    import mlla_mm.utils.io as io_mod
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith('.json'):
+            raise OSError(28, 'No space left on device')
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io_mod.os, 'replace', failing_replace)
+    out = tmp_path / 'res.json'
+    rc, _, err = run(tool, capsys, setup['images'][0], '--weights', setup['weights'], '--model-kwargs',
+                     *TINY_KWARGS, '--out', out)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f'error: cannot write {out}: No space left on device'), lines
+    assert '[Errno' not in lines[0]
+    assert list(tmp_path.iterdir()) == []

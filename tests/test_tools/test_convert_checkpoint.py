@@ -91,3 +91,50 @@ def test_refused_source_is_one_line_and_writes_nothing(tmp_path):
     errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and str(src) in errors[0] and 'os.system' in errors[0], res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ['evil.pth']
+
+
+# --------------------------------------------------------------------------
+# Bad arguments and paths: one line, exit 2, nothing written (in-process: no interpreter start-up).
+# --------------------------------------------------------------------------
+def convert_here(capsys, *args):
+    """(exit code, non-empty stderr lines) of the tool's main() run in this process."""
+    from tests.helpers import load_tool
+    try:
+        code = load_tool('convert_checkpoint').main([str(a) for a in args])
+    except SystemExit as stop:  # argument errors
+        code = stop.code
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err, err
+    return code, [ln for ln in err.splitlines() if ln.strip()]
+
+
+def test_directory_as_source_says_so(tmp_path, capsys):
+    (tmp_path / 'ckpts').mkdir()
+    code, lines = convert_here(capsys, tmp_path / 'ckpts', tmp_path / 'out.pth')
+    assert code == 2 and lines == [f'error: {tmp_path / "ckpts"} is a directory, not a checkpoint file']
+    assert [p.name for p in tmp_path.iterdir()] == ['ckpts']
+
+
+def test_unwritable_destination_is_refused_before_reading(tmp_path, capsys, monkeypatch):
+    import mlla_mm.checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('the source was read although the destination cannot be written')
+
+    monkeypatch.setattr(mlla_mm.checkpoint, 'convert_file', refuse)
+    src = tmp_path / 'src.pth'
+    torch.save({'state_dict': {'w': torch.zeros(1)}}, src)
+    (tmp_path / 'afile').write_text('x')
+    for dst, reason in [(tmp_path / 'afile' / 'out.pth', f'{tmp_path / "afile"} is a file, not a directory'),
+                        (tmp_path, f'{tmp_path} is a directory')]:
+        code, lines = convert_here(capsys, src, dst)
+        assert code == 2 and lines == [f'error: cannot write {dst}: {reason}'], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['afile', 'src.pth']
+
+
+def test_argument_errors_are_one_line(tmp_path, capsys):
+    for args, needle in [(['--bogus', 'a', 'b'], 'unrecognized arguments: --bogus'),
+                         (['only_src.pth'], 'the following arguments are required: dst')]:
+        code, lines = convert_here(capsys, *args)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], lines
+    assert list(tmp_path.iterdir()) == []

@@ -104,7 +104,7 @@ def test_write_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, cap
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith('error: ') and str(out) in lines[0], err
-    assert 'No space left' in lines[0]
+    assert 'No space left' in lines[0] and '[Errno' not in lines[0]
     assert leftovers(tmp_path) == []
 
 
@@ -113,8 +113,12 @@ def test_write_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, cap
 # --------------------------------------------------------------------------
 def run_in_process(capsys, *args):
     """Run the tool's main() here (no interpreter start-up); returns (exit code, stderr lines)."""
-    code = export_tool.main([str(a) for a in args])
+    try:
+        code = export_tool.main([str(a) for a in args])
+    except SystemExit as stop:  # argument errors: ToolArgumentParser exits 2 after its one line
+        code = stop.code
     err = capsys.readouterr().err
+    assert 'Traceback' not in err, err
     return code, [ln for ln in err.splitlines() if ln.strip()]
 
 
@@ -268,3 +272,71 @@ def test_backbone_only_weights_for_a_segmentor_say_so_and_export(tmp_path, capsy
     inits = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer]
     assert any(a.shape == fc1.T.shape and np.array_equal(a, fc1.T) for a in inits)
     assert make_session(str(out)).run(None, {'img': np.zeros((1, 3, 32, 32), np.float32)})[0].shape[1] == NUM_CLASSES
+
+
+@pytest.fixture
+def no_export(monkeypatch):
+    """Make building a model fail loudly: argument checks must come before any work."""
+    from mlla_mm.deploy import onnx_export
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('a model was built although an argument is invalid')
+
+    monkeypatch.setattr(onnx_export, 'build_target', refuse)
+
+
+@pytest.mark.parametrize('value', ['0', '12', '21', '99', 'x'])
+def test_opset_outside_the_supported_range_is_one_line_up_front(tmp_path, capsys, no_export, value):
+    from mlla_mm.deploy.onnx_export import MAX_OPSET, MIN_OPSET
+    value = {'12': str(MIN_OPSET - 1), '21': str(MAX_OPSET + 1)}.get(value, value)
+    code, lines = run_in_process(capsys, 'mlla_t', '--out', tmp_path / 'm.onnx', '--shape', '32', '32',
+                                 '--opset', value)
+    assert_error(code, lines, '--opset', f'expected an ONNX opset from {MIN_OPSET} to {MAX_OPSET}', repr(value))
+    assert leftovers(tmp_path) == []
+
+
+def test_help_states_the_opset_range(capsys):
+    from mlla_mm.deploy.onnx_export import MAX_OPSET, MIN_OPSET
+    with pytest.raises(SystemExit) as stop:
+        export_tool.main(['--help'])
+    assert stop.value.code == 0
+    assert f'ONNX opset, {MIN_OPSET} to {MAX_OPSET}' in ' '.join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize('args, needles', [
+    (['--threads', '-1'], ['--threads', "expected a positive integer, got '-1'"]),
+    (['--threads', '0'], ['--threads', "expected a positive integer, got '0'"]),
+    (['--shape', '32'], ['--shape']),
+    (['--bogus'], ['unrecognized arguments: --bogus']),
+    (['--formulation', 'fast'], ['--formulation', "'fast'"]),
+])
+def test_argument_errors_are_one_line(tmp_path, capsys, no_export, args, needles):
+    code, lines = run_in_process(capsys, 'mlla_t', '--out', tmp_path / 'm.onnx', '--shape', '32', '32', *args)
+    assert_error(code, lines, *needles)
+    assert leftovers(tmp_path) == []
+
+
+def test_unwritable_output_is_refused_before_the_export(tmp_path, capsys, no_export):
+    (tmp_path / 'afile').write_text('x')
+    code, lines = run_in_process(capsys, 'mlla_t', '--out', tmp_path / 'afile' / 'm.onnx')
+    assert_error(code, lines, f'--out {tmp_path / "afile" / "m.onnx"}: cannot write there',
+                 f'{tmp_path / "afile"} is a file, not a directory')
+
+
+def test_config_whose_model_is_a_backbone(tmp_path, capsys):
+    """``model = dict(type='mlla_mm.MLLA', ...)`` with --backbone-only exports that backbone (feat0..feat3)."""
+    import onnx
+    from tests.test_deploy.test_onnx_export import BARE_BACKBONE
+    cfg = tmp_path / 'bare.py'
+    cfg.write_text(BARE_BACKBONE)
+    out = tmp_path / 'bare.onnx'
+    code = export_tool.main([str(cfg), '--out', str(out), '--shape', '32', '32', '--backbone-only'])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ['feat0', 'feat1', 'feat2', 'feat3']
+    neck = tmp_path / 'neck.py'
+    neck.write_text("default_scope = 'mmdet'\n"
+                    "model = dict(type='mmdet.FPN', in_channels=[16, 32], out_channels=8, num_outs=2)\n")
+    code, lines = run_in_process(capsys, neck, '--out', tmp_path / 'neck.onnx', '--backbone-only')
+    assert_error(code, lines, f'{neck}: --backbone-only: the model (FPN) has no backbone')
+    assert leftovers(tmp_path) == ['bare.onnx']

@@ -111,3 +111,70 @@ def test_one_line_errors(det_model, seg_model, tmp_path, capsys):
         assert code == 2, (args, err)
         assert err[-1].startswith('error: ') and message in err[-1], err
     assert not (tmp_path / 'out').exists() or not list((tmp_path / 'out').rglob('*.png'))
+
+
+# --------------------------------------------------------------------------
+# Bad arguments: one line, exit 2, before the model is built, nothing written.
+# --------------------------------------------------------------------------
+@pytest.fixture
+def no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError('the model was built although an argument is invalid')
+
+    monkeypatch.setattr(infer, 'build_model', refuse)
+
+
+def run_infer(capsys, *args):
+    """(exit code, non-empty stderr lines) of infer.main; argparse's exit is an exit code too."""
+    try:
+        code = infer.main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err, err
+    return code, [ln for ln in err.splitlines() if ln.strip()]
+
+
+def test_bad_arguments_are_one_line_before_the_model_is_built(det_model, tmp_path, capsys, monkeypatch, no_model):
+    cfg, ckpt, src = det_model
+    (tmp_path / 'afile').write_text('x')
+    out = tmp_path / 'out'
+    cases = [
+        (['--cfg-options', 'foo'], ['--cfg-options', "'foo' is not KEY=VALUE"]),
+        (['--cfg-options', 'a=[1,2'], ['--cfg-options', 'a=[1,2', 'Imbalanced brackets']),
+        (['--device', 'foo'], ['--device foo: not a device']),
+        (['--device', 'cuda:99'], ['--device cuda:99']),
+        (['--out', tmp_path / 'afile' / 'inf'], [f'--out {tmp_path / "afile" / "inf"}: cannot write there',
+                                                 f'{tmp_path / "afile"} is a file, not a directory']),
+        (['--out', tmp_path / 'afile'], [f'--out {tmp_path / "afile"}: cannot write there', 'not a directory']),
+    ]
+    for extra, needles in cases:
+        code, lines = run_infer(capsys, cfg, ckpt, src, '--out', out, *extra)  # a second --out wins
+        assert code == 2, (extra, lines)
+        assert len(lines) == 1 and lines[0].startswith('error: '), (extra, lines)
+        assert all(n in lines[0] for n in needles), (extra, lines)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    code, lines = run_infer(capsys, cfg, ckpt, src, '--out', out, '--device', 'cuda')
+    assert code == 2 and lines == ['error: --device cuda: no CUDA device on this machine (use --device cpu)']
+    assert not out.exists() and (tmp_path / 'afile').read_text() == 'x'
+
+
+def test_a_directory_as_weights_says_so(det_model, tmp_path, capsys, no_model):
+    cfg, _, src = det_model
+    code, lines = run_infer(capsys, cfg, tmp_path, src, '--out', tmp_path / 'out')
+    assert code == 2 and lines == [f'error: weights {tmp_path} is a directory, not a checkpoint file']
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_file_in_the_way_of_a_picture_is_refused_before_the_model_is_built(det_model, tmp_path, capsys,
+                                                                             no_model):
+    cfg, ckpt, src = det_model
+    (tmp_path / 'in' / 'sub').mkdir(parents=True)
+    shutil.copy(sorted(src.iterdir())[0], tmp_path / 'in' / 'sub' / 'a.png')
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'sub').write_text('in the way')
+    code, lines = run_infer(capsys, cfg, ckpt, tmp_path / 'in', '--out', tmp_path / 'out')
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f'error: --out {tmp_path / "out"}: cannot write {tmp_path / "out" / "sub" / "a.png"}')
+    assert 'is a file, not a directory' in lines[0]
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['sub']
