@@ -94,7 +94,11 @@ class UsageError(Exception):
 
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (KeyError's repr quotes removed)."""
-    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, OSError) and err.strerror:  # no '[Errno N]' prefix
+        text = err.strerror if not err.filename or str(err.filename) in err.strerror \
+            else f'{err.strerror}: {err.filename}'
+    else:
+        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return ' '.join(str(text).split()) or type(err).__name__
 
 
