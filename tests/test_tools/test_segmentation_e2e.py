@@ -282,7 +282,8 @@ def test_published_mmseg0_checkpoint_through_test_tool(tmp_path, golden_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics(res.stdout))
     log = res.stdout + res.stderr
-    assert 'rope.rotations' in log  # reported as unexpected, then ignored
+    # the published per-block RoPE tables are derived data the model drops on load: no "unexpected key" noise
+    assert 'rope.rotations' not in log and 'unexpected key' not in log
 
 
 @pytest.mark.slow
