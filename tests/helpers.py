@@ -101,3 +101,35 @@ def weight_decay_of_params(model, optim_wrapper_cfg):
     norms = {f'{mn}.{pn}' if mn else pn for mn, m in model.named_modules() if isinstance(m, norm_types)
              for pn, _ in m.named_parameters(recurse=False)}
     return decay, norms
+
+
+def exit_code(main, argv):
+    """``main(argv)``'s return value, or the code of the SystemExit an argparse error raises."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as stop:
+        return stop.code
+
+
+def assert_one_error_line(capsys, *names):
+    """stderr (from ``capsys``) is exactly one ``error:`` line naming each of ``names``, no traceback; returns it."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    assert 'Traceback' not in err
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def fill_disk_on_rename(monkeypatch, suffix):
+    """Make the atomic writer's final rename of a ``*suffix`` file fail as a full disk does (ENOSPC)."""
+    import mlla_mm.utils.io as io_mod
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith(suffix):
+            raise OSError(28, 'No space left on device')
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io_mod.os, 'replace', failing_replace)

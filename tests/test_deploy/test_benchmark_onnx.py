@@ -5,7 +5,7 @@ import pytest
 
 from mlla_mm.deploy.benchmark import (cpu_description, goal_verdict, interleaved_times, paired_ratio,
                                       round_ratios, round_spread)
-from tests.helpers import load_tool
+from tests.helpers import assert_one_error_line, exit_code, load_tool
 
 
 def test_interleaved_times_warms_up_then_alternates_the_order():
@@ -86,20 +86,6 @@ def test_bf16_warning_only_without_amx_or_avx512_bf16():
 # --------------------------------------------------------------------------
 # Bad input: one ``error:`` line naming the argument, exit code 2, before anything is exported or timed.
 # --------------------------------------------------------------------------
-def _exit_code(main, argv):
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as stop:
-        return stop.code
-
-
-def _one_error_line(capsys, *names):
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith('error: '), err
-    assert 'Traceback' not in err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
 
 
 def _never(*args, **kwargs):
@@ -115,11 +101,11 @@ def _never(*args, **kwargs):
     (['--seg-size', '64'], '--seg-size'),
     (['--bf16-size', '64by64'], '--bf16-size'),
 ])
-def test_bad_arguments_are_one_error_line(argv, name, capsys, monkeypatch):
+def test_bad_arguments_areassert_one_error_line(argv, name, capsys, monkeypatch):
     tool = load_tool('benchmark_onnx')
     monkeypatch.setattr(tool, 'build', _never)
-    assert _exit_code(tool.main, argv) == 2
-    _one_error_line(capsys, name)
+    assert exit_code(tool.main, argv) == 2
+    assert_one_error_line(capsys, name)
 
 
 def test_json_that_cannot_be_written_fails_before_exporting(tmp_path, capsys, monkeypatch):
@@ -128,8 +114,8 @@ def test_json_that_cannot_be_written_fails_before_exporting(tmp_path, capsys, mo
     plain = tmp_path / 'plain'
     plain.write_text('x')
     for out in (plain / 'x.json', tmp_path):
-        assert _exit_code(tool.main, ['--quick', '--models', 'mlla_t', '--json', out]) == 2
-        _one_error_line(capsys, '--json', out)
+        assert exit_code(tool.main, ['--quick', '--models', 'mlla_t', '--json', out]) == 2
+        assert_one_error_line(capsys, '--json', out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['plain']
 
 

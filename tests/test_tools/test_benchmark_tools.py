@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, load_tool, run_tool
+from tests.helpers import ROOT, assert_one_error_line, exit_code, load_tool, run_tool
 
 benchmark = load_tool('benchmark')
 get_flops = load_tool('get_flops')
@@ -199,22 +199,6 @@ benchmark_bf16 = load_tool('benchmark_bf16')
 benchmark_visualizer = load_tool('benchmark_visualizer')
 
 
-def exit_code(main, argv):
-    """``main(argv)``'s return value, or the code of the SystemExit an argparse error raises."""
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as stop:
-        return stop.code
-
-
-def assert_one_error_line(capsys, *names):
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith('error: '), err
-    assert 'Traceback' not in err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def never(*args, **kwargs):

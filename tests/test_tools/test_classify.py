@@ -243,15 +243,8 @@ def test_bad_arguments_are_one_line_before_the_model_is_built(tool, setup, capsy
 
 def test_failed_json_write_is_one_line_without_errno(tool, setup, capsys, tmp_path, monkeypatch):
     """The disk fills up while --out is written: the reason, naming the file, no '[Errno N]'; no file left."""
-    import mlla_mm.utils.io as io_mod
-    real_replace = os.replace
-
-    def failing_replace(src, dst):
-        if str(dst).endswith('.json'):
-            raise OSError(28, 'No space left on device')
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(io_mod.os, 'replace', failing_replace)
+    from tests.helpers import fill_disk_on_rename
+    fill_disk_on_rename(monkeypatch, '.json')
     out = tmp_path / 'res.json'
     rc, _, err = run(tool, capsys, setup['images'][0], '--weights', setup['weights'], '--model-kwargs',
                      *TINY_KWARGS, '--out', out)

@@ -1,5 +1,4 @@
 """tools/export_onnx.py: export + check of a tiny UperNet, failed checks and bad input leave no .onnx behind."""
-import os
 import subprocess
 import sys
 
@@ -88,16 +87,9 @@ def test_failed_check_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
 
 def test_write_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     """The disk fills up during the write: exit 2, one line naming the file, no partial .onnx."""
-    import mlla_mm.utils.io as io_mod
+    from tests.helpers import fill_disk_on_rename
     cfg = write_tiny_upernet(tmp_path)
-    real_replace = os.replace
-
-    def failing_replace(src, dst):
-        if str(dst).endswith('.onnx'):
-            raise OSError(28, 'No space left on device')
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(io_mod.os, 'replace', failing_replace)
+    fill_disk_on_rename(monkeypatch, '.onnx')
     out = tmp_path / 'full.onnx'
     code = export_tool.main([str(cfg), '--backbone-only', '--out', str(out), '--shape', '32', '32', '--dynamic'])
     err = capsys.readouterr().err

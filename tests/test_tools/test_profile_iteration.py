@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from tests.helpers import run_tool, write_tiny_config
+from tests.helpers import assert_one_error_line, run_tool, write_tiny_config
 
 
 @pytest.mark.slow
@@ -47,23 +47,15 @@ def _tool():
     return load_tool('profile_iteration')
 
 
-def _one_error_line(capsys, *names):
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith('error: '), err
-    assert 'Traceback' not in err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
 
 
 @pytest.mark.parametrize('argv, name', [
     (['--threads', '0'], '--threads'), (['--threads', '-1'], '--threads'), (['--iters', '0'], '--iters')])
-def test_counts_below_one_are_one_error_line(argv, name, capsys):
+def test_counts_below_one_areassert_one_error_line(argv, name, capsys):
     with pytest.raises(SystemExit) as stop:
         _tool().parse_args(['configs/detection/mask_rcnn_mlla_t_demo.py', *argv])
     assert stop.value.code == 2
-    _one_error_line(capsys, name)
+    assert_one_error_line(capsys, name)
 
 
 def test_a_missing_checkpoint_is_reported_before_the_model_is_built(tmp_path, capsys, monkeypatch):
@@ -71,7 +63,7 @@ def test_a_missing_checkpoint_is_reported_before_the_model_is_built(tmp_path, ca
     monkeypatch.setattr(runner_module.SafeRunner, 'from_cfg', classmethod(lambda cls, cfg: pytest.fail('built')))
     missing = tmp_path / 'none.pth'
     assert _tool().main(['configs/detection/mask_rcnn_mlla_t_demo.py', str(missing), '--threads', '1']) == 2
-    _one_error_line(capsys, missing)
+    assert_one_error_line(capsys, missing)
 
 
 def _tiny_detector():
