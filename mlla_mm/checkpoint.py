@@ -93,20 +93,47 @@ def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = No
         if _is_trusted(trusted):
             f.seek(0)
             return _torch_load(f, path, map_location, weights_only=False)
-        try:
-            guard.check_file(f)
-        except guard.Refused as err:
-            reason = str(err) if str(err).endswith(('.', '?')) else f'{err}.'
-            hint = f' {_TRUST_HINT}' if err.names_code else ''
-            raise CheckpointError(f'refusing to load {path}: {reason}{hint}') from None
-        except (MemoryError, RecursionError) as err:
-            raise CheckpointError(f'refusing to load {path}: checking it ran out of '
-                                  f'{"memory" if isinstance(err, MemoryError) else "stack"}') from None
+        _scan(f, path)
         f.seek(0)
         # Add (and afterwards remove) only the entries not already allowed by someone else.
         present = set(torch.serialization.get_safe_globals())
         with torch.serialization.safe_globals([g for g in guard.safe_globals() if g not in present]):
             return _torch_load(f, path, map_location, weights_only=True)
+
+
+def check_file(path: str, trusted: Optional[bool] = None) -> None:
+    """What :func:`load_file` checks before it reads any tensor, without reading them (fast, for tools).
+
+    The file exists, is not a directory or empty, and (unless trusted) passes
+    the guard's scan of its archive and pickle (:mod:`.checkpoint_guard`); a
+    safetensors file passes. Raises the same errors as :func:`load_file`, so
+    a tool can refuse a file before it builds anything; :func:`load_file`
+    checks again when it reads.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a directory, not a checkpoint file')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f'checkpoint file is empty: {path}')
+    with open(path, 'rb') as f:
+        if is_safetensors(f) or _is_trusted(trusted):
+            return
+        _scan(f, path)
+
+
+def _scan(f: Any, path: str) -> None:
+    """The guard's check of an open file, its refusals as :class:`CheckpointError` naming ``path``."""
+    try:
+        guard.check_file(f)
+    except guard.Refused as err:
+        reason = str(err) if str(err).endswith(('.', '?')) else f'{err}.'
+        hint = f' {_TRUST_HINT}' if err.names_code else ''
+        raise CheckpointError(f'refusing to load {path}: {reason}{hint}') from None
+    except (MemoryError, RecursionError) as err:
+        raise CheckpointError(f'refusing to load {path}: checking it ran out of '
+                              f'{"memory" if isinstance(err, MemoryError) else "stack"}') from None
 
 
 def is_safetensors(f: Any) -> bool:
@@ -446,5 +473,5 @@ def register_mmengine_loader() -> None:
 
 __all__ = ['CheckpointError', 'TRUST_ENV', 'load_file', 'convert_checkpoint', 'convert_file',
            'find_state_dict', 'backbone_state_dict', 'load_backbone_weights', 'compare_state_dicts',
-           'StateDictFit', 'check_checkpoint_fits', 'save_atomic', 'AtomicWriteError',
+           'StateDictFit', 'check_checkpoint_fits', 'check_file', 'save_atomic', 'AtomicWriteError',
            'register_mmengine_loader', 'safe_globals']

@@ -62,6 +62,8 @@ def train(args) -> int:
                              '--resume alone to take the latest checkpoint of the work dir')
         if not os.path.isfile(args.resume):
             raise UsageError(f'--resume checkpoint not found: {args.resume}')
+        from mlla_mm.checkpoint import check_file
+        check_file(args.resume)  # a refused file: one line, before the runner makes its log folder
         cfg.resume, cfg.load_from = True, args.resume
     runner = build_runner(cfg, config_path=args.config, launcher=args.launcher,
                           check=('train_dataloader', 'val_dataloader'))

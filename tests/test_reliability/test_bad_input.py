@@ -369,3 +369,28 @@ def test_tiny_and_thin_images_in_detector_inference(detector, hw):
     assert torch.isfinite(boxes).all()
     if len(boxes):
         assert (boxes[:, 2] <= hw[1] + 1e-3).all() and (boxes[:, 3] <= hw[0] + 1e-3).all()
+
+
+@pytest.mark.parametrize('tool', ['test', 'resume'])
+@pytest.mark.parametrize('kind', ['reduce_os_system', 'truncated'])
+def test_refused_checkpoint_is_the_only_output_and_makes_no_folder(cfg_path, tmp_path, capsys, tool, kind):
+    """A checkpoint the safe loader refuses is refused before the runner is built: one error line naming it, and
+    no work dir (no timestamped log folder, no config dump) is left behind."""
+    from tests.test_reliability import evil_pickles as ep
+    marker = tmp_path / 'marker'
+    ckpt = tmp_path / f'{kind}.pth'
+    if kind == 'truncated':
+        torch.save({'state_dict': {'w': torch.zeros(1000)}}, ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:-100])
+    else:
+        ckpt.write_bytes(ep.corpus(str(marker))[kind])
+    work = tmp_path / 'work'
+    if tool == 'test':
+        rc = load_tool('test').main([str(cfg_path), str(ckpt), '--work-dir', str(work)])
+    else:
+        rc = load_tool('train').main([str(cfg_path), '--work-dir', str(work), '--resume', str(ckpt)])
+    out = capsys.readouterr()
+    line = _one_error_line(out.err)
+    assert rc == 2 and str(ckpt) in line and 'refusing to load' in line, line
+    assert not work.exists() and not marker.exists()
+    assert 'Config' not in out.out and 'mmengine' not in out.out  # no config dump before the error
