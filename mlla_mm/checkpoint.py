@@ -78,13 +78,7 @@ def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = No
             format, a zip bomb, would allocate more than it holds, or names or
             calls anything outside the allow-list (and is not trusted).
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise CheckpointError(f'{path} is a directory, not a checkpoint file')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f'checkpoint file is empty: {path}')
+    path = _existing_file(path)
     # One open file for the check and the load: renaming another file into
     # place in between cannot swap what is read.
     with open(path, 'rb') as f:
@@ -101,6 +95,18 @@ def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = No
             return _torch_load(f, path, map_location, weights_only=True)
 
 
+def _existing_file(path: str) -> str:
+    """``path`` as a string when it names a non-empty file; else the error :func:`load_file` documents."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a directory, not a checkpoint file')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f'checkpoint file is empty: {path}')
+    return path
+
+
 def check_file(path: str, trusted: Optional[bool] = None) -> None:
     """What :func:`load_file` checks before it reads any tensor, without reading them (fast, for tools).
 
@@ -110,13 +116,7 @@ def check_file(path: str, trusted: Optional[bool] = None) -> None:
     a tool can refuse a file before it builds anything; :func:`load_file`
     checks again when it reads.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise CheckpointError(f'{path} is a directory, not a checkpoint file')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f'checkpoint file is empty: {path}')
+    path = _existing_file(path)
     with open(path, 'rb') as f:
         if is_safetensors(f) or _is_trusted(trusted):
             return
