@@ -32,7 +32,7 @@ from ..datasets.checks import (DEMO_COMMANDS, LAYOUTS, BadAnnotationError,  # no
                                DataNotFoundError, check_annotations, check_data)
 from ..utils.io import AtomicWriteError
 from ..utils.malloc import malloc_state, tune_cpu_malloc
-from .runner import make_synthetic_data
+from .runner import end_distributed, make_synthetic_data
 
 
 def apply_amp(cfg: Config) -> None:
@@ -298,15 +298,24 @@ def run_main(main: Callable[[], int]) -> int:
     failed write (disk full: the message names the file), 1 training stopped
     on a non-finite loss, 128 + N training stopped on signal N after writing
     a resumable checkpoint (143 SIGTERM, 130 SIGINT), 130 also for Ctrl-C
-    outside training or pressed twice (one ``error:`` line).
+    outside training or pressed twice (one ``error:`` line). A distributed
+    run's process group is destroyed before returning (:func:`end_distributed`).
     """
-    from ..checkpoint import CheckpointError
-    from .hooks import NonFiniteLossError, TrainingAborted, TrainingInterrupted
     try:
         tune_cpu_malloc()  # large CPU tensors off fresh mmap pages; MLLA_MM_MALLOC=default to skip
     except ValueError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
+    try:
+        return _run_and_classify(main)
+    finally:
+        end_distributed()  # a gloo group left to interpreter shutdown can abort the process (SIGABRT)
+
+
+def _run_and_classify(main: Callable[[], int]) -> int:
+    """``main()``, with the errors :func:`run_main` documents turned into a line and an exit code."""
+    from ..checkpoint import CheckpointError
+    from .hooks import NonFiniteLossError, TrainingAborted, TrainingInterrupted
     try:
         return main()
     except DataNotFoundError as err:

@@ -11,6 +11,10 @@ thing. At build time it:
 - without CUDA, builds a config's ``AmpOptimWrapper`` (fp16, CUDA only) as a
   bf16 :class:`~mlla_mm.engine.optim.CPUAutocastOptimWrapper`;
 - makes the synthetic data set a demo config names in ``synthetic_data``;
+- in a distributed run, ends the process group at exit
+  (:func:`end_distributed`): torch leaves it to the program, and a gloo
+  group torn down with the interpreter can abort the process (SIGABRT,
+  "terminate called without an active exception") after training is done;
 - runs the reliability hooks of :data:`REQUIRED_HOOKS` (adding any that
   ``custom_hooks`` lacks), so also the exact-resume loops that
   :class:`~mlla_mm.engine.hooks.RandomStateHook` switches to.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import copy
 import glob
 import inspect
+import atexit
 import os
 import os.path as osp
 import re
@@ -168,6 +173,21 @@ def init_cpu_distributed(launcher: str) -> None:
               logger='current')
 
 
+def end_distributed() -> None:
+    """Destroy torch.distributed's default process group if one is running; otherwise nothing.
+
+    Called at the end of the tools' ``main()`` and, for scripts that build a
+    :class:`SafeRunner` themselves, at interpreter exit (registered by the
+    runner). Without it the gloo worker threads still hold the last
+    collectives' tensors while Python shuts down, and releasing them then can
+    abort the process (seen as a rank ending with SIGABRT after its last
+    iteration; torch's own advice is to call ``destroy_process_group``).
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _hook_type_name(hook: Any) -> str:
     if isinstance(hook, Hook):
         return type(hook).__name__
@@ -273,6 +293,9 @@ class SafeRunner(Runner):
         #: the checkpoint being read by :meth:`load_checkpoint` (for the hooks' messages)
         self.checkpoint_being_loaded: Optional[str] = None
         super().__init__(**params)
+        if self.distributed:
+            atexit.unregister(end_distributed)  # once, however many runners a script builds
+            atexit.register(end_distributed)
         if self.cfg.get('synthetic_data'):
             if is_main_process():
                 make_synthetic_data(self.cfg)

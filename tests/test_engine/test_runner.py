@@ -12,7 +12,7 @@ from mmengine.model import BaseModel
 
 from mlla_mm.engine.loops import POSITION_KEY, batches_done_in_epoch
 from mlla_mm.engine.runner import (REQUIRED_HOOKS, AtomicLocalBackend, SafeRunner, cpu_amp_wrapper_cfg,
-                                   cpu_ddp_wrapper_cfg, with_required_hooks)
+                                   cpu_ddp_wrapper_cfg, end_distributed, with_required_hooks)
 from mlla_mm.utils.io import AtomicWriteError
 
 from tests.helpers import ROOT
@@ -116,6 +116,9 @@ def test_saferunner_without_cuda_uses_bn_gloo_and_cpu_ddp(tmp_path, monkeypatch,
     for k, v in dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
                      MASTER_PORT=str(_free_port())).items():
         monkeypatch.setenv(k, v)
+    import atexit
+    at_exit = []
+    monkeypatch.setattr(atexit, 'register', lambda fn, *a, **k: at_exit.append(fn))
     try:
         runner = SafeRunner(model=_SyncBNModel(), work_dir=str(tmp_path), launcher=launcher,
                             env_cfg=dict(dist_cfg=dict(backend='nccl')),  # what mmdet's and mmseg's bases say
@@ -128,6 +131,34 @@ def test_saferunner_without_cuda_uses_bn_gloo_and_cpu_ddp(tmp_path, monkeypatch,
         assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
         assert isinstance(model.bn, nn.modules.batchnorm._BatchNorm)
         assert model.bn.weight is not None
+        # A distributed run ends its process group at exit (a gloo group left to interpreter shutdown can
+        # abort the process); one process alone registers nothing.
+        assert at_exit == ([end_distributed] if launcher == 'pytorch' else [])
+        if launcher == 'pytorch':
+            end_distributed()
+            assert not dist.is_initialized()
+        end_distributed()  # nothing running: nothing to do
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('outcome', ['returns', 'raises'])
+def test_run_main_ends_the_process_group(tmp_path, outcome, capsys):
+    """The tools destroy a distributed run's process group however main() ends."""
+    import torch.distributed as dist
+    from mlla_mm.engine.launch import UsageError, run_main
+
+    def main():
+        dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+        assert dist.is_initialized()
+        if outcome == 'raises':
+            raise UsageError('bad option')
+        return 0
+
+    try:
+        assert run_main(main) == (0 if outcome == 'returns' else 2)
+        assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
