@@ -95,28 +95,32 @@ def load_file(path: str, map_location: Any = 'cpu', trusted: Optional[bool] = No
             return _torch_load(f, path, map_location, weights_only=True)
 
 
-def _existing_file(path: str) -> str:
-    """``path`` as a string when it names a non-empty file; else the error :func:`load_file` documents."""
+def _existing_file(path: str, name: str = '') -> str:
+    """``path`` as a string when it names a non-empty file; else the error :func:`load_file` documents.
+
+    ``name`` (``'--weights'``, ``'checkpoint'``) says which argument the path came from in the messages.
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise CheckpointError(f'{path} is a directory, not a checkpoint file')
+        raise CheckpointError(f'{name + " " if name else ""}{path} is a directory, not a checkpoint file')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
+        raise FileNotFoundError(f'{name or "checkpoint file"} not found: {path}')
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f'checkpoint file is empty: {path}')
+        raise CheckpointError(f'{name or "checkpoint file"} is empty: {path}')
     return path
 
 
-def check_file(path: str, trusted: Optional[bool] = None) -> None:
+def check_file(path: str, trusted: Optional[bool] = None, name: str = '') -> None:
     """What :func:`load_file` checks before it reads any tensor, without reading them (fast, for tools).
 
     The file exists, is not a directory or empty, and (unless trusted) passes
     the guard's scan of its archive and pickle (:mod:`.checkpoint_guard`); a
     safetensors file passes. Raises the same errors as :func:`load_file`, so
     a tool can refuse a file before it builds anything; :func:`load_file`
-    checks again when it reads.
+    checks again when it reads. ``name`` is the tool's argument for the
+    messages (``'--weights'``); without it they say "checkpoint file".
     """
-    path = _existing_file(path)
+    path = _existing_file(path, name)
     with open(path, 'rb') as f:
         if is_safetensors(f) or _is_trusted(trusted):
             return

@@ -275,14 +275,14 @@ def classify(args: argparse.Namespace) -> int:
     import torch
     from timm.data import create_transform, resolve_data_config
 
+    from mlla_mm.checkpoint import check_file
     from mlla_mm.engine.launch import UsageError, check_device, check_output, one_line
     from mlla_mm.utils.io import AtomicWriteError, atomic_write
     # Everything the user gave is checked before the model is built.
     device = check_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     check_output(args.out, '--out')
     check_output(args.show_dir, '--show-dir', folder=True)
-    if os.path.isdir(args.weights):
-        raise UsageError(f'--weights {args.weights} is a directory, not a checkpoint file')
+    check_file(args.weights, name='--weights')  # missing, a folder or refused: before the model is built
     for path in args.images:
         if os.path.isdir(path):
             raise UsageError(f'{path} is a directory, not an image (a folder of class subfolders goes to --data-dir)')

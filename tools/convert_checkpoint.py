@@ -11,20 +11,19 @@ in the way, no permission; checked before SRC is read) or a failed write
 the destination is written atomically, so a failed write leaves any
 previous file there unchanged.
 """
-import os
 import sys
 
-from mlla_mm.checkpoint import AtomicWriteError, CheckpointError, convert_file
+from mlla_mm.checkpoint import AtomicWriteError, CheckpointError, check_file, convert_file
 from mlla_mm.engine.launch import ToolArgumentParser
 from mlla_mm.utils.io import output_path_problem
 
 
-def check_paths(src: str, dst: str) -> str:
+def check_paths(src: str, dst: str, trusted: bool = False) -> str:
     """Why SRC cannot be read or DST cannot be written, before any work; ``''`` when both are fine."""
-    if os.path.isdir(src):
-        return f'{src} is a directory, not a checkpoint file'
-    if not os.path.exists(src):
-        return f'checkpoint file not found: {src}'
+    try:
+        check_file(src, trusted=True if trusted else None)
+    except (CheckpointError, FileNotFoundError) as err:
+        return str(err)
     problem = output_path_problem(dst)
     return f'cannot write {dst}: {problem}' if problem else ''
 
@@ -38,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument('--trusted', action='store_true',
                         help='the file is trusted: allow arbitrary pickled objects (runs code from it)')
     args = parser.parse_args(argv)
-    problem = check_paths(args.src, args.dst)
+    problem = check_paths(args.src, args.dst, args.trusted)
     if problem:
         print(f'error: {problem}', file=sys.stderr)
         return 2

@@ -192,6 +192,7 @@ def infer(args: argparse.Namespace) -> int:
     from mmengine.registry import init_default_scope
     from mmengine.utils import ProgressBar
 
+    from mlla_mm.checkpoint import check_file
     from mlla_mm.engine.launch import UsageError, check_device, check_output, load_config
     from mlla_mm.utils.io import atomic_write, output_path_problem
 
@@ -199,10 +200,7 @@ def infer(args: argparse.Namespace) -> int:
     device = check_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     check_output(args.out, '--out', folder=True)
     cfg = load_config(args.config, args.cfg_options)
-    if os.path.isdir(args.weights):
-        raise UsageError(f'weights {args.weights} is a directory, not a checkpoint file')
-    if not os.path.isfile(args.weights):
-        raise UsageError(f'weights file not found: {args.weights}')
+    check_file(args.weights, name='weights')  # missing, a folder or refused: before the model is built
     images = find_images(args.images)
     scope = cfg.get('default_scope')
     if scope not in SCOPES:

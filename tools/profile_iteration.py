@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 import time
 from typing import Any, Dict, List
@@ -61,14 +60,10 @@ def read_weights(path: str) -> Dict[str, Any]:
     """A checkpoint of any supported layout, converted (``{'state_dict': ..., 'meta': ...}``).
 
     Raises:
-        UsageError / CheckpointError: The file is missing, a folder, unreadable or holds no weights.
+        FileNotFoundError / CheckpointError: The file is missing, a folder, unreadable or holds no weights.
     """
-    from mlla_mm.checkpoint import convert_checkpoint, load_file
-    from mlla_mm.engine.launch import UsageError
-    if os.path.isdir(path):
-        raise UsageError(f'checkpoint {path} is a directory, not a checkpoint file')
-    if not os.path.isfile(path):
-        raise UsageError(f'checkpoint not found: {path}')
+    from mlla_mm.checkpoint import check_file, convert_checkpoint, load_file
+    check_file(path, name='checkpoint')
     return convert_checkpoint(load_file(path), source=path)
 
 

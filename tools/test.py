@@ -62,11 +62,7 @@ def main(argv=None) -> int:
 def test(args) -> int:
     from mlla_mm.checkpoint import check_file
     from mlla_mm.engine.launch import UsageError, build_runner, check_output, load_config, prepare_config
-    if os.path.isdir(args.checkpoint):
-        raise UsageError(f'checkpoint {args.checkpoint} is a directory, not a checkpoint file')
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f'checkpoint not found: {args.checkpoint}')
-    check_file(args.checkpoint)  # a refused file: one line, before the runner makes its log folder
+    check_file(args.checkpoint, name='checkpoint')  # a missing or refused file: one line, before the runner makes its log folder
     if args.out and not args.out.endswith(('.pkl', '.pickle')):
         raise UsageError(f'--out {args.out}: the raw predictions are written as a pickle; name it .pkl')
     check_output(args.out, '--out')

@@ -235,6 +235,12 @@ def test_bad_arguments_are_one_line_before_the_model_is_built(tool, setup, capsy
         assert all(n in lines[0] for n in needles), (extra, lines)
     rc, out, err = run_or_exit(tool, capsys, img, '--weights', tmp_path)
     assert rc == 2 and err.strip() == f'error: --weights {tmp_path} is a directory, not a checkpoint file'
+    rc, out, err = run_or_exit(tool, capsys, img, '--weights', tmp_path / 'nope.pth')
+    assert rc == 2 and err.strip() == f'error: --weights not found: {tmp_path / "nope.pth"}'
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    rc, out, err = run_or_exit(tool, capsys, img, '--weights', tmp_path / 'empty.pth')
+    assert rc == 2 and err.strip() == f'error: --weights is empty: {tmp_path / "empty.pth"}'
+    (tmp_path / 'empty.pth').unlink()
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     rc, out, err = run_or_exit(tool, capsys, img, '--weights', w, '--device', 'cuda')
     assert rc == 2 and err.strip() == 'error: --device cuda: no CUDA device on this machine (use --device cpu)'

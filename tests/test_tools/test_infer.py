@@ -98,7 +98,7 @@ def test_one_line_errors(det_model, seg_model, tmp_path, capsys):
     (tmp_path / 'only_broken' / 'x.jpg').write_bytes(b'garbage')
     cases = [
         ([str(tmp_path / 'nope.py'), str(ckpt), str(src)], 'config file not found'),
-        ([str(cfg), str(tmp_path / 'nope.pth'), str(src)], 'weights file not found'),
+        ([str(cfg), str(tmp_path / 'nope.pth'), str(src)], 'weights not found'),
         ([str(cfg), str(ckpt), str(tmp_path / 'nope')], 'image or folder not found'),
         ([str(cfg), str(ckpt), str(tmp_path / 'empty')], 'no images'),
         ([str(cfg), str(ckpt), str(tmp_path / 'only_broken')], 'none of the 1 image(s)'),

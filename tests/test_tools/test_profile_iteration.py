@@ -119,6 +119,8 @@ def test_a_checkpoint_with_a_wrongly_shaped_tensor_is_one_clear_error(tmp_path):
 
 
 def test_a_checkpoint_folder_is_one_clear_error(tmp_path):
-    from mlla_mm.engine.launch import UsageError
-    with pytest.raises(UsageError, match='is a directory'):
+    from mlla_mm.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=f'^checkpoint {tmp_path} is a directory, not a checkpoint file$'):
         _tool().read_weights(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f'^checkpoint not found: {tmp_path / "x.pth"}$'):
+        _tool().read_weights(str(tmp_path / 'x.pth'))
