@@ -299,7 +299,8 @@ def run_main(main: Callable[[], int]) -> int:
     on a non-finite loss, 128 + N training stopped on signal N after writing
     a resumable checkpoint (143 SIGTERM, 130 SIGINT), 130 also for Ctrl-C
     outside training or pressed twice (one ``error:`` line). A distributed
-    run's process group is destroyed before returning (:func:`end_distributed`).
+    run's process group is destroyed before returning, unless the run failed
+    (:func:`~mlla_mm.engine.runner.end_distributed`).
     """
     try:
         tune_cpu_malloc()  # large CPU tensors off fresh mmap pages; MLLA_MM_MALLOC=default to skip

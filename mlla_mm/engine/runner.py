@@ -11,9 +11,9 @@ thing. At build time it:
 - without CUDA, builds a config's ``AmpOptimWrapper`` (fp16, CUDA only) as a
   bf16 :class:`~mlla_mm.engine.optim.CPUAutocastOptimWrapper`;
 - makes the synthetic data set a demo config names in ``synthetic_data``;
-- in a distributed run, ends the process group at exit
-  (:func:`end_distributed`): torch leaves it to the program, and a gloo
-  group torn down with the interpreter can abort the process (SIGABRT,
+- in a distributed run, ends the process group at exit unless the run
+  failed (:func:`end_distributed`): torch leaves it to the program, and a
+  gloo group torn down with the interpreter can abort the process (SIGABRT,
   "terminate called without an active exception") after training is done;
 - runs the reliability hooks of :data:`REQUIRED_HOOKS` (adding any that
   ``custom_hooks`` lacks), so also the exact-resume loops that
@@ -173,8 +173,13 @@ def init_cpu_distributed(launcher: str) -> None:
               logger='current')
 
 
+#: Set when a SafeRunner's train/val/test raised (other than a signal stop that every rank makes at the
+#: same iteration): a collective may still be pending, and destroying the group would wait for it.
+_RUN_FAILED = False
+
+
 def end_distributed() -> None:
-    """Destroy torch.distributed's default process group if one is running; otherwise nothing.
+    """Destroy torch.distributed's default process group, if one is running and no run failed.
 
     Called at the end of the tools' ``main()`` and, for scripts that build a
     :class:`SafeRunner` themselves, at interpreter exit (registered by the
@@ -182,9 +187,12 @@ def end_distributed() -> None:
     collectives' tensors while Python shuts down, and releasing them then can
     abort the process (seen as a rank ending with SIGABRT after its last
     iteration; torch's own advice is to call ``destroy_process_group``).
+    After a failed run it does nothing: gloo's destroy waits for pending
+    collectives, which a peer that stopped elsewhere never joins; the process
+    exits as it would without it and the launcher stops the others.
     """
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if not _RUN_FAILED and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -300,6 +308,30 @@ class SafeRunner(Runner):
             if is_main_process():
                 make_synthetic_data(self.cfg)
             barrier()
+
+    def train(self) -> Any:
+        """mmengine's; a failure is recorded for :func:`end_distributed`."""
+        return self._noting_failure(super().train)
+
+    def val(self) -> Any:
+        """mmengine's; a failure is recorded for :func:`end_distributed`."""
+        return self._noting_failure(super().val)
+
+    def test(self) -> Any:
+        """mmengine's; a failure is recorded for :func:`end_distributed`."""
+        return self._noting_failure(super().test)
+
+    @staticmethod
+    def _noting_failure(run: Any) -> Any:
+        global _RUN_FAILED
+        from .hooks import TrainingInterrupted
+        try:
+            return run()
+        except TrainingInterrupted:
+            raise  # a signal stop: every rank stopped after the same iteration, nothing is pending
+        except BaseException:
+            _RUN_FAILED = True
+            raise
 
     def wrap_model(self, model_wrapper_cfg: Optional[Dict], model: torch.nn.Module) -> Any:
         """mmengine's wrapping; a distributed run without CUDA gets BN and a CPU DDP wrapper."""

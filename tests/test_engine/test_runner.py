@@ -164,6 +164,27 @@ def test_run_main_ends_the_process_group(tmp_path, outcome, capsys):
             dist.destroy_process_group()
 
 
+def test_no_destroy_after_a_failed_run(tmp_path, monkeypatch):
+    """A failed run leaves the group to the process exit (gloo's destroy would wait for a pending collective)."""
+    import torch.distributed as dist
+    from mlla_mm.engine import runner as runner_module
+    from mlla_mm.engine.hooks import TrainingInterrupted
+    monkeypatch.setattr(runner_module, '_RUN_FAILED', False)
+    with pytest.raises(TrainingInterrupted):  # a signal stop, made by every rank at the same iteration
+        SafeRunner._noting_failure(lambda: (_ for _ in ()).throw(TrainingInterrupted(143)))
+    assert runner_module._RUN_FAILED is False
+    assert SafeRunner._noting_failure(lambda: 7) == 7 and runner_module._RUN_FAILED is False
+    with pytest.raises(RuntimeError, match='boom'):
+        SafeRunner._noting_failure(lambda: (_ for _ in ()).throw(RuntimeError('boom')))
+    assert runner_module._RUN_FAILED is True
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        end_distributed()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 def _loop(cls, runner, **attrs):
     """A loop object with just the attributes validation_due reads (no dataloader is built)."""
     loop = object.__new__(cls)
