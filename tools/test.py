@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 def test(args) -> int:
     from mlla_mm.checkpoint import check_file
     from mlla_mm.engine.launch import UsageError, build_runner, check_output, load_config, prepare_config
-    check_file(args.checkpoint, name='checkpoint')  # a missing or refused file: one line, before the runner makes its log folder
+    check_file(args.checkpoint, name='checkpoint')  # missing or refused: one line, before any log folder
     if args.out and not args.out.endswith(('.pkl', '.pickle')):
         raise UsageError(f'--out {args.out}: the raw predictions are written as a pickle; name it .pkl')
     check_output(args.out, '--out')
@@ -87,7 +87,8 @@ def test(args) -> int:
     if args.out:
         cfg.test_evaluator = [cfg.test_evaluator] if isinstance(cfg.test_evaluator, dict) else list(cfg.test_evaluator)
         cfg.test_evaluator.append(dict(type='DumpResults', out_file_path=args.out))
-    runner = build_runner(cfg, config_path=args.config, launcher=args.launcher, check=('test_dataloader', ))
+    runner = build_runner(cfg, config_path=args.config, launcher=args.launcher, check=('test_dataloader', ),
+                          whole_checkpoint=args.checkpoint)
     metrics = runner.test()
     print('metrics: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                   for k, v in (metrics or {}).items()))

@@ -66,7 +66,8 @@ def train(args) -> int:
         check_file(args.resume)  # a refused file: one line, before the runner makes its log folder
         cfg.resume, cfg.load_from = True, args.resume
     runner = build_runner(cfg, config_path=args.config, launcher=args.launcher,
-                          check=('train_dataloader', 'val_dataloader'))
+                          check=('train_dataloader', 'val_dataloader'),
+                          whole_checkpoint=args.resume if args.resume not in (None, 'auto') else None)
     runner.train()
     return 0
 

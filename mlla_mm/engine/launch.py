@@ -255,8 +255,45 @@ def check_run_settings(cfg: Config, check: Tuple[str, ...], config_path: str) ->
             raise UsageError(f'{config_path}: optim_wrapper.optimizer.lr must be a number >= 0, got {lr!r}')
 
 
-def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[str, ...]) -> Runner:
-    """Check the data (:func:`check_run_data`), then build the config's Runner as mmdet's tools do.
+def check_whole_checkpoint(cfg: Config, path: str) -> None:
+    """CheckpointGuardHook's whole-model check of ``path`` (tools/test.py, ``--resume``), before the runner exists.
+
+    The config's model is built on the meta device (no memory, no weight
+    initialisation) and the file is read to it (names and shapes only), so a
+    checkpoint of another task or MLLA size is one error line, raised before
+    mmengine makes its timestamped log folder. A model that cannot be built
+    that way (one that loads weights while it is built) is left to the
+    runner, whose hook makes the same check when it loads the file.
+
+    Raises:
+        CheckpointError: The file is not a whole checkpoint of this model (names it and example tensors).
+    """
+    import copy
+
+    from mmengine.registry import MODELS, DefaultScope
+
+    from ..checkpoint import check_checkpoint_fits, load_file
+    try:
+        with warnings.catch_warnings(), DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):
+            warnings.simplefilter('ignore')  # the runner builds the model again and shows them
+            with torch.device('meta'):
+                model = MODELS.build(copy.deepcopy(cfg.model))
+    except Exception:  # noqa: BLE001 (the runner builds it for real and reports what is wrong)
+        return
+    from mmengine.model import BaseTTAModel
+    if isinstance(model, BaseTTAModel):  # --tta: the real model is its .module (as mmengine's loader unwraps it)
+        model = model.module
+    checkpoint = load_file(path, map_location='meta')
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get('state_dict', checkpoint), dict):
+        check_checkpoint_fits(model, checkpoint.get('state_dict', checkpoint), path, whole=True)
+    # else: not a dict / no state dict: the hook says so when the runner loads it
+
+
+def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[str, ...],
+                 whole_checkpoint: Optional[str] = None) -> Runner:
+    """Check the settings, the data (:func:`check_run_data`) and ``whole_checkpoint`` (the file tools/test.py
+    tests or ``--resume`` continues, :func:`check_whole_checkpoint`), then build the config's Runner as mmdet's
+    tools do.
 
     ``RUNNERS.build(cfg)`` honours ``runner_type`` (``SafeRunner`` in every
     config of this project); a config without it gets mmengine's Runner and a
@@ -265,10 +302,13 @@ def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[s
     Raises:
         DataNotFoundError: Data the ``check`` dataloaders need is missing or broken.
         UsageError: The config does not build (unknown arch, misspelt argument, ...).
+        CheckpointError: ``whole_checkpoint`` is not a whole checkpoint of the config's model.
     """
     from mmengine.registry import RUNNERS, init_default_scope
     check_run_settings(cfg, check, config_path)
     check_run_data(cfg, check, config_path)
+    if whole_checkpoint:
+        check_whole_checkpoint(cfg, whole_checkpoint)  # another task or MLLA size: before any log folder
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     if cfg.get('runner_type') != 'SafeRunner':
         print_log(f'{config_path} does not use SafeRunner (it does not inherit configs/_base_/mlla_runtime.py): '

@@ -586,7 +586,7 @@ class MLLA(BaseModule):
         self.strides = [4 * 2**i for i in range(num_stages)]
 
         self.patch_embed = Stem(3, self.embed_dims)
-        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
         for i in range(num_stages):
             start = sum(self.depths[:i])

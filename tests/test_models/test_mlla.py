@@ -89,6 +89,15 @@ def test_parameter_counts(golden_dir):
     assert counts['backbone_t_params'] == 23_880_096
 
 
+def test_builds_on_the_meta_device():
+    """No memory, no data (tools/test.py checks a checkpoint against a model built so): same names and shapes."""
+    with torch.device('meta'):
+        meta = MLLA('tiny', drop_path_rate=0.2)
+    assert {t.device.type for t in meta.state_dict().values()} == {'meta'}
+    real = MLLA('tiny', drop_path_rate=0.2)
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+
+
 def test_parameter_names_are_the_published_ones():
     names = set(MLLA(SMALL).state_dict())
     for key in ['patch_embed.conv1.conv.weight', 'patch_embed.conv1.norm.running_var',

@@ -171,6 +171,12 @@ def test_multi_scale_flip_tta(trained, tmp_path):
     assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics(res.stdout))
     dumped = next((tmp_path / 'w').glob('*.py')).read_text()
     assert 'SegTTAModel' in dumped and 'TestTimeAug' in dumped
+    # A checkpoint without the decode head is refused with --tta too, before the runner (no work dir).
+    sd = {k: v for k, v in load_file(ckpt)['state_dict'].items() if not k.startswith('decode_head.')}
+    torch.save({'state_dict': sd}, tmp_path / 'partial.pth')
+    res = run_tool('tools/test.py', cfg, tmp_path / 'partial.pth', '--work-dir', tmp_path / 'w2', '--tta')
+    assert res.returncode == 2 and 'are not in it' in res.stderr and 'decode_head' in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / 'w2').exists()
 
 
 @pytest.mark.parametrize('tool', ['train', 'test'])
