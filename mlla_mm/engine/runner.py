@@ -173,8 +173,8 @@ def init_cpu_distributed(launcher: str) -> None:
               logger='current')
 
 
-#: Set when a SafeRunner's train/val/test raised (other than a signal stop that every rank makes at the
-#: same iteration): a collective may still be pending, and destroying the group would wait for it.
+#: Whether the last SafeRunner train/val/test of this process raised (other than a signal stop that every
+#: rank makes at the same iteration): a collective may still be pending, and destroying the group would wait.
 _RUN_FAILED = False
 
 
@@ -325,6 +325,7 @@ class SafeRunner(Runner):
     def _noting_failure(run: Any) -> Any:
         global _RUN_FAILED
         from .hooks import TrainingInterrupted
+        _RUN_FAILED = False  # only the last run can have left a collective pending
         try:
             return run()
         except TrainingInterrupted:

@@ -117,6 +117,9 @@ def test_saferunner_without_cuda_uses_bn_gloo_and_cpu_ddp(tmp_path, monkeypatch,
                      MASTER_PORT=str(_free_port())).items():
         monkeypatch.setenv(k, v)
     import atexit
+
+    from mlla_mm.engine import runner as runner_module
+    monkeypatch.setattr(runner_module, '_RUN_FAILED', False)  # another test's failed run in this process
     at_exit = []
     monkeypatch.setattr(atexit, 'register', lambda fn, *a, **k: at_exit.append(fn))
     try:
@@ -144,10 +147,12 @@ def test_saferunner_without_cuda_uses_bn_gloo_and_cpu_ddp(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize('outcome', ['returns', 'raises'])
-def test_run_main_ends_the_process_group(tmp_path, outcome, capsys):
-    """The tools destroy a distributed run's process group however main() ends."""
+def test_run_main_ends_the_process_group(tmp_path, outcome, capsys, monkeypatch):
+    """The tools destroy a distributed run's process group however main() ends (no runner run failed)."""
     import torch.distributed as dist
+    from mlla_mm.engine import runner as runner_module
     from mlla_mm.engine.launch import UsageError, run_main
+    monkeypatch.setattr(runner_module, '_RUN_FAILED', False)  # another test's failed run in this process
 
     def main():
         dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
@@ -177,6 +182,8 @@ def test_no_destroy_after_a_failed_run(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match='boom'):
         SafeRunner._noting_failure(lambda: (_ for _ in ()).throw(RuntimeError('boom')))
     assert runner_module._RUN_FAILED is True
+    assert SafeRunner._noting_failure(lambda: 7) == 7 and runner_module._RUN_FAILED is False  # the last run counts
+    runner_module._RUN_FAILED = True
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
     try:
         end_distributed()
