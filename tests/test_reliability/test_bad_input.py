@@ -387,17 +387,22 @@ def test_a_checkpoint_of_another_model_is_refused_before_the_runner(runner, cfg_
         sd, expect = None, 'no state_dict'
     ckpt = tmp_path / f'{kind}.pth'
     torch.save({'state_dict': sd if sd is not None else [1, 2], 'meta': {}}, ckpt)
-    work = tmp_path / 'work'
+    rc, line, out = _test_or_resume_with(tool, cfg_path, ckpt, tmp_path / 'work', capsys)
+    assert rc == 2 and str(ckpt) in line and expect in line, line
+    if sd is not None:
+        assert not (tmp_path / 'work').exists(), sorted((tmp_path / 'work').rglob('*'))
+        assert 'Config' not in out.out and 'mmengine' not in out.out  # no config dump before the error
+
+
+def _test_or_resume_with(tool, cfg_path, ckpt, work, capsys):
+    """tools/test.py CKPT or tools/train.py --resume CKPT: (exit code, the one error line, captured output)."""
     if tool == 'test':
         rc = load_tool('test').main([str(cfg_path), str(ckpt), '--work-dir', str(work)])
     else:
         rc = load_tool('train').main([str(cfg_path), '--work-dir', str(work), '--resume', str(ckpt)])
     out = capsys.readouterr()
-    line = _one_error_line(out.err)
-    assert rc == 2 and str(ckpt) in line and expect in line, line
-    if sd is not None:
-        assert not work.exists(), sorted(work.rglob('*'))
-        assert 'Config' not in out.out and 'mmengine' not in out.out  # no config dump before the error
+    return rc, _one_error_line(out.err), out
+
 
 @pytest.mark.parametrize('tool', ['test', 'resume'])
 @pytest.mark.parametrize('kind', ['reduce_os_system', 'truncated'])
@@ -413,12 +418,7 @@ def test_refused_checkpoint_is_the_only_output_and_makes_no_folder(cfg_path, tmp
     else:
         ckpt.write_bytes(ep.corpus(str(marker))[kind])
     work = tmp_path / 'work'
-    if tool == 'test':
-        rc = load_tool('test').main([str(cfg_path), str(ckpt), '--work-dir', str(work)])
-    else:
-        rc = load_tool('train').main([str(cfg_path), '--work-dir', str(work), '--resume', str(ckpt)])
-    out = capsys.readouterr()
-    line = _one_error_line(out.err)
+    rc, line, out = _test_or_resume_with(tool, cfg_path, ckpt, work, capsys)
     assert rc == 2 and str(ckpt) in line and 'refusing to load' in line, line
     assert not work.exists() and not marker.exists()
     assert 'Config' not in out.out and 'mmengine' not in out.out  # no config dump before the error
