@@ -26,10 +26,10 @@ killed run left and skips a damaged or dangling ``last_checkpoint`` marker.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import glob
 import inspect
-import atexit
 import os
 import os.path as osp
 import re
