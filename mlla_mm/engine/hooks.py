@@ -464,20 +464,29 @@ class CheckpointGuardHook(Hook):
                 hook.backend_args = dict(backend=ATOMIC_BACKEND)
 
     def after_load_checkpoint(self, runner: Runner, checkpoint: Any) -> None:
-        filename = checkpoint_name(runner)
-        if not isinstance(checkpoint, dict):
-            raise CheckpointError(f'{filename}: expected a dict, got {type(checkpoint).__name__}')
-        state_dict = checkpoint.get('state_dict', checkpoint)
-        if not isinstance(state_dict, dict):
-            raise CheckpointError(f'{filename}: no state_dict of tensors in it')
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         # The whole model comes from the file when resuming and in tools/test.py (which sets
         # `checkpoint_is_whole_model` in the config it runs); load_from for fine-tuning may leave parts new.
         whole = bool(getattr(runner, '_resume', False) or (getattr(runner, 'cfg', None) or {}).get('checkpoint_is_whole_model'))
-        # A test-time-augmentation wrapper holds the real model as .module (mmengine's loader unwraps it too).
-        check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename,
-                              whole=whole)
+        check_checkpoint_for_model(model, checkpoint, checkpoint_name(runner), whole=whole)
+
+
+def check_checkpoint_for_model(model: torch.nn.Module, checkpoint: Any, filename: str, whole: bool) -> None:
+    """CheckpointGuardHook's check of a loaded ``checkpoint`` against ``model`` (also run before the runner).
+
+    Raises:
+        CheckpointError: Not a dict, no state dict, or it does not fit
+            (:func:`~mlla_mm.checkpoint.check_checkpoint_fits`; ``whole``: every tensor of the model in it).
+    """
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{filename}: expected a dict, got {type(checkpoint).__name__}')
+    state_dict = checkpoint.get('state_dict', checkpoint)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f'{filename}: no state_dict of tensors in it')
+    # A test-time-augmentation wrapper holds the real model as .module (mmengine's loader unwraps it too).
+    check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename,
+                          whole=whole)
 
 __all__ = ['RandomStateHook', 'ValidationResumeHook', 'PreemptionHook', 'FiniteLossHook', 'CheckpointGuardHook',
-           'NonFiniteLossError', 'TrainingAborted', 'TrainingInterrupted', 'get_random_state',
-           'set_random_state', 'VALIDATION_MARKER']
+           'NonFiniteLossError', 'TrainingAborted', 'TrainingInterrupted', 'check_checkpoint_for_model',
+           'get_random_state', 'set_random_state', 'VALIDATION_MARKER']

@@ -266,13 +266,15 @@ def check_whole_checkpoint(cfg: Config, path: str) -> None:
     runner, whose hook makes the same check when it loads the file.
 
     Raises:
-        CheckpointError: The file is not a whole checkpoint of this model (names it and example tensors).
+        CheckpointError: The file is not a whole checkpoint of this model (names it and example tensors), or
+            holds no state dict.
     """
     import copy
 
     from mmengine.registry import MODELS, DefaultScope
 
-    from ..checkpoint import check_checkpoint_fits, load_file
+    from ..checkpoint import load_file
+    from .hooks import check_checkpoint_for_model
     try:
         with warnings.catch_warnings(), DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):
             warnings.simplefilter('ignore')  # the runner builds the model again and shows them
@@ -280,13 +282,7 @@ def check_whole_checkpoint(cfg: Config, path: str) -> None:
                 model = MODELS.build(copy.deepcopy(cfg.model))
     except Exception:  # noqa: BLE001 (the runner builds it for real and reports what is wrong)
         return
-    from mmengine.model import BaseTTAModel
-    if isinstance(model, BaseTTAModel):  # --tta: the real model is its .module (as mmengine's loader unwraps it)
-        model = model.module
-    checkpoint = load_file(path, map_location='meta')
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get('state_dict', checkpoint), dict):
-        check_checkpoint_fits(model, checkpoint.get('state_dict', checkpoint), path, whole=True)
-    # else: not a dict / no state dict: the hook says so when the runner loads it
+    check_checkpoint_for_model(model, load_file(path, map_location='meta'), path, whole=True)
 
 
 def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[str, ...],
@@ -347,14 +343,6 @@ def run_main(main: Callable[[], int]) -> int:
     except ValueError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    try:
-        return _run_and_classify(main)
-    finally:
-        end_distributed()  # a gloo group left to interpreter shutdown can abort the process (SIGABRT)
-
-
-def _run_and_classify(main: Callable[[], int]) -> int:
-    """``main()``, with the errors :func:`run_main` documents turned into a line and an exit code."""
     from ..checkpoint import CheckpointError
     from .hooks import NonFiniteLossError, TrainingAborted, TrainingInterrupted
     try:
@@ -384,3 +372,5 @@ def _run_and_classify(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print('error: interrupted (Ctrl-C)', file=sys.stderr)
         return 130
+    finally:
+        end_distributed()  # a gloo group left to interpreter shutdown can abort the process (SIGABRT)

@@ -101,7 +101,7 @@ def _never(*args, **kwargs):
     (['--seg-size', '64'], '--seg-size'),
     (['--bf16-size', '64by64'], '--bf16-size'),
 ])
-def test_bad_arguments_areassert_one_error_line(argv, name, capsys, monkeypatch):
+def test_bad_arguments_are_one_error_line(argv, name, capsys, monkeypatch):
     tool = load_tool('benchmark_onnx')
     monkeypatch.setattr(tool, 'build', _never)
     assert exit_code(tool.main, argv) == 2

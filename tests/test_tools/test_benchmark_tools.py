@@ -190,15 +190,12 @@ def test_benchmark_visualizer_corrupt_image_is_one_clear_error(tmp_path):
     assert 'Traceback' not in res.stderr
 
 
-
 # --------------------------------------------------------------------------
 # Bad input: one ``error:`` line naming the argument or file, exit code 2, no traceback,
 # no output file, and nothing measured first (in-process, so each takes a second or two).
 # --------------------------------------------------------------------------
 benchmark_bf16 = load_tool('benchmark_bf16')
 benchmark_visualizer = load_tool('benchmark_visualizer')
-
-
 
 
 def never(*args, **kwargs):

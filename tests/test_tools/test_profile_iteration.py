@@ -47,11 +47,9 @@ def _tool():
     return load_tool('profile_iteration')
 
 
-
-
 @pytest.mark.parametrize('argv, name', [
     (['--threads', '0'], '--threads'), (['--threads', '-1'], '--threads'), (['--iters', '0'], '--iters')])
-def test_counts_below_one_areassert_one_error_line(argv, name, capsys):
+def test_counts_below_one_are_one_error_line(argv, name, capsys):
     with pytest.raises(SystemExit) as stop:
         _tool().parse_args(['configs/detection/mask_rcnn_mlla_t_demo.py', *argv])
     assert stop.value.code == 2
