@@ -1,5 +1,6 @@
 """tools/setup_env.sh: the compile settings of the one-time mmcv build (issue 15, target 5)."""
 import os
+import platform
 import re
 import shlex
 import subprocess
@@ -69,6 +70,12 @@ FAKE_PYTHON = r'''#!/usr/bin/env bash
 # A stand-in for .venv/bin/python: records its arguments, fakes what the set-up asks of pip.
 echo "$*" >> "$(dirname "$0")/calls.log"
 if [[ "$1" == "-c" && "$2" == *"import mmcv"* ]]; then exit 1; fi   # no mmcv yet: build it
+if [[ "$1" == "-c" && "$2" == *"version_info"* ]]; then echo cp311; exit 0; fi
+# tools/cuda_setup.py: the plan is what plan.txt beside this file says (none: no answer, the CPU build)
+if [[ "$1" == *cuda_setup.py && "$2" == plan ]]; then cat "$(dirname "$0")/plan.txt" 2>/dev/null; exit 0; fi
+if [[ "$1" == *cuda_setup.py && "$2" == toolchain ]]; then
+  printf 'CUDA_HOME=/fake/cuda-home\nCUDA_TOOLCHAIN=%q\n' 'nvcc 13.0 from pip packages'; exit 0
+fi
 if [[ "$1" == "-m" && "$2" == "pip" && "$3" == "download" ]]; then
   while [[ $# -gt 0 ]]; do [[ "$1" == "-d" ]] && dest="$2"; shift; done
   work="$(mktemp -d)"; mkdir -p "$work/mmcv-2.1.0" "$dest"
@@ -77,11 +84,66 @@ if [[ "$1" == "-m" && "$2" == "pip" && "$3" == "download" ]]; then
 fi
 if [[ "$1" == "-m" && "$2" == "pip" && "$3" == "wheel" ]]; then
   grep -q 'c++20' setup.py || exit 3          # run in the unpacked source, patched to C++20
+  echo "build env: FORCE_CUDA=${FORCE_CUDA:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} CUDA_HOME=${CUDA_HOME:-}" \
+    >> "$(dirname "$0")/calls.log"
   while [[ $# -gt 0 ]]; do [[ "$1" == "-w" ]] && dest="$2"; shift; done
   mkdir -p "$dest"; sleep 1; touch "$dest/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl"; exit 0
 fi
 exit 0
 '''
+
+
+def _project_with_fake_python(tmp_path: Path) -> Path:
+    """A copy of the script in a project folder whose .venv/bin/python is :data:`FAKE_PYTHON`."""
+    root = tmp_path / 'project'
+    (root / 'tools').mkdir(parents=True)
+    (root / 'tools' / 'setup_env.sh').write_text(SCRIPT)
+    for name in ('setup.cfg', 'pyproject.toml'):  # part of the stamp
+        (root / name).write_text(f'# {name}\n')
+    py = root / '.venv' / 'bin' / 'python'
+    py.parent.mkdir(parents=True)
+    py.write_text(FAKE_PYTHON)
+    py.chmod(0o755)
+    return root
+
+
+def test_a_gpu_machine_builds_cuda_kernels_for_its_architecture_under_their_own_cache_name(tmp_path):
+    """The CUDA branch (issue 29): toolchain, patches, FORCE_CUDA / TORCH_CUDA_ARCH_LIST / CUDA_HOME in the
+    build, the wheel cached as ``...-cuda13.0-sm90``; a CPU wheel already in the cache is not used."""
+    root = _project_with_fake_python(tmp_path)
+    bindir = root / '.venv' / 'bin'
+    (bindir / 'plan.txt').write_text("MMCV_BUILD=cuda\nMMCV_CACHE_TAG=cuda13.0-sm90\nMMCV_CUDA_ARCH=9.0\n"
+                                     "MMCV_CUDA=13.0\nMMCV_BUILD_NOTE='CUDA build for NVIDIA H100'\n")
+    cache = tmp_path / 'cache'
+    cpu = cache / f'mmcv-2.1.0-torch2.14.1-cp311-{platform.machine()}-cpuops'
+    cpu.mkdir(parents=True)
+    (cpu / 'mmcv-2.1.0-cp311-cp311-linux_x86_64.whl').touch()
+    proc = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')], env=dict(os.environ, MLLA_MM_CACHE=str(cache)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'CUDA build for NVIDIA H100' in proc.stderr
+    assert 'CUDA kernels for TORCH_CUDA_ARCH_LIST=9.0 with nvcc 13.0 from pip packages' in proc.stderr
+    wheels = list(cache.glob('mmcv-2.1.0-torch*-cuda13.0-sm90/mmcv-*.whl'))
+    assert len(wheels) == 1, list(cache.rglob('*'))
+    calls = (bindir / 'calls.log').read_text()
+    assert 'build env: FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=/fake/cuda-home' in calls
+    assert 'cuda_setup.py patch-mmcv' in calls and f'--venv {root / ".venv"}' in calls
+    assert str(wheels[0]) in calls and 'cpuops' not in calls.split('--force-reinstall')[1]
+
+
+def test_a_cpu_machine_reuses_the_cached_cpuops_wheel(tmp_path):
+    """No plan answer (a CPU machine, or cuda_setup.py failing): the same cache name as before, no rebuild."""
+    root = _project_with_fake_python(tmp_path)
+    cache = tmp_path / 'cache'
+    cpu = cache / f'mmcv-2.1.0-torch2.14.1-cp311-{platform.machine()}-cpuops'
+    cpu.mkdir(parents=True)
+    (cpu / 'mmcv-2.1.0-cp311-cp311-linux_x86_64.whl').touch()
+    proc = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')], env=dict(os.environ, MLLA_MM_CACHE=str(cache)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f'using cached mmcv wheel from {cpu}' in proc.stderr
+    calls = (root / '.venv' / 'bin' / 'calls.log').read_text()
+    assert 'pip wheel' not in calls and 'toolchain' not in calls and 'build env' not in calls
 
 
 def test_first_run_builds_mmcv_and_exits_0(tmp_path):
