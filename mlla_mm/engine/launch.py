@@ -40,9 +40,12 @@ def apply_amp(cfg: Config) -> None:
     wrapper = cfg.optim_wrapper
     if wrapper.get('type', 'OptimWrapper') not in ('OptimWrapper', 'AmpOptimWrapper', 'CPUAutocastOptimWrapper'):
         raise UsageError(f'--amp needs an OptimWrapper-based optim_wrapper, got {wrapper.type}')
-    if torch.cuda.is_available():
-        wrapper.type = 'AmpOptimWrapper'
-        wrapper.loss_scale = 'dynamic'
+    if torch.cuda.is_available():  # fp16, dynamic loss scale; optim_wrapper.dtype=bfloat16 for bf16 (device.py)
+        from .device import cuda_amp_settings
+        try:
+            wrapper.update(cuda_amp_settings(wrapper.get('dtype')))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     else:
         wrapper.type = 'CPUAutocastOptimWrapper'
         wrapper.dtype = 'bfloat16'
@@ -302,6 +305,10 @@ def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[s
     """
     from mmengine.registry import RUNNERS, init_default_scope
     check_run_settings(cfg, check, config_path)
+    from .device import mmcv_cuda_problem
+    problem = mmcv_cuda_problem(cfg.get('default_scope', 'mmdet'))  # a CPU-only mmcv on a GPU machine
+    if problem:
+        raise UsageError(f'{config_path}: {problem}')
     check_run_data(cfg, check, config_path)
     if whole_checkpoint:
         check_whole_checkpoint(cfg, whole_checkpoint)  # another task or MLLA size: before any log folder
@@ -339,7 +346,8 @@ def run_main(main: Callable[[], int]) -> int:
     (:func:`~mlla_mm.engine.runner.end_distributed`).
     """
     try:
-        tune_cpu_malloc()  # large CPU tensors off fresh mmap pages; MLLA_MM_MALLOC=default to skip
+        # large CPU tensors off fresh mmap pages; MLLA_MM_MALLOC=default to skip; a CPU setting, not on a GPU machine
+        tune_cpu_malloc(False if torch.cuda.is_available() else None)
     except ValueError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

@@ -1,0 +1,78 @@
+"""Device-aware defaults on a CUDA machine (issue 29), with torch's CUDA answers faked on this CPU machine."""
+import pytest
+import torch
+from mmengine.config import Config
+
+from mlla_mm.engine import device, launch
+
+
+def _cfg(**optim_wrapper):
+    return Config(dict(model=dict(type='Nothing'), default_scope='mmdet',
+                       optim_wrapper=dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01), **optim_wrapper)))
+
+
+@pytest.fixture
+def on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+
+
+def test_amp_on_cuda_is_fp16_with_a_dynamic_loss_scale(on_cuda):
+    cfg = _cfg()
+    launch.apply_amp(cfg)
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cfg.optim_wrapper.loss_scale == 'dynamic' and cfg.optim_wrapper.dtype == 'float16'
+
+
+def test_amp_on_cuda_gives_bf16_by_option_and_refuses_it_where_the_gpu_lacks_it(on_cuda, monkeypatch):
+    cfg = _cfg(dtype='bfloat16')  # --cfg-options optim_wrapper.dtype=bfloat16
+    launch.apply_amp(cfg)
+    assert (cfg.optim_wrapper.type, cfg.optim_wrapper.dtype) == ('AmpOptimWrapper', 'bfloat16')
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)
+    with pytest.raises(launch.UsageError, match='does not support bf16'):
+        launch.apply_amp(_cfg(dtype='bfloat16'))
+    with pytest.raises(launch.UsageError, match='float16 or bfloat16'):
+        launch.apply_amp(_cfg(dtype='float64'))
+
+
+def test_amp_without_cuda_stays_bf16_cpu_autocast(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(launch, 'warn_if_bf16_slow', lambda: False)
+    cfg = _cfg()
+    launch.apply_amp(cfg)
+    assert (cfg.optim_wrapper.type, cfg.optim_wrapper.dtype) == ('CPUAutocastOptimWrapper', 'bfloat16')
+
+
+def test_a_cpu_only_mmcv_is_found_by_asking_mmcv_itself():
+    """This machine's mmcv is the set-up's CPU build: on a GPU machine it is the one clear problem."""
+    assert device.mmcv_compiling_cuda_version() == 'not available'
+    problem = device.mmcv_cuda_problem('mmdet', cuda_available=True)
+    assert problem and 'without CUDA kernels' in problem and 'make setup' in problem
+    assert device.mmcv_cuda_problem('mmdet', cuda_available=False) is None  # a CPU run uses the CPU ops
+    assert device.mmcv_cuda_problem('mmseg', cuda_available=True) is None  # UperNet needs no mmcv op
+
+
+def test_mmcv_built_for_another_cuda_major_or_not_loading_is_a_problem(monkeypatch):
+    monkeypatch.setattr(torch.version, 'cuda', '13.0')
+    assert device.mmcv_cuda_problem('mmdet', True, compiled=lambda: '13.0') is None
+    assert 'built for CUDA 12.8' in device.mmcv_cuda_problem('mmdet', True, compiled=lambda: '12.8')
+
+    def broken():
+        raise ModuleNotFoundError("No module named 'mmcv._ext'")
+    assert "mmcv._ext" in device.mmcv_cuda_problem('mmdet', True, compiled=broken)
+
+
+def test_a_detector_run_on_a_gpu_machine_with_a_cpu_only_mmcv_stops_before_any_work(on_cuda, tmp_path):
+    cfg = _cfg()
+    cfg.work_dir = str(tmp_path / 'work')
+    with pytest.raises(launch.UsageError, match='c.py: this machine has a GPU but mmcv was built without CUDA'):
+        launch.build_runner(cfg, config_path='c.py', launcher='none', check=())
+    assert not (tmp_path / 'work').exists()
+
+
+def test_cpu_malloc_tuning_stays_off_on_a_gpu_machine(on_cuda, monkeypatch):
+    from mlla_mm.utils import malloc
+    monkeypatch.delenv(malloc.ENV, raising=False)
+    monkeypatch.setattr(malloc, '_state', None)
+    assert launch.run_main(lambda: 0) == 0
+    assert malloc.malloc_state() == 'default'
