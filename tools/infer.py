@@ -6,9 +6,10 @@
 
 For every image (a folder is searched recursively for .jpg, .jpeg, .png,
 .bmp, .tif, .tiff and .webp files, with a progress bar) it writes
-``DIR/<same relative path>.png``: the image with the predicted boxes and
-masks (mmdet's ``DetLocalVisualizer``) or the predicted segmentation
-(mmseg's ``SegLocalVisualizer``) drawn on it. The config's
+``DIR/<same relative path>.png``: the image, at its own size, with the
+predicted boxes, masks and ``class 0.49`` labels or the predicted
+segmentation drawn on it (mlla_mm/visualization.py, the look of every
+tool). The config's
 ``default_scope`` decides which. The test pipeline of the config (its
 resize, without loading annotations) is used, and the weights are read
 through mmengine's checkpoint loader (mlla-mm's safe loader) and must fit
@@ -162,16 +163,10 @@ def inference_pipeline(cfg: Any, scope: str):
 
 
 def make_visualizer(scope: str, meta: Dict[str, Any]):
-    """mmdet's DetLocalVisualizer or mmseg's SegLocalVisualizer for ``meta`` (no storage backends)."""
-    name = f'mlla_mm_infer_{os.getpid()}'
-    if scope == 'mmseg':
-        from mmseg.visualization import SegLocalVisualizer
-        vis = SegLocalVisualizer(name=name, alpha=0.6)
-        vis.set_dataset_meta(classes=meta['classes'], palette=meta['palette'])
-    else:
-        from mmdet.visualization import DetLocalVisualizer
-        vis = DetLocalVisualizer(name=name)
-        vis.dataset_meta = meta
+    """mlla-mm's OpenCV visualizer for ``meta``: the look of every tool (mlla_mm/visualization.py)."""
+    from mlla_mm.visualization import FastDetVisualizer
+    vis = FastDetVisualizer(name=f'mlla_mm_infer_{os.getpid()}')
+    vis.dataset_meta = dict(classes=meta.get('classes'), palette=meta.get('palette'))
     return vis
 
 

@@ -4,7 +4,8 @@
     python tools/test.py CONFIG CKPT [--work-dir DIR] [--show-dir DIR] [--tta] [--skip-bad-images]
                                      [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
 
-``--show-dir`` writes a PNG of the predictions for every test image;
+``--show-dir DIR`` writes ``DIR/<image stem>.png`` for every test image (ground truth | predictions,
+each panel at the image's own size; mlla_mm/visualization.py);
 ``--tta`` uses the config's ``tta_model``/``tta_pipeline`` (multi-scale + flip).
 Like tools/train.py, it only applies its options to the config, checks the
 data and turns problems you can fix into one ``error:`` line (exit code 2).
@@ -38,19 +39,19 @@ def parse_args(argv=None):
 
 
 def enable_visualization(cfg: Config, show_dir: str) -> None:
-    """Make the visualization hook draw every test image into ``show_dir``."""
+    """Draw every test image into ``show_dir/<image stem>.png`` (ground truth | predictions, the image's size).
+
+    mlla_mm.visualization.ShowDirHook draws for detection and segmentation alike; the config's own
+    visualization hook stays off, so nothing else is drawn or stored under the work dir.
+    """
     from mlla_mm.engine.launch import UsageError
     hook = cfg.default_hooks.get('visualization')
     if hook is None:
         raise UsageError('--show-dir needs a "visualization" entry in default_hooks')
-    hook.draw = True
-    hook.interval = 1
-    show_dir = os.path.abspath(show_dir)
-    if cfg.get('default_scope') == 'mmseg':
-        cfg.visualizer.save_dir = show_dir
-        cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
-    else:
-        hook.test_out_dir = show_dir
+    hook.draw = False
+    import mlla_mm.visualization  # noqa: F401  (registers ShowDirHook)
+    cfg.custom_hooks = list(cfg.get('custom_hooks') or []) + [
+        dict(type='ShowDirHook', out_dir=os.path.abspath(show_dir), score_thr=hook.get('score_thr', 0.3))]
 
 
 def main(argv=None) -> int:

@@ -77,8 +77,8 @@ param_scheduler = [
 optim_wrapper = dict(optimizer=dict(lr=4e-4, fused=True))  # torch's one-kernel AdamW step
 # A fixed seed: the demo repeats (tools/demo.py --seed N for another run).
 randomness = dict(seed=0)
-# Pictures drawn with OpenCV (mlla_mm/visualization.py) instead of matplotlib: the
-# same panels (ground truth | predictions), enlarged to 320 pixels.
+# Pictures drawn with OpenCV (mlla_mm/visualization.py) instead of matplotlib, as every
+# tool draws them: ground truth | predictions, each at the image's own size.
 visualizer = dict(type='mlla_mm.FastDetVisualizer')
 default_hooks = dict(
     logger=dict(interval=10),

@@ -45,14 +45,15 @@ def test_train_val_then_resume(tmp_path, tiny_data):
     step1 = first['optimizer']['state'][0]['step'].item()
     assert step1 == 2
 
-    # test.py --show-dir: every test image drawn by the demo's FastDetVisualizer (ground truth | predictions,
-    # the 64-pixel images enlarged to 320)
+    # test.py --show-dir: DIR/<image stem>.png for every test image (ground truth | predictions, each panel
+    # at the image's own 64x64 size; mlla_mm.visualization.ShowDirHook)
     pics = tmp_path / 'pics'
     res = run_tool('tools/test.py', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 'test', '--show-dir', pics)
     assert res.returncode == 0, res.stderr[-3000:]
     drawn = sorted(pics.rglob('*.png'))
     assert [p.name for p in drawn] == ['val_00000.png', 'val_00001.png']
-    assert all(cv2.imread(str(p)).shape == (320, 640, 3) for p in drawn)
+    assert [p.parent for p in drawn] == [pics, pics]
+    assert all(cv2.imread(str(p)).shape == (64, 128, 3) for p in drawn)
 
     # test.py --out: the raw predictions of every test image in one pickle (mmengine's DumpResults).
     out_file = tmp_path / 'results.pkl'

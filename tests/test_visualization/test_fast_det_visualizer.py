@@ -110,8 +110,8 @@ def test_masks_of_another_size_and_classes_beyond_the_palette(tmp_path):
     s.pred_instances = instances([(30, 20, 45, 28)], [7], scores=[0.8], size=60)  # 60x60 masks, class 7
     vis.add_datasample('pic', grey_image(30, 50), s, out_file=str(tmp_path / 'p.png'))
     drawn = cv2.imread(str(tmp_path / 'p.png'))[..., ::-1]
-    assert drawn.shape == (30, 50 * 2, 3)
-    np.testing.assert_array_equal(drawn[24, 50 + 37], blended(_colour(7, PALETTE)))
+    assert drawn.shape == (30, 50, 3)  # no ground truth in the sample: the predictions' panel alone
+    np.testing.assert_array_equal(drawn[24, 37], blended(_colour(7, PALETTE)))
 
 
 def test_bad_image_and_bad_settings_are_clear_errors(tmp_path):
@@ -143,17 +143,22 @@ def test_masks_that_do_not_match_the_instances_are_an_error(tmp_path):
     assert not (tmp_path / 'x.png').exists()
 
 
-def test_semantic_segmentation_goes_to_mmdets_visualizer(tmp_path):
+def test_semantic_segmentation_is_drawn_here_and_panoptic_goes_to_mmdet(tmp_path):
     vis = make_visualizer('t-fallback', min_size=200)
     vis.add_datasample('first', grey_image(), sample(), out_file=str(tmp_path / 'first.png'))
     assert vis.get_image().shape == (200, 400, 3)
     s = sample()
-    s.pred_sem_seg = PixelData(sem_seg=torch.zeros(1, 100, 100, dtype=torch.long))
+    del s.gt_instances, s.pred_instances
+    s.pred_sem_seg = PixelData(data=torch.zeros(1, 100, 100, dtype=torch.long))
+    vis.add_datasample('seg', grey_image(), s, out_file=str(tmp_path / 'seg.png'), draw_gt=False)
+    assert cv2.imread(str(tmp_path / 'seg.png')).shape == (200, 200, 3)  # drawn here: enlarged like the rest
+    s = sample()
+    s.pred_panoptic_seg = PixelData(sem_seg=torch.zeros(1, 100, 100, dtype=torch.long))
     out = tmp_path / 'pic.png'
     vis.add_datasample('pic', grey_image(), s, out_file=str(out))
     # mmdet draws at the image's own size (no enlargement): the fallback ran
-    assert cv2.imread(str(out)).shape == (100, 200, 3)
-    assert vis.get_image().shape == (100, 200, 3)  # mmdet's picture, not the previous one
+    assert cv2.imread(str(out)).shape[:2] == (100, 200)
+    assert vis.get_image().shape[:2] == (100, 200)  # mmdet's picture, not the previous one
 
 
 def test_registry_finds_it_from_mmdets_scope_and_the_demo_uses_it():
