@@ -26,6 +26,8 @@ import sys
 
 import torch
 
+CALIB_DIR_MAX = 100  # --calib-dir: at most this many images (sorted by name) are used
+
 
 def opset_type(text: str) -> int:
     """argparse type: an ONNX opset this project's graphs export at (MIN_OPSET..MAX_OPSET)."""
@@ -53,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f'ONNX opset, {MIN_OPSET} to {MAX_OPSET} (the TorchScript exporter\'s range for these '
                         f'models; default {DEFAULT_OPSET})')
     p.add_argument('--check', action='store_true', help='compare ONNX Runtime with PyTorch before writing')
+    p.add_argument('--features', action='store_true',
+                   help='mmdet config: export the backbone + neck (outputs fpn0..) instead of the whole detector')
     p.add_argument('--backbone-only', action='store_true',
                    help="export only the config's backbone (a config whose model is a backbone exports it anyway)")
     p.add_argument('--threads', type=positive_int, metavar='N',
@@ -60,9 +64,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--formulation', choices=['onnx', 'plain'], default='onnx',
                    help="'onnx' (default): MLLA's stages rearranged for ONNX Runtime (same numbers, faster); "
                         "'plain': the model's own code traced")
+    p.add_argument('--int8', action='store_true',
+                   help='write an INT8 model: static post-training quantization (ONNX Runtime, QDQ, per-channel)')
+    p.add_argument('--calib-images', type=positive_int, metavar='N',
+                   help="--int8 with a config: calibrate on the first N images of the config's training set, "
+                        'through its test pipeline (default 16)')
+    p.add_argument('--calib-dir', metavar='DIR',
+                   help=f'--int8: calibrate on the images of DIR instead (needed for an arch such as mlla_t; the '
+                        f'first {CALIB_DIR_MAX} by name, resized to --shape, normalised as the config or ImageNet)')
     args = p.parse_args(argv)
     if min(args.shape) < 1:
         p.error(f'--shape must be positive, got {args.shape[0]} {args.shape[1]}')
+    if (args.calib_images or args.calib_dir) and not args.int8:
+        p.error(f'{"--calib-images" if args.calib_images else "--calib-dir"} needs --int8')
+    if args.calib_images and args.calib_dir:
+        p.error('--calib-images and --calib-dir: give one (N images of the config\'s training set, or a folder)')
+    if args.int8 and not args.calib_dir and not args.model.endswith('.py'):
+        p.error(f'--int8 of {args.model}: give --calib-dir DIR of calibration images (an arch has no training set)')
     return args
 
 
@@ -73,9 +91,12 @@ def export(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     check_output(args.out, '--out')
-    require('onnx', *(['onnxruntime'] if args.check else []))
+    require('onnx', *(['onnxruntime'] if args.check or args.int8 else []))
+    if args.calib_dir:
+        from mlla_mm.deploy.quantize import folder_images
+        folder_images(args.calib_dir, 1)  # a folder with images, before the export
     target = build_target(args.model, args.weights, backbone_only=args.backbone_only,
-                          log=lambda msg: print(msg, flush=True))
+                          log=lambda msg: print(msg, flush=True), features=args.features)
     shape = tuple(args.shape)
     print(f'exporting {target.kind} of {args.model} ({EXPORTER}, opset {args.opset}, {args.formulation} graph, '
           f'traced at '
@@ -84,7 +105,11 @@ def export(args: argparse.Namespace) -> int:
     data = export_bytes(target, shape, dynamic=args.dynamic, opset=args.opset, formulation=args.formulation)
     if args.check:
         sizes = default_check_sizes(shape, args.dynamic)
-        rows = check_onnx(data, target.model, target.output_names, sizes)
+        if target.kind == 'detector':
+            from mlla_mm.deploy.onnx_export import check_detector_onnx
+            rows = check_detector_onnx(data, target, sizes)
+        else:
+            rows = check_onnx(data, target.model, target.output_names, sizes)
         print(f'check: ONNX Runtime vs PyTorch, tolerance {TOLERANCE:g} x max|ref| per output')
         for row in rows:
             print('  ' + row.line())
@@ -94,10 +119,35 @@ def export(args: argparse.Namespace) -> int:
                   f'{args.out} not written', file=sys.stderr)
             return 1
         print(f'check: all {len(rows)} PASS')
+    if args.int8:
+        data = int8_model(args, target, data, shape)
     write_onnx(data, args.out)
-    print(f'wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB): input img (batch, 3, H, W), '
+    inputs = 'inputs img (batch, 3, H, W), img_shape (batch, 2)' if target.kind == 'detector' else \
+        'input img (batch, 3, H, W)'
+    print(f'wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB): {inputs}, '
           f'outputs {", ".join(target.output_names)}')
     return 0
+
+
+def int8_model(args: argparse.Namespace, target, data: bytes, shape) -> bytes:
+    """The INT8 model of ``data``, calibrated as the options say (see mlla_mm/deploy/quantize.py)."""
+    import json
+
+    import numpy as np
+
+    from mlla_mm.deploy.quantize import IMAGENET_MEAN, IMAGENET_STD, config_calibration, folder_calibration, \
+        quantize_int8
+    if args.calib_dir:
+        mean = json.loads(target.metadata.get('input_mean', 'null')) or IMAGENET_MEAN
+        std = json.loads(target.metadata.get('input_std', 'null')) or IMAGENET_STD
+        feeds = folder_calibration(args.calib_dir, CALIB_DIR_MAX, shape, mean, std)
+        if target.kind == 'detector':
+            feeds = (dict(f, img_shape=np.array([list(f['img'].shape[2:])], np.int64)) for f in feeds)
+    else:
+        feeds = config_calibration(args.model, args.calib_images or 16, target.kind)
+    print(f'int8: static quantization (ONNX Runtime, QDQ, u8 activations, s8 per-channel weights), calibrating on '
+          f'{args.calib_dir or f"{args.calib_images or 16} training images of {args.model}"}', flush=True)
+    return quantize_int8(data, feeds, log=lambda msg: print(msg, flush=True))
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,7 @@ import torch.nn as nn
 from ..checkpoint import backbone_state_dict, convert_checkpoint, load_backbone_weights, load_file, CheckpointError
 from ..engine.launch import UsageError
 from ..utils.io import AtomicWriteError, atomic_write
+from .detector import MIN_DETECTOR_OPSET
 from .mlla_graph import export_friendly
 from .wrappers import (BackboneForExport, DetectorFeaturesForExport, SegmentorForExport, make_shape_agnostic,
                        output_names)
@@ -93,10 +94,19 @@ class ExportTarget:
     graph is traced from :meth:`exportable`, a copy made shape-agnostic.
     """
     model: nn.Module
-    kind: str  # 'backbone' | 'segmentor' | 'detector-features'
+    kind: str  # 'backbone' | 'segmentor' | 'detector-features' | 'detector'
     output_names: List[str]
     source: str
     metadata: Dict[str, str] = field(default_factory=dict)
+    input_names: List[str] = field(default_factory=lambda: ['img'])
+
+    def example_inputs(self, img: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The graph's inputs for ``img``: ``(img, )``, and for a whole detector its ``img_shape`` too
+        (every image unpadded: its full height and width)."""
+        if self.kind != 'detector':
+            return (img, )
+        shape = torch.tensor([list(img.shape[2:])], dtype=torch.long).expand(img.shape[0], 2).contiguous()
+        return (img, shape)
 
     def exportable(self, formulation: str = 'onnx') -> nn.Module:
         """The copy to trace: ``'onnx'`` rearranges MLLA's stages for ONNX Runtime (:mod:`.mlla_graph`,
@@ -148,8 +158,11 @@ def _preprocess_metadata(cfg_model: dict) -> Dict[str, str]:
 
 
 def build_target(spec: str, weights: Optional[str] = None, backbone_only: bool = False,
-                 log: Callable[[str], None] = print) -> ExportTarget:
+                 log: Callable[[str], None] = print, features: bool = False) -> ExportTarget:
     """Build what ``spec`` names (an arch such as ``mlla_t``, or a config file) and load ``weights``.
+
+    An mmdet config gives the whole detector (:mod:`.detector`: boxes, scores,
+    labels, masks); ``features=True`` its backbone + neck (``fpn0..``).
 
     Raises:
         UsageError: Unknown arch, missing or unbuildable config.
@@ -159,6 +172,8 @@ def build_target(spec: str, weights: Optional[str] = None, backbone_only: bool =
     if weights is not None and not os.path.isfile(weights):
         raise UsageError(f'weights file not found: {weights}')
     name = spec.lower()
+    if name in ARCHS and features:
+        raise UsageError(f'--features: {spec} is a backbone; --features is for an mmdet config (backbone + neck)')
     if name in ARCHS:
         backbone = _mlla_backbone(ARCHS[name])
         if weights:
@@ -170,11 +185,40 @@ def build_target(spec: str, weights: Optional[str] = None, backbone_only: bool =
         raise UsageError(f'unknown model {spec!r}: give one of {", ".join(ARCHS)} or a config file (.py)')
     if not os.path.isfile(spec):
         raise UsageError(f'config file not found: {spec}')
-    return _build_from_config(spec, weights, backbone_only, log)
+    return _build_from_config(spec, weights, backbone_only, log, features)
+
+
+def model_config_hash(model_cfg) -> str:
+    """A short hash of a config's ``model`` (``init_cfg``/``pretrained`` left out: the weights come from the
+    checkpoint): an exported file records it, tools/test.py compares it with the config it evaluates."""
+    import hashlib
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                    if k not in ('init_cfg', 'pretrained')}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if isinstance(value, type):
+            return f'{value.__module__}.{value.__qualname__}'
+        return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+
+    text = json.dumps(clean(model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else model_cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_classes(cfg) -> Optional[List[str]]:
+    """The class names a config evaluates with (``test_dataloader.dataset.metainfo.classes``, or ``classes``)."""
+    try:
+        meta = cfg.test_dataloader.dataset.get('metainfo') or {}
+        classes = meta.get('classes') or cfg.get('classes')
+    except AttributeError:
+        classes = cfg.get('classes')
+    return [str(c) for c in classes] if classes else None
 
 
 def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
-                       log: Callable[[str], None]) -> ExportTarget:
+                       log: Callable[[str], None], features: bool = False) -> ExportTarget:
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import MODELS, init_default_scope
@@ -200,6 +244,15 @@ def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
     model = revert_sync_batchnorm(model)
     model.eval()  # not chained: some modules' train() (mmdet's ResNet) returns None
     meta = _preprocess_metadata(model_cfg)
+    meta['mlla_mm_model_hash'] = model_config_hash(model_cfg)
+    classes = config_classes(cfg)
+    if classes:
+        meta['classes'] = json.dumps(classes)
+    is_detector = scope == 'mmdet' and hasattr(model, 'extract_feat') and getattr(model, 'with_neck', False)
+    if features and (backbone_only or not is_detector):
+        raise UsageError(f'{path}: --features exports an mmdet detector\'s backbone + neck'
+                         + (', not with --backbone-only' if backbone_only else
+                            f'; this model ({type(model).__name__}) is not one'))
     if _is_bare_backbone(model):
         # The config's model is a backbone (e.g. model = dict(type='mlla_mm.MLLA', ...)): it is what is exported,
         # with or without backbone_only; its weights may come from a backbone or a whole-model checkpoint.
@@ -220,6 +273,16 @@ def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
                             meta)
     if hasattr(model, 'decode_head'):
         return ExportTarget(SegmentorForExport(model).eval(), 'segmentor', output_names('segmentor', 1), path, meta)
+    if hasattr(model, 'extract_feat') and not features and scope == 'mmdet':
+        from .detector import detector_for_export
+        try:
+            whole = detector_for_export(model).eval()
+        except ValueError as err:
+            raise UsageError(f'{path}: {err}') from None
+        rcnn = getattr(getattr(model, 'roi_head', None), 'test_cfg', None)
+        if rcnn is not None and rcnn.get('mask_thr_binary') is not None:
+            meta['mask_thr_binary'] = str(float(rcnn.get('mask_thr_binary')))
+        return ExportTarget(whole, 'detector', whole.output_names, path, meta, ['img', 'img_shape'])
     if hasattr(model, 'extract_feat') and getattr(model, 'with_neck', False):
         with torch.no_grad():
             count = len(model.extract_feat(torch.zeros(1, 3, 64, 64)))
@@ -252,6 +315,9 @@ def export_bytes(target: ExportTarget, shape: Tuple[int, int] = (512, 512), dyna
     if h < 1 or w < 1:
         raise UsageError(f'--shape must be positive, got {h} {w}')
     check_opset(opset)
+    if target.kind == 'detector' and opset < MIN_DETECTOR_OPSET:
+        raise UsageError(f'--opset {opset}: a whole detector needs opset {MIN_DETECTOR_OPSET} or more (ONNX RoiAlign '
+                         "with coordinate_transformation_mode='half_pixel', mmcv's aligned=True)")
     model = target.exportable(formulation)
     example = torch.randn(2 if dynamic else 1, 3, h, w, generator=torch.Generator().manual_seed(0))
     names = target.output_names
@@ -260,10 +326,15 @@ def export_bytes(target: ExportTarget, shape: Tuple[int, int] = (512, 512), dyna
         axes = None
         if dynamic:
             axes = {'img': {0: 'batch', 2: 'height', 3: 'width'}}
-            axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'} for n in names})
+            if target.kind == 'detector':
+                axes['img_shape'] = {0: 'batch'}
+                axes.update({n: {0: 'batch', 1: 'detections'} for n in names})
+            else:
+                axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'} for n in names})
         buf = io.BytesIO()
         with torch.no_grad():
-            torch.onnx.export(model, (example, ), buf, dynamo=False, input_names=['img'], output_names=names,
+            torch.onnx.export(model, target.example_inputs(example), buf, dynamo=False,
+                              input_names=target.input_names, output_names=names,
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
         proto = onnx.load_from_string(buf.getvalue())
     props = dict(target.metadata, mlla_mm_kind=target.kind, mlla_mm_source=os.path.basename(target.source),
@@ -406,6 +477,53 @@ def check_onnx(model: Union[bytes, str], reference: nn.Module, output_names_: Se
     return rows
 
 
+def check_detector_onnx(model: Union[bytes, str], target: ExportTarget, sizes: Sequence[Tuple[int, int, int]],
+                        tolerance: float = TOLERANCE, seed: int = 0, session=None,
+                        images: Optional[Sequence[torch.Tensor]] = None) -> List[CheckRow]:
+    """A whole detector's file against ``target.model`` in PyTorch, image by image.
+
+    For every image the real detections (``label >= 0``) must agree: the same
+    number and the same labels in the same order, and boxes, scores and masks
+    within ``tolerance * max |torch|``. ``images``: given ``(B, 3, H, W)``
+    tensors instead of random ones at ``sizes``.
+    """
+    from .detector import valid_rows
+    sess = session or make_session(model)
+    rows: List[CheckRow] = []
+    reference = target.model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    batches = list(images) if images is not None else [torch.randn(b, 3, h, w, generator=gen) for b, h, w in sizes]
+    for img in batches:
+        b, _, h, w = img.shape
+        inputs = target.example_inputs(img)
+        with torch.no_grad():
+            ref = [t.numpy() for t in reference(*inputs)]
+        try:
+            got = sess.run(None, {n: t.numpy() for n, t in zip(target.input_names, inputs)})
+        except Exception as err:  # ONNX Runtime raises its own error types
+            rows.append(CheckRow(b, h, w, '*', math.inf, 0., False,
+                                 f'ONNX Runtime failed: {" ".join(str(err).split())[:300]}'))
+            continue
+        for i in range(b):
+            r, o = valid_rows(ref, i), valid_rows(got, i)
+            if len(r['labels']) != len(o['labels']) or not np.array_equal(r['labels'], o['labels']):
+                rows.append(CheckRow(b, h, w, f'labels[{i}]', math.inf, 0., False,
+                                     f'{len(o["labels"])} detections, PyTorch {len(r["labels"])}; labels differ'))
+                continue
+            for name in target.output_names:
+                if name == 'labels':
+                    continue
+                ref_v, got_v = r[name].astype(np.float64), o[name].astype(np.float64)
+                scale = float(np.abs(ref_v).max()) if ref_v.size else 0.
+                diff = float(np.abs(got_v - ref_v).max()) if ref_v.size else 0.
+                finite = bool(np.isfinite(got_v).all())
+                rows.append(CheckRow(b, h, w, f'{name}[{i}]', diff, scale,
+                                     finite and diff <= tolerance * max(scale, 1e-12),
+                                     f'{len(r["labels"])} detections' if finite else 'non-finite values'))
+    return rows
+
+
 __all__ = ['ARCHS', 'CheckRow', 'DEFAULT_OPSET', 'EXPORTER', 'ExportTarget', 'FORMULATIONS', 'MAX_OPSET', 'MIN_OPSET',
-           'TOLERANCE', 'build_target', 'check_onnx', 'check_opset', 'check_writable', 'default_check_sizes',
-           'export_bytes', 'make_session', 'require', 'write_onnx']
+           'TOLERANCE', 'build_target', 'check_detector_onnx', 'check_onnx', 'check_opset', 'check_writable',
+           'config_classes', 'default_check_sizes', 'export_bytes', 'make_session', 'model_config_hash', 'require',
+           'write_onnx']

@@ -181,7 +181,7 @@ def test_upernet_metadata_records_the_input_normalisation(upernet_export):
 
 def test_tiny_mask_rcnn_features_onnx_matches_torch(tmp_path):
     cfg = write_tiny_mask_rcnn(tmp_path)
-    target = build_target(str(cfg), log=lambda msg: None)
+    target = build_target(str(cfg), log=lambda msg: None, features=True)
     assert target.kind == 'detector-features' and target.output_names == [f'fpn{i}' for i in range(5)]
     data = export_bytes(target, (64, 64), dynamic=True)
     assert_all_pass(check_onnx(data, target.model, target.output_names, [(1, 64, 64), (1, 37, 53), (2, 45, 29)]))
