@@ -15,6 +15,12 @@ from the model's pretrained_cfg: bicubic resize to 256, centre crop 224,
 ImageNet mean/std). The weights file is read by mlla-mm's safe loader; the
 number of classes comes from its head. ``--model-kwargs`` passes arguments to
 the model (e.g. another arch: ``embed_dim=32 depths=(1,1,1,1)``).
+
+No output (``--out``, the pictures of ``--show-dir``) replaces an input (an
+image or the weights; refused even with ``--force``) or an existing file the
+tools did not write, unless ``--force`` is given; pictures of two images
+with the same name (``a/x.jpg``, ``b/x.jpg``) get distinct names
+(``x_top5.png``, ``x_top5_2.png``).
 """
 from __future__ import annotations
 
@@ -47,6 +53,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='data loading processes for --data-dir (default 2; 0: in the main process)')
     parser.add_argument('--out', help='write the results as JSON to this file')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1 ... (default: cuda if available)')
+    parser.add_argument('--force', action='store_true',
+                        help='overwrite existing files that mlla-mm did not write (never an input)')
     args = parser.parse_args(argv)
     if bool(args.images) == bool(args.data_dir):
         parser.error('give either IMAGE files or --data-dir')
@@ -206,14 +214,34 @@ def draw_top(img, lines: List[str]):
     return canvas
 
 
+def show_paths(images: Sequence[str], show_dir: str, k: int) -> List[str]:
+    """A distinct ``show_dir/<stem>_top<k>.png`` per image (a name taken twice gets ``_2``, ``_3``, ...)."""
+    from mlla_mm.utils.io import distinct_paths
+    return distinct_paths([[os.path.join(show_dir, f'{os.path.splitext(os.path.basename(p))[0]}_top{k}.png')]
+                           for p in images])
+
+
+def check_show_paths(args: argparse.Namespace, k: int) -> List[str]:
+    """The ``--show-dir`` pictures; a :class:`UsageError` when one would replace an input, ``--out`` or a foreign file."""
+    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.utils.io import check_outputs
+    shown = show_paths(args.images, args.show_dir, k)
+    check_outputs(shown, [args.weights, *args.images, args.out], force=args.force, option='--show-dir',
+                  error=UsageError)
+    return shown
+
+
 def classify_images(args: argparse.Namespace, model, transform, device) -> Dict[str, Any]:
+    import io
+
     import torch
 
-    from mlla_mm.utils.io import atomic_write
+    from mlla_mm.utils.io import atomic_write, png_signed
     synsets, descriptions = class_names(model.num_classes)
     k = min(args.topk, model.num_classes)
     results = []
-    for path in args.images:
+    shown = check_show_paths(args, k) if args.show_dir else []
+    for n, path in enumerate(args.images):
         img = open_image(path)
         with torch.no_grad():
             probs = model(transform(img).unsqueeze(0).to(device)).float().softmax(-1)[0].cpu()
@@ -227,10 +255,11 @@ def classify_images(args: argparse.Namespace, model, transform, device) -> Dict[
         results.append(dict(image=path, top=[dict(index=i, label=synsets[i], description=descriptions[i], prob=p)
                                              for p, i in zip(top.values.tolist(), top.indices.tolist())]))
         if args.show_dir:
-            stem = os.path.splitext(os.path.basename(path))[0]
-            out = os.path.join(args.show_dir, f'{stem}_top{k}.png')
+            out = shown[n]
+            buf = io.BytesIO()
+            draw_top(img, lines).save(buf, format='PNG')
             with atomic_write(out) as f:
-                draw_top(img, lines).save(f, format='PNG')
+                f.write(png_signed(buf.getvalue()))
             print(f'  drawn: {out}')
     return dict(images=results)
 
@@ -277,7 +306,7 @@ def classify(args: argparse.Namespace) -> int:
 
     from mlla_mm.checkpoint import check_file
     from mlla_mm.engine.launch import UsageError, check_device, check_output, one_line
-    from mlla_mm.utils.io import AtomicWriteError, atomic_write
+    from mlla_mm.utils.io import WRITTEN_BY, AtomicWriteError, atomic_write, check_outputs
     # Everything the user gave is checked before the model is built.
     device = check_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     check_output(args.out, '--out')
@@ -294,6 +323,12 @@ def classify(args: argparse.Namespace) -> int:
     model_kwargs = parse_model_kwargs(args.model_kwargs)
     model = build_classifier(args.model, args.weights, model_kwargs, args.use_ema)
     model.to(device)
+    # never an input (images, weights), nor a file the tools did not write unless --force (the pictures again
+    # once the model says k: a head with fewer classes than --topk draws fewer)
+    check_outputs([args.out] if args.out else [], [args.weights, *args.images], force=args.force, option='--out',
+                  error=UsageError)
+    if args.show_dir:
+        check_show_paths(args, args.topk)
     transform = create_transform(**resolve_data_config({}, model=model))
     try:
         if args.data_dir:
@@ -301,7 +336,7 @@ def classify(args: argparse.Namespace) -> int:
         else:
             result = classify_images(args, model, transform, device)
         if args.out:
-            result = dict(result, model=args.model, weights=args.weights)
+            result = dict(written_by=f'{WRITTEN_BY} classify', **result, model=args.model, weights=args.weights)
             with atomic_write(args.out, 'w') as f:
                 json.dump(result, f, indent=1)
     except AtomicWriteError as err:  # its message without the '[Errno N]' prefix

@@ -2,7 +2,7 @@
 """Draw a detector's (mmdet) or segmentor's (mmseg) predictions on images.
 
     python tools/infer.py CONFIG WEIGHTS IMAGE_OR_FOLDER --out DIR [--score-thr 0.3]
-                          [--device cpu|cuda] [--cfg-options k=v ...]
+                          [--device cpu|cuda] [--cfg-options k=v ...] [--max-pixels N] [--force]
 
 For every image (a folder is searched recursively for .jpg, .jpeg, .png,
 .bmp, .tif, .tiff and .webp files, with a progress bar) it writes
@@ -16,7 +16,15 @@ through mmengine's checkpoint loader (mlla-mm's safe loader) and must fit
 the config's model exactly. Class names come from the checkpoint (mmengine
 saves the data set's meta) or else from the config's test data set.
 
-An image that cannot be read is skipped with a ``warning:`` line. Missing
+Output names never collide (``a.png``, ``a_jpg.png`` and ``a.jpg`` give
+three pictures; a name already taken gets ``_2``, ``_3``, ...). No picture
+replaces an input (an image, the weights, the config: refused even with
+``--force``) or an existing file the tools did not write (their PNGs carry a
+``Software: mlla-mm`` text chunk) unless ``--force`` is given.
+
+An image that cannot be read, or whose header says it has more than
+``--max-pixels`` pixels (default 50 million; checked before it is decoded),
+is skipped with a ``warning:`` line and the rest continue. Missing
 config, weights or images, weights that do not fit the model, a bad
 argument (``--device``, ``--cfg-options``) or an ``--out`` that cannot be
 written give one ``error:`` line and exit code 2, the last two before the
@@ -33,10 +41,12 @@ from typing import Any, Dict, List, Optional
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 SCOPES = ('mmdet', 'mmseg')
+#: Default ``--max-pixels``: 50 million pixels (about 150 MB decoded, BGR uint8).
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser
+    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser, positive_int
     parser = ToolArgumentParser(description='Draw the predictions of an mmdet or mmseg config on images.')
     parser.add_argument('config', help='config file')
     parser.add_argument('weights', help='checkpoint of the whole model (e.g. work_dirs/<name>/epoch_12.pth)')
@@ -47,6 +57,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', default=None, help='cpu or cuda[:N] (default: cuda when available)')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction, default=None, metavar='KEY=VALUE',
                         help='override config entries')
+    parser.add_argument('--max-pixels', type=positive_int, default=DEFAULT_MAX_PIXELS, metavar='N',
+                        help='skip (with a warning) an image with more pixels than this, read from its header '
+                             f'before decoding (default {DEFAULT_MAX_PIXELS:,})')
+    parser.add_argument('--force', action='store_true',
+                        help='overwrite existing files in --out that mlla-mm did not write (never an input)')
     return parser.parse_args(argv)
 
 
@@ -71,17 +86,19 @@ def find_images(path: str) -> List[Path]:
 
 
 def output_paths(images: List[Path], root: Path, out: Path) -> Dict[Path, Path]:
-    """``out/<path relative to root>.png`` for each image; ``a.jpg`` next to ``a.png`` becomes ``a_jpg.png``."""
-    result: Dict[Path, Path] = {}
-    taken = set()
-    for img in sorted(images, key=lambda p: p.suffix.lower() != '.png'):  # PNGs keep their names
+    """A distinct ``out/<path relative to root>.png`` for each image.
+
+    PNGs keep their names; ``a.jpg`` next to ``a.png`` becomes ``a_jpg.png``,
+    and a name still taken gets ``_2``, ``_3``, ... (:func:`mlla_mm.utils.io.distinct_paths`).
+    """
+    from mlla_mm.utils.io import distinct_paths
+    order = sorted(images, key=lambda p: p.suffix.lower() != '.png')  # PNGs keep their names
+    candidates = []
+    for img in order:
         rel = img.relative_to(root) if root.is_dir() else Path(img.name)
-        target = out / rel.with_suffix('.png')
-        if target in taken:
-            target = out / rel.with_name(f'{rel.stem}_{rel.suffix.lstrip(".")}.png')
-        taken.add(target)
-        result[img] = target
-    return result
+        candidates.append([str(out / rel.with_suffix('.png')),
+                           str(out / rel.with_name(f'{rel.stem}_{rel.suffix.lstrip(".").lower()}.png'))])
+    return {img: Path(t) for img, t in zip(order, distinct_paths(candidates))}
 
 
 def dataset_meta(cfg: Any, checkpoint: Dict) -> Dict[str, Any]:
@@ -170,6 +187,33 @@ def make_visualizer(scope: str, meta: Dict[str, Any]):
     return vis
 
 
+def image_size(path: Path) -> Optional[tuple]:
+    """(width, height) from the image's header (PIL, nothing decoded), or None when PIL cannot tell."""
+    import warnings
+
+    from PIL import Image
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the size is what we want to know; PIL's bomb check would refuse to say it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            with Image.open(path) as img:
+                return tuple(img.size)
+    except Exception:  # noqa: BLE001 (any unreadable header: cv2 gets its turn)
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def too_large(path: Path, max_pixels: int) -> str:
+    """Why ``path`` is not decoded (its header says more than ``max_pixels`` pixels); ``''`` otherwise."""
+    size = image_size(path)
+    if size and size[0] * size[1] > max_pixels:
+        return (f'{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over --max-pixels {max_pixels:,} '
+                '(raise it to draw this image)')
+    return ''
+
+
 def read_image(path: Path):
     """BGR uint8 array, or None when the file is not a readable image."""
     import cv2
@@ -189,7 +233,7 @@ def infer(args: argparse.Namespace) -> int:
 
     from mlla_mm.checkpoint import check_file
     from mlla_mm.engine.launch import UsageError, check_device, check_output, load_config
-    from mlla_mm.utils.io import atomic_write, output_path_problem
+    from mlla_mm.utils.io import atomic_write, check_outputs, output_path_problem, png_signed
 
     # Everything the user gave is checked before the model is built.
     device = check_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -206,6 +250,9 @@ def infer(args: argparse.Namespace) -> int:
         problem = output_path_problem(str(target))
         if problem:
             raise UsageError(f'--out {args.out}: cannot write {target}: {problem}')
+    # never an input (images, weights, config), nor a file the tools did not write unless --force
+    check_outputs([str(t) for t in targets.values()], [args.config, args.weights, *map(str, images)],
+                  force=args.force, option='--out', error=UsageError)
     init_default_scope(scope)
     model, checkpoint = build_model(cfg, args.weights, device, args.config)
     meta = with_palette(dataset_meta(cfg, checkpoint), head_classes(cfg))
@@ -215,10 +262,11 @@ def infer(args: argparse.Namespace) -> int:
     bar = ProgressBar(len(images), file=sys.stdout) if root.is_dir() else None
     written, skipped = 0, []
     for img_path in images:
-        img = read_image(img_path)
+        oversize = too_large(img_path, args.max_pixels)
+        img = None if oversize else read_image(img_path)
         if img is None:
             skipped.append(img_path)
-            print(f'\nwarning: skipped {img_path}: not a readable image', file=sys.stderr)
+            print(f'\nwarning: skipped {img_path}: {oversize or "not a readable image"}', file=sys.stderr)
         else:
             data = pipeline(dict(img=img, img_id=0) if scope == 'mmdet' else dict(img=img))
             with torch.no_grad():
@@ -235,15 +283,16 @@ def infer(args: argparse.Namespace) -> int:
             target = targets[img_path]
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(str(target), 'wb') as f:
-                f.write(png.tobytes())
+                f.write(png_signed(png.tobytes()))
             written += 1
         if bar is not None:
             bar.update()
     if bar is not None:
         print()
     if not written:
-        raise UsageError(f'none of the {len(images)} image(s) under {args.images} could be read')
-    note = f', skipped {len(skipped)} unreadable' if skipped else ''
+        raise UsageError(f'none of the {len(images)} image(s) under {args.images} could be read (or all are over '
+                         f'--max-pixels {args.max_pixels:,})')
+    note = f', skipped {len(skipped)} unreadable or too large' if skipped else ''
     print(f'infer: wrote {written} picture(s) to {args.out}{note}')
     return 0
 

@@ -6,6 +6,12 @@ Each file goes through :func:`mlla_mm.utils.io.atomic_write`, into a
 temporary folder that is renamed into place when the data set is complete,
 so an interrupted run never leaves half a data set; a finished one carries a
 ``.complete`` file with the parameters it was made with and is reused.
+
+A folder the toolkit did not make is never deleted: the data set goes only
+into a missing or empty folder, or replaces one that carries the toolkit's
+own marker (:data:`MARKER`, written first into every data set it makes, or
+the ``.complete`` file of an earlier version). Any other existing ``root``
+is refused with :class:`ForeignFolderError`, naming it; nothing is touched.
 """
 from __future__ import annotations
 
@@ -22,6 +28,13 @@ import numpy as np
 from ..utils.io import atomic_write, fsync_dir
 
 SHAPE_CLASSES: Tuple[str, ...] = ('circle', 'triangle', 'rectangle')
+#: The file that marks a folder as a synthetic data set of mlla-mm (the only kind of folder it replaces).
+MARKER = '.mlla-mm-synthetic'
+_KINDS = ('coco-shapes', 'ade-shapes')
+
+
+class ForeignFolderError(ValueError):
+    """``synthetic_data.root`` is an existing folder (or file) that mlla-mm did not make; nothing was changed."""
 _COLOURS = [(230, 60, 50), (60, 180, 75), (50, 100, 230), (240, 200, 40), (200, 80, 200), (70, 210, 220),
             (245, 130, 48), (250, 250, 250)]
 
@@ -83,22 +96,69 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _made_by_us(root: Path) -> bool:
+    """Whether ``root`` carries the toolkit's marker (or an earlier version's ``.complete`` of a shapes set)."""
+    if (root / MARKER).is_file():
+        return True
+    try:
+        params = json.loads((root / '.complete').read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(params, dict) and params.get('kind') in _KINDS
+
+
+def foreign_root_problem(root: Path) -> str:
+    """Why the data set must not be written to ``root`` (an existing folder or file not made by mlla-mm); or ``''``."""
+    if not os.path.lexists(root):
+        return ''
+    if root.is_symlink() or not root.is_dir():
+        return f'synthetic_data.root {root} exists and is not a folder of synthetic data'
+    if _made_by_us(root):
+        return ''
+    try:
+        empty = next(os.scandir(root), None) is None
+    except OSError as err:
+        return f'synthetic_data.root {root} cannot be read ({err.strerror or err})'
+    if empty:
+        return ''
+    return (f'synthetic_data.root {root} is a folder with files that mlla-mm did not make (no {MARKER} marker); '
+            'it is left untouched: point synthetic_data.root at a new or empty folder, or remove '
+            'synthetic_data from the config to use the data already there')
+
+
+def _check_root(root: Path) -> None:
+    problem = foreign_root_problem(root)
+    if problem:
+        raise ForeignFolderError(problem)
+
+
 def _finish(tmp: Path, final: Path, params: Dict) -> None:
     _write_text(tmp / '.complete', json.dumps(params, sort_keys=True))
-    if final.exists():
-        shutil.rmtree(final)
+    _check_root(final)  # again: the folder may have been filled while the data were made
+    if final.is_dir() and not final.is_symlink():
+        if _made_by_us(final):
+            shutil.rmtree(final)
+        else:
+            final.rmdir()  # empty (checked); an error, not a deletion, if a file appeared since
     os.replace(tmp, final)
     fsync_dir(str(final.parent))
 
 
 def _is_complete(root: Path, params: Dict) -> bool:
     marker = root / '.complete'
-    return marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(params, sort_keys=True))
+    try:
+        return marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(params, sort_keys=True))
+    except (OSError, ValueError):  # unreadable or not JSON: not a finished data set of these parameters
+        return False
 
 
 def _tmpdir(root: Path) -> Path:
+    """A new temporary folder beside ``root``, the toolkit's marker written first."""
     root.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f'.{root.name}.', dir=root.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.', dir=root.parent))
+    _write_text(tmp / MARKER, 'A synthetic data set made by mlla-mm (mlla_mm/datasets/synthetic.py); '
+                'it is replaced when its parameters change.\n')
+    return tmp
 
 
 def make_coco_shapes(root: str, seed: int = 0, num_train: int = 240, num_val: int = 60, size: int = 160,
@@ -107,6 +167,9 @@ def make_coco_shapes(root: str, seed: int = 0, num_train: int = 240, num_val: in
 
     Layout: ``root/{train,val}/*.png`` and ``root/annotations/instances_{train,val}.json``
     with RLE masks. Returns ``root``.
+
+    Raises:
+        ForeignFolderError: ``root`` exists, is not empty and was not made by mlla-mm (nothing is changed).
     """
     from pycocotools import mask as mask_utils
     root = Path(root)
@@ -114,6 +177,7 @@ def make_coco_shapes(root: str, seed: int = 0, num_train: int = 240, num_val: in
                   max_objects=max_objects, version=1)
     if _is_complete(root, params):
         return root
+    _check_root(root)
     tmp = _tmpdir(root)
     try:
         (tmp / 'annotations').mkdir()
@@ -149,12 +213,16 @@ def make_ade_shapes(root: str, seed: int = 0, num_train: int = 200, num_val: int
     ``root/annotations/{training,validation}/*.png``. Label values: 0 is
     background, 1..3 are ``SHAPE_CLASSES`` (use ``reduce_zero_label=False``).
     Returns ``root``.
+
+    Raises:
+        ForeignFolderError: ``root`` exists, is not empty and was not made by mlla-mm (nothing is changed).
     """
     root = Path(root)
     params = dict(kind='ade-shapes', seed=seed, num_train=num_train, num_val=num_val, size=size,
                   max_objects=max_objects, version=1)
     if _is_complete(root, params):
         return root
+    _check_root(root)
     tmp = _tmpdir(root)
     try:
         for split, count, split_seed in [('training', num_train, seed), ('validation', num_val, seed + 10_000)]:
