@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint of a detector (mmdet) or segmentor (mmseg) config.
 
-    python tools/test.py CONFIG CKPT [--work-dir DIR] [--show-dir DIR] [--tta] [--skip-bad-images]
+    python tools/test.py CONFIG CKPT|FILE.onnx [--work-dir DIR] [--show-dir DIR] [--tta] [--skip-bad-images]
                                      [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
 
 ``--show-dir DIR`` writes ``DIR/<image stem>.png`` for every test image (ground truth | predictions,
 each panel at the image's own size; mlla_mm/visualization.py);
 ``--tta`` uses the config's ``tta_model``/``tta_pipeline`` (multi-scale + flip).
+An ``.onnx`` file written by tools/export_onnx.py from the same config (a
+whole detector or segmentor) is evaluated with ONNX Runtime instead, through
+the same data pipeline, preprocessor and metrics (docs/deploy.md).
 Like tools/train.py, it only applies its options to the config, checks the
 data and turns problems you can fix into one ``error:`` line (exit code 2).
 """
@@ -63,7 +66,11 @@ def main(argv=None) -> int:
 def test(args) -> int:
     from mlla_mm.checkpoint import check_file
     from mlla_mm.engine.launch import UsageError, build_runner, check_output, load_config, prepare_config
-    check_file(args.checkpoint, name='checkpoint')  # missing or refused: one line, before any log folder
+    onnx_file = args.checkpoint.lower().endswith('.onnx')  # an exported whole model, run by ONNX Runtime
+    if onnx_file and args.tta:
+        raise UsageError(f'--tta: not available for an ONNX file ({args.checkpoint}); the graph is one scale')
+    if not onnx_file:
+        check_file(args.checkpoint, name='checkpoint')  # missing or refused: one line, before any log folder
     if args.out and not args.out.endswith(('.pkl', '.pickle')):
         raise UsageError(f'--out {args.out}: the raw predictions are written as a pickle; name it .pkl')
     check_output(args.out, '--out')
@@ -71,9 +78,13 @@ def test(args) -> int:
     cfg = load_config(args.config, args.cfg_options)
     if args.skip_bad_images:
         cfg.skip_bad_images = True
+    if onnx_file:  # the file must be a whole-model export of this config: checked before any log folder
+        from mlla_mm.deploy.ort_model import check_onnx_for_config, onnx_model_config
+        cfg.model = onnx_model_config(cfg, args.checkpoint, check_onnx_for_config(args.checkpoint, cfg))
     prepare_config(cfg, work_dir=args.work_dir, config_path=args.config, launcher=args.launcher)
-    cfg.load_from = args.checkpoint
-    cfg.checkpoint_is_whole_model = True  # every tensor of the model must be in it (CheckpointGuardHook)
+    if not onnx_file:
+        cfg.load_from = args.checkpoint
+        cfg.checkpoint_is_whole_model = True  # every tensor of the model must be in it (CheckpointGuardHook)
     # The whole model comes from the checkpoint: do not load the backbone's own weights first.
     if cfg.model.get('backbone', {}).get('init_cfg'):
         cfg.model.backbone.init_cfg = None
@@ -89,7 +100,7 @@ def test(args) -> int:
         cfg.test_evaluator = [cfg.test_evaluator] if isinstance(cfg.test_evaluator, dict) else list(cfg.test_evaluator)
         cfg.test_evaluator.append(dict(type='DumpResults', out_file_path=args.out))
     runner = build_runner(cfg, config_path=args.config, launcher=args.launcher, check=('test_dataloader', ),
-                          whole_checkpoint=args.checkpoint)
+                          whole_checkpoint=None if onnx_file else args.checkpoint)
     metrics = runner.test()
     print('metrics: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                   for k, v in (metrics or {}).items()))

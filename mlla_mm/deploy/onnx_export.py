@@ -235,6 +235,7 @@ def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
         raise UsageError(f'{path}: model must be a dict such as model = dict(type=...), got {type(model_cfg).__name__}')
     if isinstance(model_cfg.get('backbone'), dict):
         model_cfg.backbone.init_cfg = None  # the weights come from WEIGHTS only
+    model_hash = model_config_hash(model_cfg)  # before building: mmdet's detectors update their cfg in place
     scope = cfg.get('default_scope', 'mmdet')
     init_default_scope(scope)
     try:
@@ -244,7 +245,7 @@ def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
     model = revert_sync_batchnorm(model)
     model.eval()  # not chained: some modules' train() (mmdet's ResNet) returns None
     meta = _preprocess_metadata(model_cfg)
-    meta['mlla_mm_model_hash'] = model_config_hash(model_cfg)
+    meta['mlla_mm_model_hash'] = model_hash
     classes = config_classes(cfg)
     if classes:
         meta['classes'] = json.dumps(classes)

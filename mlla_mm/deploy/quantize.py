@@ -1,0 +1,168 @@
+"""INT8 static post-training quantization of an exported graph with ONNX Runtime's quantization tools.
+
+:func:`quantize_int8` calibrates activation ranges (min/max) on given
+inputs and writes a QDQ model: weights int8 per output channel, activations
+uint8 (u8s8, what ONNX Runtime's x86 kernels run with VNNI). Only ``Conv``
+and ``MatMul``/``Gemm`` nodes whose second operand is a weight are
+quantized (:func:`weight_nodes`); everything else stays float: MLLA's
+attention products of two activations (``k^T v`` and its normaliser), RoPE,
+softmax, LayerNorm, GELU, and a detector's NMS, RoiAlign and box decoding.
+
+:func:`config_calibration` gives calibration inputs from a config's training
+images through its test pipeline and data preprocessor;
+:func:`folder_calibration` from a folder of images (ImageNet normalisation,
+for a bare backbone export).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..engine.launch import UsageError
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+QUANTIZED_OPS = ('Conv', 'MatMul', 'Gemm')
+
+
+def weight_nodes(model) -> Tuple[List[str], List[str]]:
+    """``(quantized, kept float)`` node names among ``QUANTIZED_OPS``: quantized when the second input is a weight.
+
+    ``MatMul`` of two activations (linear attention's ``k^T v``, ``q (k^T v)``
+    and its normaliser) is kept float: its range changes with every image.
+    """
+    weights = {i.name for i in model.graph.initializer}
+    consts = {n.output[0] for n in model.graph.node if n.op_type == 'Constant'}
+    weights |= consts
+    quantized, kept = [], []
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        (quantized if len(node.input) > 1 and node.input[1] in weights else kept).append(node.name)
+    return quantized, kept
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: Iterable[Dict[str, np.ndarray]]) -> None:
+        self._it = iter(feeds)
+        self.count = 0
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        feed = next(self._it, None)
+        if feed is not None:
+            self.count += 1
+        return feed
+
+    def rewind(self) -> None:  # not used by MinMax calibration
+        raise NotImplementedError
+
+
+def quantize_int8(model: Union[bytes, str], feeds: Iterable[Dict[str, np.ndarray]], log: Callable[[str], None] = print,
+                  per_channel: bool = True) -> bytes:
+    """The INT8 (QDQ) model of ``model`` calibrated on ``feeds`` (dicts of input arrays); returns its bytes.
+
+    Raises:
+        UsageError: onnxruntime's quantization tools are missing, or no calibration input was given.
+    """
+    try:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    except ImportError:
+        raise UsageError("--int8 needs onnx and onnxruntime (pip install -e '.[deploy]')") from None
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+    quantized, kept = weight_nodes(proto)
+    reader = _Reader(feeds)
+    with tempfile.TemporaryDirectory(prefix='mlla_mm_int8_') as tmp:
+        src, dst = os.path.join(tmp, 'fp32.onnx'), os.path.join(tmp, 'int8.onnx')
+        onnx.save(proto, src)
+        quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+                        nodes_to_exclude=kept, per_channel=per_channel, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        extra_options=dict(ActivationSymmetric=False, WeightSymmetric=True))
+        if reader.count == 0:
+            raise UsageError('--int8: no calibration images were read')
+        out = onnx.load(dst)
+    meta = {p.key: p.value for p in out.metadata_props}
+    for key, value in dict(mlla_mm_int8='static qdq u8s8 per-channel minmax',
+                           mlla_mm_int8_calibration_images=str(reader.count)).items():
+        if key in meta:
+            continue
+        entry = out.metadata_props.add()
+        entry.key, entry.value = key, value
+    log(f'int8: {len(quantized)} Conv/MatMul/Gemm nodes quantized, {len(kept)} activation products kept float; '
+        f'calibrated on {reader.count} image(s)')
+    return out.SerializeToString()
+
+
+def folder_images(folder: str, count: int) -> List[str]:
+    """Up to ``count`` image files of ``folder`` (sorted); a :class:`UsageError` when there is none."""
+    if not os.path.isdir(folder):
+        raise UsageError(f'--calib-dir {folder}: not a directory')
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise UsageError(f'--calib-dir {folder}: no images ({", ".join(IMAGE_SUFFIXES)}) in it')
+    return files[:count]
+
+
+def folder_calibration(folder: str, count: int, shape: Tuple[int, int],
+                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                       ) -> Iterator[Dict[str, np.ndarray]]:
+    """Feeds ``{'img': 1x3xHxW}`` from the images of ``folder``, resized to ``shape``, RGB, normalised."""
+    from PIL import Image
+    m = np.asarray(mean, np.float32)[:, None, None]
+    s = np.asarray(std, np.float32)[:, None, None]
+    for path in folder_images(folder, count):
+        try:
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert('RGB').resize((shape[1], shape[0]), Image.BILINEAR), np.float32)
+        except OSError as err:
+            raise UsageError(f'--calib-dir: cannot read {path}: {err}') from None
+        yield {'img': ((rgb.transpose(2, 0, 1) - m) / s)[None].astype(np.float32)}
+
+
+def config_calibration(config: str, count: int, kind: str) -> Iterator[Dict[str, np.ndarray]]:
+    """Feeds from the first ``count`` images of ``config``'s training set, through its test pipeline and its
+    model's data preprocessor (as tools/test.py feeds the graph). ``kind``: the export kind (inputs)."""
+    import copy
+
+    from mmengine.config import Config
+    from mmengine.registry import DATASETS, MODELS, init_default_scope
+
+    import mlla_mm  # noqa: F401
+    cfg = Config.fromfile(config)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    train = cfg.get('train_dataloader') or {}
+    dataset_cfg = copy.deepcopy(train.get('dataset'))
+    if not dataset_cfg:
+        raise UsageError(f'--calib-images: {config} has no train_dataloader.dataset to calibrate on')
+    while 'dataset' in dataset_cfg and 'pipeline' not in dataset_cfg:  # RepeatDataset & co.
+        dataset_cfg = dataset_cfg['dataset']
+    pipeline = cfg.get('test_pipeline') or cfg.test_dataloader.dataset.get('pipeline')
+    dataset_cfg['pipeline'] = pipeline
+    if cfg.get('synthetic_data'):  # a demo config: its data set is made on first use, as the runner does
+        from ..engine.runner import make_synthetic_data
+        make_synthetic_data(cfg)
+    try:
+        dataset = DATASETS.build(dataset_cfg)
+    except FileNotFoundError as err:
+        raise UsageError(f'--calib-images: the training set of {config} is missing: {err}') from None
+    pre = MODELS.build(cfg.model.data_preprocessor)
+    n = min(count, len(dataset))
+    if n == 0:
+        raise UsageError(f'--calib-images: the training set of {config} is empty')
+    for i in range(n):
+        data = pre(dict(inputs=[dataset[i]['inputs']], data_samples=[dataset[i]['data_samples']]), False)
+        feed = {'img': data['inputs'].float().numpy()}
+        if kind == 'detector':
+            feed['img_shape'] = np.array([list(data['data_samples'][0].metainfo['img_shape'][:2])], np.int64)
+        yield feed
+
+
+__all__ = ['QUANTIZED_OPS', 'config_calibration', 'folder_calibration', 'folder_images', 'quantize_int8',
+           'weight_nodes']
