@@ -21,21 +21,34 @@ thing. At build time it:
 
 Checkpoints are written through :class:`AtomicLocalBackend`
 (:func:`mlla_mm.utils.io.atomic_write`: temporary file, fsync, rename), and
-auto-resume (``resume=True`` without ``load_from``) removes temporary files a
-killed run left and skips a damaged or dangling ``last_checkpoint`` marker.
+so is mmengine's ``last_checkpoint`` marker. Auto-resume (``resume=True``
+without ``load_from``) looks wherever the config writes checkpoints (the work
+dir and ``default_hooks.checkpoint.out_dir``/<work dir name>), removes
+temporary files that dead runs left, skips an empty, damaged or dangling
+``last_checkpoint`` marker and never starts over silently: checkpoints that
+exist but none of which can be read stop the run with one line. A training
+run holds the work dir (:class:`WorkDirLock`): a second run there is refused
+while the first lives. A full disk is one line naming the work dir, not an
+``OSError`` traceback. A resumed run warns when the config's learning rate
+or parameter schedule differs from the checkpoint's (the checkpoint's is used).
 """
 from __future__ import annotations
 
 import atexit
 import copy
+import errno
 import glob
 import inspect
+import json
 import os
 import os.path as osp
 import re
+import socket
 import subprocess
+import time
 import zipfile
-from typing import Any, Dict, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from mmengine.config import ConfigDict
@@ -47,7 +60,7 @@ from mmengine.model import is_model_wrapper, revert_sync_batchnorm
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from ..utils.io import TMP_TAG, atomic_write
+from ..utils.io import TMP_TAG, AtomicWriteError, atomic_write
 
 #: The file backend name for atomic local writes (``backend_args=dict(backend=ATOMIC_BACKEND)``).
 ATOMIC_BACKEND = 'mlla_atomic_local'
@@ -78,7 +91,11 @@ register_backend(ATOMIC_BACKEND, AtomicLocalBackend)
 
 
 def make_synthetic_data(cfg: Any) -> None:
-    """Create the synthetic data set a demo config names in ``synthetic_data`` (reused when complete)."""
+    """Create the synthetic data set a demo config names in ``synthetic_data`` (reused when complete).
+
+    Raises:
+        UsageError: ``synthetic_data.root`` is a non-empty folder that mlla-mm did not make (nothing is deleted).
+    """
     spec = cfg.get('synthetic_data') if cfg is not None else None
     if not spec:
         return
@@ -88,7 +105,12 @@ def make_synthetic_data(cfg: Any) -> None:
     makers = {'coco-shapes': make_coco_shapes, 'ade-shapes': make_ade_shapes}
     if kind not in makers:
         raise ValueError(f'synthetic_data.kind must be one of {sorted(makers)}, got {kind!r}')
-    makers[kind](**spec)
+    from ..datasets.synthetic import ForeignFolderError
+    from .launch import UsageError
+    try:
+        makers[kind](**spec)
+    except ForeignFolderError as err:  # a folder of the user's: one line, nothing deleted
+        raise UsageError(str(err)) from None
 
 
 #: What each launcher needs in the environment on a CPU-only machine (torchrun, srun and mpirun set them).
@@ -237,9 +259,29 @@ def cpu_amp_wrapper_cfg(optim_wrapper: dict, logger: Any = None) -> dict:
 # Auto-resume.
 # --------------------------------------------------------------------------
 def remove_stale_temp_files(folder: str) -> None:
-    """Delete temporary checkpoint files that a killed run left behind."""
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one we may not signal counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+    """Delete temporary checkpoint files that dead runs left behind.
+
+    A temporary file's name ends with its writer's pid (:func:`mlla_mm.utils.io.temp_name`);
+    one whose writer still runs on this host is never removed.
+    """
     for path in glob.glob(osp.join(glob.escape(folder), f'.*.pth{TMP_TAG}*')):
         try:
+        pid = path.rpartition(TMP_TAG)[2]
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
             os.unlink(path)
         except OSError:
             pass
@@ -256,27 +298,48 @@ def _is_readable_checkpoint(path: str) -> bool:
         return False
 
 
-def find_resumable_checkpoint(work_dir: str, logger: Any = None) -> Optional[str]:
+def _read_marker(marker: str) -> str:
+    """The path a ``last_checkpoint`` file names (``''`` when it is missing, empty or unreadable)."""
+    try:
+        with open(marker, 'rb') as f:
+            return f.read(4096).decode('utf-8').strip()
+    except (OSError, UnicodeDecodeError):
+        return ''
+
+
+def checkpoint_candidates(folders: Sequence[str]) -> List[str]:
+    """Every ``epoch_N.pth`` / ``iter_N.pth`` in ``folders``, newest first (by modification time, then N)."""
+    found = []
+    seen = set()
+    for folder in folders:
+        if not folder or not osp.isdir(folder) or osp.realpath(folder) in seen:
+            continue
+        seen.add(osp.realpath(folder))
+        for name in os.listdir(folder):
+            m = _CKPT_NAME.match(name)
+            if m:
+                path = osp.join(folder, name)
+                try:
+                    found.append((os.stat(path).st_mtime_ns, int(m.group(2)), path))
+                except OSError:
+                    pass
+    return [path for _, _, path in sorted(found, reverse=True)]
+
+
+def find_resumable_checkpoint(work_dir: str, logger: Any = None, folders: Sequence[str] = ()) -> Optional[str]:
     """The checkpoint to auto-resume from, or ``None``.
 
     ``work_dir/last_checkpoint`` is used when it names a readable checkpoint;
-    otherwise the newest readable ``epoch_N.pth`` / ``iter_N.pth`` in
-    ``work_dir`` (newest by modification time, then by N).
+    otherwise (missing, empty, unreadable or dangling) the newest readable
+    ``epoch_N.pth`` / ``iter_N.pth`` in ``work_dir`` and ``folders`` (where the
+    config's checkpoint hook writes, see :func:`checkpoint_folders`), newest
+    by modification time, then by N.
     """
     marker = osp.join(work_dir, 'last_checkpoint')
-    named = ''
-    if osp.isfile(marker):
-        with open(marker) as f:
-            named = f.read().strip()
-        if _is_readable_checkpoint(named):
-            return named
-    candidates = []
-    for name in os.listdir(work_dir) if osp.isdir(work_dir) else []:
-        m = _CKPT_NAME.match(name)
-        if m:
-            path = osp.join(work_dir, name)
-            candidates.append((os.stat(path).st_mtime_ns, int(m.group(2)), path))
-    for _, _, path in sorted(candidates, reverse=True):
+    named = _read_marker(marker)
+    if _is_readable_checkpoint(named):
+        return named
+    for path in checkpoint_candidates([work_dir, *folders]):
         if _is_readable_checkpoint(path):
             if logger is not None and osp.isfile(marker):
                 logger.warning(f'{marker} names {named!r}, which is missing or unreadable; '
@@ -286,6 +349,249 @@ def find_resumable_checkpoint(work_dir: str, logger: Any = None) -> Optional[str
 
 
 @RUNNERS.register_module()
+def checkpoint_folders(runner: Runner) -> List[str]:
+    """The local folders the runner's ``CheckpointHook`` writes to besides the work dir.
+
+    mmengine writes to ``out_dir/<work dir's name>`` when the hook has an ``out_dir``.
+    """
+    from mmengine.hooks import CheckpointHook
+    folders = []
+    work_dir = osp.abspath(runner.work_dir)
+    for hook in getattr(runner, '_hooks', []):
+        out_dir = getattr(hook, 'out_dir', None) if isinstance(hook, CheckpointHook) else None
+        if not isinstance(out_dir, str) or '://' in out_dir:
+            continue
+        name = osp.basename(work_dir.rstrip(osp.sep))
+        folders.append(osp.join(out_dir, name))
+        if osp.basename(out_dir.rstrip(osp.sep)) == name:  # before_train already added the name
+            folders.append(out_dir)
+    return folders
+
+
+# --------------------------------------------------------------------------
+# One run per work dir.
+# --------------------------------------------------------------------------
+#: The lock file a training run holds in its work dir.
+LOCK_NAME = '.mlla-mm-run.lock'
+
+
+class WorkDirLock:
+    """An advisory lock on a work dir: a file with the owner's pid and host, held with ``flock``.
+
+    :meth:`acquire` refuses (:class:`~mlla_mm.engine.launch.UsageError`, one
+    line naming the owner) while another live run holds it; a lock left by a
+    run that died (its pid gone on this host, or its ``flock`` released) is
+    taken over with a warning. A lock of another host whose ``flock`` cannot
+    be seen is refused too (its liveness cannot be checked from here); the
+    message says to delete the file when that run is over.
+    """
+
+    def __init__(self, work_dir: str) -> None:
+        self.path = osp.join(work_dir, LOCK_NAME)
+        self._fd: Optional[int] = None
+
+    @staticmethod
+    def _owner_text(owner: Dict[str, Any]) -> str:
+        return f'pid {owner.get("pid")} on host {owner.get("host")}' + \
+            (f', started {owner["started"]}' if owner.get('started') else '')
+
+    def _read_owner(self, fd: int) -> Dict[str, Any]:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            owner = json.loads(os.read(fd, 4096).decode('utf-8') or '{}')
+        except (OSError, ValueError):
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def acquire(self, logger: Any = None) -> None:
+        """Take the lock (see the class); raises ``UsageError`` when another live run holds it."""
+        import fcntl
+
+        from .launch import UsageError
+        os.makedirs(osp.dirname(self.path), exist_ok=True)
+        host = socket.gethostname()
+        for _ in range(5):  # the file may be replaced between open and flock by an owner that ends
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                flocked = True
+            except BlockingIOError:
+                owner = self._read_owner(fd)
+                os.close(fd)
+                raise UsageError(f'work dir {osp.dirname(self.path)} is in use by another training run '
+                                 f'({self._owner_text(owner) if owner else "owner unknown"}, lock {self.path}); '
+                                 'wait for it to end or choose another --work-dir') from None
+            except OSError:  # a file system without flock: the pid decides
+                flocked = False
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except OSError:
+                same_file = False
+            if not same_file:
+                os.close(fd)
+                continue
+            break
+        else:
+            raise UsageError(f'cannot take the lock {self.path}: it keeps being replaced by another run')
+        owner = self._read_owner(fd)
+        pid = owner.get('pid')
+        if owner and pid != os.getpid():
+            alive = isinstance(pid, int) and _pid_alive(pid)
+            if owner.get('host') != host and not flocked:
+                os.close(fd)
+                raise UsageError(f'work dir {osp.dirname(self.path)} is locked by a run on another host '
+                                 f'({self._owner_text(owner)}, lock {self.path}); if that run is over, delete the '
+                                 'lock file and start again')
+            if owner.get('host') == host and alive and not flocked:
+                os.close(fd)
+                raise UsageError(f'work dir {osp.dirname(self.path)} is in use by another training run '
+                                 f'({self._owner_text(owner)}, lock {self.path}); wait for it to end or choose '
+                                 'another --work-dir')
+            if logger is not None:
+                logger.warning(f'{self.path}: took over the lock of a run that is no longer running '
+                               f'({self._owner_text(owner)}).')
+        text = json.dumps(dict(pid=os.getpid(), host=host, started=time.strftime('%Y-%m-%d %H:%M:%S')))
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, text.encode('utf-8'))
+            os.fsync(fd)
+        except OSError as err:
+            os.close(fd)
+            raise _disk_error(err, osp.dirname(self.path), f'writing the lock {self.path}') from None
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file (if still ours) and drop the lock."""
+        if self._fd is None:
+            return
+        try:
+            if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+
+# --------------------------------------------------------------------------
+# A full disk: one line, not a traceback.
+# --------------------------------------------------------------------------
+_DISK_FULL = (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC))
+
+
+def _disk_error(err: OSError, work_dir: str, doing: str) -> AtomicWriteError:
+    """``err`` (disk full, quota, read-only file system, ...) as one line naming the work dir."""
+    reason = 'no space left on the device' if err.errno in _DISK_FULL else (err.strerror or str(err))
+    return AtomicWriteError(err.errno, f'cannot write in the work dir {work_dir} ({doing}): {reason}; free some '
+                            'space (or choose another --work-dir) and run again, with --resume to continue')
+
+
+@contextmanager
+def _disk_full_is_one_line(work_dir: Any, doing: str) -> Iterator[None]:
+    """Turn a disk-full ``OSError`` raised inside the block into an :class:`AtomicWriteError` naming ``work_dir``."""
+    try:
+        yield
+    except AtomicWriteError:
+        raise  # already names its file
+    except OSError as err:
+        if err.errno not in _DISK_FULL and err.errno != errno.EROFS:
+            raise
+        raise _disk_error(err, str(work_dir), doing) from None
+
+
+# --------------------------------------------------------------------------
+# mmengine's last_checkpoint marker, written atomically.
+# --------------------------------------------------------------------------
+def _with_atomic_marker(save: Any) -> Any:
+    """``CheckpointHook._save_checkpoint_with_step`` writing ``last_checkpoint`` through :func:`atomic_write`.
+
+    mmengine writes the marker with a plain ``open(..., 'w')``: a full disk
+    or a kill leaves it empty. While ``save`` runs, the ``open`` its module
+    sees sends a write of a file named ``last_checkpoint`` to the atomic
+    writer and everything else to the built-in.
+    """
+    import builtins
+    import functools
+    import sys
+
+    def marker_open(file: Any, mode: str = 'r', *a: Any, **kw: Any) -> Any:
+        if osp.basename(str(file)) == 'last_checkpoint' and mode in ('w', 'wt'):
+            return atomic_write(str(file), 'w')
+        return builtins.open(file, mode, *a, **kw)
+
+    @functools.wraps(save)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        names = dict.fromkeys([save.__module__, 'mmengine.hooks.checkpoint_hook'])  # a subclass's and mmengine's
+        modules = [sys.modules[n] for n in names if n in sys.modules]
+        previous = [vars(m).get('open') for m in modules]
+        for module in modules:
+            module.open = marker_open
+        try:
+            return save(*args, **kwargs)
+        finally:
+            for module, prev in zip(modules, previous):
+                if prev is None:
+                    del module.open
+                else:
+                    module.open = prev
+    return wrapper
+
+
+# --------------------------------------------------------------------------
+# A resume with another learning rate or schedule than the checkpoint's.
+# --------------------------------------------------------------------------
+#: Scheduler attributes that change as training runs (not settings of the config).
+_RUNTIME_KEYS = {'last_step', '_last_value', 'base_values', '_global_step', '_get_value_called_within_step',
+                 'verbose', '_step_count', 'last_epoch', '_last_lr', '_initial_step'}
+
+
+def _lrs(optim_wrapper: Any) -> List[float]:
+    """The base learning rate (``initial_lr``, else ``lr``) of every parameter group."""
+    groups = getattr(getattr(optim_wrapper, 'optimizer', None), 'param_groups', None)
+    if groups is None and hasattr(optim_wrapper, 'items'):  # OptimWrapperDict
+        return [lr for _, w in optim_wrapper.items() for lr in _lrs(w)]
+    return [float(g.get('initial_lr', g.get('lr', float('nan')))) for g in groups or []]
+
+
+def _schedulers(param_schedulers: Any) -> List[Any]:
+    if isinstance(param_schedulers, dict):
+        return [s for v in param_schedulers.values() for s in _schedulers(v)]
+    return list(param_schedulers or [])
+
+
+def _schedule_settings(scheduler: Any) -> Dict[str, Any]:
+    """The plain settings of a scheduler (numbers, strings, flags and lists of them)."""
+    try:
+        state = scheduler.state_dict()
+    except Exception:  # noqa: BLE001 (a scheduler without a state dict has nothing to compare)
+        return {}
+    plain = (int, float, str, bool, type(None))
+    return {k: v for k, v in state.items() if k not in _RUNTIME_KEYS and (
+        isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v)))}
+
+
+def resume_setting_changes(lrs_before: List[float], lrs_after: List[float], schedules_before: List[Dict[str, Any]],
+                           schedules_after: List[Dict[str, Any]], names: List[str]) -> List[str]:
+    """One line per setting the config gave differently from the checkpoint (the checkpoint's value is used)."""
+    lines = []
+    differ = [i for i, (a, b) in enumerate(zip(lrs_before, lrs_after)) if a != b]
+    if differ:
+        i = differ[0]
+        lines.append(f'the config\'s learning rate (optim_wrapper.optimizer.lr, param group {i}'
+                     f'{f", {len(differ)} of {len(lrs_before)} groups differ" if len(differ) > 1 else ""}) is '
+                     f'{lrs_before[i]:g} but the checkpoint\'s is {lrs_after[i]:g}')
+    if len(schedules_before) != len(schedules_after):
+        lines.append(f'the config has {len(schedules_before)} param_scheduler(s), the checkpoint '
+                     f'{len(schedules_after)}')
+    for i, (before, after) in enumerate(zip(schedules_before, schedules_after)):
+        for key in sorted(set(before) | set(after)):
+            if before.get(key) != after.get(key):
+                lines.append(f'the config\'s param_scheduler[{i}] ({names[i]}) {key}={before.get(key)!r} but the '
+                             f'checkpoint\'s is {after.get(key)!r}')
+    return lines
+
+
 class SafeRunner(Runner):
     """mmengine's Runner with machine-dependent settings, the reliability hooks and atomic checkpoints.
 
@@ -300,7 +606,15 @@ class SafeRunner(Runner):
         init_cpu_distributed(params.get('launcher', 'none'))
         #: the checkpoint being read by :meth:`load_checkpoint` (for the hooks' messages)
         self.checkpoint_being_loaded: Optional[str] = None
-        super().__init__(**params)
+        #: the work dir's lock while :meth:`train` runs
+        self._work_dir_lock: Optional[WorkDirLock] = None
+        with _disk_full_is_one_line(params.get('work_dir', '.'), 'starting the run'):
+            super().__init__(**params)
+        from mmengine.hooks import CheckpointHook
+        for hook in self._hooks:  # mmengine writes last_checkpoint with a plain open(): atomically instead
+            save = getattr(hook, '_save_checkpoint_with_step', None)
+            if isinstance(hook, CheckpointHook) and save is not None and not hasattr(save, '__wrapped__'):
+                hook._save_checkpoint_with_step = _with_atomic_marker(save)
         if self.distributed:
             atexit.unregister(end_distributed)  # once, however many runners a script builds
             atexit.register(end_distributed)
@@ -310,8 +624,22 @@ class SafeRunner(Runner):
             barrier()
 
     def train(self) -> Any:
-        """mmengine's; a failure is recorded for :func:`end_distributed`."""
-        return self._noting_failure(super().train)
+        """mmengine's, holding the work dir (:class:`WorkDirLock`); a full disk is one line.
+
+        A failure is recorded for :func:`end_distributed`.
+        """
+        def run() -> Any:
+            if is_main_process():
+                self._work_dir_lock = WorkDirLock(self.work_dir)
+                self._work_dir_lock.acquire(self.logger)
+            try:
+                with _disk_full_is_one_line(self.work_dir, 'training'):
+                    return super(SafeRunner, self).train()
+            finally:
+                if self._work_dir_lock is not None:
+                    self._work_dir_lock.release()
+                    self._work_dir_lock = None
+        return self._noting_failure(run)
 
     def val(self) -> Any:
         """mmengine's; a failure is recorded for :func:`end_distributed`."""
@@ -368,14 +696,60 @@ class SafeRunner(Runner):
             self.checkpoint_being_loaded = None
 
     def load_or_resume(self) -> None:
-        """mmengine's, with an auto-resume that survives a killed checkpoint write."""
+    def resume(self, filename: str, resume_optimizer: bool = True, resume_param_scheduler: bool = True,
+               map_location: Any = 'default') -> None:
+        """mmengine's; warns when the config's learning rate or schedule differs from the checkpoint's.
+
+        mmengine's resume takes the optimizer's and the schedulers' settings
+        from the checkpoint, so a changed ``lr`` or ``param_scheduler`` in the
+        config has no effect; one warning per setting names both values.
+        """
+        from mmengine.optim import OptimWrapper, OptimWrapperDict
+        optim = self.optim_wrapper if resume_optimizer and isinstance(
+            self.optim_wrapper, (OptimWrapper, OptimWrapperDict)) else None
+        scheds = _schedulers(self.param_schedulers) if resume_param_scheduler else []
+        scheds = [s for s in scheds if hasattr(s, 'state_dict')]  # built ones only
+        lrs_before = _lrs(optim) if optim is not None else []
+        sched_before = [_schedule_settings(s) for s in scheds]
+        super().resume(filename, resume_optimizer, resume_param_scheduler, map_location)
+        lrs_after = _lrs(optim) if optim is not None else []
+        sched_after = [_schedule_settings(s) for s in scheds]
+        for line in resume_setting_changes(lrs_before, lrs_after, sched_before, sched_after,
+                                           [type(s).__name__ for s in scheds]):
+            self.logger.warning(f'--resume from {filename}: {line}; the checkpoint\'s value is used (to train '
+                                'with the new one, start from the checkpoint with load_from instead of resuming).')
+
+        """mmengine's, with an auto-resume that survives a killed checkpoint write and never starts over silently.
+
+        Looks in the work dir and where the checkpoint hook writes
+        (:func:`checkpoint_folders`); only temporary files of dead writers are
+        removed. Checkpoints that exist but cannot be read (or a
+        ``last_checkpoint`` naming one that is gone, with none left) stop the
+        run with one line instead of a start from scratch that would
+        overwrite them.
+        """
         if self._has_loaded:
             return None
         if self._resume and self._load_from is None:
-            remove_stale_temp_files(self.work_dir)
-            resume_from = find_resumable_checkpoint(self.work_dir, self.logger)
+            from .launch import UsageError
+            folders = checkpoint_folders(self)
+            if is_main_process():
+                for folder in dict.fromkeys([self.work_dir, *folders]):
+                    remove_stale_temp_files(folder)
+            resume_from = find_resumable_checkpoint(self.work_dir, self.logger, folders)
             if resume_from is None:
-                self.logger.info(f'No checkpoint to resume from in {self.work_dir}; starting from scratch.')
+                found = checkpoint_candidates([self.work_dir, *folders])
+                marker = osp.join(self.work_dir, 'last_checkpoint')
+                if found:
+                    raise UsageError(f'--resume: none of the {len(found)} checkpoint(s) found can be read (newest: '
+                                     f'{found[0]}); starting from scratch would overwrite them: move them away to '
+                                     'start over, or resume from a good copy with --resume CKPT')
+                if _read_marker(marker):
+                    raise UsageError(f'--resume: {marker} names {_read_marker(marker)}, which is gone, and no other '
+                                     f'checkpoint is in {", ".join(dict.fromkeys([self.work_dir, *folders]))}; '
+                                     f'delete {marker} to start from scratch')
+                self.logger.info(f'No checkpoint to resume from in {", ".join(dict.fromkeys([self.work_dir, *folders]))}'
+                                 '; starting from scratch.')
                 return None
             self.logger.info(f'Auto resumed from the latest checkpoint {resume_from}.')
             self.resume(resume_from)
@@ -389,7 +763,8 @@ def checkpoint_name(runner: Runner) -> str:
     return getattr(runner, 'checkpoint_being_loaded', None) or runner._load_from or 'the checkpoint'
 
 
-__all__ = ['SafeRunner', 'AtomicLocalBackend', 'ATOMIC_BACKEND', 'LAUNCHER_ENV', 'REQUIRED_HOOKS', 'make_synthetic_data',
+__all__ = ['SafeRunner', 'AtomicLocalBackend', 'WorkDirLock', 'LOCK_NAME', 'checkpoint_folders',
+           'checkpoint_candidates', 'resume_setting_changes', 'ATOMIC_BACKEND', 'LAUNCHER_ENV', 'REQUIRED_HOOKS', 'make_synthetic_data',
            'init_cpu_distributed', 'distributed_env', 'first_slurm_node', 'find_resumable_checkpoint',
            'remove_stale_temp_files', 'checkpoint_name', 'with_required_hooks', 'cpu_ddp_wrapper_cfg',
            'cpu_amp_wrapper_cfg']
