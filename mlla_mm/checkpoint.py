@@ -104,6 +104,9 @@ def _existing_file(path: str, name: str = '') -> str:
     if os.path.isdir(path):
         raise CheckpointError(f'{name + " " if name else ""}{path} is a directory, not a checkpoint file')
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a device (/dev/zero), a FIFO or a socket: stat only, nothing is opened
+            raise CheckpointError(f'{name + " " if name else ""}{path} is not a regular file (a device, FIFO or '
+                                  'socket), not a checkpoint file')
         raise FileNotFoundError(f'{name or "checkpoint file"} not found: {path}')
     if os.path.getsize(path) == 0:
         raise CheckpointError(f'{name or "checkpoint file"} is empty: {path}')
@@ -162,11 +165,91 @@ def _load_safetensors(f: Any, path: str, map_location: Any) -> Dict[str, torch.T
         weights = load_safetensors(f.read())
     except MemoryError:
         raise CheckpointError(f'checkpoint file {path} needs more memory than is available') from None
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
-        raise CheckpointError(f'safetensors file is truncated or corrupt: {path} ({_first_line(err)})') from None
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, KeyError, TypeError, AttributeError,
+            IndexError) as err:  # KeyError/TypeError: a dtype torch lacks, a shape torch cannot hold
+        reason = safetensors_header_problem(f) or _first_line(err)
+        raise CheckpointError(f'safetensors file is truncated, corrupt or unsupported: {path} ({reason})') from None
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         weights = {k: v.to(map_location) for k, v in weights.items()}
     return OrderedDict(weights)
+
+
+#: safetensors dtype names -> the torch dtype they are read as, when the library does not say
+#: (``safetensors.torch._TYPES``; a name it lacks cannot be read, whatever torch has).
+_SAFETENSORS_DTYPES = {'BOOL': 'bool', 'U8': 'uint8', 'I8': 'int8', 'I16': 'int16', 'U16': 'uint16',
+                       'F16': 'float16', 'BF16': 'bfloat16', 'I32': 'int32', 'U32': 'uint32', 'F32': 'float32',
+                       'F64': 'float64', 'I64': 'int64', 'U64': 'uint64', 'C64': 'complex64',
+                       'F8_E4M3': 'float8_e4m3fn', 'F8_E5M2': 'float8_e5m2'}
+#: Sizes and element counts torch can hold (int64).
+_TORCH_SIZE_LIMIT = 2 ** 63
+
+
+def safetensors_header_problem(f: Any) -> Optional[str]:
+    """What in the header of the open safetensors file ``f`` torch cannot hold (None: nothing found there).
+
+    Called when reading failed, to name the tensor: a dtype torch lacks
+    (``F4``, ``F6_E2M3``, ...), a shape that is not a list of non-negative
+    ints or whose size overflows int64 (``[2**63, 0]``), data offsets that do
+    not match the shape or lie outside the file.
+    """
+    import json
+    f.seek(0)
+    size = os.fstat(f.fileno()).st_size
+    n = int.from_bytes(f.read(8), 'little')
+    if n > size - 8:
+        return f'its header claims {n} bytes, more than the file holds'
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        return f'its header is not JSON ({_first_line(err)})'
+    if not isinstance(header, dict):
+        return f'its header is a JSON {type(header).__name__}, not an object'
+    data_size = size - 8 - n
+    readable = _safetensors_dtypes()
+    for name, entry in header.items():
+        if name == '__metadata__':
+            continue
+        if not isinstance(entry, dict):
+            return f'tensor {name!r}: its entry is not an object'
+        dtype, shape, offsets = entry.get('dtype'), entry.get('shape'), entry.get('data_offsets')
+        torch_dtype = readable.get(dtype) if isinstance(dtype, str) else None
+        if torch_dtype is None:
+            return (f'tensor {name!r} has dtype {str(dtype)[:20]!r}, which cannot be read into torch '
+                    f'{torch.__version__} (readable: {", ".join(readable)})')
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < _TORCH_SIZE_LIMIT for d in shape)):
+            return (f'tensor {name!r} has shape {str(shape)[:60]}, not a list of sizes torch can hold '
+                    '(0 <= size < 2**63)')
+        if _nonzero_product(shape) >= _TORCH_SIZE_LIMIT:
+            return f'tensor {name!r} has shape {str(shape)[:60]}, whose size overflows torch\'s int64 sizes'
+        numel = _nonzero_product(shape) if all(shape) else 0
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            return f'tensor {name!r} has data offsets {str(offsets)[:60]} outside the file\'s {data_size} data bytes'
+        need = numel * torch_dtype.itemsize
+        if offsets[1] - offsets[0] != need:
+            return (f'tensor {name!r} of shape {shape} and dtype {dtype} needs {need} bytes, its offsets give '
+                    f'{offsets[1] - offsets[0]}')
+    return None
+
+
+def _safetensors_dtypes() -> Dict[str, torch.dtype]:
+    """The safetensors dtype names the installed library reads into torch, and the torch dtype of each."""
+    try:
+        from safetensors import torch as st
+        known = getattr(st, '_TYPES', None)
+    except ImportError:  # pragma: no cover - timm depends on safetensors
+        known = None
+    if isinstance(known, dict) and known:
+        return {k: v for k, v in known.items() if isinstance(v, torch.dtype)}
+    return {k: getattr(torch, v) for k, v in _SAFETENSORS_DTYPES.items()
+            if isinstance(getattr(torch, v, None), torch.dtype)}
+
+
+def _nonzero_product(shape: List[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= d or 1
+    return out
 
 
 def _first_line(err: BaseException) -> str:
@@ -349,10 +432,17 @@ def compare_state_dicts(own: Mapping[str, Any], weights: Mapping[str, Any]) -> S
     and :func:`check_checkpoint_fits` (``load_from``).
     """
     common = [k for k in weights if k in own]
-    wrong = [(k, f'{k}: file {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}') for k in common
-             if hasattr(weights[k], 'shape') and tuple(weights[k].shape) != tuple(own[k].shape)]
+    wrong = [(k, f'{k}: file {_shape_or_type(weights[k])} vs model {tuple(own[k].shape)}') for k in common
+             if not isinstance(weights[k], torch.Tensor) or tuple(weights[k].shape) != tuple(own[k].shape)]
     return StateDictFit(common=common, wrong=wrong, missing=[k for k in own if k not in weights],
                         unexpected=[k for k in weights if k not in own])
+
+
+def _shape_or_type(value: Any) -> str:
+    """A tensor's shape, or what a value that is not a tensor is (``'str, not a tensor'``)."""
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    return f'{type(value).__name__}, not a tensor'
 
 
 def check_checkpoint_fits(model: torch.nn.Module, state_dict: Dict[str, Any], filename: str,
@@ -369,8 +459,15 @@ def check_checkpoint_fits(model: torch.nn.Module, state_dict: Dict[str, Any], fi
     those parts at random.
     """
     own = model.state_dict()
+    check_state_dict_metadata(state_dict, filename)
     keys = [re.sub(r'^module\.', '', k) for k in state_dict]
     fit = compare_state_dicts(own, dict(zip(keys, state_dict.values())))
+    values = dict(zip(keys, state_dict.values()))
+    not_tensors = [msg for k, msg in fit.wrong if not isinstance(values[k], torch.Tensor)]
+    if not_tensors:  # never meaningful: torch would skip them (a random model evaluated) or fail later
+        raise CheckpointError(
+            f'{filename}: {len(not_tensors)} of the model\'s weights in it are not tensors, e.g. '
+            f'{"; ".join(not_tensors[:2])}: a damaged or crafted checkpoint?')
     if own and not fit.common:
         sample = ', '.join(keys[:4]) or 'none'
         hint = (' It looks like backbone-only weights: load them with model.backbone.init_cfg='
@@ -396,6 +493,26 @@ def check_checkpoint_fits(model: torch.nn.Module, state_dict: Dict[str, Any], fi
             raise CheckpointError(
                 f'{filename}: {"; ".join(parts)}. Testing and resuming take the whole model from the checkpoint: '
                 'is it a checkpoint of another config (the other task, another MLLA size or head)?')
+
+
+def check_state_dict_metadata(state_dict: Any, filename: str) -> None:
+    """Refuse a state dict whose ``_metadata`` (torch's per-module versions) is not what torch writes.
+
+    ``Module.load_state_dict`` reads ``state_dict._metadata[prefix].get('version')``;
+    anything but a dict of dicts there is a traceback inside torch or mmengine.
+    """
+    meta = getattr(state_dict, '_metadata', None)
+    if meta is None:
+        return
+
+    def entry_ok(key: Any, value: Any) -> bool:
+        version = value.get('version') if isinstance(value, Mapping) else 'missing'
+        return isinstance(key, str) and (version is None or type(version) is int)
+
+    if not isinstance(meta, Mapping) or not all(entry_ok(k, v) for k, v in meta.items()):
+        got = type(meta).__name__ if not isinstance(meta, Mapping) else 'a dict with other entries'
+        raise CheckpointError(f'{filename}: state_dict._metadata must be a dict of module name -> dict with an '
+                              f'int version (what torch writes), got {got}: a damaged or crafted checkpoint?')
 
 
 def load_backbone_weights(model: torch.nn.Module, path: str, strict: bool = True, use_ema: bool = False,
@@ -477,5 +594,5 @@ def register_mmengine_loader() -> None:
 
 __all__ = ['CheckpointError', 'TRUST_ENV', 'load_file', 'convert_checkpoint', 'convert_file',
            'find_state_dict', 'backbone_state_dict', 'load_backbone_weights', 'compare_state_dicts',
-           'StateDictFit', 'check_checkpoint_fits', 'check_file', 'save_atomic', 'AtomicWriteError',
+           'StateDictFit', 'check_checkpoint_fits', 'check_state_dict_metadata', 'check_file', 'save_atomic', 'AtomicWriteError',
            'register_mmengine_loader', 'safe_globals']

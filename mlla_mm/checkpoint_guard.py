@@ -22,7 +22,11 @@ This module checks a file first, without running anything from it:
    fit its archive member, every tensor must fit its storage, and the Python
    objects it builds are costed: more than ``OBJECT_BUDGET_BASE +
    OBJECT_BUDGET_PER_BYTE`` x (pickle size) is refused, as is nesting
-   deeper than ``MAX_DEPTH``.
+   deeper than ``MAX_DEPTH``, a container that contains itself, a graph
+   whose size as a tree (shared containers counted once per use, as
+   readers walk it) exceeds ``MAX_TREE_NODES_BASE +
+   MAX_TREE_NODES_PER_BYTE`` x (pickle size), and a dict or set with more
+   than ``MAX_SAME_HASH`` distinct keys of one hash (quadratic to build).
 3. :func:`safe_globals`: the names torch's unpickler may resolve, with three
    foreign names mapped to inert stand-ins of this module (yacs' ``CfgNode``
    and argparse's ``Namespace`` become a plain ``OrderedDict``, whose
@@ -61,6 +65,16 @@ OBJECT_BUDGET_BASE = 64 << 20
 OBJECT_BUDGET_PER_BYTE = 64
 #: Deepest nesting of containers in a checkpoint.
 MAX_DEPTH = 100
+#: Nodes of the pickle's object graph as a tree walk sees them (a container shared by N others counts N
+#: times; torch's ``Optimizer.load_state_dict`` and mmengine walk it that way): this many ...
+MAX_TREE_NODES_BASE = 1 << 20
+#: ... plus this many per byte of pickle (a pickle without shared containers has at most one per byte).
+MAX_TREE_NODES_PER_BYTE = 2
+#: Distinct keys of one dict (or items of one set) with the same hash: more make building it quadratic.
+MAX_SAME_HASH = 8
+#: Keys of one dict (or items of one set) whose hash the scan cannot compute but a file can choose
+#: (numpy scalars, complex numbers, devices): more are refused.
+MAX_OPAQUE_KEYS = 1024
 #: Most dimensions of one tensor or array.
 MAX_NDIM = 64
 
@@ -333,8 +347,7 @@ def inspect_archive(f: BinaryIO) -> Archive:
             if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
                 raise Refused(f'archive member {info.filename!r} has inconsistent sizes')
             sizes[info.filename] = info.file_size
-        spans = sorted((i.header_offset, i.header_offset + 30 + len(i.filename) + i.compress_size, i.filename)
-                       for i in infos)
+        spans = sorted(_member_span(f, info, size) for info in infos)
         end_of_data = zf.start_dir
         for (start, stop, name), nxt in zip(spans, spans[1:] + [(end_of_data, 0, '')]):
             if stop > nxt[0] or stop > size:
@@ -356,6 +369,24 @@ def inspect_archive(f: BinaryIO) -> Archive:
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
             raise Refused(f'the zip archive is truncated or corrupt ({err})') from None
     return Archive(prefix, sizes, data)
+
+
+def _member_span(f: BinaryIO, info: zipfile.ZipInfo, size: int) -> Tuple[int, int, str]:
+    """``(start, end, name)`` of a member's local header and data, by its local header's own lengths.
+
+    A reader (torch's included) finds a member's data after the local header's
+    name and extra fields, whose lengths may differ from the central
+    directory's: a crafted local header could point into the next member.
+    """
+    if info.header_offset < 0 or info.header_offset + 30 > size:
+        raise Refused(f'archive member {info.filename!r} starts outside the file: a crafted archive')
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b'PK\x03\x04':
+        raise Refused(f'archive member {info.filename!r} has no local header where the directory says: '
+                      'a crafted archive')
+    name_len, extra_len = struct.unpack('<HH', head[26:30])
+    return info.header_offset, info.header_offset + 30 + name_len + extra_len + info.compress_size, info.filename
 
 
 # --------------------------------------------------------------------------
@@ -518,7 +549,7 @@ class _Scanner:
                     state = stack.pop()
                     self._build(stack[-1], state)
                 elif name == 'STOP':
-                    self._check_depth(stack[-1])
+                    self._check_structure(stack[-1])
                     return
                 # PROTO: nothing to check (torch's unpickler only warns on protocols other than 2).
         except Refused:
@@ -586,14 +617,21 @@ class _Scanner:
                                                  and args[0].kind == 'dict')):
             n = len(args[0].keys) if args else 0
             self.charge(128 + 112 * n, 'Counter')
-            return _O('dict', info='counter')
+            counter = _O('dict', info='counter')
+            if args:  # a copy of the dict: its items are the Counter's (walked and checked with it)
+                counter.keys, counter.items = list(args[0].keys), list(args[0].items)
+            return counter
         if role == 'set' and (args == () or (len(args) == 1 and (
                 (isinstance(args[0], _O) and args[0].kind == 'list') or isinstance(args[0], tuple)))):
-            n = (len(args[0].items) if isinstance(args[0], _O) else len(args[0])) if args else 0
-            self.charge(216 + 64 * n, 'set')
+            members = (args[0].items if isinstance(args[0], _O) else list(args[0])) if args else []
+            self.charge(216 + 64 * len(members), 'set')
+            _check_keys(members, 'set')
             return _O('set')
-        if role == 'complex' and len(args) <= 2 and all(type(a) in (int, float) for a in args) and all(
-                abs(a) < 2 ** 1100 for a in args if type(a) is int):
+        if role == 'complex' and len(args) <= 2 and all(type(a) in (int, float) for a in args):
+            try:
+                complex(*args)
+            except OverflowError:
+                raise Refused(f'its pickle calls complex{_describe(args)}, whose parts do not fit a float') from None
             self.charge(32, 'complex')
             return _O('complex')
         if role == 'encode' and len(args) == 2 and isinstance(args[0], str) and args[1] == 'latin1':
@@ -735,7 +773,7 @@ class _Scanner:
                       'which no checkpoint does (it could change a class, a function or module state)',
                       names_code=True)
 
-    # -- nesting -------------------------------------------------------------
+    # -- the object graph ------------------------------------------------------
     @staticmethod
     def _children(v: Any) -> List[Any]:
         if isinstance(v, tuple):
@@ -744,24 +782,110 @@ class _Scanner:
             return v.items
         return []
 
-    def _check_depth(self, root: Any) -> None:
-        depth: Dict[int, int] = {}
+    def _check_structure(self, root: Any) -> None:
+        """Refuse cycles, nesting deeper than ``MAX_DEPTH``, too large a tree and hash-colliding keys.
+
+        One walk over the object graph the pickle builds (each object once):
+        for each container its depth and its size as a tree walk sees it (a
+        shared container counted once per use, so a chain of lists holding
+        the previous one twice doubles per level). Readers of checkpoints walk
+        them as trees (torch's ``Optimizer.load_state_dict`` copies the
+        optimizer state that way), so the tree size bounds their time.
+        """
+        limit = MAX_TREE_NODES_BASE + MAX_TREE_NODES_PER_BYTE * len(self.archive.pickle)
+        done: Dict[int, Tuple[int, int]] = {}  # id -> (depth, tree size)
+        active = set()  # ids on the current path
         todo: List[Tuple[Any, bool]] = [(root, False)]
         while todo:
-            v, done = todo.pop()
-            if not isinstance(v, (tuple, _O)):
-                continue
-            if done:
-                d = 1 + max((depth.get(id(c), 0) for c in self._children(v)), default=0)
-                depth[id(v)] = d
-                if d > MAX_DEPTH:
+            v, finished = todo.pop()
+            if finished:
+                active.discard(id(v))
+                depth, size = 1, 1
+                for c in self._children(v):
+                    d, n = done.get(id(c), (0, 1)) if isinstance(c, (tuple, _O)) else (0, 1)
+                    depth, size = max(depth, d + 1), size + n
+                if depth > MAX_DEPTH:
                     raise Refused(f'its pickle nests containers more than {MAX_DEPTH} deep')
+                if size > limit:
+                    raise Refused(f'its pickle builds containers that, walked as a tree (shared ones once per '
+                                  f'use), hold more than {limit} objects from {human_bytes(len(self.archive.pickle))}'
+                                  ': shared containers nested to blow up whoever reads it?')
+                if isinstance(v, _O) and v.kind == 'dict':
+                    _check_keys(v.keys, 'dict')
+                done[id(v)] = (depth, size)
                 continue
-            if id(v) in depth:
+            if not isinstance(v, (tuple, _O)) or id(v) in done:
                 continue
-            depth[id(v)] = 0  # in progress: a cycle back to it counts as depth 0
+            if id(v) in active:
+                raise Refused(f'its pickle builds a container that contains itself ({_describe(v)} in a cycle), '
+                              'which no checkpoint does')
+            active.add(id(v))
             todo.append((v, True))
-            todo.extend((c, False) for c in self._children(v) if id(c) not in depth)
+            todo.extend((c, False) for c in self._children(v) if isinstance(c, (tuple, _O)) and id(c) not in done)
+
+
+#: What a key is for :func:`_check_keys`: its hash cannot be chosen by the file (an identity hash or a
+#: randomised one) ...
+_FREE = object()
+#: ... or a hash the file may choose that the scan does not compute.
+_OPAQUE = object()
+_ID_HASHED = frozenset({'tensor', 'storage', 'bytes', 'hb', 'list', 'dict', 'set', 'ndarray', 'layout'})
+
+
+def _hashable(key: Any, depth: int = 0) -> Any:
+    """``key`` as the value whose hash the real key will have, or ``_FREE`` / ``_OPAQUE``."""
+    if key is None or type(key) in (int, float, bool, str):
+        return key
+    if isinstance(key, _G):
+        return _FREE  # a class or function: hashed by identity
+    if isinstance(key, _O):
+        if key.kind == 'size':
+            return tuple(key.info)
+        return _FREE if key.kind in _ID_HASHED else _OPAQUE
+    if isinstance(key, tuple) and depth < MAX_DEPTH:
+        parts = [_hashable(k, depth + 1) for k in key]
+        if any(p is _OPAQUE for p in parts):
+            return _OPAQUE
+        return _FREE if any(p is _FREE for p in parts) else tuple(parts)
+    return _OPAQUE
+
+
+def _check_keys(keys: List[Any], what: str) -> None:
+    """Refuse keys of one dict (or items of one set) that make building it quadratic.
+
+    Python finds a key by its hash; distinct keys with one hash (ints that are
+    equal modulo ``2**61 - 1``, ``-1`` and ``-2``, crafted floats or tuples)
+    are compared one by one, so N of them cost N**2 / 2. A checkpoint's keys
+    (names, parameter indices) have distinct hashes.
+    """
+    # str hashes are randomised (PYTHONHASHSEED): a file cannot make them collide
+    rest = [k for k in keys if type(k) is not str]
+    if not rest or (all(type(k) is int for k in rest) and len(set(map(hash, rest))) == len(rest)):
+        return  # the common case (names, parameter indices): no two hashes alike
+    buckets: Dict[int, List[Any]] = {}
+    opaque = 0
+    for key in rest:
+        value = key if type(key) is int else _hashable(key)
+        if value is _FREE:
+            continue
+        if value is _OPAQUE:
+            opaque += 1
+            if opaque > MAX_OPAQUE_KEYS:
+                raise Refused(f'its pickle builds a {what} with more than {MAX_OPAQUE_KEYS} keys of a kind '
+                              'no checkpoint uses as keys (numpy scalars, complex numbers, devices)')
+            continue
+        try:
+            h = hash(value)
+        except TypeError:
+            continue  # unhashable: the load fails on it anyway
+        same = buckets.setdefault(h, [])
+        if value in same:
+            continue
+        same.append(value)
+        if len(same) > MAX_SAME_HASH:
+            raise Refused(f'its pickle builds a {what} with more than {MAX_SAME_HASH} distinct keys of one hash '
+                          f'(e.g. {_describe(same[0])} and {_describe(same[1])}): reading it would take '
+                          'quadratic time')
 
 
 def scan_pickle(archive: Archive) -> Dict[str, Tuple[torch.dtype, int]]:
@@ -784,4 +908,5 @@ def check_file(f: BinaryIO) -> Archive:
 
 __all__ = ['Refused', 'Archive', 'inspect_archive', 'scan_pickle', 'check_file', 'safe_globals', 'roles',
            'history_buffer_class', 'CfgNodeStandIn', 'NamespaceStandIn', 'MAX_EXPANSION', 'EXPANSION_SLACK', 'OBJECT_BUDGET_BASE',
-           'OBJECT_BUDGET_PER_BYTE', 'MAX_DEPTH', 'human_bytes']
+           'OBJECT_BUDGET_PER_BYTE', 'MAX_DEPTH', 'MAX_TREE_NODES_BASE', 'MAX_TREE_NODES_PER_BYTE',
+           'MAX_SAME_HASH', 'MAX_OPAQUE_KEYS', 'human_bytes']

@@ -36,10 +36,15 @@ import json
 import logging
 import math
 import os
+import struct
+import sys
+import time
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from mmengine.config import Config
 from mmengine.logging import print_log
@@ -118,13 +123,105 @@ def _where(loader_name: str, config_path: str) -> str:
 
 
 # ---- one image -----------------------------------------------------------------------------------------------
-def inspect_image(path: str) -> Tuple[Optional[Tuple[int, int]], str]:
-    """Check an image file without decoding its pixels.
+#: Checks of more files than this show a progress line on stderr once they have run for PROGRESS_AFTER_S.
+PROGRESS_AFTER_S = 2.0
+
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees when it is loaded
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_PNG_PASSES = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _exif_orientation(raw: bytes) -> int:
+    """The orientation tag of raw EXIF data (1 if absent or unreadable)."""
+    from PIL import Image
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+        value = exif.get(0x0112)
+    except Exception:  # noqa: BLE001 - damaged EXIF: the loaders ignore it too
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _png_pixel_bytes(width: int, height: int, depth: int, colour: int, interlace: int) -> Tuple[int, int]:
+    """(bytes of the decompressed pixel data, row length with its filter byte; 0 when interlaced)."""
+    bits = _PNG_CHANNELS.get(colour, 0) * depth
+    if not interlace:
+        row = 1 + (width * bits + 7) // 8
+        return height * row, row
+    total = 0
+    for x0, y0, dx, dy in _PNG_PASSES:
+        pw, ph = max(0, (width - x0 + dx - 1) // dx), max(0, (height - y0 + dy - 1) // dy)
+        if pw and ph:
+            total += ph * (1 + (pw * bits + 7) // 8)
+    return total, 0
+
+
+def _png_scan(path: str) -> Tuple[int, str]:
+    """Inflate a PNG's pixel data (without unfiltering it) and read its ``eXIf`` orientation.
+
+    ``verify()`` checks each chunk's CRC but not what the ``IDAT`` chunks hold:
+    a garbage (or short) zlib stream with valid CRCs passes it and fails in the
+    loader mid-epoch. This decompresses the stream in pieces of 1 MiB (memory
+    does not grow with the image), checks that it holds every row and that each
+    row's filter byte is valid (0-4).
 
     Returns:
-        ``((width, height), '')`` with the size the image has once loaded
-        (EXIF rotation of JPEGs applied, as mmcv's loaders do), or
-        ``(None, reason)`` when the file is missing or cannot be read.
+        ``(orientation, '')`` or ``(1, reason)``.
+    """
+    import numpy as np
+    with open(path, 'rb') as f:
+        data = f.read()
+    view = memoryview(data)
+    pos, orientation, expected, row = 8, 1, -1, 0
+    inflate = zlib.decompressobj()
+    done = 0
+    try:
+        while pos + 8 <= len(data):
+            length, kind = struct.unpack_from('>I4s', data, pos)
+            body = view[pos + 8:pos + 8 + length]
+            pos += 12 + length
+            if kind == b'IHDR' and length >= 13:
+                width, height, depth, colour, _, _, interlace = struct.unpack_from('>IIBBBBB', body)
+                expected, row = _png_pixel_bytes(width, height, depth, colour, interlace)
+            elif kind == b'eXIf':
+                orientation = _exif_orientation(bytes(body))
+            elif kind == b'IDAT':
+                if expected < 0:
+                    return 1, 'damaged image file (PNG pixel data before its header)'
+                while body and done < expected and not inflate.eof:
+                    out = inflate.decompress(body, 1 << 20)
+                    body = inflate.unconsumed_tail
+                    if row and out:
+                        start = (-done) % row
+                        filters = np.frombuffer(out, np.uint8)[start::row]
+                        bad = np.flatnonzero(filters > 4)
+                        if bad.size and done + start + int(bad[0]) * row < expected:
+                            return 1, f'damaged image file (PNG row filter type {int(filters[bad[0]])}; valid: 0-4)'
+                    done += len(out)
+            elif kind == b'IEND':
+                break
+    except zlib.error as err:
+        return 1, f'damaged image file (PNG pixel data: zlib {err})'
+    if done < expected:
+        return 1, f'damaged image file (PNG pixel data holds {done} of {expected} bytes)'
+    return orientation, ''
+
+
+def inspect_image(path: str) -> Tuple[Optional[Tuple[int, int]], str]:
+    """Check an image file without decoding more than its format needs.
+
+    JPEG (and MPO, a JPEG with more pictures): the header, and the end-of-image
+    marker in the last 1 KiB. PNG: ``verify()`` (every chunk's CRC) and the
+    pixel data inflated without unfiltering it (:func:`_png_scan`). Other
+    formats (WebP, TIFF, BMP, GIF, ...), which have no cheaper check: a full
+    decode by PIL (bounded by PIL's decompression-bomb limit, checked first).
+
+    Returns:
+        ``((width, height), '')`` with the size the image has once loaded (the
+        EXIF orientation of every format applied, as mmcv's loaders do: a
+        rotation by 90 degrees swaps width and height), or ``(None, reason)``
+        when the file is missing or cannot be read.
     """
     from PIL import Image, UnidentifiedImageError
     try:
@@ -136,21 +233,28 @@ def inspect_image(path: str) -> Tuple[Optional[Tuple[int, int]], str]:
     try:
         with Image.open(path) as im:
             (w, h), fmt = im.size, im.format
-            if fmt == 'JPEG':
-                if (im.getexif().get(0x0112) or 1) in (5, 6, 7, 8):  # rotated by 90 degrees when loaded
-                    w, h = h, w
+            if fmt in ('JPEG', 'MPO'):
+                orientation = im.getexif().get(0x0112)
                 if not _jpeg_has_end(path, nbytes):
                     return None, 'truncated JPEG (no end-of-image marker)'
-            else:
+            elif fmt == 'PNG':
                 im.verify()
+                orientation, reason = _png_scan(path)  # PIL's getexif() of a PNG would decode it
+                if reason:
+                    return None, reason
+            else:  # decoded in full; PIL's TIFF plugin applies (and drops) the orientation when it loads
+                im.load()
+                (w, h), orientation = im.size, im.getexif().get(0x0112)
     except UnidentifiedImageError:
         return None, 'not an image file'
     except Image.DecompressionBombError:
         return None, 'more pixels than PIL allows (decompression-bomb limit)'
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as err:
         return None, f'damaged image file ({" ".join(str(err).split()) or type(err).__name__})'
     if w < 1 or h < 1:
         return None, f'image of size {w}x{h}'
+    if orientation in _ROTATED:
+        w, h = h, w
     return (w, h), ''
 
 
@@ -165,16 +269,65 @@ def _jpeg_has_end(path: str, nbytes: int) -> bool:
         return b'\xff\xd9' in f.read()
 
 
+class _Progress:
+    """A progress line on stderr for long checks: shown once a check has run for ``PROGRESS_AFTER_S``."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.what, self.done = total, what, 0
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.start < PROGRESS_AFTER_S or (now - self.last < 0.5 and self.done < self.total):
+            return
+        self.last, self.shown = now, True
+        spent = now - self.start
+        eta = spent / self.done * (self.total - self.done) if self.done else 0.0
+        sys.stderr.write(f'\r{self.what}: {self.done}/{self.total} files, {spent:.0f} s, '
+                         f'about {eta:.0f} s left ')
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write('\n')
+            sys.stderr.flush()
+
+
+def _map_files(fn: Callable[[str], Any], paths: Sequence[str], what: str) -> List[Any]:
+    """``[fn(p) for p in paths]``, in a thread pool for many files, with a progress line when it takes long."""
+    progress = _Progress(len(paths), what)
+    out: List[Any] = []
+    try:
+        if len(paths) > 64:
+            with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
+                for result in pool.map(fn, paths, chunksize=16):
+                    out.append(result)
+                    progress.update()
+        else:
+            for p in paths:
+                out.append(fn(p))
+                progress.update()
+    finally:
+        progress.close()
+    return out
+
+
 def _inspect_many(paths: Sequence[str], seen: Dict[str, Tuple[Optional[Tuple[int, int]], str]]
                   ) -> Dict[str, Tuple[Optional[Tuple[int, int]], str]]:
     """:func:`inspect_image` on each path (threads for many files; ``seen`` caches across datasets)."""
     todo = sorted({p for p in paths if p not in seen})
-    if len(todo) > 64:
-        with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
-            seen.update(zip(todo, pool.map(inspect_image, todo, chunksize=64)))
-    else:
-        seen.update((p, inspect_image(p)) for p in todo)
+    seen.update(zip(todo, _map_files(inspect_image, todo, 'checking images')))
     return {p: seen[p] for p in paths}
+
+
+def _inspect_labels(paths: Sequence[str], seen: Dict[str, Any]) -> Dict[str, Tuple[Optional[Tuple[int, int]], str,
+                                                                                Tuple[int, ...]]]:
+    """:func:`inspect_label_map` on each path (cached in ``seen`` under ``path + '\\0label'``)."""
+    todo = sorted({p for p in paths if p + '\0label' not in seen})
+    seen.update(zip((p + '\0label' for p in todo), _map_files(inspect_label_map, todo, 'checking label maps')))
+    return {p: seen[p + '\0label'] for p in paths}
 
 
 # ---- COCO-format annotation files -------------------------------------------------------------------------
@@ -228,6 +381,158 @@ def _hashable(v: Any) -> bool:
     return isinstance(v, (int, str)) and not isinstance(v, bool)
 
 
+def _one_id_type(ids: Iterable[Any], what: str, bad: Any) -> None:
+    """Refuse ids of both types (int and str): pycocotools sorts them when it evaluates, which fails then."""
+    first: Dict[type, Any] = {}
+    for i in ids:
+        first.setdefault(type(i), i)
+    if len(first) > 1:
+        raise bad(f'{what} ids are both numbers and strings (e.g. {first[int]!r} and {first[str]!r}); COCO '
+                  f'evaluation (pycocotools) sorts them and fails after the whole evaluation has run: use one '
+                  f'type for every {what} id')
+
+
+# ---- instance masks: what pycocotools will decode ---------------------------------------------------------------
+def _rle_string_counts(counts: str) -> Optional[Any]:
+    """The run lengths pycocotools' ``rleFrString`` reads from a compressed RLE string, or None.
+
+    None when the string is not what pycocotools' encoder writes: characters
+    outside ``'0'..'o'``, a last value whose continuation bit runs past the end
+    (pycocotools then reads past the string), a value of more than 12
+    characters, or a run length outside 0..2**32-1 (pycocotools stores them
+    as ``uint`` and would write that many pixels).
+    """
+    import numpy as np
+    try:
+        raw = counts.encode('ascii')
+    except UnicodeEncodeError:
+        return None
+    c = np.frombuffer(raw, np.uint8).astype(np.int64) - 48
+    if not c.size:
+        return c
+    if c.min() < 0 or c.max() > 63 or c[-1] & 0x20:
+        return None
+    ends = np.flatnonzero((c & 0x20) == 0)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lens = ends - starts + 1
+    if lens.max() > 12:
+        return None
+    k = np.arange(c.size) - np.repeat(starts, lens)
+    x = np.add.reduceat((c & 0x1F) << (5 * k), starts)
+    x = np.where(c[ends] & 0x10, x - (np.int64(1) << (5 * lens)), x)  # the sign bit of the last character
+    out = x.copy()
+    out[1::2] = np.cumsum(x[1::2])  # from the fourth value on, pycocotools stores differences to cnts[m-2]
+    out[2::2] = np.cumsum(x[2::2])
+    if out.min() < 0 or out.max() >= 1 << 32:
+        return None
+    return out
+
+
+def _rle_problem(seg: Dict, h: int, w: int) -> Optional[str]:
+    """Why pycocotools cannot decode this RLE into an ``h`` x ``w`` mask (None if it can)."""
+    size, counts = seg.get('size'), seg.get('counts')
+    if not (isinstance(size, list) and len(size) == 2 and all(_hashable(v) and isinstance(v, int) for v in size)):
+        return f'RLE "size" {size!r} is not [height, width]'
+    if size != [h, w]:
+        return f'RLE size {size[0]}x{size[1]} (height x width) is not its image\'s {h}x{w}'
+    if isinstance(counts, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+            return 'uncompressed RLE counts are not all non-negative integers'
+        total = sum(counts)
+    elif isinstance(counts, str):
+        runs = _rle_string_counts(counts)
+        if runs is None:
+            return 'compressed RLE counts are not a valid COCO RLE string'
+        total = int(runs.sum())
+    else:
+        return f'RLE "counts" is a {type(counts).__name__}, not a list or a string'
+    if total != h * w:
+        return f'RLE counts cover {total} pixels, its {h}x{w} image has {h * w}'
+    return None
+
+
+def _polygon_problems(anns: List[Dict], images: Dict[Any, Dict]) -> List[Tuple[Any, str]]:
+    """(annotation id, reason) for polygons with coordinates that are not finite numbers near their image.
+
+    pycocotools rasterises polygons in C with ``int`` coordinates: NaN, inf or
+    1e10 make it allocate and write past what it allocated (a segfault, no
+    message). Allowed: ``-width <= x <= 2 * width`` and the same for ``y`` and
+    the height (one image size around the image). Checked with numpy over the
+    whole file at once.
+    """
+    import numpy as np
+    polys = [(a['id'], p, images[a['image_id']]) for a in anns if isinstance(a.get('segmentation'), list)
+             for p in a['segmentation'] if isinstance(p, list)]
+    if not polys:
+        return []
+    problems = []
+    types = set(map(type, chain.from_iterable(p for _, p, _ in polys)))
+    if not types <= {int, float}:
+        keep = []
+        for aid, p, img in polys:
+            if all(type(v) in (int, float) for v in p):
+                keep.append((aid, p, img))
+            else:
+                problems.append((aid, 'a polygon coordinate that is not a number'))
+        polys = keep
+        if not polys:
+            return problems
+    lengths = np.fromiter((len(p) for _, p, _ in polys), np.int64, len(polys))
+    total = int(lengths.sum())
+    if not total:
+        return problems
+    values = np.fromiter(chain.from_iterable(p for _, p, _ in polys), np.float64, total)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    is_x = (np.arange(total) - starts) % 2 == 0
+    size = np.where(is_x, np.repeat([float(img['width']) for _, _, img in polys], lengths),
+                    np.repeat([float(img['height']) for _, _, img in polys], lengths))
+    with np.errstate(invalid='ignore'):
+        wrong = ~np.isfinite(values) | (values < -size) | (values > 2 * size)
+    if wrong.any():
+        owner = np.repeat(np.arange(len(polys)), lengths)
+        for i in np.unique(owner[wrong]):
+            first = values[(owner == i) & wrong][0]
+            problems.append((polys[i][0], f'coordinate {first:g}'))
+    return problems
+
+
+def _check_segmentations(anns: List[Dict], by_id: Dict[Any, Dict], bad: Any, evaluated: bool) -> None:
+    """Refuse segmentations that pycocotools (mmdet's mask loading and COCO evaluation) would crash on.
+
+    Every annotation with a segmentation is checked (COCO evaluation decodes
+    them all, dropped boxes and crowds included). Raises ``bad(message)``.
+    """
+    shape = [a['id'] for a in anns if a.get('segmentation') and not isinstance(a['segmentation'], (list, dict))]
+    shape += [a['id'] for a in anns if isinstance(a.get('segmentation'), list)
+              and not all(isinstance(p, list) for p in a['segmentation'])]
+    if shape:
+        raise bad(f'{len(shape)} annotations have a segmentation that is neither a list of polygons (lists of '
+                  f'x, y numbers) nor an RLE dict (size, counts): annotation ids {_few(shape)}')
+    coords = _polygon_problems(anns, by_id)
+    if coords:
+        raise bad(f'{len(coords)} annotations have polygon coordinates that are not finite numbers within one '
+                  f'image size of their image (-width <= x <= 2*width, -height <= y <= 2*height), which crash '
+                  f'pycocotools: annotation ids {_few(f"{i} ({r})" for i, r in coords)}')
+    rles = []
+    for a in anns:
+        seg = a.get('segmentation')
+        if isinstance(seg, dict):
+            img = by_id[a['image_id']]
+            reason = _rle_problem(seg, img['height'], img['width'])
+            if reason:
+                rles.append(f'{a["id"]} ({reason})')
+    if rles:
+        raise bad(f'{len(rles)} annotations have an RLE mask pycocotools cannot decode into their image: '
+                  f'annotation ids {_few(rles)}')
+    if evaluated:
+        short = [a['id'] for a in anns if isinstance(a.get('segmentation'), list)
+                 and any(len(p) < 6 or len(p) % 2 for p in a['segmentation'])]
+        if short:
+            raise bad(f'{len(short)} annotations have polygons with fewer than 3 points or an odd number of '
+                      f'coordinates, on which COCO mask evaluation (pycocotools) fails or reads a box: '
+                      f'annotation ids {_few(short)}; a polygon needs at least 6 numbers x1, y1, x2, y2, x3, y3')
+
+
 def _check_instances(data: Dict, ds: Dict, path: Path, bad: Any, train: bool, scope: str) -> List[str]:
     """The checks of an instance annotation file (CocoDataset and subclasses but panoptic ones).
 
@@ -246,6 +551,7 @@ def _check_instances(data: Dict, ds: Dict, path: Path, bad: Any, train: bool, sc
     if any(not isinstance(c, dict) or not _hashable(c.get('id')) or not isinstance(c.get('name'), str)
            for c in cats):
         raise bad('every "categories" entry needs an id and a name')
+    _one_id_type((c['id'] for c in cats), 'category', bad)
     dup_cats = [k for k, n in Counter(c['id'] for c in cats).items() if n > 1]
     if dup_cats:
         raise bad(f'duplicate category ids {_few(dup_cats)}')
@@ -323,6 +629,8 @@ def _check_instances(data: Dict, ds: Dict, path: Path, bad: Any, train: bool, sc
     if maskless:
         raise bad(f'{len(maskless)} annotations have no segmentation but the pipeline loads masks '
                   f'(LoadAnnotations with_mask=True), which fails on them: annotation ids {_few(maskless)}')
+    if loads_masks:
+        _check_segmentations(anns, by_id, bad, evaluated=not train)
     warnings = []
     parts = [f'{n} with {r}' for r, n in sorted(dropped.items())]
     if other_class:
@@ -411,6 +719,7 @@ def check_annotations(ds: Dict, loader_name: str = '', config_path: str = '', *,
                   f'width/height (images[{_few(malformed)}]); mmdet needs all four')
     if not images:
         raise bad('has no images (the "images" list is empty)')
+    _one_id_type((img['id'] for img in images), 'image', bad)
     dup_imgs = [k for k, n in Counter(img['id'] for img in images).items() if n > 1]
     if dup_imgs:
         raise bad(f'duplicate image ids {_few(dup_imgs)} ({len(dup_imgs)} ids used by more than one image; '
@@ -475,20 +784,122 @@ def _suffixes(ds: Dict, scope: str) -> Tuple[str, str]:
     return ds.get('img_suffix') or defaults['img_suffix'], ds.get('seg_map_suffix') or defaults['seg_map_suffix']
 
 
+def inspect_label_map(path: str) -> Tuple[Optional[Tuple[int, int]], str, Tuple[int, ...]]:
+    """Decode a label map as mmseg's ``LoadAnnotations`` does (PIL, no EXIF rotation, values as 8 bits).
+
+    The full decode also finds damage a header check cannot see (a garbage
+    ``IDAT`` with valid CRCs).
+
+    Returns:
+        ``((width, height), '', values present)`` or ``(None, reason, ())``.
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+    try:
+        if os.path.getsize(path) == 0:
+            return None, 'empty file (0 bytes)', ()
+    except OSError:
+        return None, 'missing', ()
+    try:
+        with Image.open(path) as im:
+            im.load()
+            bands, mode = len(im.getbands()), im.mode
+            arr = np.asarray(im)
+    except UnidentifiedImageError:
+        return None, 'not an image file', ()
+    except Image.DecompressionBombError:
+        return None, 'more pixels than PIL allows (decompression-bomb limit)', ()
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error, MemoryError) as err:
+        return None, f'damaged image file ({" ".join(str(err).split()) or type(err).__name__})', ()
+    h, w = arr.shape[:2]
+    if w < 1 or h < 1:
+        return None, f'image of size {w}x{h}', ()
+    if bands != 1:
+        return None, (f'label map with {bands} channels (mode {mode}); mmseg needs one class index per pixel '
+                      '(a gray or palette image)'), ()
+    if arr.dtype != np.uint8 and arr.size and (int(arr.max()) > 255 or int(arr.min()) < 0):
+        return None, (f'label values {int(arr.min())}..{int(arr.max())}; mmseg reads label maps as 8-bit '
+                      'values (0..255) and would wrap the others'), ()
+    counts = np.bincount(arr.astype(np.uint8, copy=False).ravel(), minlength=256)
+    return (w, h), '', tuple(int(v) for v in np.flatnonzero(counts))
+
+
+def _seg_label_transform(ds: Dict, scope: str) -> Tuple[bool, Optional[Dict[int, int]]]:
+    """``reduce_zero_label`` and the ``label_map`` mmseg applies to a data set's label values.
+
+    ``label_map`` as mmseg's ``BaseSegDataset.get_label_map``: set when the
+    config's ``metainfo.classes`` differ from the data set type's classes.
+    """
+    cls = _dataset_class(scope, ds.get('type', 'BaseSegDataset'))
+    reduce_zero_label = ds.get('reduce_zero_label')
+    if reduce_zero_label is None:
+        reduce_zero_label = False
+        if cls is not None:
+            try:
+                param = inspect.signature(cls.__init__).parameters.get('reduce_zero_label')
+                reduce_zero_label = bool(param.default) if param is not None and isinstance(param.default, bool) \
+                    else False
+            except (TypeError, ValueError):
+                pass
+    meta = ds.get('metainfo') or {}
+    new = meta.get('classes') if isinstance(meta, dict) else None
+    old = (getattr(cls, 'METAINFO', None) or {}).get('classes') if cls is not None else None
+    if new is None or old is None or list(new) == list(old) or not set(new) <= set(old):
+        return bool(reduce_zero_label), None
+    return bool(reduce_zero_label), {i: (list(new).index(c) if c in new else 255) for i, c in enumerate(old)}
+
+
+def _seg_num_classes(ds: Dict, scope: str) -> Optional[int]:
+    """The number of classes of a segmentation data set (its ``metainfo.classes``, else its type's)."""
+    meta = ds.get('metainfo') or {}
+    classes = meta.get('classes') if isinstance(meta, dict) else None
+    if classes is None:
+        cls = _dataset_class(scope, ds.get('type', 'BaseSegDataset'))
+        classes = (getattr(cls, 'METAINFO', None) or {}).get('classes') if cls is not None else None
+    return len(classes) if classes else None
+
+
+def _wrong_labels(values: Sequence[int], num_classes: int, ignore_index: int, reduce_zero_label: bool,
+                  label_map: Optional[Dict[int, int]]) -> List[int]:
+    """The values of a label map (as stored) that are no class index 0..num_classes-1 nor ignore_index once
+    mmseg has applied ``reduce_zero_label`` and ``label_map``."""
+    wrong = []
+    for raw in values:
+        v = raw
+        if reduce_zero_label:
+            v = 255 if v in (0, 255) else v - 1
+        if label_map is not None:
+            v = label_map.get(v, v)
+        if not (0 <= v < num_classes or v == ignore_index):
+            wrong.append(raw)
+    return wrong
+
+
 def check_seg_folder(ds: Dict, loader_name: str = '', config_path: str = '', *, scope: str = 'mmseg',
                      skip_bad_images: bool = False, out_dir: Optional[str] = None,
-                     seen: Optional[Dict[str, Tuple[Optional[Tuple[int, int]], str]]] = None) -> List[str]:
-    """Check an mmseg folder dataset: every image has a readable label map of its size.
+                     seen: Optional[Dict[str, Any]] = None, num_classes: Optional[int] = None,
+                     ignore_index: int = 255) -> List[str]:
+    """Check an mmseg folder dataset: every image has a readable label map of its size and valid values.
 
     The images are those mmseg lists: the names in ``ann_file`` (a split file)
     when given, else every file ending in ``img_suffix`` under the image folder.
+    Every label map is decoded in full (:func:`inspect_label_map`): its values,
+    after the data set's ``reduce_zero_label`` and ``label_map``, must be class
+    indices ``0..num_classes-1`` or ``ignore_index`` (another value is an
+    IndexError in the loss). All files, not a sample: one bad file fails
+    the run whenever it comes, and the decode is what finds damaged files too.
+
+    Args:
+        num_classes: The model's (decode head's) class count; default: the data set's classes.
+        ignore_index: The label value the loss ignores.
 
     Returns:
         Warning lines (skipped images).
 
     Raises:
         BadAnnotationError: No images, or images without their label map.
-        BadImageError: Unreadable images or label maps, or label maps of another size.
+        BadImageError: Unreadable images or label maps, label maps of another size or with
+            values that are not classes.
     """
     prefix = ds.get('data_prefix') or {}
     if not isinstance(prefix, dict) or not prefix.get('img_path'):
@@ -514,9 +925,15 @@ def check_seg_folder(ds: Dict, loader_name: str = '', config_path: str = '', *, 
                                  f'{"train" if loader_name.startswith("train") else "evaluate"} on.')
     pairs = {n: (str(img_dir / (n + img_suffix)), str(seg_dir / (n + seg_suffix)) if seg_dir else None)
              for n in names}
-    found = _inspect_many([p for pair in pairs.values() for p in pair if p], {} if seen is None else seen)
+    seen = {} if seen is None else seen
+    found = _inspect_many([img for img, _ in pairs.values()], seen)
+    labels = _inspect_labels([seg for _, seg in pairs.values() if seg], seen)
+    if num_classes is None:
+        num_classes = _seg_num_classes(ds, scope)
+    reduce_zero_label, label_map = _seg_label_transform(ds, scope)
     problems = []
     wrong = []
+    values = []
     for n, (img, seg) in pairs.items():
         isize, ireason = found[img]
         if ireason:
@@ -524,17 +941,30 @@ def check_seg_folder(ds: Dict, loader_name: str = '', config_path: str = '', *, 
             continue
         if seg is None:
             continue
-        ssize, sreason = found[seg]
+        ssize, sreason, present = labels[seg]
         if sreason:
             problems.append((n, f'label map {seg} ({sreason})'))
-        elif ssize != isize:
+            continue
+        if ssize != isize:
             wrong.append(f'{seg} is {ssize[0]}x{ssize[1]}, {Path(img).name} is {isize[0]}x{isize[1]}')
+        if num_classes is not None:
+            bad_values = _wrong_labels(present, num_classes, ignore_index, reduce_zero_label, label_map)
+            if bad_values:
+                values.append(f'{seg} ({_few(bad_values, 3)})')
     if problems and not skip_bad_images:
         raise BadImageError(f'{source}: {len(problems)} of {len(names)} image/label pairs are missing or cannot '
                             f'be read {where}: {_few((p for _, p in problems), 10)}; {_SKIP_HINT}.')
     if wrong:
         raise BadImageError(f'{source}: {len(wrong)} label maps differ in size from their image {where}: '
                             f'{_few(wrong, 5)}.')
+    if values:
+        how = ' (after reduce_zero_label: 0 becomes 255, the others minus 1)' if reduce_zero_label else ''
+        how += ' (after the label_map of metainfo.classes)' if label_map else ''
+        raise BadImageError(
+            f'{source}: {len(values)} of {len(names)} label maps hold values that are not classes of the model '
+            f'{where}: {_few(values, 5)}; with num_classes={num_classes} a label must be 0..{num_classes - 1} or '
+            f'{ignore_index} (ignored){how}, else the loss fails (IndexError): fix the label maps or the '
+            'decode head\'s num_classes / the data set\'s reduce_zero_label.')
     if not problems:
         return []
     bad_names = {n for n, _ in problems}
@@ -653,6 +1083,20 @@ def _redirect_evaluator(cfg: Config, loader_name: str, old: Path, new: str) -> N
             ev['ann_file'] = new
 
 
+def _decode_head_classes(cfg: Config) -> Dict[str, int]:
+    """``num_classes`` and ``ignore_index`` of the model's decode head(s) (the smallest count of a list)."""
+    model = _model_cfg(cfg)
+    heads = model.get('decode_head') if model is not None else None
+    heads = [h for h in (heads if isinstance(heads, (list, tuple)) else [heads]) if isinstance(h, dict)]
+    counts = [h['num_classes'] for h in heads if isinstance(h.get('num_classes'), int)]
+    if not counts:
+        return {}
+    ignore = heads[0].get('ignore_index', 255)
+    fewest = min(counts)
+    # A one-output binary head (num_classes 1) still takes labels 0 and 1.
+    return dict(num_classes=2 if fewest == 1 else fewest, ignore_index=ignore if isinstance(ignore, int) else 255)
+
+
 def check_data(cfg: Config, which: Tuple[str, ...], config_path: str = '') -> List[str]:
     """Check the model config and the data of the ``which`` dataloaders before a run.
 
@@ -689,7 +1133,7 @@ def check_data(cfg: Config, which: Tuple[str, ...], config_path: str = '') -> Li
             ann = ds.get('ann_file')
             if _is_seg_folder(ds, scope):
                 warnings += check_seg_folder(ds, name, config_path, scope=scope, skip_bad_images=skip,
-                                             out_dir=out_dir, seen=seen)
+                                             out_dir=out_dir, seen=seen, **_decode_head_classes(cfg))
             elif ann and str(ann).endswith('.json'):
                 old = Path(ds.get('data_root') or '') / ann
                 warnings += check_annotations(ds, name, config_path, scope=scope, skip_bad_images=skip,
@@ -703,4 +1147,4 @@ def check_data(cfg: Config, which: Tuple[str, ...], config_path: str = '') -> Li
 
 __all__ = ['DataNotFoundError', 'BadAnnotationError', 'BadImageError', 'LAYOUTS', 'DEMO_COMMANDS', 'CHECKS_DIR',
            'check_data', 'check_annotations', 'check_seg_folder', 'check_model_config', 'backbone_channels',
-           'inspect_image']
+           'inspect_image', 'inspect_label_map']

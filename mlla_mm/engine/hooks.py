@@ -40,7 +40,7 @@ from mmengine.runner import BaseLoop, EpochBasedTrainLoop, Runner
 from ..checkpoint import CheckpointError, check_checkpoint_fits
 from ..utils.io import atomic_write
 from .loops import make_exact, validation_due
-from .rng import get_random_state, set_random_state
+from .rng import RandomStateError, check_random_state, get_random_state, set_random_state
 from .runner import ATOMIC_BACKEND, checkpoint_name
 
 #: file in the work dir naming the last position whose validation completed
@@ -143,7 +143,11 @@ class RandomStateHook(Hook):
         checkpoint['rng_state'] = self._before_val or get_random_state(runner.seed)
 
     def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
-        if getattr(runner, '_resume', False) and isinstance(checkpoint.get('rng_state'), dict):
+        if getattr(runner, '_resume', False) and 'rng_state' in checkpoint:
+            try:  # checked here, before anything is resumed: one line naming the field, not a traceback later
+                check_random_state(checkpoint['rng_state'])
+            except RandomStateError as err:
+                raise CheckpointError(f'{checkpoint_name(runner)}: {err}; cannot resume from it') from None
             self._pending = checkpoint['rng_state']
 
     def before_train(self, runner: Runner) -> None:
@@ -469,6 +473,8 @@ class CheckpointGuardHook(Hook):
         # `checkpoint_is_whole_model` in the config it runs); load_from for fine-tuning may leave parts new.
         whole = bool(getattr(runner, '_resume', False) or (getattr(runner, 'cfg', None) or {}).get('checkpoint_is_whole_model'))
         check_checkpoint_for_model(model, checkpoint, checkpoint_name(runner), whole=whole)
+        if getattr(runner, '_resume', False):
+            check_resume_fields(checkpoint, checkpoint_name(runner))
 
 
 def check_checkpoint_for_model(model: torch.nn.Module, checkpoint: Any, filename: str, whole: bool) -> None:
@@ -487,6 +493,58 @@ def check_checkpoint_for_model(model: torch.nn.Module, checkpoint: Any, filename
     check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename,
                           whole=whole)
 
+
+def _field_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and low <= value < high
+
+
+def check_resume_fields(checkpoint: Any, filename: str) -> None:
+    """What ``--resume`` reads from a checkpoint besides the weights, checked before mmengine or a hook uses it.
+
+    ``meta`` (a dict with ``epoch`` and ``iter``, non-negative ints; ``seed``
+    None or an int below 2**32; no ``config``, which mmengine's
+    ``Runner.resume`` would execute), ``rng_state`` (restorable: see
+    :func:`~mlla_mm.engine.rng.check_random_state`) and ``message_hub`` (a
+    dict of mmengine's three dicts). A malformed field is one line naming it.
+
+    Raises:
+        CheckpointError: A field is missing or malformed (the message names the file and the field).
+    """
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f'{filename}: {what}; cannot resume from it (a damaged or crafted checkpoint?)')
+
+    if not isinstance(checkpoint, dict):
+        raise refuse(f'expected a dict, got {type(checkpoint).__name__}')
+    meta = checkpoint.get('meta')
+    if not isinstance(meta, dict):
+        raise refuse(f'meta must be a dict, got {type(meta).__name__}')
+    for key in ('epoch', 'iter'):
+        if not _field_int(meta.get(key), 0, 2 ** 62):
+            raise refuse(f'meta.{key} must be an int >= 0, got {_short_repr(meta.get(key))}')
+    if meta.get('seed') is not None and not _field_int(meta['seed'], 0, 2 ** 32):
+        raise refuse(f'meta.seed must be an int in [0, 2**32), got {_short_repr(meta["seed"])}')
+    if 'config' in meta:  # mmengine's Runner.resume runs it through Config.fromstring(..., '.py'): code
+        raise refuse('it has meta.config, which mmengine\'s resume would execute as a Python config (mmengine '
+                     'writes its config as meta.cfg, never as meta.config)')
+    if 'rng_state' in checkpoint:
+        try:
+            check_random_state(checkpoint['rng_state'])
+        except RandomStateError as err:
+            raise refuse(str(err)) from None
+    hub = checkpoint.get('message_hub')
+    if 'message_hub' in checkpoint and not (isinstance(hub, dict) and all(
+            isinstance(hub.get(k), dict) for k in ('log_scalars', 'runtime_info', 'resumed_keys'))):
+        raise refuse('message_hub must be a dict with the dicts log_scalars, runtime_info and resumed_keys '
+                     '(what mmengine writes)')
+
+
+def _short_repr(value: Any) -> str:
+    if isinstance(value, int) and abs(value) >= 10 ** 30:
+        return f'an int of {value.bit_length()} bits'
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + '...'
+
+
 __all__ = ['RandomStateHook', 'ValidationResumeHook', 'PreemptionHook', 'FiniteLossHook', 'CheckpointGuardHook',
            'NonFiniteLossError', 'TrainingAborted', 'TrainingInterrupted', 'check_checkpoint_for_model',
-           'get_random_state', 'set_random_state', 'VALIDATION_MARKER']
+           'check_resume_fields', 'get_random_state', 'set_random_state', 'VALIDATION_MARKER']

@@ -1092,6 +1092,34 @@ class MissingWeightsError(CheckpointError):
     """``pretrained=True`` without a weights file (nothing can be downloaded)."""
 
 
+def refuse_remote_weights(variant: str, cfg: Any) -> None:
+    """Refuse a resolved timm ``PretrainedCfg`` whose weights timm would download or take from a hub cache.
+
+    timm loads, in this order: ``source='hf-hub'`` / ``'local-dir'``, then
+    ``state_dict`` (in memory), ``file``, ``hf_hub_id``, ``url``. Only
+    ``state_dict`` and ``file`` (read by :meth:`MLLAClassifier.load_pretrained`
+    through the safe loader) are allowed: nothing is ever downloaded.
+
+    Raises:
+        CheckpointError: One line naming the setting and what to pass instead.
+    """
+    source = getattr(cfg, 'source', None)
+    if source in ('hf-hub', 'local-dir'):
+        what = f"source={source!r}"
+    elif getattr(cfg, 'state_dict', None) or getattr(cfg, 'file', None):  # timm's own precedence
+        return
+    elif getattr(cfg, 'hf_hub_id', None):
+        what = f'hf_hub_id={cfg.hf_hub_id!r}'
+    elif getattr(cfg, 'url', None):
+        what = f'url={cfg.url!r}'
+    else:
+        return
+    raise CheckpointError(
+        f'{variant}: pretrained weights from {what} would be downloaded or read from a hub cache by timm\'s own '
+        "loader, which mlla-mm never does; get the file and pass pretrained_cfg_overlay=dict(file='PATH') "
+        '(read by the safe loader)')
+
+
 def _create_mlla(variant: str, pretrained: bool = False, use_ema: bool = False, **kwargs: Any) -> nn.Module:
     """Build ``variant`` with timm's ``build_model_with_cfg``; weights come from ``pretrained_cfg`` ``file``."""
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
@@ -1113,7 +1141,10 @@ def _create_mlla(variant: str, pretrained: bool = False, use_ema: bool = False, 
                 f'{variant}: pretrained=True needs the published weights file, which is not downloaded: get '
                 f'{name} from {ORIGIN_URL} (README, Pretrained Models), put it for example at '
                 f"data/pretrained/{name} and pass pretrained_cfg_overlay=dict(file='data/pretrained/{name}')")
+        refuse_remote_weights(variant, cfg)
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    if pretrained:  # a file is read by the safe loader (load_pretrained); timm is left nothing to download
+        overlay.update(custom_load=True, url='', hf_hub_id=None, hf_hub_filename=None, source=None)
     if overlay.get('file') or overlay.get('url'):
         # timm resets custom_load when a file is given; keep it, so the file is read by the safe loader
         # in MLLAClassifier.load_pretrained and never by timm's torch.load

@@ -62,3 +62,22 @@ def build_coco_dataset(cfg: Dict):
     register_all_modules()
     cfg = dict(cfg, pipeline=[], filter_cfg=None)
     return DATASETS.build(cfg)
+
+
+def png_bytes(width: int, height: int, idat: bytes, colour: int = 2, depth: int = 8) -> bytes:
+    """A PNG file with the given (possibly damaged) ``IDAT`` content; every chunk has a valid CRC."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, depth, colour, 0, 0, 0))
+            + chunk(b'IDAT', idat) + chunk(b'IEND', b''))
+
+
+def write_label(path: Path, values: np.ndarray) -> Path:
+    """A gray (8-bit) label map PNG holding ``values`` (height x width)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(values, np.uint8)).save(path)
+    return path

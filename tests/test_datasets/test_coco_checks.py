@@ -279,8 +279,9 @@ def _png_header_only(path, width, height):
     def chunk(kind, data):
         return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
 
+    rows = height * (1 + 3 * width) if width * height < 1 << 20 else 16  # all rows for a small image
     path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
-                     + chunk(b'IDAT', zlib.compress(b'\0' * 16)) + chunk(b'IEND', b''))
+                     + chunk(b'IDAT', zlib.compress(b'\0' * rows)) + chunk(b'IEND', b''))
     return path
 
 

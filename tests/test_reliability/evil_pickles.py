@@ -314,9 +314,79 @@ def corpus(marker: str) -> Dict[str, bytes]:
         Member('archive/byteorder', b'little'), Member('archive/version', b'3\n')])
     out['zip_duplicate_member'] = torch_archive(pickle_of(empty_state), extra=[
         Member('archive/data.pkl', pickle_of(call(glob('os', 'system'), s(touch(m)))))])
+    out.update(round3_corpus())
     payload = pickle_of(call(glob('os', 'system'), s(touch(m))))
     out['legacy_format'] = payload + pickle_of(empty_state)
     out['not_a_checkpoint'] = b'this is not a checkpoint\n' * 8
+    return out
+
+
+#: ints whose hash is 0 (Python hashes ints modulo this prime): keys that all collide.
+HASH_MODULUS = 2 ** 61 - 1
+
+
+def shared_halves(levels: int) -> bytes:
+    """A list holding the previous level twice, ``levels`` deep: 2**levels nodes as a tree from a few bytes.
+
+    What torch's ``Optimizer.load_state_dict`` walks (optimizer state) as a tree.
+    Level k is memo ``k``; every level stays on the stack (the top one last).
+    """
+    body = EMPTY_DICT + put(0)
+    for k in range(levels):
+        body += EMPTY_LIST + get(k) + APPEND + get(k) + APPEND + put(k + 1)
+    return body
+
+
+def colliding_ints(n: int) -> List[int]:
+    """``n`` distinct ints that all hash to 0."""
+    return [k * HASH_MODULUS for k in range(n)]
+
+
+def local_extra_archive() -> bytes:
+    """An archive whose storage member's local header claims 8 bytes of extra field the directory does not.
+
+    A reader finds the data after the local header's name and extra fields,
+    so the storage's 16 bytes would be read 8 bytes into the next member.
+    """
+    data = torch_archive(pickle_of(dict_of(w=tensor_pickle(4, (4, ), (1, )))), storages={'0': b'\x01' * 16},
+                         extra=[Member('archive/zz', b'\x02' * 16)])
+    name = b'archive/data/0'
+    at = data.index(name) - 30  # its local header (the first occurrence; the directory's comes last)
+    assert data[at:at + 4] == b'PK\x03\x04'
+    return data[:at + 28] + struct.pack('<H', 8) + data[at + 30:]
+
+
+def safetensors_bytes(entries: Dict[str, Dict[str, object]], data: bytes = b'') -> bytes:
+    """A safetensors file with the given header entries (written as is) and data."""
+    header = json.dumps(entries).encode()
+    return struct.pack('<Q', len(header)) + header + data
+
+
+def round3_corpus() -> Dict[str, bytes]:
+    """Shared and cyclic containers, hash-colliding keys, complex overflow, zip local headers, safetensors."""
+    out: Dict[str, bytes] = {}
+
+    def add(name: str, *body: bytes) -> None:
+        out[name] = torch_archive(pickle_of(*body))
+
+    add('cyclic_list', dict_of(state_dict=EMPTY_DICT, meta=EMPTY_LIST + put(0) + get(0) + APPEND))
+    add('cyclic_dict', dict_of(state_dict=EMPTY_DICT, meta=EMPTY_DICT + put(0) + s('self') + get(0) + SETITEM))
+    # the levels stay on the stack (the unpickler returns the top one): then the checkpoint, holding level 60
+    add('shared_halves', shared_halves(60), dict_of(state_dict=EMPTY_DICT, optimizer=dict_of(
+        state=EMPTY_DICT + i(0) + get(60) + SETITEM, param_groups=EMPTY_LIST)))
+    keys = colliding_ints(20_000)
+    add('hash_colliding_keys', dict_of(state_dict=EMPTY_DICT, meta=EMPTY_DICT + MARK
+                                       + b''.join(i(k) + NONE for k in keys) + SETITEMS))
+    add('hash_colliding_set', dict_of(state_dict=EMPTY_DICT, meta=call(glob('builtins', 'set'), EMPTY_LIST + MARK
+                                                                        + b''.join(i(k) for k in keys) + b'e')))
+    add('complex_overflow', dict_of(state_dict=EMPTY_DICT, meta=call(glob('builtins', 'complex'), i(2 ** 1050),
+                                                                      i(0))))
+    out['zip_local_header_extra'] = local_extra_archive()
+    for dtype in ('F4', 'F6_E2M3', 'F8_E8M0'):
+        out[f'safetensors_dtype_{dtype.lower()}'] = safetensors_bytes(
+            {'w': {'dtype': dtype, 'shape': [2], 'data_offsets': [0, 2]}}, b'\0\0')
+    out['safetensors_shape_2_63'] = safetensors_bytes({'w': {'dtype': 'F32', 'shape': [2 ** 63, 0],
+                                                             'data_offsets': [0, 0]}}, b'')
     return out
 
 
@@ -466,9 +536,17 @@ MEMORY = ('bytearray_huge', 'bytearray_py2', 'set_range', 'torch_tensor_new', 't
           'untyped_storage', 'rebuild_from_type_bytearray', 'qtensor', 'encode_chain', 'bytearray_copies',
           'set_copies', 'empty_sets', 'deep_nesting', 'storage_out_of_range', 'storage_missing',
           'storage_path_key', 'tensor_view_out_of_range', 'tensor_expanded_view', 'zip_bomb_deflate',
-          'zip_bomb_declared', 'zip_stored_size_lie', 'zip_duplicate_member')
+          'zip_bomb_declared', 'zip_stored_size_lie', 'zip_duplicate_member',
+          # round 3 (issue 26): shared/cyclic containers, hash-colliding keys, overflowing numbers
+          'cyclic_list', 'cyclic_dict', 'shared_halves', 'hash_colliding_keys', 'hash_colliding_set',
+          'complex_overflow', 'zip_local_header_extra')
 FORMAT = ('legacy_format', 'not_a_checkpoint', 'prefix_pickle_os_system', 'prefix_pickle_getattr_chain',
-          'prefix_pickle_bytearray', 'prefix_file_pickle')
+          'prefix_pickle_bytearray', 'prefix_file_pickle',
+          # round 3: safetensors with dtypes or shapes torch cannot hold
+          'safetensors_dtype_f4', 'safetensors_dtype_f6_e2m3', 'safetensors_dtype_f8_e8m0',
+          'safetensors_shape_2_63')
+#: The round-3 entries (issue 26), all refused by every loader.
+ROUND3 = MEMORY[MEMORY.index('cyclic_list'):] + FORMAT[FORMAT.index('safetensors_dtype_f4'):]
 #: Code payloads that torch's weights_only unpickler with mlla-mm's stand-ins refuses even without the scan.
 UNSCANNED = CODE + ('prefix_pickle_os_system', 'prefix_pickle_getattr_chain', 'prefix_file_pickle',
                     'legacy_format')
