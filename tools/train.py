@@ -2,7 +2,18 @@
 """Train a detector (mmdet) or segmentor (mmseg) config with an MLLA backbone.
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--skip-bad-images]
-                                 [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
+                                 [--epochs N | --iters N] [--cfg-options k=v ...]
+                                 [--launcher none|pytorch|slurm]
+
+``--epochs N`` (epoch-based configs, e.g. the detection templates) or
+``--iters N`` (iteration-based, e.g. the segmentation template) sets the
+length of the run and scales the schedule to it: the learning-rate steps,
+the end of the decay, the warm-up (at most a tenth of the run), and for
+``--iters`` the validation and checkpoint intervals
+(``mlla_mm/engine/schedules.py``). A schedule that does not fit the run is
+one ``error:`` line (mmengine could not build it) or one warning line per
+scheduler (it would be cut off) before training; the logger prints at least
+once per epoch.
 
 The config's ``default_scope`` (mmdet or mmseg) picks the registries; the rest
 is the same for both tasks. Everything the run needs is in the config (our
@@ -22,7 +33,7 @@ import sys
 
 
 def parse_args(argv=None):
-    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser
+    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser, positive_int
     parser = ToolArgumentParser(description='Train an mmdet or mmseg config (MLLA backbones).')
     parser.add_argument('config', help='config file')
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default: work_dirs/<config name>)')
@@ -35,6 +46,13 @@ def parse_args(argv=None):
     parser.add_argument('--skip-bad-images', action='store_true',
                         help='leave out missing or unreadable images (listed in a warning) instead of '
                              'stopping with an error; see docs/reliability.md, Data checks')
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument('--epochs', type=positive_int, metavar='N',
+                        help='train N epochs, with the schedule (warm-up, steps, decay) scaled to them '
+                             '(epoch-based configs)')
+    length.add_argument('--iters', type=positive_int, metavar='N',
+                        help='train N iterations, with the schedule and the validation/checkpoint intervals '
+                             'scaled to them (iteration-based configs)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -49,8 +67,18 @@ def main(argv=None) -> int:
 
 
 def train(args) -> int:
-    from mlla_mm.engine.launch import UsageError, build_runner, load_config, prepare_config
+    from mmengine.logging import print_log
+
+    from mlla_mm.engine.launch import (UsageError, build_runner, fit_schedule, load_config, prepare_config,
+                                       skip_unneeded_pretrained)
+    from mlla_mm.engine.schedules import rescale_schedule
     cfg = load_config(args.config, args.cfg_options)
+    if args.epochs or args.iters:  # the length of the run, with the schedule scaled to it
+        try:
+            for line in rescale_schedule(cfg, epochs=args.epochs, iters=args.iters):
+                print_log(line, logger='current')
+        except ValueError as err:
+            raise UsageError(f'{args.config}: {err}') from None
     if args.skip_bad_images:
         cfg.skip_bad_images = True
     prepare_config(cfg, work_dir=args.work_dir, config_path=args.config, launcher=args.launcher, amp=args.amp)
@@ -65,9 +93,13 @@ def train(args) -> int:
         from mlla_mm.checkpoint import check_file
         check_file(args.resume)  # a refused file: one line, before the runner makes its log folder
         cfg.resume, cfg.load_from = True, args.resume
+    note = skip_unneeded_pretrained(cfg)  # no "backbone RANDOMLY initialised" before load_from fills it
+    if note:
+        print_log(note, logger='current')
     runner = build_runner(cfg, config_path=args.config, launcher=args.launcher,
                           check=('train_dataloader', 'val_dataloader'),
                           whole_checkpoint=args.resume if args.resume not in (None, 'auto') else None)
+    fit_schedule(runner, shorten_warmup=bool(args.epochs))  # one line per misfit, before training
     runner.train()
     return 0
 

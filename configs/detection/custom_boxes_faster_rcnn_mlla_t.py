@@ -3,6 +3,11 @@
 # else; docs/custom_data.md walks through it.
 #
 #   python tools/train.py configs/detection/custom_boxes_faster_rcnn_mlla_t.py
+#   python tools/train.py configs/detection/custom_boxes_faster_rcnn_mlla_t.py --epochs 24
+#
+# --epochs N changes the length of the run and scales the schedule to it (steps
+# at 2/3 and 11/12 of the run, the warm-up at most a tenth of it); see
+# docs/custom_data.md, "Schedules".
 #
 # There is no published MLLA Faster R-CNN recipe. This config inherits mmdet's
 # own Faster R-CNN R-50 FPN 1x config (1333x800 training with flip, 12 epochs,

@@ -3,6 +3,7 @@
 # (class names and paths) and nothing else; docs/custom_data.md walks through it.
 #
 #   python tools/train.py configs/detection/custom_instance_mlla_t.py
+#   python tools/train.py configs/detection/custom_instance_mlla_t.py --epochs 24   # schedule scaled to 24 epochs
 #   python tools/test.py configs/detection/custom_instance_mlla_t.py \
 #       work_dirs/custom_instance_mlla_t/epoch_12.pth
 #   python tools/infer.py configs/detection/custom_instance_mlla_t.py \

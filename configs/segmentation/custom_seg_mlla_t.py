@@ -3,6 +3,10 @@
 # names and paths) and nothing else; docs/custom_data.md walks through it.
 #
 #   python tools/train.py configs/segmentation/custom_seg_mlla_t.py
+#   python tools/train.py configs/segmentation/custom_seg_mlla_t.py --iters 20000
+#
+# --iters N changes the length of the run and scales the schedule to it (warm-up,
+# poly decay, validation and checkpoint intervals); see docs/custom_data.md, "Schedules".
 #
 # Layout: one image folder and one label folder per split; every image
 # <name><img_suffix> has a label map <name><seg_map_suffix> (a single-channel

@@ -42,6 +42,7 @@ from ..utils.io import atomic_write
 from .loops import make_exact, validation_due
 from .rng import RandomStateError, check_random_state, get_random_state, set_random_state
 from .runner import ATOMIC_BACKEND, checkpoint_name
+from .workers import SignalSafeWorkerInit, guard_dataloader_workers, unwrap_worker_init
 
 #: file in the work dir naming the last position whose validation completed
 VALIDATION_MARKER = 'last_validation.json'
@@ -93,9 +94,12 @@ def _reseed_dataloader(loader: Any, seed: int) -> None:
     inner = getattr(batch_sampler, 'sampler', None)
     if inner is not None and inner is not sampler and hasattr(inner, 'seed'):
         inner.seed = seed
-    fn = getattr(loader, 'worker_init_fn', None)
+    wrapped = getattr(loader, 'worker_init_fn', None)
+    fn = unwrap_worker_init(wrapped)  # inside PreemptionHook's SignalSafeWorkerInit
     if isinstance(fn, functools.partial) and 'seed' in fn.keywords:
-        loader.worker_init_fn = functools.partial(fn.func, *fn.args, **dict(fn.keywords, seed=seed))
+        fn = functools.partial(fn.func, *fn.args, **dict(fn.keywords, seed=seed))
+        loader.worker_init_fn = (SignalSafeWorkerInit(fn, wrapped.signals) if isinstance(wrapped, SignalSafeWorkerInit)
+                                 else fn)
 
 
 
@@ -252,6 +256,13 @@ class PreemptionHook(Hook):
     and ends the tool with one line and exit code 130. In a distributed run
     all processes stop after the same iteration.
 
+    The signal may reach the whole process group (``timeout``, ``kill -TERM
+    -- -PGID``, Slurm, Ctrl-C in a terminal): the workers of the train and
+    validation dataloaders ignore SIGTERM and SIGINT
+    (:func:`~mlla_mm.engine.workers.guard_dataloader_workers`, installed in
+    ``before_run`` around each loader's ``worker_init_fn``), so they keep
+    serving the main process until it has saved.
+
     Args:
         signals: Names of the signals to handle.
     """
@@ -299,6 +310,13 @@ class PreemptionHook(Hook):
             return
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        # A signal to the process group reaches the dataloader workers too: they leave it to this process.
+        loop = runner._train_loop  # the built loop (_training checked it)
+        guard_dataloader_workers(getattr(loop, 'dataloader', None), getattr(loop, 'dataloader_iterator', None),
+                                 self.signals)
+        val_loop = getattr(runner, '_val_loop', None)
+        if isinstance(val_loop, BaseLoop):
+            guard_dataloader_workers(getattr(val_loop, 'dataloader', None), signals=self.signals)
 
     def after_train(self, runner: Runner) -> None:
         self._restore()

@@ -91,6 +91,28 @@ def prepare_config(cfg: Config, *, work_dir: Optional[str] = None, config_path: 
     return cfg
 
 
+def skip_unneeded_pretrained(cfg: Config) -> Optional[str]:
+    """A run that loads a whole model (``load_from``, ``--resume FILE``) needs no backbone pretrained file.
+
+    When ``model.backbone.init_cfg`` names a ``Pretrained`` checkpoint that
+    is not there, the backbone would say it is randomly initialised (or stop,
+    with ``if_missing='error'``) right before ``load_from`` gives it its
+    weights; its ``init_cfg`` is dropped instead. Returns the line to log, or
+    ``None`` when nothing changed.
+    """
+    load_from = cfg.get('load_from')
+    backbone = (cfg.get('model') or {}).get('backbone')
+    init = backbone.get('init_cfg') if isinstance(backbone, dict) else None
+    if not load_from or not isinstance(init, dict) or init.get('type') != 'Pretrained':
+        return None
+    path = init.get('checkpoint')
+    if not isinstance(path, str) or os.path.isfile(os.path.expanduser(path)):
+        return None
+    backbone['init_cfg'] = None
+    return (f'model.backbone.init_cfg.checkpoint {path} is not there and not needed: the weights come from '
+            f'{load_from}')
+
+
 class UsageError(Exception):
     """A problem the user can fix (bad path, bad config); shown as one line, exit code 2."""
 
@@ -256,6 +278,49 @@ def check_run_settings(cfg: Config, check: Tuple[str, ...], config_path: str) ->
         lr = (cfg.get('optim_wrapper') or {}).get('optimizer', {}).get('lr')
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0):
             raise UsageError(f'{config_path}: optim_wrapper.optimizer.lr must be a number >= 0, got {lr!r}')
+        from .schedules import schedule_errors
+        problems = schedule_errors(cfg)  # mmengine's raw ValueError when it builds the schedulers
+        if problems:
+            raise UsageError(f'{config_path}: {problems[0]}')
+
+
+def fit_schedule(runner: Runner, *, shorten_warmup: bool = False) -> None:
+    """Fit the runner's (not yet built) schedulers and logger to the run, before training; log what changed.
+
+    Builds the train loop (what ``Runner.train()`` does first) for the
+    iterations per epoch, then :func:`~mlla_mm.engine.schedules.fit_to_run`:
+    one warning line per scheduler that does not fit the run, a warm-up in
+    iterations shortened to the run when ``shorten_warmup`` (``--epochs``),
+    and a logger interval of at most the iterations per epoch.
+    """
+    from mmengine.hooks import LoggerHook
+    from mmengine.runner import BaseLoop
+
+    from .schedules import fit_to_run, run_unit
+    unit, length = run_unit(runner.cfg)
+    scheds = runner.param_schedulers
+    if unit is None or not isinstance(scheds, (list, dict)) or runner._train_loop is None:
+        return
+    if isinstance(scheds, list) and any(not isinstance(s, dict) for s in scheds):
+        return  # already built
+    loop = runner.train_loop
+    if not isinstance(loop, BaseLoop):
+        return
+    try:
+        per_epoch = len(loop.dataloader)
+    except TypeError:  # an iterable data set without a length
+        return
+    if per_epoch < 1:
+        return
+    length = getattr(loop, 'max_epochs' if unit == 'epochs' else 'max_iters', length)
+    lines = fit_to_run(scheds, loop_unit=unit, length=length, iters_per_epoch=per_epoch,
+                       shorten_warmup=shorten_warmup,
+                       logger_hooks=tuple(h for h in runner.hooks if isinstance(h, LoggerHook)))
+    for line in lines:
+        if line.startswith('warning: '):
+            runner.logger.warning(line[len('warning: '):])
+        else:
+            runner.logger.info(line)
 
 
 def check_whole_checkpoint(cfg: Config, path: str) -> None:
@@ -332,6 +397,16 @@ def build_runner(cfg: Config, *, config_path: str, launcher: str, check: Tuple[s
     return runner
 
 
+def _last_checkpoint() -> Optional[str]:
+    """The newest checkpoint of the current run (mmengine's message hub), if one was written and exists."""
+    try:
+        from mmengine.logging import MessageHub
+        path = MessageHub.get_current_instance().get_info('last_ckpt')
+    except Exception:  # noqa: BLE001 (only a hint in an error message)
+        return None
+    return str(path) if path and os.path.isfile(str(path)) else None
+
+
 def run_main(main: Callable[[], int]) -> int:
     """Run a tool's ``main()``; problems the user can fix become one ``error:`` line on stderr.
 
@@ -339,7 +414,8 @@ def run_main(main: Callable[[], int]) -> int:
 
     Exit codes: 0 done, 2 bad input (paths, config, data, checkpoint) or a
     failed write (disk full: the message names the file), 1 training stopped
-    on a non-finite loss, 128 + N training stopped on signal N after writing
+    on a non-finite loss or a dead dataloader worker (one line naming it and
+    the command that resumes), 128 + N training stopped on signal N after writing
     a resumable checkpoint (143 SIGTERM, 130 SIGINT), 130 also for Ctrl-C
     outside training or pressed twice (one ``error:`` line). A distributed
     run's process group is destroyed before returning, unless the run failed
@@ -353,8 +429,18 @@ def run_main(main: Callable[[], int]) -> int:
         return 2
     from ..checkpoint import CheckpointError
     from .hooks import NonFiniteLossError, TrainingAborted, TrainingInterrupted
+    from .workers import WorkerDied, worker_death_message
     try:
-        return main()
+        try:
+            return main()
+        except Exception as err:  # noqa: BLE001 (a dead worker's error surfaces inside whatever ran)
+            death = worker_death_message(err, _last_checkpoint())
+            if death is None:
+                raise
+            raise WorkerDied(death) from None
+    except WorkerDied as err:  # a dataloader worker died (SIGKILL, out of memory): which one, how to resume
+        print(f'error: {err}', file=sys.stderr)
+        return 1
     except DataNotFoundError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

@@ -190,7 +190,8 @@ def init_cpu_distributed(launcher: str) -> None:
     if launcher == 'none' or torch.cuda.is_available() or (dist.is_available() and dist.is_initialized()):
         return
     os.environ.update(distributed_env(launcher, dict(os.environ)))
-    dist.init_process_group(backend='gloo')
+    from .rendezvous import init_gloo_group
+    init_gloo_group(launcher)  # waits at most MLLA_MM_RENDEZVOUS_TIMEOUT s for every process, then one line
     print_log(f'No CUDA: torch.distributed started with gloo (rank {dist.get_rank()} of {dist.get_world_size()}).',
               logger='current')
 

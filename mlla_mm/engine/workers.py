@@ -1,0 +1,202 @@
+"""Dataloader worker processes and signals: preemption of a whole process group, a worker that died.
+
+``timeout``, ``kill -TERM -- -PGID``, Slurm at the end of a job and Ctrl-C in
+a terminal signal every process of the job, the dataloader workers included.
+A worker that dies of it makes the main process fail (torch raises
+``DataLoader worker ... killed by signal``) before the
+:class:`~mlla_mm.engine.hooks.PreemptionHook` can write its checkpoint.
+:class:`SignalSafeWorkerInit` wraps a dataloader's ``worker_init_fn`` (the
+user's, or mmengine's seeding) so that its workers ignore SIGTERM and SIGINT:
+the main process finishes the iteration, saves and exits with 143 / 130, and
+the workers end when the main process shuts them down (or, should it die,
+when torch's watchdog sees their parent gone, within 5 s).
+:func:`guard_dataloader_workers` installs it on a built dataloader, restarting
+worker processes that were already started without it (mmengine's
+iteration-based loop starts them when it is built; persistent workers).
+
+:func:`worker_death_message` turns the chain of exceptions a worker killed
+by something else (SIGKILL, the out-of-memory killer) leaves into one line
+naming the worker and the command that resumes.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import sys
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from .rng import preserved_random_state
+
+#: Signals the workers ignore: the main process handles them (PreemptionHook).
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class SignalSafeWorkerInit:
+    """A DataLoader ``worker_init_fn``: SIGTERM and SIGINT ignored in the worker, then the wrapped function.
+
+    Picklable (a module-level class), so it also works with the ``spawn``
+    start method. ``inner`` (may be ``None``) is called with the worker id as
+    before, so mmengine's worker seeding and a user's function keep working.
+    """
+
+    def __init__(self, inner: Optional[Callable[[int], Any]] = None,
+                 signals: Sequence[int] = WORKER_IGNORED_SIGNALS) -> None:
+        self.inner = inner
+        self.signals = tuple(int(s) for s in signals)
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+    def __repr__(self) -> str:
+        return f'SignalSafeWorkerInit({self.inner!r})'
+
+
+def unwrap_worker_init(fn: Any) -> Any:
+    """The worker_init_fn inside :class:`SignalSafeWorkerInit` (``fn`` itself when not wrapped)."""
+    return fn.inner if isinstance(fn, SignalSafeWorkerInit) else fn
+
+
+def _live_iterators(loader: Any, owner: Any) -> Iterator[Any]:
+    persistent = getattr(loader, '_iterator', None)
+    if persistent is not None:
+        yield persistent
+    inner = getattr(owner, '_iterator', None) if owner is not None else None
+    if inner is not None and inner is not persistent and getattr(inner, '_workers', None):
+        yield inner
+
+
+def guard_dataloader_workers(loader: Any, infinite_iterator: Any = None,
+                             signals: Sequence[int] = WORKER_IGNORED_SIGNALS) -> bool:
+    """Make the workers of ``loader`` ignore ``signals`` (SIGTERM, SIGINT) (:class:`SignalSafeWorkerInit`).
+
+    Workers are started by ``iter(loader)``; the wrapper applies to workers
+    started afterwards. Workers already running (a persistent iterator of
+    ``loader``, or ``infinite_iterator``: mmengine's
+    ``_InfiniteDataloaderIterator``, which starts them when the
+    iteration-based loop is built) are shut down and started again with it;
+    the batches come in the same order (sampler and worker seeding are
+    seeded), and the main process' random state is left as it was.
+
+    Returns:
+        Whether ``loader`` uses worker processes (and is now guarded).
+    """
+    if not int(getattr(loader, 'num_workers', 0) or 0) > 0 or not hasattr(loader, 'worker_init_fn'):
+        return False
+    if isinstance(loader.worker_init_fn, SignalSafeWorkerInit):
+        return True
+    loader.worker_init_fn = SignalSafeWorkerInit(loader.worker_init_fn, signals)
+    started = list(_live_iterators(loader, infinite_iterator))
+    if not started:
+        return True
+    for it in started:
+        shutdown = getattr(it, '_shutdown_workers', None)
+        if callable(shutdown):
+            shutdown()
+    if getattr(loader, '_iterator', None) is not None:
+        loader._iterator = None  # a persistent iterator: the next iter() starts new workers
+    if infinite_iterator is not None and getattr(infinite_iterator, '_iterator', None) is not None:
+        with preserved_random_state():  # iter() draws the workers' base seed from torch's generator
+            infinite_iterator._iterator = iter(loader)
+    return True
+
+
+# --------------------------------------------------------------------------
+# A worker that died.
+# --------------------------------------------------------------------------
+class WorkerDied(RuntimeError):
+    """A dataloader worker died; the message is :func:`worker_death_message`'s line."""
+
+
+_WORKER_DIED = re.compile(r'DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)\s*(.*)', re.S)
+_KILLED_BY = re.compile(r'killed by signal: ([^.]+)')
+_EXIT_CODE = re.compile(r'exit code (-?\d+)')
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+
+
+def _signal_name(text: str) -> str:
+    """``SIGKILL (Killed)`` for torch's ``strsignal`` text ``Killed``."""
+    text = text.strip()
+    for sig in signal.Signals:
+        try:
+            if signal.strsignal(sig) == text:
+                return f'{sig.name} ({text})'
+        except ValueError:
+            continue
+    return text
+
+
+def resume_command(argv: Optional[list] = None) -> str:
+    """The command line that continues the run of ``argv`` (default ``sys.argv``) with ``--resume``.
+
+    A ``--resume CKPT`` already there becomes ``--resume`` alone (the newest
+    checkpoint of the work dir); for a tool other than ``tools/train.py`` it
+    is the same command again.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return 'the same command again'
+    tool, args = argv[0], argv[1:]
+    if os.path.basename(tool) == 'train.py':
+        kept, skip = [], False
+        for i, arg in enumerate(args):
+            if skip:
+                skip = False
+                continue
+            if arg == '--resume':
+                nxt = args[i + 1] if i + 1 < len(args) else ''
+                skip = bool(nxt) and not nxt.startswith('-')  # argparse's nargs='?': its CKPT
+                continue
+            if arg.startswith('--resume='):
+                continue
+            kept.append(arg)
+        args = kept + ['--resume']
+    return shlex.join(['python', tool, *args])
+
+
+def worker_death_message(err: BaseException, last_checkpoint: Optional[str] = None,
+                         argv: Optional[list] = None) -> Optional[str]:
+    """One line for an exception chain that a dead dataloader worker caused, or ``None``.
+
+    torch raises ``DataLoader worker (pid N) is killed by signal: Killed``
+    from its SIGCHLD handler wherever the main process is (inside a
+    checkpoint write or mmengine's config formatting, which then raise their
+    own errors on top of it); the line names the worker, the signal (or exit
+    code) and the command that resumes from ``last_checkpoint``.
+    """
+    found = []
+    for e in _chain(err):
+        m = _WORKER_DIED.search(str(e))
+        if m:
+            found.append(m)
+    if not found:
+        return None
+    # torch's own "killed by signal" / "exit code" message is more precise than the loader's "exited unexpectedly"
+    best = next((m for m in found if _KILLED_BY.search(m.group(2)) or _EXIT_CODE.search(m.group(2))), found[0])
+    pids = ', '.join(p.strip() for p in best.group(1).split(',') if p.strip())
+    killed, code = _KILLED_BY.search(best.group(2)), _EXIT_CODE.search(best.group(2))
+    how = (f'was killed by signal {_signal_name(killed.group(1))}' if killed
+           else f'exited with code {code.group(1)}' if code else 'exited unexpectedly')
+    plural = 's' if ',' in pids else ''
+    where = (f'the last checkpoint is {last_checkpoint}' if last_checkpoint
+             else 'no checkpoint of this run was written yet, so it starts again from the beginning')
+    return (f'dataloader worker{plural} (pid{plural} {pids}) {how}; the run stopped ({where}); '
+            f'continue with: {resume_command(argv)}')
+
+
+__all__ = ['SignalSafeWorkerInit', 'WorkerDied', 'WORKER_IGNORED_SIGNALS', 'guard_dataloader_workers',
+           'unwrap_worker_init', 'worker_death_message', 'resume_command']
