@@ -5,10 +5,12 @@ that reads like the paper). This module computes the same numbers for a
 stage's blocks with fewer and smaller temporaries; nothing here is needed to
 understand, train or export the model.
 
-When it runs is decided by one rule, :func:`use_fast_inference`, called in
-``MLLAStage.forward`` (and ``Stem``/``Downsample``): the stage is in eval mode, no autograd
-graph is recorded, and nothing is being traced, exported or compiled.
-Otherwise the plain code of ``mlla.py`` runs.
+When it runs: the model's switch is on (decided once when the model is
+built, ``MLLA_MM_FAST_INFERENCE=0|1``, ``model.set_fast_inference(...)``:
+:mod:`mlla_mm.models.ops`) and, asked by ``MLLAStage.forward`` (and
+``Stem``/``Downsample``) on each call (:func:`~mlla_mm.models.ops.use_fast_inference`),
+the module is in eval mode, no autograd graph is recorded, and nothing is
+being traced, exported or compiled. Otherwise the plain code of ``mlla.py`` runs.
 
 Under autocast (``torch.autocast('cpu', dtype=torch.bfloat16)``, or
 mmengine's ``--amp`` test loop) it runs in the autocast dtype with autocast
@@ -38,12 +40,14 @@ What it does differently (measured in docs/benchmarks.md):
   hidden activations would exceed ``BAND_BYTES``), so they stay small;
 * every block, and the stem and downsample layers (``Stem.forward`` and
   ``Downsample.forward`` ask the same rule), run in bands of rows
-  (:func:`conv_rows` reads one halo row per 3x3 convolution): apart from the
-  stage's output and one map for the attention input, no temporary is a
-  full map. At high resolution those would be above glibc's mmap threshold
-  (32 MiB at most) and, with the default malloc, be fresh ``mmap`` pages
-  faulted in on every op (1.83M minor faults per 2048x2048 forward before,
-  0.21M after).
+  (:func:`conv_rows` reads one halo row per 3x3 convolution) where a
+  full-map temporary would reach glibc's largest mmap threshold
+  (:data:`WHOLE_MAP_BYTES`, 32 MiB): apart from the stage's output and one
+  map for the attention input, no temporary is then a full map. Such maps
+  would, with the default malloc, be fresh ``mmap`` pages faulted in on
+  every op (1.83M minor faults per 2048x2048 forward before, 0.21M after).
+  The band size depends on the input's size only (:func:`band_rows`), not
+  on how malloc is set up.
 
 It only reads the modules' parameters (duck-typed on the published
 attribute names), so it holds no state of its own.
@@ -51,49 +55,47 @@ attribute names), so it holds no state of its own.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..utils.malloc import malloc_state
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-if TYPE_CHECKING:  # pragma: no cover - type hints only (mlla.py imports this module)
-    from .mlla import Downsample, LinearAttention, MLLABlock, MLLAStage, Mlp, Stem
+from .ops import as_channels_last, is_tracing, pad_to_multiple, use_fast_inference
 
 MLP_CHUNK = 4096  # tokens per MLP chunk
 BAND_BYTES = 4 << 20  # the widest per-row temporary of a band of rows takes at most this much
-UNBANDED = 1 << 40  # a budget no map reaches: whole maps, MLP chunks of MLP_CHUNK tokens
+WHOLE_MAP_BYTES = 32 << 20  # a full-map temporary below this is not banded (glibc's largest mmap threshold)
 
 
-def band_budget() -> int:
-    """Bytes per band-wide temporary: :data:`BAND_BYTES`, or :data:`UNBANDED` when malloc is tuned.
+def band_rows(height: int, row_bytes: int, budget: Optional[int] = None) -> int:
+    """Rows per band of a map ``height`` rows high whose widest temporary takes ``row_bytes`` per row.
 
-    Bands exist so that large temporaries are not fresh ``mmap`` pages with
-    glibc's default malloc. With :func:`mlla_mm.utils.tune_cpu_malloc` (all
-    our tools) big blocks are reused from the heap anyway, and whole maps are
-    faster (800x1280, 2 threads: bands cost 6.5%, docs/benchmarks.md).
+    The whole map (``height``) while that temporary, ``height * row_bytes``,
+    stays below :data:`WHOLE_MAP_BYTES`: glibc's default malloc reuses such
+    blocks from its heap (its mmap threshold rises up to 32 MiB), and whole
+    maps are faster than bands (800x1280, 2 threads: bands cost 6.5%,
+    docs/benchmarks.md). Larger maps, which the default malloc would map
+    afresh for every op, run in bands of the most rows whose temporaries fit
+    ``budget`` (default :data:`BAND_BYTES`): at least 2 (the in-place 3x3
+    convolutions read one row beyond their band), at most ``height``. Decided
+    from the sizes only, so the memory behaviour is the same whether or not a
+    tool tuned malloc.
     """
-    return UNBANDED if malloc_state() == 'tuned' else BAND_BYTES
+    if height * row_bytes < WHOLE_MAP_BYTES:
+        return height
+    budget = BAND_BYTES if budget is None else budget
+    return max(2, min(height, budget // max(row_bytes, 1)))
 
 
-def is_tracing() -> bool:
-    """True under ``torch.jit.trace``, ONNX export, ``torch.compile``, ``torch.export`` or ``torch.fx`` tracing."""
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-                or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
-
-
-def use_fast_inference(module: nn.Module, x: torch.Tensor) -> bool:
-    """The one rule: may ``module`` run on ``x`` with this module's in-place code?
-
-    True when ``module`` and all its submodules are in eval mode (no dropout,
-    drop-path or batch statistics), no autograd graph is recorded, and
-    nothing is being traced, exported or compiled (those record the plain,
-    real-valued code). Autocast is allowed: see :func:`compute_dtype`.
-    """
-    return (not torch.is_grad_enabled() and not is_tracing()
-            and not any(m.training for m in module.modules()))
+def mlp_chunk(tokens: int, hidden_bytes: int) -> int:
+    """Tokens per MLP chunk: :data:`MLP_CHUNK`, fewer where their hidden activations (``hidden_bytes`` a token)
+    would reach :data:`WHOLE_MAP_BYTES`, then wider than :data:`BAND_BYTES` (at least 256)."""
+    if min(tokens, MLP_CHUNK) * hidden_bytes < WHOLE_MAP_BYTES:
+        return MLP_CHUNK
+    return max(256, min(MLP_CHUNK, BAND_BYTES // max(hidden_bytes, 1)))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -191,15 +193,6 @@ def relu_(x: torch.Tensor) -> torch.Tensor:
     return x.relu_()
 
 
-def band_rows(height: int, row_bytes: int, budget: Optional[int] = None) -> int:
-    """Rows per band: the most whose ``row_bytes`` each fit ``budget`` (default :data:`BAND_BYTES`).
-
-    At least 2 (the in-place 3x3 convolutions read one row beyond their band), at most ``height``.
-    """
-    budget = band_budget() if budget is None else budget
-    return max(2, min(height, budget // max(row_bytes, 1)))
-
-
 def row_bands(height: int, rows: int) -> List[Tuple[int, int]]:
     """``[(r0, r1), ...]`` covering ``range(height)`` in steps of ``rows``."""
     return [(r, min(r + rows, height)) for r in range(0, height, rows)]
@@ -261,27 +254,23 @@ class FoldedLayer(NamedTuple):
 def fold_batch_norm(layer: nn.Module, dtype: torch.dtype):
     """``layer`` (a ``ConvLayer``) with its eval BatchNorm folded into the convolution's weights, in ``dtype``.
 
-    ``bn(conv(x)) = conv'(x)`` with ``w' = w * s`` and ``b' = (b - mean) * s + beta`` per output channel,
-    ``s = gamma / sqrt(var + eps)`` (computed in float32 at least, then cast). Saves the BatchNorm's pass
-    over the stem's and the downsample layers' wide maps (ONNX Runtime folds it the same way). A layer
-    without BatchNorm, or whose BatchNorm has no running statistics, is returned as it is.
+    ``bn(conv(x)) = conv'(x)``: torch's :func:`~torch.nn.utils.fusion.fuse_conv_bn_weights`, computed in
+    float32 at least, then cast. Saves the BatchNorm's pass over the stem's and the downsample layers' wide
+    maps (ONNX Runtime folds it the same way). A layer without BatchNorm, or whose BatchNorm has no running
+    statistics, is returned as it is.
     """
     bn, conv = layer.norm, layer.conv
     if bn is None or bn.running_mean is None or bn.running_var is None:
         return layer
     work = torch.promote_types(conv.weight.dtype, torch.float32)
-    scale = bn.running_var.to(work).add(bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(work)
-    bias = -bn.running_mean.to(work)
-    if conv.bias is not None:
-        bias = bias + conv.bias.to(work)
-    bias = bias * scale
-    if bn.bias is not None:
-        bias = bias + bn.bias.to(work)
-    weight = conv.weight.to(work) * scale.view(-1, 1, 1, 1)
-    folded = FoldedConv(weight.to(dtype), bias.to(dtype), conv.kernel_size, conv.stride, conv.padding,
-                        conv.dilation, conv.groups)
+
+    def w(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.detach().to(work)
+
+    weight, bias = fuse_conv_bn_weights(w(conv.weight), w(conv.bias), w(bn.running_mean), w(bn.running_var),
+                                        bn.eps, w(bn.weight), w(bn.bias))
+    folded = FoldedConv(weight.detach().to(dtype), bias.detach().to(dtype), conv.kernel_size, conv.stride,
+                        conv.padding, conv.dilation, conv.groups)
     return FoldedLayer(folded, None, layer.act)
 
 
@@ -327,7 +316,7 @@ class BlockWeights(NamedTuple):
     bk: torch.Tensor
 
 
-def block_weights(blk: 'MLLABlock', dtype: torch.dtype) -> BlockWeights:
+def block_weights(blk: nn.Module, dtype: torch.dtype) -> BlockWeights:
     """The :class:`BlockWeights` of ``blk`` in ``dtype`` (no copies when the block already is)."""
     c = blk.dim
     wq, wk = cast(blk.attn.qk.weight, dtype).split(c)
@@ -338,7 +327,7 @@ def block_weights(blk: 'MLLABlock', dtype: torch.dtype) -> BlockWeights:
 
 
 @without_autocast
-def forward_blocks(stage: 'MLLAStage', x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
+def forward_blocks(stage: nn.Module, x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
     """``stage``'s blocks on ``x`` (B, H, W, C); the downsample is not run. ``x`` is not modified.
 
     ``rows``: rows per band (default: :func:`band_rows` of the widest per-row temporary).
@@ -358,7 +347,7 @@ def forward_blocks(stage: 'MLLAStage', x: torch.Tensor, rows: Optional[int] = No
 
 
 @without_autocast
-def block_forward(blk: 'MLLABlock', x: torch.Tensor, rope: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
+def block_forward(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
     """``MLLABlock.forward`` on ``x`` (B, H, W, C) into a new tensor; ``rope`` is the complex ``(H, W, C/2)`` table."""
     b, h, w, c = x.shape
     out = torch.empty(b, h, w, c, dtype=x.dtype, device=x.device)
@@ -368,7 +357,7 @@ def block_forward(blk: 'MLLABlock', x: torch.Tensor, rope: torch.Tensor, rows: O
     return out
 
 
-def block_forward_into(blk: 'MLLABlock', x: torch.Tensor, out: torch.Tensor, rope: torch.Tensor,
+def block_forward_into(blk: nn.Module, x: torch.Tensor, out: torch.Tensor, rope: torch.Tensor,
                        work: torch.Tensor, rows: Optional[int] = None) -> None:
     """One block on one image ``x`` (1, H, W, C) into ``out`` (may be ``x``), band by band of rows.
 
@@ -445,14 +434,13 @@ def block_forward_into(blk: 'MLLABlock', x: torch.Tensor, out: torch.Tensor, rop
 
 
 @without_autocast
-def stem_forward(stem: 'Stem', x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
+def stem_forward(stem: nn.Module, x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
     """``Stem.forward`` band by band of rows: (B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C).
 
     ``conv1`` fills one half-resolution map, ``x + conv2(x)`` is written back
     into it band by band (``conv2``'s first layer recomputed on the two rows
     at each band edge), then ``conv3`` runs band by band into the output.
     """
-    from .mlla import as_channels_last, pad_to_multiple
     img = as_channels_last(pad_to_multiple(x, 4)).permute(0, 2, 3, 1)  # (B, H, W, 3) view
     b, h, w, _ = img.shape
     conv1, conv2a, conv2b, conv3a, conv3b = (fold_batch_norm(layer, x.dtype)
@@ -461,7 +449,7 @@ def stem_forward(stem: 'Stem', x: torch.Tensor, rows: Optional[int] = None) -> t
     half = torch.empty(b, h2, w2, conv2b.conv.out_channels, dtype=x.dtype, device=x.device)
     out = torch.empty(b, h4, w4, conv3b.conv.out_channels, dtype=x.dtype, device=x.device)
     item = x.element_size()
-    rows2 = rows or band_rows(h2, w2 * conv2b.conv.out_channels * item, 2 * band_budget())
+    rows2 = rows or band_rows(h2, w2 * conv2b.conv.out_channels * item, 2 * BAND_BYTES)
     for r0, r1 in row_bands(h2, rows2):
         half[:, r0:r1] = layer_rows(conv1, img, r0, r1)
 
@@ -478,20 +466,19 @@ def stem_forward(stem: 'Stem', x: torch.Tensor, rows: Optional[int] = None) -> t
 
 
 @without_autocast
-def downsample_forward(down: 'Downsample', x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
+def downsample_forward(down: nn.Module, x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
     """``Downsample.forward`` band by band of output rows: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C).
 
     The wide hidden maps of the inverted bottleneck exist one band at a time;
     the input rows two bands share are expanded once.
     """
-    from .mlla import pad_to_multiple
     if x.shape[1] % 2 or x.shape[2] % 2:
         x = pad_to_multiple(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
     expand, dw, project = (fold_batch_norm(layer, x.dtype) for layer in down.conv)
     b, h, w, _ = x.shape
     ho, wo = h // 2, w // 2
     out = torch.empty(b, ho, wo, project.conv.out_channels, dtype=x.dtype, device=x.device)
-    rows = rows or max(1, band_rows(h, w * expand.conv.out_channels * x.element_size(), 2 * band_budget()) // 2)
+    rows = rows or max(1, band_rows(h, w * expand.conv.out_channels * x.element_size(), 2 * BAND_BYTES) // 2)
     carry, carry_start = None, 0
     for o0, o1 in row_bands(ho, rows):
         s0, s1 = input_rows(dw.conv, h, o0, o1)
@@ -505,15 +492,14 @@ def downsample_forward(down: 'Downsample', x: torch.Tensor, rows: Optional[int] 
     return out
 
 
-def mlp_residual_(mlp: 'Mlp', norm: nn.Module, x: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+def mlp_residual_(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
     """``x += mlp(norm(x))`` in place, ``chunk`` tokens at a time (no dropout: eval only).
 
-    ``chunk`` defaults to :data:`MLP_CHUNK` tokens, fewer where the hidden
-    activations of that many would be wider than :data:`BAND_BYTES`.
+    ``chunk`` defaults to :func:`mlp_chunk` of the tokens and the width of the hidden activations.
     """
     x2 = x.view(-1, x.shape[-1])
     if chunk is None:
-        chunk = max(256, min(MLP_CHUNK, band_budget() // (mlp.fc1.out_features * x.element_size())))
+        chunk = mlp_chunk(x2.shape[0], mlp.fc1.out_features * x.element_size())
     w1, b1 = cast(mlp.fc1.weight, x.dtype), cast(mlp.fc1.bias, x.dtype)
     w2, b2 = cast(mlp.fc2.weight, x.dtype).t(), cast(mlp.fc2.bias, x.dtype)
     for i in range(0, x2.shape[0], chunk):

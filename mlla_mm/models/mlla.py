@@ -21,7 +21,9 @@ Where things live:
 * :mod:`mlla_mm.models.fast_inference`: the same numbers for inference, in
   place, chunked and fused, in bands of rows. ``MLLAStage.forward`` (and
   ``Stem`` and ``Downsample``) choose it by the one rule
-  ``use_fast_inference(module, x)`` (eval mode, no gradients, not tracing;
+  ``use_fast_inference(module, x)`` (the model's switch, set when it is
+  built from ``MLLA_MM_FAST_INFERENCE`` and changed by
+  ``model.set_fast_inference()``; eval mode, no gradients, not tracing;
   under autocast it runs in the autocast dtype, bf16 on the CPU).
 * :mod:`mlla_mm.models.mlla_reference`: a slow, independent implementation
   from the spec that the tests check both against.
@@ -58,7 +60,8 @@ from timm.models._features import feature_take_indices
 from ..checkpoint import CheckpointError, compare_state_dicts, find_state_dict, load_backbone_weights, load_file
 from ..registry import register_everywhere
 from . import fast_inference
-from .fast_inference import is_tracing, use_fast_inference
+from .ops import (as_channels_last, attention_dtype, dwconv_bhwc, fast_inference_default, is_tracing,
+                  pad_to_multiple, set_fast_inference, use_fast_inference)
 
 ARCH_SETTINGS: Dict[str, Dict[str, Tuple[int, ...]]] = {
     'tiny': dict(embed_dims=64, depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16)),
@@ -132,30 +135,6 @@ class LayerNorm(nn.LayerNorm):
         return y if autocast else y.to(x.dtype)
 
 
-def dwconv_bhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply a convolution to a ``(B, H, W, C)`` tensor (a channels-last NCHW view), same layout out."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-def as_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """An NCHW tensor in channels-last memory (no copy when it already is)."""
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad an NCHW map on the right and bottom to multiples of ``multiple``."""
-    pad_h = (-x.shape[2]) % multiple
-    pad_w = (-x.shape[3]) % multiple
-    if is_tracing() or pad_h or pad_w:  # traced sizes: always pad (by zero or more)
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-    return x
-
-
-def attention_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the attention maths runs in: float32, or float64 for a float64 model."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 # --------------------------------------------------------------------------
 # Stem, downsample and MLP.
 # --------------------------------------------------------------------------
@@ -173,6 +152,7 @@ class Stem(nn.Module):
         self.conv3 = nn.Sequential(
             ConvLayer(half, embed_dims * 4, 3, 2, 1, bias=False),
             ConvLayer(embed_dims * 4, embed_dims, 1, bias=False, act=False))
+        self.fast_inference = fast_inference_default()  # the switch (ops.py); the rule: use_fast_inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C)."""
@@ -194,6 +174,7 @@ class Downsample(nn.Module):
             ConvLayer(dim, hidden, 1, norm=False),
             ConvLayer(hidden, hidden, 3, 2, 1, groups=hidden, norm=False, float32_under_autocast=True),
             ConvLayer(hidden, out_dim, 1, act=False))
+        self.fast_inference = fast_inference_default()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
@@ -458,6 +439,7 @@ class MLLAStage(nn.Module):
             MLLABlock(dim, num_heads, mlp_ratio, drop, drop_path[i]) for i in range(depth))
         self.downsample = Downsample(dim, dim * 2) if downsample else None
         self.grad_checkpointing = False
+        self.fast_inference = fast_inference_default()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C) through the blocks."""
@@ -610,6 +592,10 @@ class MLLA(BaseModule):
         self._with_cp = bool(enable)
         for stage in self.layers:
             stage.grad_checkpointing = self._with_cp
+
+    def set_fast_inference(self, enable: bool = True) -> 'MLLA':
+        """Switch the fast inference path on or off for this model (default: ``MLLA_MM_FAST_INFERENCE``)."""
+        return set_fast_inference(self, enable)
 
     @property
     def feature_info(self) -> List[Dict[str, Union[int, str]]]:
@@ -844,6 +830,11 @@ class MLLAClassifier(nn.Module):
         self.grad_checkpointing = enable
         for stage in self.layers:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_fast_inference(self, enable: bool = True) -> 'MLLAClassifier':
+        """Switch the fast inference path on or off for this model (default: ``MLLA_MM_FAST_INFERENCE``)."""
+        return set_fast_inference(self, enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

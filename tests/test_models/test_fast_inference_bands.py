@@ -74,19 +74,24 @@ def test_banded_backbone_matches_reference(monkeypatch):
     x = torch.randn(2, 3, 45, 38)
     with torch.no_grad():
         want = ref(x)
-        monkeypatch.setattr(fast_inference, 'band_budget', lambda: 1)  # 2 rows per band everywhere
+        monkeypatch.setattr(fast_inference, 'WHOLE_MAP_BYTES', 0)  # bands everywhere,
+        monkeypatch.setattr(fast_inference, 'BAND_BYTES', 1)  # of 2 rows
         got = model(x)
     for a, b in zip(got, want):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_bands_only_without_the_malloc_setting(monkeypatch):
-    """With tune_cpu_malloc() whole maps (bands cost time there), with glibc's defaults BAND_BYTES."""
-    monkeypatch.setattr(fast_inference, 'malloc_state', lambda: 'tuned')
-    assert fast_inference.band_budget() == fast_inference.UNBANDED
-    assert fast_inference.band_rows(4000, 1 << 20) == 4000
-    for state in ('untouched', 'default'):
-        monkeypatch.setattr(fast_inference, 'malloc_state', lambda state=state: state)
-        assert fast_inference.band_budget() == fast_inference.BAND_BYTES
-        assert fast_inference.band_rows(4000, 1 << 20) == fast_inference.BAND_BYTES >> 20
+@pytest.mark.parametrize('malloc', ['tuned', 'default', None])
+def test_band_size_depends_on_the_map_only(malloc, monkeypatch):
+    """Whole maps below WHOLE_MAP_BYTES, bands of BAND_BYTES above: the same whether or not malloc was tuned."""
+    from mlla_mm.utils import malloc as malloc_module
+    monkeypatch.setattr(malloc_module, '_state', malloc)
+    assert fast_inference.band_rows(200, 320 * 64 * 4) == 200  # MLLA-T stage 0 at 800x1280: 16 MB
+    band_mib = fast_inference.BAND_BYTES >> 20
+    assert fast_inference.band_rows(4000, 1 << 20) == band_mib  # a 4 GB map: rows of 1 MiB
+    assert fast_inference.band_rows(4000, 1 << 20, 2 * fast_inference.BAND_BYTES) == 2 * band_mib
+    assert fast_inference.band_rows(4000, 1 << 30) == 2  # never fewer than 2 rows
+    assert fast_inference.mlp_chunk(1000, 2048 * 4) == fast_inference.MLP_CHUNK  # 8 MB of hidden activations
+    assert fast_inference.mlp_chunk(10 ** 6, 2048 * 4) == 512  # 4 MiB chunks where 4096 tokens take 32 MiB
+

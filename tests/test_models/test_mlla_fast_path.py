@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 import mlla_mm.models.mlla as mlla_module
 from mlla_mm.models import MLLA
 from mlla_mm.models import fast_inference
-from mlla_mm.models.fast_inference import use_fast_inference
+from mlla_mm.models.ops import use_fast_inference
 from mlla_mm.models.mlla_reference import MLLAReference, RefMLLABlock
 
 # Outputs of a block are O(1); fp32 rounding differs between the paths.
@@ -186,6 +186,9 @@ def test_the_rule_for_the_inference_path(monkeypatch):
                 m.setattr(name, lambda: True)
                 assert not use_fast_inference(stage, x), name
         assert use_fast_inference(stage, x)
+        stage.fast_inference = False  # the model's switch (test_fast_inference_switch.py)
+        assert not use_fast_inference(stage, x)
+        stage.fast_inference = True
     assert not use_fast_inference(stage, x)  # gradients recorded
 
 
@@ -353,9 +356,10 @@ def test_fast_path_under_bf16_autocast(monkeypatch):
             fast = model(x)
             assert torch.is_autocast_enabled('cpu')  # switched back on after the fast path
         assert sorted(set(taken)) == ['downsample_forward', 'forward_blocks', 'stem_forward']
-        monkeypatch.setattr(mlla_module, 'use_fast_inference', lambda *a: False)
+        model.set_fast_inference(False)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             plain = model(x)
+        model.set_fast_inference(True)
     assert mode.linear and all(set(d) == {torch.bfloat16} for d in mode.linear), set(mode.linear)
     assert mode.products and all(d == (torch.float32, torch.float32) for d in mode.products), set(mode.products)
     for f, p, r in zip(fast, plain, ref):
