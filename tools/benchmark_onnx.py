@@ -38,6 +38,7 @@ import torch
 MODELS = ['mlla_t', 'swin_t', 'upernet_mlla_t']
 LEVELS = ['disable', 'basic', 'extended', 'all']
 GOAL_ORT_OVER_TORCH = 0.9
+GOAL_INT8_OVER_TORCH = 0.6  # INT8 ONNX Runtime against PyTorch eager fp32 (MLLA-T backbone)
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -74,6 +75,19 @@ def build(name: str, size: Tuple[int, int], quick: bool = False):
     raise ValueError(name)
 
 
+def int8_bytes(data: bytes, size: Tuple[int, int], calib_dir: Optional[str] = None) -> bytes:
+    """The INT8 model of ``data`` (mlla_mm/deploy/quantize.py), calibrated on ``calib_dir`` or 2 random images."""
+    import numpy as np
+
+    from mlla_mm.deploy.quantize import folder_calibration, quantize_int8
+    if calib_dir:
+        feeds = folder_calibration(calib_dir, 8, size)
+    else:
+        gen = np.random.default_rng(0)
+        feeds = [{'img': gen.standard_normal((1, 3, *size), dtype=np.float32)} for _ in range(2)]
+    return quantize_int8(data, feeds, log=lambda msg: print(f'# {msg}', flush=True))
+
+
 def bf16_warning(cpu: dict) -> Optional[str]:
     """The one-line warning printed before a bf16 measurement on a CPU without AMX / AVX512-BF16, else None."""
     if cpu['native_bf16']:
@@ -102,6 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--malloc', choices=['tuned', 'default'],
                    help="glibc malloc as the tools set it ('tuned', mlla_mm/utils/malloc.py) or left alone "
                         "('default'); the same for both runtimes (default: MLLA_MM_MALLOC, else tuned)")
+    p.add_argument('--int8', action='store_true',
+                   help='also time INT8 ONNX Runtime (static QDQ quantization, mlla_mm/deploy/quantize.py) of each '
+                        'MLLA model, as <model>:int8-<level>; calibrated on --calib-dir or on random images '
+                        '(the timing does not depend on the calibration values)')
+    p.add_argument('--calib-dir', help='--int8: calibration images (default: 2 random images at the model size)')
     p.add_argument('--quick', action='store_true', help='small sizes, one repeat (for tests)')
     return p.parse_args(argv)
 
@@ -116,6 +135,11 @@ def main(argv=None) -> int:
     try:
         check_output(args.json, '--json')  # before minutes of exporting and timing
         require('onnx', 'onnxruntime')
+        if args.calib_dir:
+            if not args.int8:
+                raise UsageError('--calib-dir needs --int8')
+            from mlla_mm.deploy.quantize import folder_images
+            folder_images(args.calib_dir, 1)
     except UsageError as err:
         print(f'error: {one_line(err)}', file=sys.stderr)
         return 2
@@ -167,6 +191,10 @@ def main(argv=None) -> int:
         for form, other in others.items():
             sessions[f'{form}-{levels[0]}'] = make_session(other, threads=args.threads, level=levels[0],
                                                           spinning=False)
+        int8 = None
+        if args.int8 and name != 'swin_t':
+            int8 = int8_bytes(data, size, args.calib_dir)
+            sessions[f'int8-{levels[0]}'] = make_session(int8, threads=args.threads, level=levels[0], spinning=False)
         with torch.no_grad():
             ref = target.model(x)
         got = sessions[levels[0]].run(None, {'img': x.numpy()})
@@ -174,6 +202,11 @@ def main(argv=None) -> int:
         results['models'][name] = dict(size=f'{size[0]}x{size[1]}', export_s=export_s, dynamic=dynamic,
                                        onnx_mib=len(data) / 2**20, max_rel_diff=diff,
                                        formulation='plain' if name == 'swin_t' else args.formulations[0])
+        if int8 is not None:
+            idiff = relative_difference(sessions[f'int8-{levels[0]}'].run(None, {'img': x.numpy()}), ref)
+            results['models'][name].update(int8_mib=len(int8) / 2**20, int8_max_rel_diff=idiff)
+            print(f'# {name}: INT8 {len(int8) / 2**20:.0f} MiB, vs PyTorch fp32 max rel. diff {idiff:.1e}',
+                  flush=True)
         for form in others:
             odiff = relative_difference(sessions[f'{form}-{levels[0]}'].run(None, {'img': x.numpy()}), ref)
             results['models'][name][f'max_rel_diff_{form}'] = odiff
@@ -221,11 +254,18 @@ def main(argv=None) -> int:
         # The second goal compares two ratios: per round, ONNX Runtime's MLLA/Swin over PyTorch's.
         rounds['mlla_over_swin_ort_over_torch'] = [
             a / b for a, b in zip(rounds['mlla_over_swin_ort'], rounds['mlla_over_swin_torch'])]
+    if f'mlla_t:int8-{best}' in times:
+        rounds['mlla_t_int8_over_torch'] = round_ratios(times, f'mlla_t:int8-{best}', 'mlla_t:torch')
+        goals['mlla_t_int8_over_torch'] = paired_ratio(times, f'mlla_t:int8-{best}', 'mlla_t:torch')
     print(f'\nGoals (ONNX Runtime level {best!r}, ratios are medians of per-round ratios, {args.repeats} rounds):')
     if 'mlla_t_ort_over_torch' in goals:
         v = goals['mlla_t_ort_over_torch']
         print(f'  MLLA-T {args.backbone_size}: ONNX Runtime / PyTorch eager  {v:.3f}  (<= {GOAL_ORT_OVER_TORCH})  '
               f'{goal_verdict(rounds["mlla_t_ort_over_torch"], GOAL_ORT_OVER_TORCH)}')
+    if 'mlla_t_int8_over_torch' in goals:
+        v = goals['mlla_t_int8_over_torch']
+        print(f'  MLLA-T {args.backbone_size}: INT8 ONNX Runtime / PyTorch eager fp32  {v:.3f}  '
+              f'(<= {GOAL_INT8_OVER_TORCH})  {goal_verdict(rounds["mlla_t_int8_over_torch"], GOAL_INT8_OVER_TORCH)}')
     if 'mlla_over_swin_ort' in goals:
         a, b = goals['mlla_over_swin_ort'], goals['mlla_over_swin_torch']
         print(f'  MLLA-T / Swin-T: ONNX Runtime {a:.3f} vs PyTorch {b:.3f}  (ONNX <= PyTorch)  '

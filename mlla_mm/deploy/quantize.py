@@ -15,6 +15,7 @@ for a bare backbone export).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -77,20 +78,31 @@ def quantize_int8(model: Union[bytes, str], feeds: Iterable[Dict[str, np.ndarray
         raise UsageError("--int8 needs onnx and onnxruntime (pip install -e '.[deploy]')") from None
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
     quantized, kept = weight_nodes(proto)
-    reader = _Reader(feeds)
+    feeds = iter(feeds)
+    first = next(feeds, None)
+    if first is None:
+        raise UsageError('--int8: no calibration images were read')
+    reader = _Reader(itertools.chain([first], feeds))
     with tempfile.TemporaryDirectory(prefix='mlla_mm_int8_') as tmp:
         src, dst = os.path.join(tmp, 'fp32.onnx'), os.path.join(tmp, 'int8.onnx')
         onnx.save(proto, src)
-        quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
-                        nodes_to_exclude=kept, per_channel=per_channel, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        extra_options=dict(ActivationSymmetric=False, WeightSymmetric=True))
-        if reader.count == 0:
-            raise UsageError('--int8: no calibration images were read')
+        import logging
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its advice to pre-process and notes on computed biases: not actionable here
+        try:
+            quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=kept, per_channel=per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            extra_options=dict(ActivationSymmetric=False, WeightSymmetric=True))
+        finally:
+            root.setLevel(level)
         out = onnx.load(dst)
     meta = {p.key: p.value for p in out.metadata_props}
-    for key, value in dict(mlla_mm_int8='static qdq u8s8 per-channel minmax',
-                           mlla_mm_int8_calibration_images=str(reader.count)).items():
+    props = {p.key: p.value for p in proto.metadata_props}  # the export's metadata (kind, config hash, ...) carried over
+    props.update(mlla_mm_int8='static qdq u8s8 per-channel minmax', mlla_mm_int8_calibration_images=str(reader.count))
+    for key, value in props.items():
         if key in meta:
             continue
         entry = out.metadata_props.add()
