@@ -15,7 +15,9 @@ checkpoint loader. ``--dynamic`` makes batch, height and width free (one
 file for every size, odd sizes too). ``--check`` runs ONNX Runtime at three
 sizes (one odd, two not used at export, one with batch 2) and compares with
 PyTorch; when an output differs by more than 1e-4 of its largest value the
-tool exits 1 and writes nothing. The file is written atomically.
+tool exits 1 and writes nothing. The file is written atomically; it never
+replaces the config or the weights, nor (without ``--force``) an existing
+file that mlla-mm did not write.
 
 Exit codes: 0 written, 1 check failed (nothing written), 2 bad input (one
 ``error:`` line; nothing written). See docs/deploy.md.
@@ -64,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--formulation', choices=['onnx', 'plain'], default='onnx',
                    help="'onnx' (default): MLLA's stages rearranged for ONNX Runtime (same numbers, faster); "
                         "'plain': the model's own code traced")
+    p.add_argument('--force', action='store_true',
+                   help='overwrite an existing --out file that mlla-mm did not write (never the config or weights)')
     p.add_argument('--int8', action='store_true',
                    help='write an INT8 model: static post-training quantization (ONNX Runtime, QDQ, per-channel)')
     p.add_argument('--calib-images', type=positive_int, metavar='N',
@@ -91,6 +95,10 @@ def export(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     check_output(args.out, '--out')
+    # never the config or the weights, nor a file the tools did not write unless --force
+    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.utils.io import check_outputs
+    check_outputs([args.out], [args.model, args.weights], force=args.force, option='--out', error=UsageError)
     require('onnx', *(['onnxruntime'] if args.check or args.int8 else []))
     if args.calib_dir:
         from mlla_mm.deploy.quantize import folder_images
