@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP_STAMP := .venv/.mlla-mm-setup
 
-.PHONY: setup test test-fast demo demo-seg benchmark clean
+.PHONY: setup test test-fast demo demo-seg benchmark gpu-check check-cuda-toolchain clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -25,6 +25,14 @@ demo-seg: setup
 
 benchmark: setup
 	$(PY) tools/benchmark.py
+
+# On a machine with a GPU: the prepared GPU check, one JSON and a table (docs/gpu.md); without one: one line.
+gpu-check: setup
+	$(PY) tools/gpu_check.py
+
+# Compile two of mmcv's CUDA files with the pip nvcc and the build's flags (any machine, a few minutes).
+check-cuda-toolchain: setup
+	@bash tools/setup_env.sh --check-cuda-toolchain
 
 clean:
 	rm -rf work_dirs outputs
