@@ -88,6 +88,8 @@ class Ctx:
     iters: int = 30
     seg_size: Tuple[int, int] = (512, 512)
     seg_arch: Optional[dict] = None  # None: the config's MLLA-T
+    det_extra: str = ''  # config lines appended to the detector runs' configs (the tests shrink the model)
+    det_workers: int = 2  # dataloader workers of the detector runs
     speed_arch: object = 'tiny'  # the MLLA of the speed rows (the tests use smaller ones)
     swin_kwargs: Optional[dict] = None  # overrides of Swin-T's settings (the tests use smaller ones)
     python: str = sys.executable
@@ -352,7 +354,8 @@ DET_CONFIG = '''
 _base_ = [{base!r}]
 data_root = {root!r}
 synthetic_data = dict(kind='coco-shapes', root=data_root, seed=0, num_train={num_train}, num_val=4, size=160)
-train_dataloader = dict(batch_size=2, num_workers=2, dataset=dict(data_root=data_root))
+train_dataloader = dict(batch_size=2, num_workers={workers}, persistent_workers={workers} > 0,
+                        dataset=dict(data_root=data_root))
 val_dataloader = None
 val_cfg = None
 val_evaluator = None
@@ -369,12 +372,12 @@ randomness = dict(seed=0, deterministic={deterministic})
 
 
 def write_det_config(folder: Path, *, num_train: int, epochs: int, deterministic: bool = False,
-                     extra: str = '') -> Path:
+                     extra: str = '', workers: int = 2) -> Path:
     """The demo's Mask R-CNN MLLA-T on its synthetic shapes (``num_train`` images, 2 per batch), no validation."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / 'det.py'
     path.write_text(DET_CONFIG.format(base=str(DEMO_DET), root=str(folder / 'data') + '/', num_train=num_train,
-                                      epochs=epochs, deterministic=deterministic, extra=extra))
+                                      epochs=epochs, deterministic=deterministic, extra=extra, workers=workers))
     return path
 
 
@@ -399,7 +402,7 @@ def last_line(text: str) -> str:
 def check_maskrcnn_amp(ctx: Ctx) -> Result:
     """``ctx.iters`` Mask R-CNN MLLA-T iterations (tools/train.py --amp) on the demo's data: finite, decreasing."""
     work = ctx.work_dir / 'maskrcnn_amp'
-    cfg = write_det_config(work, num_train=2 * ctx.iters, epochs=1)
+    cfg = write_det_config(work, num_train=2 * ctx.iters, epochs=1, extra=ctx.det_extra, workers=ctx.det_workers)
     proc = subprocess.run([ctx.python, str(ROOT / 'tools' / 'train.py'), str(cfg), '--work-dir', str(work),
                            '--amp'], cwd=ROOT, env=tool_env(ctx), capture_output=True, text=True, timeout=600)
     log = newest_log(work)
@@ -516,7 +519,7 @@ def check_resume(ctx: Ctx, per_epoch: int = 20, epochs: int = 2) -> Result:
     runs = {}
     for name in ('whole', 'resumed'):
         work = ctx.work_dir / f'resume_{name}'
-        cfg = write_det_config(work, num_train=2 * per_epoch, epochs=epochs, deterministic=True)
+        cfg = write_det_config(work, num_train=2 * per_epoch, epochs=epochs, deterministic=True, extra=ctx.det_extra, workers=ctx.det_workers)
         runs[name] = work
         if name == 'whole':
             proc = subprocess.run(train + [str(cfg), '--work-dir', str(work)], cwd=ROOT, env=env,
@@ -558,13 +561,22 @@ def build_swin_t(with_cp: bool = False, **overrides) -> torch.nn.Module:
     return SwinTransformer(**cfg)
 
 
-def set_fast_inference(model: torch.nn.Module, on: bool) -> bool:
-    """Switch MLLA's fast inference path where the model has the switch; False when it has none."""
-    switch = getattr(model, 'set_fast_inference', None)
-    if switch is None:
-        return False
-    switch(on)
-    return True
+class fast_path_allowed_on:
+    """Inside: MLLA's fast inference path may run on ``device`` too (it runs on the CPU only by default,
+    ``mlla_mm.models.ops.FAST_INFERENCE_DEVICES``), so its speed there can be measured."""
+
+    def __init__(self, device: str) -> None:
+        self.kind = torch.device(device).type
+
+    def __enter__(self) -> 'fast_path_allowed_on':
+        from mlla_mm.models import ops
+        self.saved = ops.FAST_INFERENCE_DEVICES
+        ops.FAST_INFERENCE_DEVICES = tuple(self.saved) + ((self.kind, ) if self.kind not in self.saved else ())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from mlla_mm.models import ops
+        ops.FAST_INFERENCE_DEVICES = self.saved
 
 
 def check_speed(ctx: Ctx) -> List[Result]:
@@ -576,16 +588,24 @@ def check_speed(ctx: Ctx) -> List[Result]:
     models = {'mlla_t': build_mlla(ctx.speed_arch).to(dev), 'swin_t': build_swin_t(**swin).to(dev)}
     models['swin_t'].eval()  # (mmdet's SwinTransformer.train() returns None: no chaining)
     infer: Dict[str, float] = {}
+    mlla = models['mlla_t']
     with torch.no_grad():
-        for name, model in models.items():
+        for name, model in models.items():  # as a run on this device does it
             infer[name] = median_seconds(lambda m=model: m(x), dev, ctx.repeats, ctx.warmup)
-        if set_fast_inference(models['mlla_t'], False):  # the plain autograd code, for the fast path's worth
-            infer['mlla_t_plain'] = median_seconds(lambda: models['mlla_t'](x), dev, ctx.repeats, ctx.warmup)
-            set_fast_inference(models['mlla_t'], True)
+        with fast_path_allowed_on(dev):  # the fast inference path against the autograd code, on this device
+            fast_out = mlla(x)
+            infer['mlla_t_fast'] = median_seconds(lambda: mlla(x), dev, ctx.repeats, ctx.warmup)
+            mlla.set_fast_inference(False)
+            plain_out = mlla(x)
+            infer['mlla_t_plain'] = median_seconds(lambda: mlla(x), dev, ctx.repeats, ctx.warmup)
+            mlla.set_fast_inference(True)
+    same = max_rel_diff(fast_out, plain_out)
     h, w = ctx.infer_size
     text = ', '.join(f'{k} {v * 1000:.1f} ms' for k, v in infer.items())
     rows.append(Result('speed_infer', 'INFO', f'{h}x{w}: {text}', '',
-                       detail=f'MLLA-T / Swin-T {infer["mlla_t"] / infer["swin_t"]:.2f}x', data=infer))
+                       detail=f'MLLA-T / Swin-T {infer["mlla_t"] / infer["swin_t"]:.2f}x; fast path / plain '
+                              f'{infer["mlla_t_fast"] / infer["mlla_t_plain"]:.2f}x, max rel. diff {same:.1e}',
+                       data=dict(infer, fast_vs_plain_max_rel_diff=same)))
     del models
     train: Dict[str, Dict[str, Optional[float]]] = {}
     xb = torch.randn(ctx.train_batch, 3, *ctx.train_size, device=dev)
@@ -618,7 +638,7 @@ def check_ddp(ctx: Ctx) -> Result:
     if count < 2:
         return Result('ddp', 'SKIP', detail=f'{count} GPU(s): the 2-process DDP step needs two')
     work = ctx.work_dir / 'ddp'
-    cfg = write_det_config(work, num_train=8, epochs=1)
+    cfg = write_det_config(work, num_train=8, epochs=1, extra=ctx.det_extra, workers=ctx.det_workers)
     env = dict(tool_env(ctx), PORT=str(29500 + os.getpid() % 1000), PYTHON=ctx.python)
     proc = subprocess.run(['bash', str(ROOT / 'tools' / 'dist_train.sh'), str(cfg), '2', '--work-dir', str(work)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -32,6 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FAST_INFERENCE_ENV = 'MLLA_MM_FAST_INFERENCE'
+#: Devices where the fast path runs: it was designed and measured on CPUs; on CUDA the autograd code runs
+#: until ``make gpu-check`` (tools/gpu_check.py, ``speed_infer``) measures the fast path faster there.
+FAST_INFERENCE_DEVICES = ('cpu', )
 
 
 def is_tracing() -> bool:
@@ -72,10 +75,11 @@ def use_fast_inference(module: nn.Module, x: torch.Tensor) -> bool:
     and all its submodules are in eval mode (no dropout, drop-path or batch
     statistics), no autograd graph is recorded, and nothing is being traced,
     exported or compiled (those record the plain, real-valued code). Autocast
-    is allowed (the fast path runs in the autocast dtype).
+    is allowed (the fast path runs in the autocast dtype). Only on the
+    devices of :data:`FAST_INFERENCE_DEVICES` (the CPU).
     """
-    return (getattr(module, 'fast_inference', False) and not torch.is_grad_enabled() and not is_tracing()
-            and not any(m.training for m in module.modules()))
+    return (getattr(module, 'fast_inference', False) and x.device.type in FAST_INFERENCE_DEVICES
+            and not torch.is_grad_enabled() and not is_tracing() and not any(m.training for m in module.modules()))
 
 
 def dwconv_bhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -76,3 +76,14 @@ def test_cpu_malloc_tuning_stays_off_on_a_gpu_machine(on_cuda, monkeypatch):
     monkeypatch.setattr(malloc, '_state', None)
     assert launch.run_main(lambda: 0) == 0
     assert malloc.malloc_state() == 'default'
+
+
+def test_the_fast_inference_path_runs_on_the_cpu_only_unless_allowed(monkeypatch):
+    """Designed and measured on CPUs: other devices (here the meta device for a GPU) get the autograd code."""
+    from mlla_mm.models import MLLA, ops
+    model = MLLA(dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])).eval()
+    with torch.no_grad():
+        assert ops.use_fast_inference(model.layers[0], torch.zeros(1, 4, 4, 16)) is True
+        assert ops.use_fast_inference(model.layers[0], torch.zeros(1, 4, 4, 16, device='meta')) is False
+        monkeypatch.setattr(ops, 'FAST_INFERENCE_DEVICES', ('cpu', 'meta'))  # what gpu_check measures with
+        assert ops.use_fast_inference(model.layers[0], torch.zeros(1, 4, 4, 16, device='meta')) is True

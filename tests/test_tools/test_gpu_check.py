@@ -180,7 +180,10 @@ def test_upernet_step_on_the_device(ctx):
 def test_speed_rows_compare_mlla_with_swin(ctx):
     infer, train = gc.check_speed(ctx)
     assert infer.status == train.status == 'INFO'
-    assert {'mlla_t', 'swin_t'} <= set(infer.data) and all(v > 0 for v in infer.data.values())
+    times = {k: v for k, v in infer.data.items() if k != 'fast_vs_plain_max_rel_diff'}
+    assert set(times) == {'mlla_t', 'swin_t', 'mlla_t_fast', 'mlla_t_plain'} and all(v > 0 for v in times.values())
+    assert infer.data['fast_vs_plain_max_rel_diff'] <= 1e-4  # the fast path's numbers are the autograd code's
+    assert 'fast path / plain' in infer.detail
     assert set(train.data) == {'mlla_t', 'mlla_t_cp', 'swin_t', 'swin_t_cp'}
     assert all(v['seconds'] > 0 and v['peak_mib'] is None for v in train.data.values())  # no GPU memory on the CPU
     assert 'MLLA-T / Swin-T' in infer.detail and '1x64x64' in train.value
