@@ -259,7 +259,6 @@ def cpu_amp_wrapper_cfg(optim_wrapper: dict, logger: Any = None) -> dict:
 # --------------------------------------------------------------------------
 # Auto-resume.
 # --------------------------------------------------------------------------
-def remove_stale_temp_files(folder: str) -> None:
 def _pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` runs on this host (one we may not signal counts as running)."""
     if pid <= 0:
@@ -273,16 +272,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_stale_temp_files(folder: str) -> None:
     """Delete temporary checkpoint files that dead runs left behind.
 
     A temporary file's name ends with its writer's pid (:func:`mlla_mm.utils.io.temp_name`);
     one whose writer still runs on this host is never removed.
     """
     for path in glob.glob(osp.join(glob.escape(folder), f'.*.pth{TMP_TAG}*')):
-        try:
         pid = path.rpartition(TMP_TAG)[2]
         if pid.isdigit() and _pid_alive(int(pid)):
             continue
+        try:
             os.unlink(path)
         except OSError:
             pass
@@ -349,7 +349,6 @@ def find_resumable_checkpoint(work_dir: str, logger: Any = None, folders: Sequen
     return None
 
 
-@RUNNERS.register_module()
 def checkpoint_folders(runner: Runner) -> List[str]:
     """The local folders the runner's ``CheckpointHook`` writes to besides the work dir.
 
@@ -542,9 +541,10 @@ def _with_atomic_marker(save: Any) -> Any:
 # --------------------------------------------------------------------------
 # A resume with another learning rate or schedule than the checkpoint's.
 # --------------------------------------------------------------------------
-#: Scheduler attributes that change as training runs (not settings of the config).
+#: Scheduler attributes that change as training runs or follow from others (``total_iters`` is end - begin):
+#: not settings of the config.
 _RUNTIME_KEYS = {'last_step', '_last_value', 'base_values', '_global_step', '_get_value_called_within_step',
-                 'verbose', '_step_count', 'last_epoch', '_last_lr', '_initial_step'}
+                 'verbose', '_step_count', 'last_epoch', '_last_lr', '_initial_step', 'total_iters'}
 
 
 def _lrs(optim_wrapper: Any) -> List[float]:
@@ -593,6 +593,7 @@ def resume_setting_changes(lrs_before: List[float], lrs_after: List[float], sche
     return lines
 
 
+@RUNNERS.register_module()
 class SafeRunner(Runner):
     """mmengine's Runner with machine-dependent settings, the reliability hooks and atomic checkpoints.
 
@@ -696,7 +697,6 @@ class SafeRunner(Runner):
         finally:
             self.checkpoint_being_loaded = None
 
-    def load_or_resume(self) -> None:
     def resume(self, filename: str, resume_optimizer: bool = True, resume_param_scheduler: bool = True,
                map_location: Any = 'default') -> None:
         """mmengine's; warns when the config's learning rate or schedule differs from the checkpoint's.
@@ -720,6 +720,7 @@ class SafeRunner(Runner):
             self.logger.warning(f'--resume from {filename}: {line}; the checkpoint\'s value is used (to train '
                                 'with the new one, start from the checkpoint with load_from instead of resuming).')
 
+    def load_or_resume(self) -> None:
         """mmengine's, with an auto-resume that survives a killed checkpoint write and never starts over silently.
 
         Looks in the work dir and where the checkpoint hook writes

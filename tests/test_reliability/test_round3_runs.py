@@ -260,11 +260,14 @@ def test_resume_with_a_changed_learning_rate_and_schedule_warns(trained_with_out
                    f'param_scheduler.0.end={old_end + 5}')
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-3000:]
-    lr_lines = [ln for ln in log.splitlines() if 'learning rate' in ln and 'WARNING' in ln]
+    resume_lines = [ln for ln in log.splitlines() if 'WARNING' in ln and '--resume from' in ln]
+    lr_lines = [ln for ln in resume_lines if 'learning rate' in ln]
     assert len(lr_lines) == 1, log[-3000:]
     assert f'{old_lr * 3:g}' in lr_lines[0] and f'{old_lr:g}' in lr_lines[0]
-    sched_lines = [ln for ln in log.splitlines() if 'param_scheduler[0]' in ln and 'WARNING' in ln]
-    assert len(sched_lines) == 1 and f'end={old_end + 5}' in sched_lines[0] and f'is {old_end}' in sched_lines[0]
+    sched_lines = [ln for ln in resume_lines if 'param_scheduler[0]' in ln]
+    assert len(sched_lines) == 1, sched_lines
+    assert f'end={old_end + 5}' in sched_lines[0] and f'is {old_end}' in sched_lines[0]
+    assert len(resume_lines) == 2, resume_lines  # nothing else differs
 
 
 def test_resume_with_the_same_settings_does_not_warn():
