@@ -36,7 +36,10 @@ the heap and are reused instead of being page-faulted in anew from fresh
 ``--models mlla_t_compile`` adds ``torch.compile`` of MLLA-T (compiled in
 the warm-up call of each size).
 
-The targets of the project are printed with PASS/FAIL at the end.
+The targets of the project are printed with PASS/FAIL at the end (not with
+``--quick``: toy sizes say nothing about them; the ratios are printed
+alone). The run starts by printing an estimate of how long it will take
+(from one MLLA-T call on the machine and the work asked for).
 
 ``--against-rev REV`` runs only a comparison of today's MLLA-T with the one
 of git revision REV (e.g. before a refactor) in the same process: see
@@ -530,6 +533,37 @@ def write_json(path: str, results: dict) -> None:
         json.dump(results, f, indent=2)
 
 
+#: Work per pixel of each backbone relative to MLLA-T (published GMACs at 224x224; the reference code ~3x slower).
+RELATIVE_COST = dict(mlla_t=1.0, mlla_s=2.0, mlla_b=3.9, swin_t=1.1, r50=1.0, mlla_t_ref=3.0, mlla_t_compile=1.0)
+
+
+def estimate_seconds(args: argparse.Namespace, sizes: List[Tuple[int, int]], names: List[str],
+                     seconds_per_pixel: float) -> float:
+    """Rough length of this run from one MLLA-T call (``seconds_per_pixel``, measured here) and the work asked for.
+
+    Backbone calls scale with pixels and :data:`RELATIVE_COST`; a Mask R-CNN inference counts as 3 backbone
+    calls (255 of its GMACs vs 84 for the backbone at 800x1280), a train iteration (2 images, forward and
+    backward) as 18, the with_cp memory check (batch 2, fwd + bwd, with and without) as 12, compiling as 60 s.
+    """
+    calls = args.repeats + 1 + (0 if args.no_memory else 1)  # rounds, warm-up, peak-memory call
+    total = 0.0
+    for h, w in sizes:
+        for n in names:
+            if n == 'mlla_t_ref' and h * w > args.ref_max_pixels:
+                continue
+            total += calls * RELATIVE_COST.get(n, 1.0) * h * w * seconds_per_pixel
+            total += 60.0 if n == 'mlla_t_compile' else 0.0
+    if not args.no_train:
+        total += 2 * (args.train_repeats + 1) * 18 * args.train_size ** 2 * seconds_per_pixel
+    if args.detector:
+        dh, dw = parse_size(args.detector_size)
+        total += 2 * (args.train_repeats + 1) * 3 * dh * dw * seconds_per_pixel
+    if not args.no_memory:
+        mh, mw = parse_size(args.memory_size)
+        total += 12 * mh * mw * seconds_per_pixel
+    return total
+
+
 def verdict(value: Optional[float], limit: float, higher_is_better: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return 'SKIP'
@@ -634,6 +668,21 @@ def run(args: argparse.Namespace) -> int:
     for name, why in skipped.items():
         print(f'# skip {name}: {why}')
 
+    if 'mlla_t' in models:  # MLLA-T at 224x224 here, then the work asked for: how long this will take
+        with torch.no_grad():
+            probe = torch.randn(1, 3, 224, 224)
+            models['mlla_t'](probe)
+            calls = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                models['mlla_t'](probe)
+                calls.append(time.perf_counter() - t0)
+            per_pixel = min(calls) / (224 * 224)
+        minutes = estimate_seconds(args, sizes, list(models), per_pixel) / 60
+        print(f'# estimated run time: about {max(1, round(minutes)) if minutes >= 1 else "<1"} min '
+              f'(from MLLA-T at 224x224 on this machine now; --quick for a short check, --no-train / --no-detector / '
+              f'--no-memory / --sizes to do less)', flush=True)
+
     results: dict = dict(threads=args.threads, repeats=args.repeats, torch=torch.__version__, malloc=malloc,
                          date=time.strftime('%Y-%m-%d %H:%M:%S'), latency={n: {} for n in models},
                          matmul={}, slopes={}, targets={}, skipped=skipped)
@@ -727,7 +776,9 @@ def run(args: argparse.Namespace) -> int:
         if mem.get('no_cp') and mem.get('with_cp') is not None:
             t['with_cp_memory_ratio'] = mem['with_cp'] / mem['no_cp']
 
-    print('\nTargets:')
+    # --quick runs toy sizes: its ratios say nothing about the project's targets, so no PASS/FAIL for them.
+    print('\nRatios (--quick: toy sizes, not comparable with the targets, so no verdicts):' if args.quick
+          else '\nTargets:')
     lines = [
         ('MLLA-T / Swin-T latency at 800x1280', t.get('mlla_t_over_swin_t_800x1280'), TARGETS['swin_ratio'], False),
         # The malloc mode is process-wide: run once with --malloc tuned and once with --malloc default.
@@ -741,13 +792,18 @@ def run(args: argparse.Namespace) -> int:
         ('MLLA-T fwd+bwd peak memory with_cp / without', t.get('with_cp_memory_ratio'), TARGETS['cp_mem_ratio'],
          False),
     ]
-    t['verdicts'] = {}
+    if not args.quick:
+        t['verdicts'] = {}
     for label, value, limit, higher, *paired in lines:
+        shown = f'{value:.3f}' if value is not None else '-'
+        spread = rounds.get(paired[0], []) if paired else []
+        if args.quick:
+            extra = f'  (rounds {min(spread):.3f}-{max(spread):.3f})' if len(spread) > 1 else ''
+            print(f"  {label:<48} {shown:>7}{extra}")
+            continue
         v = verdict(value, limit, higher)
         t['verdicts'][label] = v
-        shown = f'{value:.3f}' if value is not None else '-'
         # Paired ratios also say how their rounds spread around the goal (a median near it is noise).
-        spread = rounds.get(paired[0], []) if paired else []
         text = f'{v} ({round_spread(spread, limit, higher)})' if len(spread) > 1 else v
         print(f"  {label:<48} {shown:>7}  ({'>=' if higher else '<='} {limit})  {text}")
     mins = {k[len('min_based_'):]: v for k, v in t.items() if k.startswith('min_based_')}

@@ -103,6 +103,9 @@ def export(args: argparse.Namespace) -> int:
     if args.calib_dir:
         from mlla_mm.deploy.quantize import folder_images
         folder_images(args.calib_dir, 1)  # a folder with images, before the export
+    if not args.weights:
+        print(f'warning: no WEIGHTS given: the exported model has RANDOM weights (give a checkpoint after '
+              f'{args.model} to export trained ones)', flush=True)
     target = build_target(args.model, args.weights, backbone_only=args.backbone_only,
                           log=lambda msg: print(msg, flush=True), features=args.features)
     shape = tuple(args.shape)

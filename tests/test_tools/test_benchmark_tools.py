@@ -1,5 +1,6 @@
 """tools/benchmark.py (--quick) and tools/get_flops.py on small inputs."""
 import json
+import re
 import sys
 
 import pytest
@@ -40,9 +41,11 @@ def test_benchmark_quick_writes_json_and_png(tmp_path):
     assert mem['no_cp'] > 0 and mem['with_cp'] > 0
     assert t['with_cp_memory_ratio'] == pytest.approx(mem['with_cp'] / mem['no_cp'])
     for label in ('MLLA-T FLOP/s / matmul FLOP/s', 'MLLA-T fwd+bwd peak memory with_cp / without'):
-        assert t['verdicts'][label] in ('PASS', 'FAIL')
         assert label in stdout
-    assert t['verdicts']['MLLA-T / Swin-T latency at 800x1280'] == 'SKIP'
+    # toy sizes: the ratios alone, no verdict against the project's targets (issue 30, item 5)
+    assert 'verdicts' not in t and 'PASS' not in stdout and 'FAIL' not in stdout and 'Targets:' not in stdout
+    assert 'not comparable with the targets' in stdout
+    assert re.search(r'^# estimated run time: about (<1|\d+) min', stdout, re.M), stdout[:2000]
     # The whole-detector check (on by default; 96x128 with --quick): both detectors, their parts, the ratio.
     det = data['detector_inference']
     assert det['size'] == '96x128'
@@ -50,13 +53,12 @@ def test_benchmark_quick_writes_json_and_png(tmp_path):
         assert set(det['parts'][kind]) == {'backbone', 'neck', 'rpn_head', 'roi_head'}
         assert 0 < sum(det['parts'][kind].values()) < det[kind]['max']
     assert t['detector_inference_mlla_t_over_swin_t'] > 0
-    assert t['verdicts']['Mask R-CNN inference MLLA-T / Swin-T'] in ('PASS', 'FAIL')
-    # Its per-round ratios are kept, and the printed verdict says how they spread around the goal.
+    # Its per-round ratios are kept, and the printed line says how they spread.
     rounds = data['round_ratios']['detector_inference_mlla_t_over_swin_t']
     assert len(rounds) == det['mlla_t']['n']
     assert min(rounds) <= t['detector_inference_mlla_t_over_swin_t'] <= max(rounds)
     line = next(ln for ln in stdout.splitlines() if 'Mask R-CNN inference MLLA-T / Swin-T' in ln)
-    assert f"(rounds {min(rounds):.3f}-{max(rounds):.3f}, " in line
+    assert f"(rounds {min(rounds):.3f}-{max(rounds):.3f})" in line
 
 
 def test_slope_and_verdict_helpers():
