@@ -108,7 +108,8 @@ def cpu_description() -> Dict[str, object]:
                     break
     except OSError:
         pass
-    wanted = [f for f in flags if f.startswith('amx') or f in ('avx512_bf16', 'avx512f', 'avx2', 'avx_vnni')]
+    wanted = [f for f in flags if f.startswith('amx') or f in ('avx512_bf16', 'avx512f', 'avx2', 'avx_vnni',
+                                                                'avx512_vnni')]
     native, note = bf16_fast_on_this_cpu()
     return dict(model_name=name or 'unknown', bf16_flags=sorted(wanted), native_bf16=native, bf16_note=note)
 

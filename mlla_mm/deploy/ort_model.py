@@ -92,11 +92,13 @@ class OnnxRuntimeModel(BaseModel):
         data_preprocessor: The config's ``model.data_preprocessor``.
         mask_thr_binary: Mask threshold (detector with masks).
         align_corners: The decode head's ``align_corners`` (segmentor).
+        threshold: The decode head's ``threshold`` (a one-class segmentor).
         threads: ONNX Runtime intra-op threads (0: its default).
     """
 
     def __init__(self, onnx_file: str, kind: str, data_preprocessor: Optional[dict] = None,
-                 mask_thr_binary: float = 0.5, align_corners: bool = False, threads: int = 0) -> None:
+                 mask_thr_binary: float = 0.5, align_corners: bool = False, threshold: float = 0.3,
+                 threads: int = 0) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
         if kind not in ('detector', 'segmentor'):
             raise ValueError(f'OnnxRuntimeModel: kind must be detector or segmentor, got {kind!r}')
@@ -104,6 +106,7 @@ class OnnxRuntimeModel(BaseModel):
         self.onnx_file = onnx_file
         self.mask_thr_binary = float(mask_thr_binary)
         self.align_corners = bool(align_corners)
+        self.threshold = float(threshold)
         self.session = make_session(onnx_file, threads)
         self._dummy = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # a device for mmengine
 
@@ -137,7 +140,7 @@ class OnnxRuntimeModel(BaseModel):
 
     def _predict_seg(self, inputs: torch.Tensor, data_samples: list) -> list:
         logits, = self.session.run(None, {'img': inputs.detach().float().cpu().numpy()})
-        return seg_postprocess(torch.from_numpy(logits), data_samples, self.align_corners)
+        return seg_postprocess(torch.from_numpy(logits), data_samples, self.align_corners, self.threshold)
 
 
 def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, img_h: int, img_w: int, threshold: float) -> torch.Tensor:
@@ -151,14 +154,14 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, img_h: int, img_w: int
     return out
 
 
-def seg_postprocess(logits: torch.Tensor, data_samples: list, align_corners: bool) -> list:
+def seg_postprocess(logits: torch.Tensor, data_samples: list, align_corners: bool, threshold: float = 0.3) -> list:
     """mmseg's ``postprocess_result`` for whole-image logits: crop the padding, resize to the original size, argmax."""
     import torch.nn.functional as F
     from mmengine.structures import PixelData
     for i, sample in enumerate(data_samples):
         meta = sample.metainfo
         logit = logits[i:i + 1]
-        pad = meta.get('padding_size')
+        pad = meta.get('img_padding_size', meta.get('padding_size'))
         if pad is not None:
             left, right, top, bottom = pad
             logit = logit[..., top:logit.shape[2] - bottom, left:logit.shape[3] - right]
@@ -166,8 +169,13 @@ def seg_postprocess(logits: torch.Tensor, data_samples: list, align_corners: boo
             dims = (3, ) if meta.get('flip_direction') == 'horizontal' else (2, )
             logit = logit.flip(dims=dims)
         logit = F.interpolate(logit, size=meta['ori_shape'], mode='bilinear', align_corners=align_corners)[0]
+        if logit.shape[0] > 1:
+            pred = logit.argmax(0, keepdim=True)
+        else:  # one class: mmseg's sigmoid and threshold
+            logit = logit.sigmoid()
+            pred = (logit > threshold).to(logit)
         sample.seg_logits = PixelData(data=logit)
-        sample.pred_sem_seg = PixelData(data=logit.argmax(0, keepdim=True))
+        sample.pred_sem_seg = PixelData(data=pred)
     return data_samples
 
 
@@ -181,7 +189,9 @@ def onnx_model_config(cfg, path: str, info: Dict[str, object], threads: int = 0)
     if kind == 'detector':
         out['mask_thr_binary'] = float(meta.get('mask_thr_binary', 0.5))
     else:
-        out['align_corners'] = bool((model.get('decode_head') or {}).get('align_corners', False))
+        head = model.get('decode_head') or {}
+        out['align_corners'] = bool(head.get('align_corners', False))
+        out['threshold'] = float(head.get('threshold') or 0.3)
     return out
 
 

@@ -112,3 +112,40 @@ def test_a_features_export_is_refused(exported, tmp_path, capsys):
     capsys.readouterr()
     code, lines = run_in_process(capsys, cfg, feats, '--work-dir', tmp_path / 'w')
     assert code == 2 and len(lines) == 1 and 'a detector-features export' in lines[0], lines
+
+
+@pytest.mark.slow
+def test_onnx_segmentor_predicts_what_pytorch_predicts(tmp_path):
+    """An UperNet export through OnnxRuntimeModel: mmseg's preprocessing, padding crop, resize and argmax."""
+    from mmengine.config import Config
+    from mmengine.registry import DATASETS, MODELS, init_default_scope
+
+    from mlla_mm.datasets import make_ade_shapes
+    from mlla_mm.deploy.onnx_export import build_target
+    from mlla_mm.deploy.ort_model import check_onnx_for_config, onnx_model_config
+    from tests.test_tools.test_segmentation_e2e import write_tiny_seg_config
+    root = tmp_path / 'ade'
+    make_ade_shapes(str(root), seed=0, num_train=2, num_val=2, size=64)
+    cfg_path = write_tiny_seg_config(tmp_path, root)
+    segmentor = spread_weights(build_target(str(cfg_path), log=lambda m: None).model.segmentor)
+    ckpt = tmp_path / 'seg.pth'
+    torch.save({'state_dict': segmentor.state_dict(), 'meta': {}}, ckpt)
+    out = tmp_path / 'seg.onnx'
+    assert export_tool.main([str(cfg_path), str(ckpt), '--out', str(out), '--shape', '64', '64', '--dynamic']) == 0
+    cfg = Config.fromfile(str(cfg_path))
+    init_default_scope('mmseg')
+    dataset = DATASETS.build(cfg.test_dataloader.dataset)
+    model = MODELS.build(onnx_model_config(cfg, str(out), check_onnx_for_config(str(out), cfg)))
+
+    def batch():
+        return dict(inputs=[dataset[i]['inputs'] for i in range(2)], data_samples=[dataset[i]['data_samples']
+                                                                                   for i in range(2)])
+
+    with torch.no_grad():
+        ref = segmentor.eval().test_step(batch())
+    got = model.test_step(batch())
+    for r, g in zip(ref, got):
+        assert g.pred_sem_seg.data.shape == r.pred_sem_seg.data.shape
+        assert (g.pred_sem_seg.data == r.pred_sem_seg.data).float().mean() > 0.999
+        torch.testing.assert_close(g.seg_logits.data, r.seg_logits.data, rtol=1e-4, atol=1e-4)
+    assert float(ref[0].seg_logits.data.std(dim=(1, 2)).min()) > 1e-3  # logits that vary over the image
