@@ -168,7 +168,7 @@ def _load_safetensors(f: Any, path: str, map_location: Any) -> Dict[str, torch.T
     except (SafetensorError, ValueError, RuntimeError, OverflowError, KeyError, TypeError, AttributeError,
             IndexError) as err:  # KeyError/TypeError: a dtype torch lacks, a shape torch cannot hold
         reason = safetensors_header_problem(f) or _first_line(err)
-        raise CheckpointError(f'safetensors file is truncated, corrupt or unsupported: {path} ({reason})') from None
+        raise CheckpointError(f'safetensors file is truncated or corrupt: {path} ({reason})') from None
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         weights = {k: v.to(map_location) for k, v in weights.items()}
     return OrderedDict(weights)

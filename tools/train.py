@@ -88,7 +88,7 @@ def train(args) -> int:
         if os.path.isdir(args.resume):
             raise UsageError(f'--resume {args.resume} is a directory; name a checkpoint file in it, or give '
                              '--resume alone to take the latest checkpoint of the work dir')
-        if not os.path.isfile(args.resume):
+        if not os.path.exists(args.resume):  # a device or FIFO: check_file says it is not a regular file
             raise UsageError(f'--resume checkpoint not found: {args.resume}')
         from mlla_mm.checkpoint import check_file
         check_file(args.resume)  # a refused file: one line, before the runner makes its log folder

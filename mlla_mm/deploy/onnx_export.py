@@ -169,7 +169,7 @@ def build_target(spec: str, weights: Optional[str] = None, backbone_only: bool =
         CheckpointError / FileNotFoundError: ``weights`` is missing, unreadable
             or does not fit the model (another arch, another config).
     """
-    if weights is not None and not os.path.isfile(weights):
+    if weights is not None and not os.path.exists(weights):  # a folder, device or FIFO: the loader says so
         raise UsageError(f'weights file not found: {weights}')
     name = spec.lower()
     if name in ARCHS and features:

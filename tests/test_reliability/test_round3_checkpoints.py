@@ -361,3 +361,13 @@ def test_resume_never_runs_meta_config(cfg_path, model_state, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith('error:')]
     assert not marker.exists(), 'code from the checkpoint ran'
     assert rc == 2 and len(lines) == 1 and 'meta.config' in lines[0], err[-2000:]
+
+
+def test_train_resume_from_a_fifo_or_device_says_not_a_regular_file(cfg_path, tmp_path, capsys):
+    fifo = tmp_path / 'fifo.pth'
+    os.mkfifo(fifo)
+    for path in (str(fifo), '/dev/zero'):
+        rc = load_tool('train').main([str(cfg_path), '--work-dir', str(tmp_path / 'work'), '--resume', path])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith('error:')]
+        assert rc == 2 and len(lines) == 1 and f'{path} is not a regular file' in lines[0], err[-2000:]
