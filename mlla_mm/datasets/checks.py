@@ -451,48 +451,76 @@ def _rle_problem(seg: Dict, h: int, w: int) -> Optional[str]:
     return None
 
 
+_POLY_BATCH = 1 << 16  # polygons per numpy pass (about 15 MB of coordinates for COCO's)
+
+
+def _first_bad_coordinate(p: List[Any], w: float, h: float) -> str:
+    """The reason for the first coordinate of ``p`` that is not a finite number within the margin."""
+    for j, v in enumerate(p[:len(p) - len(p) % 2]):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return 'a polygon coordinate that is not a number'
+        size = w if j % 2 == 0 else h
+        if not (math.isfinite(v) and -size <= v <= 2 * size):
+            return f'coordinate {v:g}'
+    return ''
+
+
+def _polygon_batch(ids: List[Any], polys: List[List[Any]], widths: List[Any], heights: List[Any]
+                   ) -> List[Tuple[Any, str]]:
+    """:func:`_polygon_problems` for one batch: per-polygon min/max of x and y with numpy's reduceat."""
+    import numpy as np
+    pairs = np.fromiter((len(p) // 2 for p in polys), np.int64, len(polys))
+    keep = np.flatnonzero(pairs)  # a trailing odd number is ignored by pycocotools (and dropped by mmdet)
+    if not keep.size:
+        return []
+    try:
+        values = np.fromiter(chain.from_iterable(polys[i] if len(polys[i]) % 2 == 0 else polys[i][:-1]
+                                                 for i in keep), np.float64, 2 * int(pairs.sum()))
+    except (TypeError, ValueError):  # a coordinate that is not a number: find them one by one
+        found = [(ids[i], _first_bad_coordinate(polys[i], widths[i], heights[i])) for i in keep]
+        return [(i, r) for i, r in found if r]
+    starts = np.cumsum(pairs[keep]) - pairs[keep]
+    xs, ys = values[0::2], values[1::2]
+    w = np.asarray(widths, np.float64)[keep]
+    h = np.asarray(heights, np.float64)[keep]
+    with np.errstate(invalid='ignore'):
+        lo_x, hi_x = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts)  # NaN propagates
+        lo_y, hi_y = np.minimum.reduceat(ys, starts), np.maximum.reduceat(ys, starts)
+        fine = (lo_x >= -w) & (hi_x <= 2 * w) & (lo_y >= -h) & (hi_y <= 2 * h)  # False for NaN and inf
+    found = [(ids[keep[k]], _first_bad_coordinate(polys[keep[k]], widths[keep[k]], heights[keep[k]]))
+             for k in np.flatnonzero(~fine)]
+    return [(i, r) for i, r in found if r]
+
+
 def _polygon_problems(anns: List[Dict], images: Dict[Any, Dict]) -> List[Tuple[Any, str]]:
     """(annotation id, reason) for polygons with coordinates that are not finite numbers near their image.
 
     pycocotools rasterises polygons in C with ``int`` coordinates: NaN, inf or
     1e10 make it allocate and write past what it allocated (a segfault, no
     message). Allowed: ``-width <= x <= 2 * width`` and the same for ``y`` and
-    the height (one image size around the image). Checked with numpy over the
-    whole file at once.
+    the height (one image size around the image). Numbers in strings pass, as
+    pycocotools converts them. Checked with numpy, in batches of polygons.
     """
-    import numpy as np
-    polys = [(a['id'], p, images[a['image_id']]) for a in anns if isinstance(a.get('segmentation'), list)
-             for p in a['segmentation'] if isinstance(p, list)]
-    if not polys:
-        return []
-    problems = []
-    types = set(map(type, chain.from_iterable(p for _, p, _ in polys)))
-    if not types <= {int, float}:
-        keep = []
-        for aid, p, img in polys:
-            if all(type(v) in (int, float) for v in p):
-                keep.append((aid, p, img))
-            else:
-                problems.append((aid, 'a polygon coordinate that is not a number'))
-        polys = keep
-        if not polys:
-            return problems
-    lengths = np.fromiter((len(p) for _, p, _ in polys), np.int64, len(polys))
-    total = int(lengths.sum())
-    if not total:
-        return problems
-    values = np.fromiter(chain.from_iterable(p for _, p, _ in polys), np.float64, total)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    is_x = (np.arange(total) - starts) % 2 == 0
-    size = np.where(is_x, np.repeat([float(img['width']) for _, _, img in polys], lengths),
-                    np.repeat([float(img['height']) for _, _, img in polys], lengths))
-    with np.errstate(invalid='ignore'):
-        wrong = ~np.isfinite(values) | (values < -size) | (values > 2 * size)
-    if wrong.any():
-        owner = np.repeat(np.arange(len(polys)), lengths)
-        for i in np.unique(owner[wrong]):
-            first = values[(owner == i) & wrong][0]
-            problems.append((polys[i][0], f'coordinate {first:g}'))
+    ids: List[Any] = []
+    polys: List[List[Any]] = []
+    widths: List[float] = []
+    heights: List[float] = []
+    for a in anns:  # plain lists, no tuple per polygon: millions of small containers would wake the GC
+        seg = a.get('segmentation')
+        if isinstance(seg, list):
+            img = images[a['image_id']]
+            for p in seg:
+                if isinstance(p, list):
+                    ids.append(a['id'])
+                    polys.append(p)
+                    widths.append(img['width'])
+                    heights.append(img['height'])
+    problems: List[Tuple[Any, str]] = []
+    for lo in range(0, len(polys), _POLY_BATCH):
+        problems += _polygon_batch(ids[lo:lo + _POLY_BATCH], polys[lo:lo + _POLY_BATCH],
+                                   widths[lo:lo + _POLY_BATCH], heights[lo:lo + _POLY_BATCH])
     return problems
 
 

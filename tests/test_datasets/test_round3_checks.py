@@ -114,10 +114,15 @@ def test_interlaced_and_16_bit_pngs_pass(tmp_path):
 
 
 def test_other_formats_are_decoded_in_full(tmp_path):
-    """WebP has no verify(): a cut WebP passed the old check."""
+    """WebP has no verify(): one whose bitstream is zeroed after its header passed the old check."""
+    import mmcv
     path = tmp_path / 'a.webp'
     Image.fromarray(_pixels((64, 48))).save(path, lossless=True)
-    path.write_bytes(path.read_bytes()[:-200])
+    raw = path.read_bytes()
+    path.write_bytes(raw[:40] + bytes(len(raw) - 40))
+    with Image.open(path) as im:
+        assert im.size == (64, 48)  # the header is intact
+    assert mmcv.imfrombytes(path.read_bytes(), backend='cv2') is None
     size, reason = inspect_image(str(path))
     assert size is None and reason.startswith('damaged image file')
 
@@ -173,13 +178,18 @@ def test_polygon_coordinates_that_crash_pycocotools(tmp_path, name):
 
 def test_polygon_coordinate_that_is_not_a_number(tmp_path):
     data = make_coco(tmp_path)
-    data['annotations'][1]['segmentation'] = [[4, 5, '24', 5, 24, 15]]
+    data['annotations'][1]['segmentation'] = [[4, 5, '24px', 5, 24, 15]]
+    data['annotations'][4]['segmentation'] = [[4, 5, None, 5, 24, 15]]
     data['annotations'][2]['segmentation'] = [4, 5, 24, 5, 24, 15]  # flat list: mmdet takes len() of a number
     with pytest.raises(BadAnnotationError, match=r'neither a list of polygons .*annotation ids 3 '):
         check(tmp_path, data)
     data['annotations'][2]['segmentation'] = [[4, 5, 24, 5, 24, 15]]
-    with pytest.raises(BadAnnotationError, match=r'annotation ids 2 \(a polygon coordinate that is not a number'):
+    with pytest.raises(BadAnnotationError, match=r'annotation ids 2 \(a polygon coordinate that is not a number\), '
+                                                 r'5 \(a polygon coordinate that is not a number\) '):
         check(tmp_path, data)
+    data['annotations'][1]['segmentation'] = [[4, 5, '24', 5, 24, 15]]  # pycocotools converts it
+    data['annotations'][4]['segmentation'] = [[4, 5, 24, 5, 24, 15, 7]]  # the odd number is ignored
+    assert check(tmp_path, data)[1] != []  # (a warning about the odd polygon, as before)
 
 
 def _rle(h, w):
