@@ -254,9 +254,10 @@ def main(argv=None) -> int:
         # The second goal compares two ratios: per round, ONNX Runtime's MLLA/Swin over PyTorch's.
         rounds['mlla_over_swin_ort_over_torch'] = [
             a / b for a, b in zip(rounds['mlla_over_swin_ort'], rounds['mlla_over_swin_torch'])]
-    if f'mlla_t:int8-{best}' in times:
-        rounds['mlla_t_int8_over_torch'] = round_ratios(times, f'mlla_t:int8-{best}', 'mlla_t:torch')
-        goals['mlla_t_int8_over_torch'] = paired_ratio(times, f'mlla_t:int8-{best}', 'mlla_t:torch')
+    if f'mlla_t:ort-int8-{best}' in times:
+        rounds['mlla_t_int8_over_torch'] = round_ratios(times, f'mlla_t:ort-int8-{best}', 'mlla_t:torch')
+        goals['mlla_t_int8_over_torch'] = paired_ratio(times, f'mlla_t:ort-int8-{best}', 'mlla_t:torch')
+        goals['mlla_t_int8_over_ort_fp32'] = paired_ratio(times, f'mlla_t:ort-int8-{best}', f'mlla_t:ort-{best}')
     print(f'\nGoals (ONNX Runtime level {best!r}, ratios are medians of per-round ratios, {args.repeats} rounds):')
     if 'mlla_t_ort_over_torch' in goals:
         v = goals['mlla_t_ort_over_torch']
@@ -266,6 +267,7 @@ def main(argv=None) -> int:
         v = goals['mlla_t_int8_over_torch']
         print(f'  MLLA-T {args.backbone_size}: INT8 ONNX Runtime / PyTorch eager fp32  {v:.3f}  '
               f'(<= {GOAL_INT8_OVER_TORCH})  {goal_verdict(rounds["mlla_t_int8_over_torch"], GOAL_INT8_OVER_TORCH)}')
+        print(f'  MLLA-T {args.backbone_size}: INT8 / fp32 ONNX Runtime  {goals["mlla_t_int8_over_ort_fp32"]:.3f}')
     if 'mlla_over_swin_ort' in goals:
         a, b = goals['mlla_over_swin_ort'], goals['mlla_over_swin_torch']
         print(f'  MLLA-T / Swin-T: ONNX Runtime {a:.3f} vs PyTorch {b:.3f}  (ONNX <= PyTorch)  '
