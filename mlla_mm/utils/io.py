@@ -160,6 +160,35 @@ def written_by_toolkit(path: str, span: int = 1 << 16) -> bool:
     return any(m in head for m in _OWN_MARKS_HEAD) or any(m in tail for m in _OWN_MARKS_TAIL)
 
 
+class _Inputs:
+    """The files a tool reads, indexed by real path and by (device, inode): one look-up per output."""
+
+    def __init__(self, inputs: Iterable[str]) -> None:
+        self.by_path = {}
+        self.by_inode = {}
+        for src in inputs:
+            if not src:
+                continue
+            src = os.fspath(src)
+            self.by_path.setdefault(os.path.realpath(src), src)
+            try:
+                st = os.stat(src)
+            except OSError:
+                continue
+            self.by_inode.setdefault((st.st_dev, st.st_ino), src)
+
+    def match(self, path: str) -> Optional[str]:
+        """The input that is the same file as ``path`` (symbolic and hard links included), else None."""
+        src = self.by_path.get(os.path.realpath(path))
+        if src is None and self.by_inode:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            src = self.by_inode.get((st.st_dev, st.st_ino))
+        return src
+
+
 def output_conflict(path: str, inputs: Iterable[str], force: bool = False) -> str:
     """Why a tool must not write ``path``; ``''`` when it may.
 
@@ -168,9 +197,10 @@ def output_conflict(path: str, inputs: Iterable[str], force: bool = False) -> st
     overwritten only when mlla-mm wrote it (:func:`written_by_toolkit`) or
     with ``force``; a directory is never replaced by a file.
     """
-    for src in inputs:
-        if src and same_path(path, src):
-            return f'{path} is also an input of this command ({src}); it would be overwritten'
+    index = inputs if isinstance(inputs, _Inputs) else _Inputs(inputs)
+    src = index.match(path)
+    if src is not None:
+        return f'{path} is also an input of this command ({src}); it would be overwritten'
     if os.path.isdir(path):
         return f'{path} is a directory'
     if os.path.lexists(path) and not force and not written_by_toolkit(path):
@@ -182,17 +212,19 @@ def check_outputs(outputs: Sequence[str], inputs: Iterable[str], force: bool = F
                   error: type = OutputPathError) -> None:
     """Fail before any work when one of ``outputs`` must not be written (:func:`output_conflict`) or two are alike.
 
+    Linear in the number of outputs and inputs (a folder of many images).
+
     Raises:
         OutputPathError (or ``error``, e.g. the tools' ``UsageError``): one line naming ``option`` and the path.
     """
-    inputs = [os.fspath(p) for p in inputs if p]
-    seen = {}
+    index = _Inputs(inputs)
+    seen = set()
     for out in outputs:
         key = os.path.normcase(os.path.abspath(os.fspath(out)))
         if key in seen:
             raise error(f'{option}: two outputs would be written to {out}')
-        seen[key] = out
-        problem = output_conflict(os.fspath(out), inputs, force)
+        seen.add(key)
+        problem = output_conflict(os.fspath(out), index, force)
         if problem:
             raise error(f'{option}: {problem}')
 

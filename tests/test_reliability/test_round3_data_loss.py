@@ -80,6 +80,24 @@ def test_only_files_the_tools_wrote_count_as_theirs(tmp_path):
     assert cv2.imread(str(tmp_path / 'ours.png')).shape == (4, 4, 3)  # the signed PNG still decodes
 
 
+def test_output_checks_see_links_and_stay_linear_in_the_number_of_files(tmp_path):
+    import os
+    import time
+
+    from mlla_mm.utils.io import OutputPathError, check_outputs
+    weights = tmp_path / 'W.pth'
+    weights.write_bytes(b'weights')
+    os.link(weights, tmp_path / 'hard.png')
+    os.symlink(weights, tmp_path / 'soft.png')
+    for out in ('hard.png', 'soft.png'):
+        with pytest.raises(OutputPathError, match=f'also an input .*{weights}'):
+            check_outputs([str(tmp_path / out)], [str(weights)], force=True)
+    inputs = [str(tmp_path / 'in' / f'{i}.jpg') for i in range(5000)]
+    start = time.perf_counter()
+    check_outputs([str(tmp_path / 'out' / f'{i}.png') for i in range(5000)], inputs)  # a big folder
+    assert time.perf_counter() - start < 10  # one look-up per output (all pairs: minutes)
+
+
 # ---- tools/infer.py ----------------------------------------------------------
 infer = load_tool('infer')
 
