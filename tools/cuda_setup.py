@@ -197,12 +197,23 @@ def nvcc_candidates(env: Dict[str, str], usr_local: str = '/usr/local') -> List[
     return out
 
 
+def cuda_home_of(nvcc: str) -> Optional[Path]:
+    """The toolkit folder of an nvcc (``.../bin/nvcc`` -> ``...``) when it has the CUDA headers, else None
+    (e.g. a ``/usr/local/bin/nvcc`` wrapper script)."""
+    home = Path(nvcc).resolve().parent.parent
+    return home if (home / 'include' / 'cuda_runtime.h').is_file() else None
+
+
 def find_nvcc(cuda: str, env: Dict[str, str], usr_local: str = '/usr/local',
               run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> Tuple[Optional[str], List[str]]:
-    """The first nvcc whose major version is ``cuda``'s, and notes on those that were not."""
+    """The first nvcc whose major version is ``cuda``'s (in a toolkit folder with the CUDA headers), and notes
+    on those that were not."""
     major = cuda.split('.')[0]
     notes = []
     for nvcc in nvcc_candidates(env, usr_local):
+        if cuda_home_of(nvcc) is None:
+            notes.append(f'{nvcc}: no include/cuda_runtime.h beside its bin/')
+            continue
         version = nvcc_version(nvcc, run)
         if version and version.split('.')[0] == major:
             return nvcc, notes
@@ -245,25 +256,36 @@ def merge_links(view: Path, roots: Sequence[Path]) -> None:
 
 
 def make_cuda_home(view: Path, roots: Sequence[Path]) -> Path:
-    """A ``CUDA_HOME`` for torch's extension builder from pip's NVIDIA folders.
+    """A ``CUDA_HOME`` for torch's extension builder: the union of ``roots`` (a toolkit with nvcc first, then
+    the environment's pip NVIDIA folder, whose cuBLAS / cuSPARSE / cuSOLVER headers torch's CUDA headers include).
 
-    The union of ``roots`` as links, with a real ``lib`` folder that also has
-    ``libcudart.so`` (pip ships only ``libcudart.so.13``; the build links ``-lcudart``).
-    Rebuilt from scratch each time (it holds links only).
+    Links only, the first root winning a name, with one real ``lib`` folder (no ``lib64``) that also has
+    ``libcudart.so`` (pip ships only ``libcudart.so.13``; the build links ``-lcudart``). Made anew each time.
     """
     if view.is_symlink() or view.is_file():
         view.unlink()
     elif view.exists():
         shutil.rmtree(view)
-    merge_links(view, [r for r in roots if r.name != 'lib'])
+    view.mkdir(parents=True)
+    for root in roots:  # everything but the libraries
+        for entry in sorted(root.iterdir()) if root.is_dir() else []:
+            if entry.name in ('lib', 'lib64'):
+                continue
+            if entry.is_dir() and (view / entry.name).is_dir() and not (view / entry.name).is_symlink():
+                merge_links(view / entry.name, [entry])
+            elif entry.is_dir() and (view / entry.name).is_symlink():
+                first = (view / entry.name).resolve()
+                (view / entry.name).unlink()
+                merge_links(view / entry.name, [first, entry])
+            elif not (view / entry.name).exists():
+                os.symlink(entry.resolve(), view / entry.name)
     lib = view / 'lib'
-    if lib.is_symlink():
-        lib.unlink()
-    lib.mkdir(exist_ok=True)
+    lib.mkdir()
     for root in roots:
-        for so in sorted((root / 'lib').glob('*')) if (root / 'lib').is_dir() else []:
-            if not (lib / so.name).exists():
-                os.symlink(so.resolve(), lib / so.name)
+        for folder in (root / 'lib64', root / 'lib'):
+            for so in sorted(folder.glob('*')) if folder.is_dir() else []:
+                if not (lib / so.name).exists():
+                    os.symlink(so.resolve(), lib / so.name)
     versioned = sorted(lib.glob('libcudart.so.*'))
     if versioned and not (lib / 'libcudart.so').exists():
         os.symlink(versioned[0].name, lib / 'libcudart.so')
@@ -298,11 +320,14 @@ def toolchain(cuda: str, python: str, view: Path, env: Dict[str, str], target: O
     nvcc, notes = find_nvcc(cuda, env, usr_local)
     for note in notes:
         log(f'not using {note}')
-    if nvcc:
-        home = str(Path(nvcc).resolve().parent.parent)
-        return dict(CUDA_HOME=home, CUDA_TOOLCHAIN=f'nvcc {nvcc_version(nvcc)} at {nvcc}')
-    packages = toolchain_packages(cuda)
     site = site_packages(python)
+    if nvcc:  # with the environment's own NVIDIA headers where torch brought them (a toolkit may lack cuSPARSE's)
+        home = cuda_home_of(nvcc)
+        extra = pip_cuda_roots(site, cuda)
+        if extra:
+            home = make_cuda_home(view, [home] + extra)
+        return dict(CUDA_HOME=str(home), CUDA_TOOLCHAIN=f'nvcc {nvcc_version(nvcc)} at {nvcc}')
+    packages = toolchain_packages(cuda)
     roots = pip_cuda_roots(target, cuda) if target is not None else []
     if not any((r / 'bin' / 'nvcc').is_file() for r in roots + pip_cuda_roots(site, cuda)):
         log(f'no nvcc for CUDA {cuda.split(".")[0]}.x on this machine: installing {" ".join(packages)}'
@@ -437,6 +462,10 @@ def check_toolchain(args: argparse.Namespace) -> int:
     target = cache / f'cuda-toolchain-{cuda}'
     found = toolchain(cuda, sys.executable, cache / f'cuda-home-{cuda}', env, target=target,
                       usr_local='/nonexistent' if args.pip_nvcc else '/usr/local')
+    os.environ['CUDA_HOME'] = found['CUDA_HOME']  # before torch.utils.cpp_extension reads it (on import)
+    from torch.utils import cpp_extension
+    if cpp_extension.CUDA_HOME != found['CUDA_HOME']:  # (imported earlier: it found another toolkit)
+        cpp_extension.CUDA_HOME = found['CUDA_HOME']
     from torch.utils.cpp_extension import is_ninja_available
     if not is_ninja_available():  # (the set-up installs ninja only when it builds mmcv itself)
         tool = cache / 'ninja-tool'

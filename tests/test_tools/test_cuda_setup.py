@@ -31,7 +31,10 @@ def _exe(path: Path, body: str) -> Path:
     return path
 
 
-def _fake_nvcc(home: Path, release: str) -> Path:
+def _fake_nvcc(home: Path, release: str, headers: bool = True) -> Path:
+    if headers:
+        (home / 'include').mkdir(parents=True, exist_ok=True)
+        (home / 'include' / 'cuda_runtime.h').write_text(f'// {release}')
     return _exe(home / 'bin' / 'nvcc', f'echo "Cuda compilation tools, release {release}, V{release}.88"\n')
 
 
@@ -103,6 +106,10 @@ def test_find_nvcc_takes_the_first_of_torchs_major_version(tmp_path):
     assert any('12.4' in n for n in notes)
     env = {'PATH': str(new.parent)}
     assert cs.find_nvcc('13.0', env, usr_local=str(tmp_path / 'none'))[0] == str(new)
+    # a wrapper script on PATH (like /usr/local/bin/nvcc) has no toolkit beside it: not a CUDA_HOME
+    wrapper = _fake_nvcc(tmp_path / 'wrap', '13.0', headers=False)
+    nvcc, notes = cs.find_nvcc('13.0', {'PATH': str(wrapper.parent)}, usr_local=str(tmp_path / 'none'))
+    assert nvcc is None and 'no include/cuda_runtime.h' in notes[0]
     assert cs.find_nvcc('13.0', {'PATH': ''}, usr_local=str(tmp_path / 'none')) == (None, [])
 
 
@@ -125,12 +132,13 @@ def _pip_layout(root: Path, release: str, files=('include/cuda_runtime.h', 'lib/
 def test_cuda_home_view_merges_the_pip_folders_and_adds_libcudart_so(tmp_path):
     tool = _pip_layout(tmp_path / 'tool', '13.0')
     site = _pip_layout(tmp_path / 'site', '13.0', files=('include/cublas_v2.h', 'lib/libcublas.so.13'))
+    (tool / 'lib64').symlink_to('lib')  # as /usr/local/cuda has it: the view has one real lib/ and no lib64
     view = cs.make_cuda_home(tmp_path / 'home', [tool, site])
     assert (view / 'include' / 'cuda_runtime.h').read_text() == 'include/cuda_runtime.h'
     assert (view / 'include' / 'cublas_v2.h').read_text() == 'include/cublas_v2.h'
     assert (view / 'lib').is_dir() and not (view / 'lib').is_symlink()
     assert os.readlink(view / 'lib' / 'libcudart.so') == 'libcudart.so.13'
-    assert (view / 'lib' / 'libcublas.so.13').exists()
+    assert (view / 'lib' / 'libcublas.so.13').exists() and not (view / 'lib64').exists()
     assert cs.nvcc_version(str(view / 'bin' / 'nvcc')) == '13.0'
     # made again from scratch: the links only, nothing in the pip folders changed
     cs.make_cuda_home(view, [tool, site])
@@ -161,11 +169,21 @@ def test_toolchain_installs_the_pip_compiler_when_no_nvcc_matches(tmp_path, monk
     assert len(installed) == 1
 
 
-def test_toolchain_uses_a_matching_system_nvcc_as_it_is(tmp_path, monkeypatch):
+def test_toolchain_uses_a_matching_system_nvcc_with_torchs_own_headers(tmp_path, monkeypatch):
+    """A system toolkit may lack the cuSPARSE / cuBLAS headers that torch's CUDA headers include (this
+    machine's /usr/local/cuda-13.0 does): the environment's pip NVIDIA folder supplies them."""
     monkeypatch.setattr(cs, 'pip_install', lambda *a, **k: pytest.fail('nothing should be installed'))
     nvcc = _fake_nvcc(tmp_path / 'usr_local' / 'cuda-13.0', '13.0')
+    monkeypatch.setattr(cs, 'site_packages', lambda python: tmp_path / 'bare_site')
     found = cs.toolchain('13.0', sys.executable, tmp_path / 'view', {'PATH': ''}, usr_local=str(tmp_path / 'usr_local'))
-    assert found['CUDA_HOME'] == str(nvcc.parent.parent.resolve())
+    assert found['CUDA_HOME'] == str(nvcc.parent.parent.resolve())  # nothing to add: the toolkit as it is
+    _pip_layout(tmp_path / 'site', '13.0', files=('include/cusparse.h', 'include/cuda_runtime.h'))
+    monkeypatch.setattr(cs, 'site_packages', lambda python: tmp_path / 'site')
+    found = cs.toolchain('13.0', sys.executable, tmp_path / 'view', {'PATH': ''}, usr_local=str(tmp_path / 'usr_local'))
+    home = Path(found['CUDA_HOME'])
+    assert home == tmp_path / 'view' and (home / 'include' / 'cusparse.h').exists()
+    assert (home / 'include' / 'cuda_runtime.h').read_text() == '// 13.0'  # the toolkit's own header first
+    assert 'at ' + str(nvcc) in found['CUDA_TOOLCHAIN']
 
 
 # ---------------------------------------------------------------- patches and the compile check's parts
