@@ -274,19 +274,23 @@ class _Progress:
 
     def __init__(self, total: int, what: str) -> None:
         self.total, self.what, self.done = total, what, 0
-        self.start = self.last = time.monotonic()
+        self.start = self.first = self.last = time.monotonic()
         self.shown = False
 
-    def update(self, n: int = 1) -> None:
-        self.done += n
+    def update(self) -> None:
+        self.done += 1
         now = time.monotonic()
-        if now - self.start < PROGRESS_AFTER_S or (now - self.last < 0.5 and self.done < self.total):
+        if self.done == 1:
+            self.first = now  # the rate is taken from here on (the first file pays for imports and start-up)
+        if not self.shown and (now - self.start < PROGRESS_AFTER_S or self.done >= self.total):
+            return
+        if self.shown and now - self.last < 0.5 and self.done < self.total:
             return
         self.last, self.shown = now, True
-        spent = now - self.start
-        eta = spent / self.done * (self.total - self.done) if self.done else 0.0
-        sys.stderr.write(f'\r{self.what}: {self.done}/{self.total} files, {spent:.0f} s, '
-                         f'about {eta:.0f} s left ')
+        left = ''
+        if 1 < self.done < self.total:
+            left = f', about {(now - self.first) / (self.done - 1) * (self.total - self.done):.0f} s left'
+        sys.stderr.write(f'\r{self.what}: {self.done}/{self.total} files, {now - self.start:.0f} s{left} ')
         sys.stderr.flush()
 
     def close(self) -> None:
