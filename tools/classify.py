@@ -311,7 +311,10 @@ def classify(args: argparse.Namespace) -> int:
     device = check_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     check_output(args.out, '--out')
     check_output(args.show_dir, '--show-dir', folder=True)
-    check_file(args.weights, name='--weights')  # missing, a folder or refused: before the model is built
+    if not os.path.exists(args.weights):  # where to get the published file and where to put it
+        from mlla_mm.models.mlla import MissingWeightsError, missing_weights_message
+        raise MissingWeightsError(missing_weights_message(args.weights, args.model))
+    check_file(args.weights, name='--weights')  # a folder or refused: before the model is built
     for path in args.images:
         if os.path.isdir(path):
             raise UsageError(f'{path} is a directory, not an image (a folder of class subfolders goes to --data-dir)')

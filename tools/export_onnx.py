@@ -100,6 +100,9 @@ def export(args: argparse.Namespace) -> int:
     from mlla_mm.utils.io import check_outputs
     check_outputs([args.out], [args.model, args.weights], force=args.force, option='--out', error=UsageError)
     require('onnx', *(['onnxruntime'] if args.check or args.int8 else []))
+    if args.weights and not os.path.exists(args.weights):  # where to get the published file and where to put it
+        from mlla_mm.models.mlla import MissingWeightsError, missing_weights_message
+        raise MissingWeightsError(missing_weights_message(args.weights, args.model))
     if args.calib_dir:
         from mlla_mm.deploy.quantize import folder_images
         folder_images(args.calib_dir, 1)  # a folder with images, before the export

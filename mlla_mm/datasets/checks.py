@@ -9,17 +9,23 @@ training has started:
   category ids; annotations naming unknown images or categories; config
   ``classes`` missing from the file or in another order; malformed entries;
   no usable annotation at all; ``width``/``height`` that differ from the
-  image; missing and unreadable images. Boxes and polygons that mmdet would
-  drop are counted in one warning line per file.
+  image; missing and unreadable images; image or category ids mixing
+  numbers and strings. When masks are loaded: polygons and RLEs that
+  pycocotools would crash on (non-finite or far-off coordinates, an RLE of
+  another size than its image or with broken counts). Boxes and polygons that
+  mmdet would drop are counted in one warning line per file.
 - mmseg folder datasets (``images/`` + ``annotations/`` PNGs): images without
-  a label map, unreadable images or label maps, label maps of another size.
+  a label map, unreadable images or label maps, label maps of another size or
+  with values that are not classes of the model (``num_classes``, 255 ignored).
 - The model: an MLLA backbone's ``out_indices`` must give the channels the
   neck's (or the decode heads') ``in_channels`` expect.
 
-Each image is checked without decoding it: PIL reads the header (size, EXIF
-orientation); a JPEG must end with its end-of-image marker (the last 1 KiB is
-read); other formats go through ``PIL.Image.verify()`` (for PNG: the CRC of
-every chunk up to ``IEND``, which reads the file but does not decompress it).
+Each image is checked as far as its format needs (:func:`inspect_image`): PIL
+reads the header (size, EXIF orientation of every format); a JPEG must end
+with its end-of-image marker (the last 1 KiB is read); a PNG goes through
+``PIL.Image.verify()`` (the CRC of every chunk) and its pixel data is
+inflated (:func:`_png_scan`); other formats are decoded by PIL. Label maps are
+decoded in full (:func:`inspect_label_map`). Long checks show a progress line.
 
 Problems are raised as :class:`DataNotFoundError` subclasses with a one-line
 message naming the file (the tools print ``error: ...`` and exit 2). With
