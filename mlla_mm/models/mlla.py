@@ -634,6 +634,8 @@ class MLLA(BaseModule):
                       f'initialised. Put the published ImageNet weights at {path} (or set '
                       'model.backbone.init_cfg.checkpoint) to fine-tune from them.', logger='current',
                       level=30)
+        elif not os.path.lexists(path):  # where to get the published file and where to put it
+            raise MissingWeightsError(missing_weights_message(path))
         else:
             load_backbone_weights(
                 self, path, strict=cfg.get('strict', True), use_ema=cfg.get('use_ema', False),
@@ -1079,8 +1081,20 @@ default_cfgs = generate_default_cfgs({f'{name}.in1k': _cfg(name) for name in _FI
 _FEATURE_CLS = ('getter', 'hook')
 
 
-class MissingWeightsError(CheckpointError):
-    """``pretrained=True`` without a weights file (nothing can be downloaded)."""
+class MissingWeightsError(CheckpointError, FileNotFoundError):
+    """A weights file that is not there (nothing can be downloaded): says where to get it and where to put it."""
+
+
+def missing_weights_message(path: str, variant: str = 'mlla_tiny', option: str = '') -> str:
+    """What to say when the weights file ``path`` (a tool's ``option``) is not there: where to get it, where to put it."""
+    variant = {'mlla_t': 'mlla_tiny', 'mlla_s': 'mlla_small', 'mlla_b': 'mlla_base'}.get(variant, variant)
+    where = f'{option} {path}' if option else str(path)
+    if os.path.basename(path) in _FILES.values():
+        return (f'{where}: not found; the published weights are not downloaded: get {os.path.basename(path)} from '
+                f'{ORIGIN_URL} (README, Pretrained Models) and put it at {path}')
+    name = _FILES.get(variant, 'MLLA_T.pth')
+    return (f'{where}: not found (the published weights are not downloaded: get {name} from {ORIGIN_URL} '
+            f'(README, Pretrained Models) and put it at data/pretrained/{name})')
 
 
 def refuse_remote_weights(variant: str, cfg: Any) -> None:
@@ -1111,8 +1125,13 @@ def refuse_remote_weights(variant: str, cfg: Any) -> None:
         '(read by the safe loader)')
 
 
-def _create_mlla(variant: str, pretrained: bool = False, use_ema: bool = False, **kwargs: Any) -> nn.Module:
-    """Build ``variant`` with timm's ``build_model_with_cfg``; weights come from ``pretrained_cfg`` ``file``."""
+def _create_mlla(variant: str, pretrained: bool = False, use_ema: bool = False, if_missing: str = 'error',
+                 **kwargs: Any) -> nn.Module:
+    """Build ``variant`` with timm's ``build_model_with_cfg``; weights come from ``pretrained_cfg`` ``file``.
+
+    A ``file`` that does not exist is :class:`MissingWeightsError` (where to get the published file and where
+    to put it), or with ``if_missing='warn'`` (what the configs say) a warning and random weights.
+    """
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     feature_cls = kwargs.get('feature_cls', 'getter')
     if kwargs.get('features_only') and not (isinstance(feature_cls, str) and feature_cls.lower() in _FEATURE_CLS):
@@ -1123,6 +1142,16 @@ def _create_mlla(variant: str, pretrained: bool = False, use_ema: bool = False, 
                          f'{feature_cls!r}')
     if use_ema and not pretrained:
         raise ValueError(f'{variant}: use_ema=True selects pretrained weights; it needs pretrained=True')
+    if if_missing not in ('error', 'warn'):
+        raise ValueError(f"{variant}: if_missing must be 'error' or 'warn', got {if_missing!r}")
+    file = (kwargs.get('pretrained_cfg_overlay') or {}).get('file')
+    if pretrained and file and not os.path.exists(os.path.expanduser(str(file))):
+        if if_missing == 'error':
+            raise MissingWeightsError(missing_weights_message(str(file), variant))
+        print_log(f'{variant}: pretrained weights {file} not found; the model is RANDOMLY initialised. Put the '
+                  f'published ImageNet weights at {file} to fine-tune from them.', logger='current', level=30)
+        pretrained = False
+        kwargs['pretrained_cfg_overlay'] = None
     if pretrained:
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                      pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
@@ -1178,4 +1207,5 @@ def mlla_base(pretrained: bool = False, **kwargs: Any) -> MLLAClassifier:
 __all__ = ['MLLA', 'MLLAStage', 'MLLABlock', 'LinearAttention', 'RoPE', 'Mlp', 'Stem', 'Downsample',
            'rope_cos_sin', 'apply_rope', 'resolve_arch', 'ARCH_SETTINGS',
            'MLLAClassifier', 'checkpoint_filter_fn', 'load_checkpoint_weights', 'MissingWeightsError',
+           'missing_weights_message',
            'default_cfgs', 'mlla_tiny', 'mlla_small', 'mlla_base']

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from collections import OrderedDict
@@ -687,13 +688,18 @@ def test_mmseg_timm_backbone_config(tmp_path):
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
     init_default_scope('mmseg')
-    # as written: it asks for the published weights, and says where they go when they are missing
+    # as written: it asks for the published weights; when they are missing it warns and goes on with random
+    # weights, as the MLLA configs do, and with if_missing='error' it says where to get them and put them
     cfg = _tiny_seg_cfg()
-    assert cfg.model.backbone.pretrained is True
+    assert cfg.model.backbone.pretrained is True and cfg.model.backbone.if_missing == 'warn'
     assert cfg.model.backbone.pretrained_cfg_overlay.file == 'data/pretrained/MLLA_T.pth'
-    if not os.path.isfile(cfg.model.backbone.pretrained_cfg_overlay.file):
-        with pytest.raises(Exception, match='MLLA_T.pth'):
-            MODELS.build(cfg.model)
+    missing = str(tmp_path / 'data' / 'pretrained' / 'MLLA_T.pth')
+    from mlla_mm.models.mlla import MissingWeightsError
+    assert MODELS.build(_tiny_seg_cfg(pretrained_cfg_overlay=dict(file=missing)).model).backbone is not None
+    with pytest.raises(MissingWeightsError, match=r'not found; the published weights are not downloaded: get '
+                                                  r'MLLA_T\.pth from https://github\.com/LeapLabTHU/MLLA .* and put '
+                                                  r'it at ' + re.escape(missing)):
+        MODELS.build(_tiny_seg_cfg(pretrained_cfg_overlay=dict(file=missing), if_missing='error').model)
     # with a (tiny) checkpoint file: built, loaded, runs
     src = tiny(num_classes=1000)
     path = save({'model': src.state_dict()}, tmp_path / 'tiny.pth')

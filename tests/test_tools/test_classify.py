@@ -236,7 +236,9 @@ def test_bad_arguments_are_one_line_before_the_model_is_built(tool, setup, capsy
     rc, out, err = run_or_exit(tool, capsys, img, '--weights', tmp_path)
     assert rc == 2 and err.strip() == f'error: --weights {tmp_path} is a directory, not a checkpoint file'
     rc, out, err = run_or_exit(tool, capsys, img, '--weights', tmp_path / 'nope.pth')
-    assert rc == 2 and err.strip() == f'error: --weights not found: {tmp_path / "nope.pth"}'
+    assert rc == 2 and err.strip() == (f'error: --weights {tmp_path / "nope.pth"}: not found (the published weights '
+                                       'are not downloaded: get MLLA_T.pth from https://github.com/LeapLabTHU/MLLA '
+                                       '(README, Pretrained Models) and put it at data/pretrained/MLLA_T.pth)')
     (tmp_path / 'empty.pth').write_bytes(b'')
     rc, out, err = run_or_exit(tool, capsys, img, '--weights', tmp_path / 'empty.pth')
     assert rc == 2 and err.strip() == f'error: --weights is empty: {tmp_path / "empty.pth"}'
