@@ -96,7 +96,9 @@ def build_backbone(name: str, cache: Dict[str, torch.nn.Module]) -> torch.nn.Mod
     if name in ('mlla_t', 'mlla_s', 'mlla_b'):
         return MLLA({'mlla_t': 'tiny', 'mlla_s': 'small', 'mlla_b': 'base'}[name]).eval()
     if name == 'mlla_t_ref':
-        from mlla_mm.models.mlla_reference import MLLAReference
+        if REPO_ROOT not in sys.path:  # the reference implementation lives with the tests
+            sys.path.insert(0, REPO_ROOT)
+        from tests.test_models.mlla_reference import MLLAReference
         ref = MLLAReference('tiny').eval()
         if 'mlla_t' in cache:
             ref.load_state_dict(cache['mlla_t'].state_dict())
@@ -403,7 +405,8 @@ def load_mlla_at_revision(rev: str, folder: str) -> Tuple[type, str]:
     sys.modules.update({pkg: root, f'{pkg}.models': models, f'{pkg}.registry': registry})
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # e.g. timm's "overwriting model in registry" of a newer revision
-        module = importlib.import_module(f'{pkg}.models.mlla')
+        backbone = 'backbone' if 'mlla_mm/models/backbone.py' in files else 'mlla'  # (the file MLLA is in)
+        module = importlib.import_module(f'{pkg}.models.{backbone}')
     return module.MLLA, sha
 
 

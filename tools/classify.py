@@ -312,7 +312,7 @@ def classify(args: argparse.Namespace) -> int:
     check_output(args.out, '--out')
     check_output(args.show_dir, '--show-dir', folder=True)
     if not os.path.exists(args.weights):  # where to get the published file and where to put it
-        from mlla_mm.models.mlla import MissingWeightsError, missing_weights_message
+        from mlla_mm.models.timm_mlla import MissingWeightsError, missing_weights_message
         raise MissingWeightsError(missing_weights_message(args.weights, args.model, option='--weights'))
     check_file(args.weights, name='--weights')  # a folder or refused: before the model is built
     for path in args.images:

@@ -101,7 +101,7 @@ def export(args: argparse.Namespace) -> int:
     check_outputs([args.out], [args.model, args.weights], force=args.force, option='--out', error=UsageError)
     require('onnx', *(['onnxruntime'] if args.check or args.int8 else []))
     if args.weights and not os.path.exists(args.weights):  # where to get the published file and where to put it
-        from mlla_mm.models.mlla import MissingWeightsError, missing_weights_message
+        from mlla_mm.models.timm_mlla import MissingWeightsError, missing_weights_message
         raise MissingWeightsError(missing_weights_message(args.weights, args.model))
     if args.calib_dir:
         from mlla_mm.deploy.quantize import folder_images

@@ -50,7 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.mlla import MLLABlock, MLLAStage, dwconv_bhwc
+from ..models.mlla import MLLABlock, MLLAStage
+from ..models.ops import attention_dtype, dwconv_bhwc
 
 
 def rope_pair_halves_permutation(channels: int, heads: int) -> torch.Tensor:
@@ -185,7 +186,7 @@ class ExportStage(nn.Module):
         if not len(self.blocks):
             return x
         _, h, w, _ = x.shape
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = attention_dtype(x.dtype)
         table = rope_half_tables(h, w, self.dim, self.num_heads, x.device, dtype, self.base)
         for blk in self.blocks:
             x = blk(x, table)

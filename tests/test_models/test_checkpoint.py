@@ -135,9 +135,9 @@ def test_missing_file_is_named(tmp_path, golden_arch):
 
 
 def test_if_missing_warn_keeps_random_init(tmp_path, golden_arch, monkeypatch):
-    import mlla_mm.models.mlla as mlla_module
+    import mlla_mm.models.backbone as backbone_module
     msgs = []
-    monkeypatch.setattr(mlla_module, 'print_log', lambda msg, **kw: msgs.append((msg, kw.get('level'))))
+    monkeypatch.setattr(backbone_module, 'print_log', lambda msg, **kw: msgs.append((msg, kw.get('level'))))
     model = golden_model(golden_arch, tmp_path / 'MLLA_T.pth', if_missing='warn')
     before = model.state_dict()['layers.0.blocks.0.in_proj.weight'].clone()
     model.init_weights()

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import mlla_mm.models.mlla as mlla_module
 from mlla_mm.models import fast_inference
-from mlla_mm.models.mlla_reference import RefMLLABlock
+from tests.test_models.mlla_reference import RefMLLABlock
 
 from tests.test_models.test_mlla_fast_path import small_backbone_pair
 

@@ -1,6 +1,6 @@
 """Both code paths of MLLA against a plain reference written from the spec, and the rule between them.
 
-``mlla_mm.models.mlla_reference`` is an independent, slow implementation
+``tests/test_models/mlla_reference.py`` is an independent, slow implementation
 (tokens as (B, N, C), NCHW convs, RoPE from explicit cos/sin per channel
 pair, the attention head by head). It reproduces the golden outputs of the
 published code on its own; here the plain autograd path of ``mlla.py`` and
@@ -16,7 +16,7 @@ import mlla_mm.models.mlla as mlla_module
 from mlla_mm.models import MLLA
 from mlla_mm.models import fast_inference
 from mlla_mm.models.ops import use_fast_inference
-from mlla_mm.models.mlla_reference import MLLAReference, RefMLLABlock
+from tests.test_models.mlla_reference import MLLAReference, RefMLLABlock
 
 # Outputs of a block are O(1); fp32 rounding differs between the paths.
 ATOL, RTOL = 2e-5, 1e-4

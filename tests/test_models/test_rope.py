@@ -6,7 +6,7 @@ import torch
 import mlla_mm.models.mlla as mlla_module
 from mlla_mm.models import MLLA
 from mlla_mm.models.mlla import RoPE, apply_rope, rope_angles, rope_cos_sin
-from mlla_mm.models.mlla_reference import ref_rope
+from tests.test_models.mlla_reference import ref_rope
 
 SMALL = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
 CPU = torch.device('cpu')

@@ -59,7 +59,7 @@ def test_import_mlla_mm_registers_the_models():
             'num_heads=(1, 2, 2, 4)); print(type(m).__module__, type(m).__name__, sorted(timm.list_models("mlla*")))')
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "mlla_mm.models.mlla MLLAClassifier ['mlla_base', 'mlla_small', 'mlla_tiny']" in res.stdout
+    assert "mlla_mm.models.timm_mlla MLLAClassifier ['mlla_base', 'mlla_small', 'mlla_tiny']" in res.stdout
     assert isinstance(tiny(), MLLAClassifier)
 
 
@@ -694,7 +694,7 @@ def test_mmseg_timm_backbone_config(tmp_path):
     assert cfg.model.backbone.pretrained is True and cfg.model.backbone.if_missing == 'warn'
     assert cfg.model.backbone.pretrained_cfg_overlay.file == 'data/pretrained/MLLA_T.pth'
     missing = str(tmp_path / 'data' / 'pretrained' / 'MLLA_T.pth')
-    from mlla_mm.models.mlla import MissingWeightsError
+    from mlla_mm.models.timm_mlla import MissingWeightsError
     assert MODELS.build(_tiny_seg_cfg(pretrained_cfg_overlay=dict(file=missing)).model).backbone is not None
     with pytest.raises(MissingWeightsError, match=r'not found; the published weights are not downloaded: get '
                                                   r'MLLA_T\.pth from https://github\.com/LeapLabTHU/MLLA .* and put '

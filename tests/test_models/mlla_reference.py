@@ -6,7 +6,8 @@ linear attention head by head with the formulas of the spec. It shares the
 parameter names of :class:`mlla_mm.models.MLLA`, so
 ``ref.load_state_dict(fast.state_dict())`` works. Used by the tests (to check
 the fast path's outputs and gradients) and by ``tools/benchmark.py``
-(``mlla_t_ref``). Not registered: it is not meant for training.
+(``mlla_t_ref``). Not registered and not part of the installed package: it
+is not meant for training.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mlla import ARCH_SETTINGS, resolve_arch
+from mlla_mm.models.mlla import ARCH_SETTINGS, resolve_arch
 
 
 class RefConvLayer(nn.Module):
