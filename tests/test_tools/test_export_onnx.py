@@ -332,3 +332,37 @@ def test_config_whose_model_is_a_backbone(tmp_path, capsys):
     code, lines = run_in_process(capsys, neck, '--out', tmp_path / 'neck.onnx', '--backbone-only')
     assert_error(code, lines, f'{neck}: --backbone-only: the model (FPN) has no backbone')
     assert leftovers(tmp_path) == ['bare.onnx']
+
+
+# --------------------------------------------------------------------------
+# The whole detector (issue 28).
+# --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_tool_exports_and_checks_a_whole_detector(tmp_path):
+    import onnxruntime as ort
+    from tests.test_deploy.tiny import write_tiny_detector
+    out = tmp_path / 'det.onnx'
+    res = run_tool(TOOL, write_tiny_detector(tmp_path), '--out', out, '--shape', '64', '96', '--dynamic', '--check',
+                   timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [ln for ln in res.stdout.splitlines() if 'max|diff|' in ln]
+    assert len(rows) == 12 and all('PASS' in ln for ln in rows), res.stdout
+    assert 'inputs img (batch, 3, H, W), img_shape (batch, 2), outputs boxes, scores, labels, masks' in res.stdout
+    sess = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    boxes, scores, labels, masks = sess.run(None, {'img': np.random.rand(1, 3, 71, 39).astype(np.float32),
+                                                   'img_shape': np.array([[71, 39]])})
+    assert boxes.shape[:2] == scores.shape == labels.shape == masks.shape[:2] and masks.shape[2:] == (28, 28)
+
+
+def test_detector_options_bad_input(tmp_path, capsys):
+    from tests.test_deploy.tiny import write_tiny_detector
+    det = write_tiny_detector(tmp_path)
+    code, lines = run_in_process(capsys, det, '--out', tmp_path / 'm.onnx', '--opset', '15')
+    assert_error(code, lines, 'opset 16')
+    code, lines = run_in_process(capsys, 'mlla_t', '--features', '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, '--features', 'mlla_t')
+    code, lines = run_in_process(capsys, write_tiny_upernet(tmp_path), '--features', '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, '--features', 'EncoderDecoder')
+    code, lines = run_in_process(capsys, det, '--features', '--backbone-only', '--out', tmp_path / 'm.onnx')
+    assert_error(code, lines, '--features', '--backbone-only')
+    assert leftovers(tmp_path) == []

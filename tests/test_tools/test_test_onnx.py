@@ -149,3 +149,27 @@ def test_onnx_segmentor_predicts_what_pytorch_predicts(tmp_path):
         assert (g.pred_sem_seg.data == r.pred_sem_seg.data).float().mean() > 0.999
         torch.testing.assert_close(g.seg_logits.data, r.seg_logits.data, rtol=1e-4, atol=1e-4)
     assert float(ref[0].seg_logits.data.std(dim=(1, 2)).min()) > 1e-3  # logits that vary over the image
+
+
+@pytest.mark.slow
+def test_int8_detector_calibrated_on_training_images_is_evaluated_like_fp32(exported, tmp_path):
+    """--int8 --calib-images 2: calibrated through the config's test pipeline; the file keeps the export's
+    metadata, so tools/test.py's model accepts it, and it still detects."""
+    import onnx
+    from mmengine.config import Config
+    from mmengine.registry import DATASETS, MODELS, init_default_scope
+
+    from mlla_mm.deploy.ort_model import check_onnx_for_config, onnx_model_config
+    cfg_path, ckpt, _, _ = exported
+    out = tmp_path / 'int8.onnx'
+    assert export_tool.main([str(cfg_path), str(ckpt), '--out', str(out), '--shape', '64', '64', '--dynamic',
+                             '--int8', '--calib-images', '2']) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta['mlla_mm_int8_calibration_images'] == '2' and meta['mlla_mm_kind'] == 'detector'
+    cfg = Config.fromfile(str(cfg_path))
+    init_default_scope('mmdet')
+    dataset = DATASETS.build(cfg.test_dataloader.dataset)
+    model = MODELS.build(onnx_model_config(cfg, str(out), check_onnx_for_config(str(out), cfg)))
+    got = model.test_step(dict(inputs=[dataset[i]['inputs'] for i in range(2)],
+                               data_samples=[dataset[i]['data_samples'] for i in range(2)]))
+    assert sum(len(g.pred_instances) for g in got) > 0
