@@ -4,7 +4,7 @@ Every tool that draws (``tools/test.py --show-dir``, ``tools/demo.py``,
 ``make demo`` / ``make demo-seg``, ``tools/infer.py``) draws here:
 
 - a picture per image, ``<image stem>.png`` (two images with one stem get
-  ``<stem>_1.png``, ...), at the image's own size: no enlargement;
+  ``<stem>.png`` and ``<stem>_2.png``), at the image's own size: no enlargement;
 - with ground truth (``tools/test.py --show-dir``, the demos): ground truth
   on the left, predictions on the right, each panel the size of the image;
   ``tools/infer.py`` draws the predictions alone;
@@ -267,9 +267,9 @@ def write_picture(path: str, rgb: np.ndarray) -> None:
 
 
 def picture_name(img_path: str, taken: Set[str]) -> str:
-    """``<stem>.png`` of ``img_path``, ``<stem>_1.png``, ``<stem>_2.png`` ... when taken; records the name."""
+    """``<stem>.png`` of ``img_path``; ``<stem>_2.png``, ``<stem>_3.png`` ... when taken (as io.distinct_paths)."""
     stem = os.path.splitext(os.path.basename(str(img_path)))[0] or 'image'
-    name, k = f'{stem}.png', 0
+    name, k = f'{stem}.png', 1
     while name in taken:
         k += 1
         name = f'{stem}_{k}.png'

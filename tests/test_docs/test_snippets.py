@@ -247,7 +247,7 @@ def test_command_without_the_published_weights_says_where_to_get_them(block, com
     res = run_here(argv_of(command), tmp_path)
     path, name = WEIGHTS.search(command).group(0), WEIGHTS.search(command).group(1) + '.pth'
     assert res.returncode == 2, res.stderr[-3000:]
-    option = '--weights ' if '--weights' in command else ''  # classify.py names its option, export_onnx.py's is positional
+    option = '--weights ' if '--weights' in command else ''  # classify.py names its option; export_onnx's is positional
     assert res.stderr.strip().splitlines()[-1] == 'error: ' + option + MESSAGE.format(path=path, name=name)
     assert 'Traceback' not in res.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written

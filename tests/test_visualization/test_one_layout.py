@@ -137,7 +137,7 @@ def test_show_dir_hook_writes_stem_png_at_the_images_size(tmp_path):
         warnings.simplefilter('error')
         hook.after_test_iter(runner, 0, None, samples[:2])
         hook.after_test_iter(runner, 1, None, samples[2:])
-    assert sorted(p.name for p in out.iterdir()) == ['val_1.png', 'val_1_1.png', 'x.y.png']
+    assert sorted(p.name for p in out.iterdir()) == ['val_1.png', 'val_1_2.png', 'x.y.png']
     for p in out.iterdir():
         assert cv2.imread(str(p)).shape == (100, 240, 3)  # ground truth | predictions, each the image's size
 
