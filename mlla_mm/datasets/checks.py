@@ -52,6 +52,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 from mmengine.config import Config
 from mmengine.logging import print_log
 
@@ -175,7 +176,6 @@ def _png_scan(path: str) -> Tuple[int, str]:
     Returns:
         ``(orientation, '')`` or ``(1, reason)``.
     """
-    import numpy as np
     with open(path, 'rb') as f:
         data = f.read()
     view = memoryview(data)
@@ -412,7 +412,6 @@ def _rle_string_counts(counts: str) -> Optional[Any]:
     characters, or a run length outside 0..2**32-1 (pycocotools stores them
     as ``uint`` and would write that many pixels).
     """
-    import numpy as np
     try:
         raw = counts.encode('ascii')
     except UnicodeEncodeError:
@@ -480,7 +479,6 @@ def _first_bad_coordinate(p: List[Any], w: float, h: float) -> str:
 def _polygon_batch(ids: List[Any], polys: List[List[Any]], widths: List[Any], heights: List[Any]
                    ) -> List[Tuple[Any, str]]:
     """:func:`_polygon_problems` for one batch: per-polygon min/max of x and y with numpy's reduceat."""
-    import numpy as np
     pairs = np.fromiter((len(p) // 2 for p in polys), np.int64, len(polys))
     keep = np.flatnonzero(pairs)  # a trailing odd number is ignored by pycocotools (and dropped by mmdet)
     if not keep.size:
@@ -831,7 +829,6 @@ def inspect_label_map(path: str) -> Tuple[Optional[Tuple[int, int]], str, Tuple[
     Returns:
         ``((width, height), '', values present)`` or ``(None, reason, ())``.
     """
-    import numpy as np
     from PIL import Image, UnidentifiedImageError
     try:
         if os.path.getsize(path) == 0:
