@@ -76,8 +76,8 @@ def test_failed_check_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(onnx_export.ExportTarget, 'exportable', corrupted)
     out = tmp_path / 'bad.onnx'
-    out.write_bytes(b'previous file')  # an existing file stays as it was
-    code = export_tool.main([str(cfg), '--out', str(out), '--shape', '48', '48', '--dynamic', '--check'])
+    out.write_bytes(b'previous file')  # an existing file stays as it was (--force: a file mlla-mm did not write)
+    code = export_tool.main([str(cfg), '--out', str(out), '--shape', '48', '48', '--dynamic', '--check', '--force'])
     captured = capsys.readouterr()
     assert code == 1
     assert 'FAIL' in captured.out and 'not written' in captured.err
