@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Export an MLLA backbone, an UperNet segmentor or a detector's backbone + FPN to ONNX.
+"""Export an MLLA backbone, an UperNet segmentor or a whole detector to ONNX (optionally INT8).
 
     python tools/export_onnx.py CONFIG_OR_ARCH [WEIGHTS] --out model.onnx [--shape H W] [--dynamic]
-                                [--opset N] [--check] [--backbone-only] [--threads N] [--formulation onnx|plain]
+                                [--opset N] [--check] [--backbone-only | --features] [--threads N]
+                                [--formulation onnx|plain] [--int8 [--calib-images N | --calib-dir DIR]]
 
 CONFIG_OR_ARCH is ``mlla_t``, ``mlla_s``, ``mlla_b`` (the backbone alone,
 outputs feat0..feat3), an mmseg config (image -> per-pixel class logits at
-the input size), an mmdet config (backbone + FPN, outputs fpn0..) or a
-config whose ``model`` is a backbone (``dict(type='mlla_mm.MLLA', ...)``).
+the input size), an mmdet config (the whole detector: inputs img and
+img_shape, outputs boxes, scores, labels[, masks]; ``--features``: backbone
++ FPN, outputs fpn0..) or a config whose ``model`` is a backbone
+(``dict(type='mlla_mm.MLLA', ...)``). ``--int8`` writes a statically
+quantized model (ONNX Runtime, QDQ), calibrated on ``--calib-images N``
+training images of the config or the images of ``--calib-dir DIR``.
 ``--opset`` is 13 (the lowest that exports every graph of this project) up
 to the TorchScript exporter's maximum (20 with torch 2.14); default 18.
 WEIGHTS (optional; random weights without it) is read by mlla-mm's safe
