@@ -61,6 +61,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from ..utils.io import TMP_TAG, AtomicWriteError, atomic_write
+from .console import keep_parameter_reports_off_console
 
 #: The file backend name for atomic local writes (``backend_args=dict(backend=ATOMIC_BACKEND)``).
 ATOMIC_BACKEND = 'mlla_atomic_local'
@@ -612,6 +613,7 @@ class SafeRunner(Runner):
         self._work_dir_lock: Optional[WorkDirLock] = None
         with _disk_full_is_one_line(params.get('work_dir', '.'), 'starting the run'):
             super().__init__(**params)
+        keep_parameter_reports_off_console(self.logger)  # per-parameter reports: log file only
         from mmengine.hooks import CheckpointHook
         for hook in self._hooks:  # mmengine writes last_checkpoint with a plain open(): atomically instead
             save = getattr(hook, '_save_checkpoint_with_step', None)
