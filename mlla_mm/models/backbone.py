@@ -16,8 +16,8 @@ from mmengine.model import BaseModule
 
 from ..checkpoint import load_backbone_weights
 from ..registry import register_everywhere
-from .mlla import LayerNorm, Stem, build_stages, check_hyperparameters, check_images, init_module, resolve_arch, \
-    run_stages
+from .mlla import (LayerNorm, Stem, build_stages, check_hyperparameters, check_images, init_module, resolve_arch,
+                   run_stages)
 from .ops import is_tracing, set_fast_inference
 from .timm_mlla import MissingWeightsError, missing_weights_message
 

@@ -25,8 +25,8 @@ from timm.models import (adapt_input_conv, build_model_with_cfg, generate_defaul
 from timm.models._features import feature_take_indices
 
 from ..checkpoint import CheckpointError, compare_state_dicts, find_state_dict, load_file
-from .mlla import ARCH_SETTINGS, LayerNorm, Stem, _is_number, build_stages, check_hyperparameters, check_images, \
-    init_module, resolve_arch, run_stages
+from .mlla import (ARCH_SETTINGS, LayerNorm, Stem, _is_number, build_stages, check_hyperparameters, check_images,
+                   init_module, resolve_arch, run_stages)
 from .ops import is_tracing, set_fast_inference
 
 # --------------------------------------------------------------------------
