@@ -446,6 +446,12 @@ class _Scanner:
         self.budget = OBJECT_BUDGET_BASE + OBJECT_BUDGET_PER_BYTE * len(archive.pickle)
         self.used = 0
         self.storages: Dict[str, Tuple[torch.dtype, int]] = {}
+        self.hashed: List[_O] = []  # every dict and set built (reachable from the result or not)
+
+    def _hashed(self, obj: _O) -> _O:
+        """Note a dict or set: the unpickler hashes its keys when it builds it (see :func:`_check_keys`)."""
+        self.hashed.append(obj)
+        return obj
 
     def charge(self, nbytes: int, what: str) -> None:
         self.used += nbytes
@@ -495,7 +501,7 @@ class _Scanner:
                     stack.append(_O('list'))
                     self.charge(64, name)
                 elif name == 'EMPTY_DICT':
-                    stack.append(_O('dict', info='dict'))
+                    stack.append(self._hashed(_O('dict', info='dict')))
                     self.charge(64, name)
                 elif name == 'EMPTY_SET':
                     stack.append(_O('set'))
@@ -550,6 +556,9 @@ class _Scanner:
                     self._build(stack[-1], state)
                 elif name == 'STOP':
                     self._check_structure(stack[-1])
+                    budget = _KeyBudget(MAX_TREE_NODES_BASE + MAX_TREE_NODES_PER_BYTE * len(self.archive.pickle))
+                    for obj in self.hashed:  # built, so hashed, even when not part of the result
+                        _check_keys(obj.keys if obj.kind == 'dict' else obj.items, obj.kind, budget)
                     return
                 # PROTO: nothing to check (torch's unpickler only warns on protocols other than 2).
         except Refused:
@@ -612,12 +621,12 @@ class _Scanner:
         role = func.role
         if role == 'odict' and args == ():
             self.charge(128, 'OrderedDict')
-            return _O('dict', info='odict')
+            return self._hashed(_O('dict', info='odict'))
         if role == 'counter' and (args == () or (len(args) == 1 and isinstance(args[0], _O)
                                                  and args[0].kind == 'dict')):
             n = len(args[0].keys) if args else 0
             self.charge(128 + 112 * n, 'Counter')
-            counter = _O('dict', info='counter')
+            counter = self._hashed(_O('dict', info='counter'))
             if args:  # a copy of the dict: its items are the Counter's (walked and checked with it)
                 counter.keys, counter.items = list(args[0].keys), list(args[0].items)
             return counter
@@ -625,8 +634,9 @@ class _Scanner:
                 (isinstance(args[0], _O) and args[0].kind == 'list') or isinstance(args[0], tuple)))):
             members = (args[0].items if isinstance(args[0], _O) else list(args[0])) if args else []
             self.charge(216 + 64 * len(members), 'set')
-            _check_keys(members, 'set')
-            return _O('set')
+            result = self._hashed(_O('set'))
+            result.items = list(members)  # walked and its hashes checked with it (_check_structure)
+            return result
         if role == 'complex' and len(args) <= 2 and all(type(a) in (int, float) for a in args):
             try:
                 complex(*args)
@@ -698,13 +708,13 @@ class _Scanner:
             if len(args) == 4 and isinstance(args[0], _G) and args[0].role == 'rebuild_tensor_v2' and \
                     isinstance(args[1], _G) and args[1].role == 'tensor_type' and isinstance(args[2], tuple) \
                     and self._state_ok(args[3]):
-                return self._tensor(args[0], args[2])
+                return self._with_state(self._tensor(args[0], args[2]), args[3])
         elif role in ('rebuild_parameter', 'rebuild_parameter_with_state'):
             n = 3 if role == 'rebuild_parameter' else 4
             if len(args) == n and isinstance(args[0], _O) and args[0].kind == 'tensor' and \
                     type(args[1]) is bool and self._hooks_ok(args[2]) and (n == 3 or self._state_ok(args[3])):
                 self.charge(256, 'a parameter')
-                return _O('tensor')
+                return self._with_state(_O('tensor'), args[0], *args[3:])
         elif role in ('rebuild_tensor_v2', 'rebuild_tensor'):
             if role == 'rebuild_tensor_v2':
                 ok = len(args) in (6, 7) and type(args[4]) is bool and self._hooks_ok(args[5]) and (
@@ -721,8 +731,17 @@ class _Scanner:
                         raise Refused(f'its pickle makes a tensor of size {list(size)} (stride {list(stride)}, '
                                       f'offset {args[1]}) over a storage of {storage.n} elements: out of range')
                     self.charge(512 + 16 * len(size), 'a tensor')
-                    return _O('tensor')
+                    return self._with_state(_O('tensor'), *args[6:])
         raise self._refuse_call(func, args)
+
+    @staticmethod
+    def _with_state(tensor: _O, *state: Any) -> _O:
+        """``tensor`` holding what it was built with (attributes, metadata, the tensor of a Parameter).
+
+        They become the tensor's attributes, so the structure walk sees them (cycles, size as a tree).
+        """
+        tensor.items += [s for s in state if isinstance(s, (tuple, _O))]
+        return tensor
 
     @staticmethod
     def _hooks_ok(hooks: Any) -> bool:
@@ -736,7 +755,7 @@ class _Scanner:
                 return _O('hb')
             if cls.role == 'cfg_node':
                 self.charge(128, 'CfgNode')
-                return _O('dict', info='odict')
+                return self._hashed(_O('dict', info='odict'))
         raise self._refuse_call(cls, args, how='creates an object of')
 
     def _build(self, inst: Any, state: Any) -> None:
@@ -810,8 +829,6 @@ class _Scanner:
                     raise Refused(f'its pickle builds containers that, walked as a tree (shared ones once per '
                                   f'use), hold more than {limit} objects from {human_bytes(len(self.archive.pickle))}'
                                   ': shared containers nested to blow up whoever reads it?')
-                if isinstance(v, _O) and v.kind == 'dict':
-                    _check_keys(v.keys, 'dict')
                 done[id(v)] = (depth, size)
                 continue
             if not isinstance(v, (tuple, _O)) or id(v) in done:
@@ -832,8 +849,20 @@ _OPAQUE = object()
 _ID_HASHED = frozenset({'tensor', 'storage', 'bytes', 'hb', 'list', 'dict', 'set', 'ndarray', 'layout'})
 
 
-def _hashable(key: Any, depth: int = 0) -> Any:
-    """``key`` as the value whose hash the real key will have, or ``_FREE`` / ``_OPAQUE``."""
+class _KeyBudget:
+    """Tuple elements hashing may still visit (shared tuples once per use), and what was already worked out."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.seen: Dict[int, Tuple[Any, int]] = {}  # id(tuple) -> (its _hashable value, elements it holds)
+
+
+def _hashable(key: Any, budget: _KeyBudget, depth: int = 0) -> Any:
+    """``key`` as the value whose hash the real key will have, or ``_FREE`` / ``_OPAQUE``.
+
+    Hashing a tuple visits every element, shared ones once per use: each
+    visit is taken from ``budget`` (a shared tuple is worked out once).
+    """
     if key is None or type(key) in (int, float, bool, str):
         return key
     if isinstance(key, _G):
@@ -842,15 +871,29 @@ def _hashable(key: Any, depth: int = 0) -> Any:
         if key.kind == 'size':
             return tuple(key.info)
         return _FREE if key.kind in _ID_HASHED else _OPAQUE
-    if isinstance(key, tuple) and depth < MAX_DEPTH:
-        parts = [_hashable(k, depth + 1) for k in key]
+    if not isinstance(key, tuple):
+        return _OPAQUE
+    known = budget.seen.get(id(key))
+    if known is None:
+        if depth >= MAX_DEPTH:
+            raise Refused(f'its pickle builds dict keys or set items that nest tuples more than {MAX_DEPTH} deep')
+        left = budget.left
+        parts = [_hashable(k, budget, depth + 1) for k in key]
+        size = len(key) + left - budget.left  # this tuple's elements and everything below them
+        budget.left = left  # charged below, once per use
         if any(p is _OPAQUE for p in parts):
-            return _OPAQUE
-        return _FREE if any(p is _FREE for p in parts) else tuple(parts)
-    return _OPAQUE
+            value: Any = _OPAQUE
+        else:
+            value = _FREE if any(p is _FREE for p in parts) else tuple(parts)
+        known = budget.seen[id(key)] = (value, size)
+    budget.left -= known[1]
+    if budget.left < 0:
+        raise Refused('its pickle builds dict keys or set items that are tuples too large to hash '
+                      '(shared tuples nested to blow up whoever reads it?)')
+    return known[0]
 
 
-def _check_keys(keys: List[Any], what: str) -> None:
+def _check_keys(keys: List[Any], what: str, budget: _KeyBudget) -> None:
     """Refuse keys of one dict (or items of one set) that make building it quadratic.
 
     Python finds a key by its hash; distinct keys with one hash (ints that are
@@ -865,7 +908,7 @@ def _check_keys(keys: List[Any], what: str) -> None:
     buckets: Dict[int, List[Any]] = {}
     opaque = 0
     for key in rest:
-        value = key if type(key) is int else _hashable(key)
+        value = key if type(key) is int else _hashable(key, budget)
         if value is _FREE:
             continue
         if value is _OPAQUE:

@@ -356,6 +356,12 @@ def local_extra_archive() -> bytes:
     return data[:at + 28] + struct.pack('<H', 8) + data[at + 30:]
 
 
+def _tensor_args() -> Tuple[bytes, ...]:
+    """The arguments of ``_rebuild_tensor_v2`` for a tensor of 4 floats in storage ``'0'``."""
+    pid = tup(s('storage'), glob('torch', 'FloatStorage'), s('0'), s('cpu'), i(4))
+    return (pid + BINPERSID, i(0), tup(i(4)), tup(i(1)), NEWFALSE, call(glob('collections', 'OrderedDict')))
+
+
 def safetensors_bytes(entries: Dict[str, Dict[str, object]], data: bytes = b'') -> bytes:
     """A safetensors file with the given header entries (written as is) and data."""
     header = json.dumps(entries).encode()
@@ -366,8 +372,8 @@ def round3_corpus() -> Dict[str, bytes]:
     """Shared and cyclic containers, hash-colliding keys, complex overflow, zip local headers, safetensors."""
     out: Dict[str, bytes] = {}
 
-    def add(name: str, *body: bytes) -> None:
-        out[name] = torch_archive(pickle_of(*body))
+    def add(name: str, *body: bytes, **kw: object) -> None:
+        out[name] = torch_archive(pickle_of(*body), **kw)  # type: ignore[arg-type]
 
     add('cyclic_list', dict_of(state_dict=EMPTY_DICT, meta=EMPTY_LIST + put(0) + get(0) + APPEND))
     add('cyclic_dict', dict_of(state_dict=EMPTY_DICT, meta=EMPTY_DICT + put(0) + s('self') + get(0) + SETITEM))
@@ -379,6 +385,22 @@ def round3_corpus() -> Dict[str, bytes]:
                                        + b''.join(i(k) + NONE for k in keys) + SETITEMS))
     add('hash_colliding_set', dict_of(state_dict=EMPTY_DICT, meta=call(glob('builtins', 'set'), EMPTY_LIST + MARK
                                                                         + b''.join(i(k) for k in keys) + b'e')))
+    # built, so hashed, but not part of the result (left on the stack below it)
+    add('hash_colliding_unreachable', EMPTY_DICT + MARK + b''.join(i(k) + NONE for k in keys) + SETITEMS,
+        dict_of(state_dict=EMPTY_DICT))
+    # a set of one tuple holding the previous one twice, 60 deep: hashing it visits 2**60 elements
+    halves = i(0) + TUPLE1 + put(0) + b''.join(get(k) + TUPLE2 + put(k + 1) for k in range(60))
+    add('shared_tuple_set', halves, dict_of(state_dict=EMPTY_DICT, meta=call(glob('builtins', 'set'),
+                                                                              EMPTY_LIST + get(60) + APPEND)))
+    # the same as a dict key left on the stack (built, so hashed), and a dict key nesting 5000 tuples
+    add('shared_tuple_key_unreachable', halves, EMPTY_DICT + get(60) + NONE + SETITEM, dict_of(state_dict=EMPTY_DICT))
+    add('deep_tuple_key', dict_of(state_dict=EMPTY_DICT, meta=EMPTY_DICT + i(0) + TUPLE1 * 5000 + NONE + SETITEM))
+    # a tensor whose attribute holds a list that holds the tensor
+    attrs = EMPTY_LIST + put(1)
+    tensor = call(glob('torch._tensor', '_rebuild_from_type_v2'), glob('torch._utils', '_rebuild_tensor_v2'),
+                  glob('torch', 'Tensor'), tup(*_tensor_args()), dict_of(a=get(1))) + put(2)
+    add('cyclic_tensor_attribute', attrs, dict_of(state_dict=dict_of(w=tensor), meta=get(1) + get(2) + APPEND),
+        storages={'0': b'\0' * 16})
     add('complex_overflow', dict_of(state_dict=EMPTY_DICT, meta=call(glob('builtins', 'complex'), i(2 ** 1050),
                                                                       i(0))))
     out['zip_local_header_extra'] = local_extra_archive()
@@ -539,7 +561,9 @@ MEMORY = ('bytearray_huge', 'bytearray_py2', 'set_range', 'torch_tensor_new', 't
           'zip_bomb_declared', 'zip_stored_size_lie', 'zip_duplicate_member',
           # round 3 (issue 26): shared/cyclic containers, hash-colliding keys, overflowing numbers
           'cyclic_list', 'cyclic_dict', 'shared_halves', 'hash_colliding_keys', 'hash_colliding_set',
-          'complex_overflow', 'zip_local_header_extra')
+          'hash_colliding_unreachable', 'shared_tuple_set', 'shared_tuple_key_unreachable', 'deep_tuple_key',
+          'cyclic_tensor_attribute', 'complex_overflow',
+          'zip_local_header_extra')
 FORMAT = ('legacy_format', 'not_a_checkpoint', 'prefix_pickle_os_system', 'prefix_pickle_getattr_chain',
           'prefix_pickle_bytearray', 'prefix_file_pickle',
           # round 3: safetensors with dtypes or shapes torch cannot hold

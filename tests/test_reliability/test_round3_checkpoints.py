@@ -114,6 +114,21 @@ def test_hash_colliding_keys_are_refused_fast(corpus):
     assert time.perf_counter() - start < 3
 
 
+@pytest.mark.parametrize('name, reason', [('hash_colliding_unreachable', 'distinct keys of one hash'),
+                                          ('shared_tuple_key_unreachable', 'too large to hash'),
+                                          ('shared_tuple_set', 'walked as a tree'),
+                                          ('deep_tuple_key', 'more than 100 deep'),
+                                          ('cyclic_tensor_attribute', 'contains itself')])
+def test_what_is_hashed_or_hidden_in_attributes_is_checked_too(corpus, name, reason):
+    """The unpickler builds (and hashes) every dict and set, also those left off the result; hashing a tuple
+    visits every element, shared ones once per use (2**60 for 60 levels of halves); tensor attributes are
+    walked like the rest."""
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=reason):
+        load_file(corpus[name])
+    assert time.perf_counter() - start < 3
+
+
 def test_real_int_keys_still_load_fast(tmp_path):
     """Optimizer states use int keys 0..N (mmengine, mmdet, torch); -1/-2 (one hash) and bool/float twins too."""
     n = 100_000
