@@ -6,10 +6,11 @@ A worker that dies of it makes the main process fail (torch raises
 ``DataLoader worker ... killed by signal``) before the
 :class:`~mlla_mm.engine.hooks.PreemptionHook` can write its checkpoint.
 :class:`SignalSafeWorkerInit` wraps a dataloader's ``worker_init_fn`` (the
-user's, or mmengine's seeding) so that its workers ignore SIGTERM and SIGINT:
+user's, or mmengine's seeding) so that its workers ignore SIGTERM and SIGINT
 the main process finishes the iteration, saves and exits with 143 / 130, and
-the workers end when the main process shuts them down (or, should it die,
-when torch's watchdog sees their parent gone, within 5 s).
+the workers end when the main process stops them (:func:`stop_workers_at_exit`
+at the latest) or, should it die, when torch's watchdog sees their parent
+gone (within 5 s).
 :func:`guard_dataloader_workers` installs it on a built dataloader, restarting
 worker processes that were already started without it (mmengine's
 iteration-based loop starts them when it is built; persistent workers).
@@ -39,6 +40,10 @@ class SignalSafeWorkerInit:
     Picklable (a module-level class), so it also works with the ``spawn``
     start method. ``inner`` (may be ``None``) is called with the worker id as
     before, so mmengine's worker seeding and a user's function keep working.
+    The main process stops such workers the way torch does when an iterator
+    ends (a sentinel on their queue), also at interpreter exit
+    (:func:`stop_workers_at_exit`), since ``Process.terminate`` (SIGTERM) no
+    longer ends them.
     """
 
     def __init__(self, inner: Optional[Callable[[int], Any]] = None,
@@ -54,6 +59,49 @@ class SignalSafeWorkerInit:
 
     def __repr__(self) -> str:
         return f'SignalSafeWorkerInit({self.inner!r})'
+
+
+_AT_EXIT_REGISTERED = False
+
+
+def stop_workers_at_exit() -> None:
+    """Shut down the worker processes of every live multi-process dataloader iterator of this process.
+
+    Registered with ``atexit`` when workers are first guarded: it runs before
+    torch's and multiprocessing's exit handlers (``atexit`` runs the last
+    registered first). Without it, an iterator still alive at exit (persistent
+    workers; one held by a traceback) is left to multiprocessing, which
+    ``terminate()``s its daemon processes and waits for them without a
+    timeout: workers that ignore SIGTERM would keep the process from ending.
+    Each iterator is stopped as torch stops it (the sentinel on each worker's
+    queue); a worker still alive after that is killed (SIGCHLD reset first, so
+    that torch's handler reports nothing during exit).
+    """
+    import gc
+    import multiprocessing
+
+    from torch.utils.data import dataloader as torch_dataloader
+    for obj in gc.get_objects():
+        if isinstance(obj, torch_dataloader._MultiProcessingDataLoaderIter) and not getattr(obj, '_shutdown', True):
+            try:
+                obj._shutdown_workers()
+            except Exception:  # noqa: BLE001 (exiting anyway; the kill below is the fallback)
+                pass
+    from torch.utils.data._utils.worker import _worker_loop
+    left = [p for p in multiprocessing.active_children() if getattr(p, '_target', None) is _worker_loop]
+    if left:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for p in left:
+            p.kill()
+            p.join(5)
+
+
+def _register_stop_at_exit() -> None:
+    global _AT_EXIT_REGISTERED
+    if not _AT_EXIT_REGISTERED:
+        import atexit
+        atexit.register(stop_workers_at_exit)
+        _AT_EXIT_REGISTERED = True
 
 
 def unwrap_worker_init(fn: Any) -> Any:
@@ -90,6 +138,7 @@ def guard_dataloader_workers(loader: Any, infinite_iterator: Any = None,
     if isinstance(loader.worker_init_fn, SignalSafeWorkerInit):
         return True
     loader.worker_init_fn = SignalSafeWorkerInit(loader.worker_init_fn, signals)
+    _register_stop_at_exit()
     started = list(_live_iterators(loader, infinite_iterator))
     if not started:
         return True
@@ -192,11 +241,14 @@ def worker_death_message(err: BaseException, last_checkpoint: Optional[str] = No
     how = (f'was killed by signal {_signal_name(killed.group(1))}' if killed
            else f'exited with code {code.group(1)}' if code else 'exited unexpectedly')
     plural = 's' if ',' in pids else ''
+    argv = list(sys.argv if argv is None else argv)
+    if not (argv and os.path.basename(argv[0]) == 'train.py'):
+        return f'dataloader worker{plural} (pid{plural} {pids}) {how}; run it again: {resume_command(argv)}'
     where = (f'the last checkpoint is {last_checkpoint}' if last_checkpoint
              else 'no checkpoint of this run was written yet, so it starts again from the beginning')
     return (f'dataloader worker{plural} (pid{plural} {pids}) {how}; the run stopped ({where}); '
             f'continue with: {resume_command(argv)}')
 
 
-__all__ = ['SignalSafeWorkerInit', 'WorkerDied', 'WORKER_IGNORED_SIGNALS', 'guard_dataloader_workers',
+__all__ = ['SignalSafeWorkerInit', 'WorkerDied', 'stop_workers_at_exit', 'WORKER_IGNORED_SIGNALS', 'guard_dataloader_workers',
            'unwrap_worker_init', 'worker_death_message', 'resume_command']

@@ -222,6 +222,26 @@ def test_the_worker_init_wrapper_keeps_the_users_function_and_ignores_the_signal
     assert p.exitcode == 0
 
 
+@pytest.mark.parametrize('ending', ['return', 'raise SystemExit(143)'])
+def test_a_process_with_guarded_persistent_workers_still_exits(ending):
+    """Workers that ignore SIGTERM are stopped before multiprocessing's exit handler would wait for them forever."""
+    script = f"""
+from torch.utils.data import DataLoader
+from mlla_mm.engine.workers import guard_dataloader_workers
+loader = DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+assert guard_dataloader_workers(loader)
+it = iter(loader)
+next(it)
+print('ok', flush=True)
+def main():
+    {ending}
+main()
+"""
+    res = subprocess.run([PY, '-c', script], cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == (143 if 'raise' in ending else 0), res.stderr[-3000:]
+    assert 'ok' in res.stdout and 'Traceback' not in res.stderr, res.stderr[-3000:]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -280,3 +300,11 @@ def test_train_py_with_slurm_ntasks_2_and_one_process_is_one_error_line(tmp_path
     errors = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith('error: --launcher slurm: only 1 of 2 processes'), res.stderr
     assert 'SLURM_NTASKS=2' in errors[0] and 'MLLA_MM_RENDEZVOUS_TIMEOUT' in errors[0]
+
+
+def test_a_dead_worker_in_another_tool_says_to_run_it_again():
+    from mlla_mm.engine.workers import worker_death_message
+    err = RuntimeError('DataLoader worker (pid(s) 17, 18) exited unexpectedly')
+    assert worker_death_message(err, argv=['tools/test.py', 'cfg.py', 'w.pth']) == (
+        'dataloader workers (pids 17, 18) exited unexpectedly; run it again: python tools/test.py cfg.py w.pth')
+    assert worker_death_message(ValueError('DataLoader workers are fine')) is None
