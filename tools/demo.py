@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo evaluates the trained model with tools/test.py on the held-out split its config
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP_VALIDATION = 'train_cfg.val_begin=1000000000'
 DEMOS = {
     'det': dict(config='configs/detection/mask_rcnn_mlla_t_demo.py', work_dir='work_dirs/demo_det',
+                model='Mask R-CNN with an MLLA-T backbone', data='COCO-format shapes', scores='box and mask mAP',
                 metrics=('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'),
                 # An untrained detector keeps 100 random boxes per image: slow to evaluate, mAP ~0.
                 baseline=False,
@@ -34,8 +35,68 @@ DEMOS = {
                 # (docs/benchmarks.md, "bf16 on AMX"); --no-amp trains in fp32.
                 amp_auto=True),
     'seg': dict(config='configs/segmentation/upernet_mlla_t_demo.py', work_dir='work_dirs/demo_seg',
+                model='UperNet with an MLLA-T backbone', data='ADE20K-format shapes', scores='mIoU',
                 metrics=('mIoU', 'mAcc', 'aAcc'), baseline=True, amp_auto=False),
 }
+
+#: The 2-core CPUs docs/benchmarks.md ("Current figures per CPU") timed a demo on: name, how to recognise one
+#: from /proc/cpuinfo (text in the model name, flags it must have, flags it must lack).
+CPU_KINDS = {
+    'AMD EPYC, Zen 2': ('AMD EPYC', (), ('avx512f',)),
+    'AMD EPYC, Zen 4': ('AMD EPYC', ('avx512_bf16',), ()),
+    'Intel Xeon with AMX': ('Xeon', ('amx_bf16',), ()),
+}
+#: Wall time of the whole demo (set-up done) as docs/benchmarks.md records it: (task, precision, CPU kind, time).
+DOCUMENTED_TIMES = (
+    ('det', 'fp32', 'AMD EPYC, Zen 2', '8 min 36 s to 9 min 38 s'),
+    ('det', 'fp32', 'Intel Xeon with AMX', '8 min 49 s to 15 min 31 s'),
+    ('det', 'bf16', 'Intel Xeon with AMX', '6 min 3 s to 10 min 26 s'),
+    ('seg', 'fp32', 'AMD EPYC, Zen 4', '9 min 26 s'),
+)
+
+
+def cpu_kind(model: str, flags: Set[str]) -> Optional[str]:
+    """The :data:`CPU_KINDS` entry a CPU (``model name`` and ``flags`` of /proc/cpuinfo) is, or None."""
+    for kind, (text, having, lacking) in CPU_KINDS.items():
+        if text in model and all(f in flags for f in having) and not any(f in flags for f in lacking):
+            return kind
+    return None
+
+
+def expected_time(task: str, precision: str, kind: Optional[str], cuda: bool) -> str:
+    """What docs/benchmarks.md says the demo takes here: this CPU kind's figure, else those of other CPUs."""
+    if cuda:
+        return 'not measured on a GPU yet (docs/benchmarks.md has 2-core CPU figures only)'
+    figures = [(p, k, t) for d, p, k, t in DOCUMENTED_TIMES if d == task]
+    for p, k, t in figures:
+        if p == precision and k == kind:
+            return f'{t} on a 2-core {k} in {p} (docs/benchmarks.md; more cores: less)'
+    figures.sort(key=lambda f: f[0] != precision)  # the same precision first
+    others = '; '.join(f'{t} in {p} on a 2-core {k}' for p, k, t in figures)
+    here = f'this CPU ({kind})' if kind else 'this CPU'
+    return f'{precision} not timed on {here} yet; documented: {others} (docs/benchmarks.md)'
+
+
+def precision_of(amp: bool, cuda: bool) -> str:
+    """The precision tools/train.py trains in: ``--amp`` is bf16 on the CPU, fp16 on CUDA."""
+    return ('fp16' if cuda else 'bf16') if amp else 'fp32'
+
+
+def demo_header(task: str, work_dir: Path, synthetic: Optional[dict], precision: str, why: str,
+                expected: str) -> List[str]:
+    """The demo's first lines: what it does, in which precision and why, how long it takes, where the logs go."""
+    demo = DEMOS[task]
+    synthetic = synthetic or {}
+    data = (f"{synthetic.get('num_train', '?')} synthetic {demo['data']} (made under {synthetic.get('root', '?')} "
+            f"on first use), {synthetic.get('num_val', '?')} held out")
+    return [
+        f"== mlla-mm demo ({task}): {demo['model']}, trained from scratch in {precision} on {data} ==",
+        f"steps: {'evaluate the untrained model, ' if demo['baseline'] else ''}train ({demo['config']}), "
+        f"evaluate {demo['scores']} on the held-out images, draw them into {work_dir / 'predictions'}, summary",
+        f'precision: {precision} ({why})',
+        f'time: {expected}',
+        f'full logs: {work_dir}/<step>.log; this console shows progress and results',
+    ]
 
 
 def choose_amp(requested: Optional[bool], auto: bool, cuda: bool, bf16_cpu: Tuple[bool, str]) -> Tuple[bool, str]:
@@ -111,11 +172,16 @@ def config_seed(config: str):
 
 
 def build_untrained(cfg):
-    """The freshly initialised model of ``cfg`` (with the demo's --cfg-options); a bad config is a UsageError."""
+    """The freshly initialised model of ``cfg`` (with the demo's --cfg-options); a bad config is a UsageError.
+
+    mmengine's per-parameter initialisation report stays off the console (the training log file has it).
+    """
     import torch
     from mmengine.registry import MODELS, init_default_scope
     import mlla_mm  # noqa: F401
+    from mlla_mm.engine.console import keep_parameter_reports_off_console
     from mlla_mm.engine.launch import UsageError, one_line
+    keep_parameter_reports_off_console()
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     torch.manual_seed(0)
     try:
@@ -188,7 +254,21 @@ def demo_main(argv=None):
     probe = ToolArgumentParser(prog=parser.prog)
     probe.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction, default=None)
     options = probe.parse_args(['--cfg-options', *args.cfg_options]).cfg_options if args.cfg_options else None
-    untrained = build_untrained(load_config(str(ROOT / config), options))
+    cfg = load_config(str(ROOT / config), options)
+    import torch
+    from mlla_mm.utils.cpu import CPUINFO, _parse_cpuinfo  # (the model name and flags of /proc/cpuinfo)
+    cuda = torch.cuda.is_available()
+    try:
+        flags, model = _parse_cpuinfo(Path(CPUINFO).read_text(errors='replace'))
+    except OSError:
+        flags, model = set(), ''
+    from mlla_mm.utils.cpu import bf16_fast_on_this_cpu
+    amp, why = choose_amp(args.amp, demo['amp_auto'], cuda, bf16_fast_on_this_cpu())
+    precision = precision_of(amp, cuda)
+    for line in demo_header(args.task, work_dir, cfg.get('synthetic_data'), precision, why,
+                            expected_time(args.task, precision, cpu_kind(model, flags), cuda)):
+        print(line, flush=True)
+    untrained = build_untrained(cfg)
     work_dir.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     opts = ['--cfg-options', *args.cfg_options] if args.cfg_options else []
@@ -197,10 +277,6 @@ def demo_main(argv=None):
         [f'randomness.seed={args.seed}'] if args.seed is not None else [])
     train_opts = ['--cfg-options', *train_options] if train_options else []
     start = time.time()
-    import torch
-    from mlla_mm.utils.cpu import bf16_fast_on_this_cpu
-    amp, why = choose_amp(args.amp, demo['amp_auto'], torch.cuda.is_available(), bf16_fast_on_this_cpu())
-    print(why, flush=True)
     summary = {'task': args.task, 'config': config, 'work_dir': str(work_dir), 'seed': seed, 'amp': amp}
     if args.seed is not None:
         print(f'seed {seed} (--seed)', flush=True)
