@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP_STAMP := .venv/.mlla-mm-setup
 
-.PHONY: setup test test-fast demo demo-seg benchmark gpu-check check-cuda-toolchain clean
+.PHONY: setup lint test test-fast demo demo-seg benchmark gpu-check check-cuda-toolchain clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -11,10 +11,17 @@ setup:
 # file stays on one worker (--dist loadfile), so its module fixtures are built once.
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
-test: setup
+# ruff (pinned in setup.cfg's tests extra; rules in pyproject.toml). `make test` lints first once
+# TEST_LINT is `lint`; empty until the tree passes `make lint`.
+TEST_LINT :=
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup $(TEST_LINT)
 	$(PYTEST) tests
 
-test-fast: setup
+test-fast: setup $(TEST_LINT)
 	$(PYTEST) -m "not slow" tests
 
 demo: setup

@@ -4,12 +4,16 @@
     python tools/demo.py det   # Mask R-CNN MLLA-T on synthetic COCO-format shapes
     python tools/demo.py seg   # UperNet MLLA-T on synthetic ADE20K-format shapes
 
-Steps: generate the synthetic data set (first run only), evaluate the
-untrained model as a baseline (seg), train with tools/train.py (progress and ETA in
-the log; no validation during training, since the next step evaluates; det trains in bf16 where the CPU has AMX or AVX512-BF16, --no-amp for fp32), evaluate the trained model with tools/test.py and draw its
-predictions on the held-out images (``<work dir>/predictions/<image stem>.png``, ground truth |
-prediction), plot the loss curve, and write a
-summary to ``<work dir>/demo_summary.json``.
+It first prints what it does, the precision it trains in and why, and how long
+docs/benchmarks.md says it takes on this kind of CPU; mmengine's per-parameter
+reports stay in the log files. Steps: generate the synthetic data set (first
+run only), evaluate the untrained model as a baseline (seg), train with
+tools/train.py (progress and ETA in the log; no validation during training,
+since the next step evaluates; det trains in bf16 where the CPU has AMX or
+AVX512-BF16, --no-amp for fp32), evaluate the trained model with
+tools/test.py and draw its predictions on the held-out images
+(``<work dir>/predictions/<image stem>.png``, ground truth | prediction), plot
+the loss curve, and write a summary to ``<work dir>/demo_summary.json``.
 """
 import argparse
 import json

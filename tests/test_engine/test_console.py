@@ -38,7 +38,8 @@ def _config(work_dir) -> Config:
         train_dataloader=dict(dataset=data, sampler=dict(type='DefaultSampler', shuffle=False),
                               collate_fn=dict(type='default_collate'), batch_size=2, num_workers=0),
         train_cfg=dict(by_epoch=False, max_iters=1),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, weight_decay=1e-4), paramwise_cfg=dict(norm_decay_mult=0.0)),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, weight_decay=1e-4),
+                           paramwise_cfg=dict(norm_decay_mult=0.0)),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1000),
                            logger=dict(type='LoggerHook', interval=1)),
         randomness=dict(seed=0)))
