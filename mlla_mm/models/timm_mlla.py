@@ -22,6 +22,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, get_device_dtype
 from timm.models import (adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model,
                          resolve_pretrained_cfg)
+# timm exports feature_take_indices only from this module (in its __all__, not from timm.models; timm's own
+# models import it from here too); present since timm 1.0.3.
 from timm.models._features import feature_take_indices
 
 from ..checkpoint import CheckpointError, compare_state_dicts, find_state_dict, load_file
