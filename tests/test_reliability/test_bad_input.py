@@ -11,7 +11,7 @@ from mmengine.config import Config
 from mlla_mm.checkpoint import CheckpointError, load_file
 from mlla_mm.engine.launch import BadAnnotationError, DataNotFoundError, check_data, prepare_config
 
-from tests.helpers import ROOT, load_tool, write_tiny_config
+from tests.helpers import load_tool, write_tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -68,10 +68,38 @@ def test_backbone_only_checkpoint_in_load_from_gets_a_hint(runner, tmp_path):
 
 
 def test_other_number_of_classes_still_fine_tunes(runner, tmp_path):
-    sd = dict(runner.model.state_dict())
-    sd['roi_head.bbox_head.fc_cls.weight'] = torch.zeros(81, sd['roi_head.bbox_head.fc_cls.weight'].shape[1])
-    torch.save({'state_dict': sd, 'meta': {}}, tmp_path / 'coco80.pth')
-    runner.load_checkpoint(str(tmp_path / 'coco80.pth'))  # mmengine skips the head tensor with a warning
+    """A COCO (80-class) checkpoint loads into the 3-class model: every tensor of matching shape (backbone,
+    neck, RPN, shared heads) comes from the checkpoint; the class-dependent head layers keep the model's own
+    fresh initialisation at the config's class count (mmengine skips them with a warning)."""
+    model = runner.model
+    num_classes = model.roi_head.bbox_head.num_classes
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # (tensor, its rows in the model, its rows in an 80-class COCO checkpoint)
+    head = {'roi_head.bbox_head.fc_cls.weight': (num_classes + 1, 81), 'roi_head.bbox_head.fc_cls.bias':
+            (num_classes + 1, 81), 'roi_head.bbox_head.fc_reg.weight': (4 * num_classes, 320),
+            'roi_head.bbox_head.fc_reg.bias': (4 * num_classes, 320),
+            'roi_head.mask_head.conv_logits.weight': (num_classes, 80),
+            'roi_head.mask_head.conv_logits.bias': (num_classes, 80)}
+    gen = torch.Generator().manual_seed(0)
+    ckpt = {k: v + torch.rand(v.shape, generator=gen) + 0.5 if v.is_floating_point() else v
+            for k, v in before.items()}  # every float tensor differs from the model's
+    for key, (rows, coco_rows) in head.items():
+        assert before[key].shape[0] == rows, key
+        ckpt[key] = torch.rand((coco_rows, *before[key].shape[1:]), generator=gen)
+    torch.save({'state_dict': ckpt, 'meta': {}}, tmp_path / 'coco80.pth')
+    try:
+        runner.load_checkpoint(str(tmp_path / 'coco80.pth'))
+        after = model.state_dict()
+        assert set(after) == set(before)
+        loaded = [k for k in after if k not in head]
+        assert any(k.startswith('backbone.') for k in loaded) and any(k.startswith('neck.') for k in loaded)
+        for key in loaded:  # the backbone (and all else that fits) is the checkpoint's
+            assert torch.equal(after[key], ckpt[key]), key
+        for key, (rows, _) in head.items():  # the class-dependent layers: fresh, at the config's class count
+            assert after[key].shape[0] == rows and torch.equal(after[key], before[key]), key
+            assert after[key].abs().sum() > 0, key
+    finally:
+        model.load_state_dict(before)  # (the module's runner stays as it was for the other tests)
 
 
 # ---- configs through tools/train.py -----------------------------------------
