@@ -81,8 +81,10 @@ def stop_workers_at_exit() -> None:
     import multiprocessing
 
     from torch.utils.data import dataloader as torch_dataloader
+    kind = torch_dataloader._MultiProcessingDataLoaderIter
     for obj in gc.get_objects():
-        if isinstance(obj, torch_dataloader._MultiProcessingDataLoaderIter) and not getattr(obj, '_shutdown', True):
+        # type(), not isinstance(): the latter reads __class__, which some module objects answer with a warning
+        if issubclass(type(obj), kind) and not getattr(obj, '_shutdown', True):
             try:
                 obj._shutdown_workers()
             except Exception:  # noqa: BLE001 (exiting anyway; the kill below is the fallback)

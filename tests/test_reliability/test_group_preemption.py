@@ -308,3 +308,29 @@ def test_a_dead_worker_in_another_tool_says_to_run_it_again():
     assert worker_death_message(err, argv=['tools/test.py', 'cfg.py', 'w.pth']) == (
         'dataloader workers (pids 17, 18) exited unexpectedly; run it again: python tools/test.py cfg.py w.pth')
     assert worker_death_message(ValueError('DataLoader workers are fine')) is None
+
+
+@pytest.mark.parametrize('persistent', [False, True])
+def test_workers_started_before_the_guard_are_restarted_with_it(persistent):
+    """mmengine's iteration-based loop starts its workers when it is built, before any hook: the guard restarts
+    them with the wrapper; the data come in the same order and the main process' random state is untouched."""
+    import torch
+    from mmengine.runner.loops import _InfiniteDataloaderIterator
+    from torch.utils.data import DataLoader
+
+    from mlla_mm.engine.workers import SignalSafeWorkerInit, guard_dataloader_workers
+    loader = DataLoader(list(range(12)), batch_size=2, num_workers=2, persistent_workers=persistent)
+    it = _InfiniteDataloaderIterator(loader)
+    old = it._iterator
+    state = torch.get_rng_state()
+    assert guard_dataloader_workers(loader, it)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert isinstance(loader.worker_init_fn, SignalSafeWorkerInit) and it._iterator is not old and old._shutdown
+    first = next(it)
+    for w in it._iterator._workers:  # the new workers ignore a SIGTERM from elsewhere
+        os.kill(w.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    batches = [first] + [next(it) for _ in range(5)]
+    assert [b.tolist() for b in batches] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert all(w.is_alive() for w in it._iterator._workers)
+    it._iterator._shutdown_workers()
