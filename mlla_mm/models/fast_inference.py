@@ -61,8 +61,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch.nn.utils.fusion import fuse_conv_bn_weights
-
 from .ops import as_channels_last, is_tracing, pad_to_multiple, use_fast_inference
 
 MLP_CHUNK = 4096  # tokens per MLP chunk
@@ -254,23 +252,31 @@ class FoldedLayer(NamedTuple):
 def fold_batch_norm(layer: nn.Module, dtype: torch.dtype):
     """``layer`` (a ``ConvLayer``) with its eval BatchNorm folded into the convolution's weights, in ``dtype``.
 
-    ``bn(conv(x)) = conv'(x)``: torch's :func:`~torch.nn.utils.fusion.fuse_conv_bn_weights`, computed in
-    float32 at least, then cast. Saves the BatchNorm's pass over the stem's and the downsample layers' wide
-    maps (ONNX Runtime folds it the same way). A layer without BatchNorm, or whose BatchNorm has no running
-    statistics, is returned as it is.
+    ``bn(conv(x)) = conv'(x)`` with ``w' = w * s`` and ``b' = (b - mean) * s + beta`` per output channel,
+    ``s = gamma / sqrt(var + eps)`` (computed in float32 at least, then cast). Saves the BatchNorm's pass
+    over the stem's and the downsample layers' wide maps (ONNX Runtime folds it the same way). A layer
+    without BatchNorm, or whose BatchNorm has no running statistics, is returned as it is.
+
+    Not torch's :func:`~torch.nn.utils.fusion.fuse_conv_bn_weights`: its weights are the same bits, but it
+    rounds the bias as ``((b - mean) / sqrt(var + eps)) * gamma`` and so moves the outputs by up to 3e-7
+    (relative); the published-code golden outputs stay bit for bit with this order.
     """
     bn, conv = layer.norm, layer.conv
     if bn is None or bn.running_mean is None or bn.running_var is None:
         return layer
     work = torch.promote_types(conv.weight.dtype, torch.float32)
-
-    def w(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if t is None else t.detach().to(work)
-
-    weight, bias = fuse_conv_bn_weights(w(conv.weight), w(conv.bias), w(bn.running_mean), w(bn.running_var),
-                                        bn.eps, w(bn.weight), w(bn.bias))
-    folded = FoldedConv(weight.detach().to(dtype), bias.detach().to(dtype), conv.kernel_size, conv.stride,
-                        conv.padding, conv.dilation, conv.groups)
+    scale = bn.running_var.to(work).add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(work)
+    bias = -bn.running_mean.to(work)
+    if conv.bias is not None:
+        bias = bias + conv.bias.to(work)
+    bias = bias * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.to(work)
+    weight = conv.weight.to(work) * scale.view(-1, 1, 1, 1)
+    folded = FoldedConv(weight.to(dtype), bias.to(dtype), conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, conv.groups)
     return FoldedLayer(folded, None, layer.act)
 
 
