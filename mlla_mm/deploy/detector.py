@@ -33,7 +33,7 @@ docs/deploy.md for rescaling to the original image and pasting the masks.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -88,7 +88,8 @@ class NMSOp(torch.autograd.Function):
 
 
 class RoIAlignOp(torch.autograd.Function):
-    """ONNX ``RoiAlign`` (average): ``features (B, C, H, W)``, ``boxes (R, 4)``, ``batch (R,)`` int64 -> ``(R, C, PH, PW)``.
+    """ONNX ``RoiAlign`` (average): ``features (B, C, H, W)``, ``boxes (R, 4)``, ``batch (R,)`` int64
+    -> ``(R, C, PH, PW)``.
 
     ``aligned`` is mmcv's pixel-centre convention (ONNX ``half_pixel``). In
     PyTorch it is :func:`mlla_mm.models.roi_align.sparse_roi_align`, mmcv's numbers.
@@ -165,7 +166,8 @@ def size_filter(boxes: torch.Tensor, valid: torch.Tensor, min_size) -> torch.Ten
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, valid: torch.Tensor,
                 iou_threshold: float, max_num: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mmcv's ``batched_nms`` then the ``max_num`` best, per image: ``(B, N)`` inputs -> ``(B, K)`` scores, indices, kept.
+    """mmcv's ``batched_nms`` then the ``max_num`` best, per image: ``(B, N)`` inputs -> ``(B, K)`` scores,
+    indices, kept.
 
     Boxes of different ``idxs`` (levels, classes) are moved apart by
     ``idxs * (max coordinate + 1)`` (the maximum over the image's valid boxes,
@@ -193,7 +195,8 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class ExportRoIExtractor(nn.Module):
-    """mmdet's ``SingleRoIExtractor`` with :class:`RoIAlignOp`: ``(R, 4)`` boxes + ``(R,)`` batch -> ``(R, C, PH, PW)``."""
+    """mmdet's ``SingleRoIExtractor`` with :class:`RoIAlignOp`: ``(R, 4)`` boxes + ``(R,)`` batch
+    -> ``(R, C, PH, PW)``."""
 
     def __init__(self, extractor: nn.Module) -> None:
         super().__init__()
@@ -237,7 +240,8 @@ def _nms_iou(cfg, where: str) -> float:
 
 
 class TwoStageForExport(nn.Module):
-    """Mask R-CNN / Faster R-CNN (RPN + ``StandardRoIHead``) as ``(img, img_shape) -> boxes, scores, labels[, masks]``."""
+    """Mask R-CNN / Faster R-CNN (RPN + ``StandardRoIHead``) as
+    ``(img, img_shape) -> boxes, scores, labels[, masks]``."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
@@ -338,7 +342,8 @@ class TwoStageForExport(nn.Module):
 
 
 class SingleStageForExport(nn.Module):
-    """RetinaNet-like detectors (an ``AnchorHead`` with sigmoid class scores) as ``(img, img_shape) -> boxes, scores, labels``."""
+    """RetinaNet-like detectors (an ``AnchorHead`` with sigmoid class scores) as
+    ``(img, img_shape) -> boxes, scores, labels``."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import backbone_state_dict, convert_checkpoint, load_backbone_weights, load_file, CheckpointError
+from ..checkpoint import convert_checkpoint, load_backbone_weights, load_file, CheckpointError
 from ..engine.launch import UsageError
 from ..utils.io import AtomicWriteError, atomic_write
 from .detector import MIN_DETECTOR_OPSET

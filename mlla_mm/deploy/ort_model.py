@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -63,8 +63,9 @@ def check_onnx_for_config(path: str, cfg) -> Dict[str, object]:
     expected = 'segmentor' if scope == 'mmseg' else 'detector'
     if kind != expected:
         what = f'a {kind} export' if kind else 'not written by tools/export_onnx.py (no mlla_mm_kind metadata)'
+        hint = ' without --features' if scope != 'mmseg' else ''
         raise UsageError(f'{path}: {what}; tools/test.py evaluates a whole {expected} exported from this config '
-                         f'(tools/export_onnx.py CONFIG WEIGHTS --out FILE{" without --features" if scope != "mmseg" else ""})')
+                         f'(tools/export_onnx.py CONFIG WEIGHTS --out FILE{hint})')
     if expected == 'detector' and (info['inputs'] != ['img', 'img_shape'] or info['outputs'] not in DETECTOR_OUTPUTS):
         raise UsageError(f'{path}: inputs {info["inputs"]} and outputs {info["outputs"]}, expected img, img_shape in '
                          'and boxes, scores, labels[, masks] out')

@@ -15,7 +15,8 @@ import numpy as np
 
 
 def _axis_weights(n: int, lo: float, hi: float, size: int) -> np.ndarray:
-    """``(n, size)`` bilinear weights: image pixel ``i`` (centre ``i + 0.5``) sampled in a ``size``-cell map over ``[lo, hi]``."""
+    """``(n, size)`` bilinear weights: image pixel ``i`` (centre ``i + 0.5``) sampled in a ``size``-cell map
+    spanning ``[lo, hi]``."""
     span = hi - lo
     if not span > 0:
         return np.zeros((n, size), np.float32)

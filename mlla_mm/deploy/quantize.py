@@ -100,7 +100,7 @@ def quantize_int8(model: Union[bytes, str], feeds: Iterable[Dict[str, np.ndarray
             root.setLevel(level)
         out = onnx.load(dst)
     meta = {p.key: p.value for p in out.metadata_props}
-    props = {p.key: p.value for p in proto.metadata_props}  # the export's metadata (kind, config hash, ...) carried over
+    props = {p.key: p.value for p in proto.metadata_props}  # the export's metadata (kind, hash, ...) carried over
     props.update(mlla_mm_int8='static qdq u8s8 per-channel minmax', mlla_mm_int8_calibration_images=str(reader.count))
     for key, value in props.items():
         if key in meta:

@@ -246,7 +246,7 @@ def test_bad_configs_and_shapes_are_one_line(tmp_path, capsys):
 
 def test_backbone_only_weights_for_a_segmentor_say_so_and_export(tmp_path, capsys):
     """ImageNet backbone weights for a whole UperNet: the backbone gets them, the tool says the heads do not."""
-    from mlla_mm.deploy.onnx_export import build_target, make_session
+    from mlla_mm.deploy.onnx_export import make_session
     from mlla_mm.models import MLLA
     cfg = write_tiny_upernet(tmp_path)
     torch.manual_seed(7)

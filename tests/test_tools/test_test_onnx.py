@@ -1,7 +1,6 @@
 """tools/test.py CONFIG F.onnx: the exported whole detector evaluated like the PyTorch model; wrong files refused."""
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -88,7 +87,8 @@ def run_in_process(capsys, *args):
 
 def test_onnx_of_another_config_is_refused(exported, tmp_path, capsys, tiny_data):
     cfg, _, onnx_path, _ = exported
-    other = write_tiny_config(tmp_path, tiny_data, extra=SEGM + 'model = dict(test_cfg=dict(rcnn=dict(score_thr=0.3)))\n')
+    other = write_tiny_config(tmp_path, tiny_data,
+                              extra=SEGM + 'model = dict(test_cfg=dict(rcnn=dict(score_thr=0.3)))\n')
     code, lines = run_in_process(capsys, other, onnx_path, '--work-dir', tmp_path / 'w')
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), lines
     assert 'another model config' in lines[0] and str(onnx_path) in lines[0]
