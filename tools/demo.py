@@ -18,6 +18,7 @@ the loss curve, and write a summary to ``<work dir>/demo_summary.json``.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -128,11 +129,12 @@ def run(cmd, log_path=None):
     proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     lines = []
+    view = ConsoleView()
     with open(log_path, 'w') if log_path else open(os.devnull, 'w') as log:
         for line in proc.stdout:
             lines.append(line)
             log.write(line)
-            if not _noise(line):
+            if view.shows(line):
                 sys.stdout.write(line)
                 sys.stdout.flush()
     if proc.wait() != 0:
@@ -147,6 +149,27 @@ class StepFailed(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+#: The start of an mmengine log record on the console (``MM/DD HH:MM:SS - mmengine - LEVEL - message``).
+_RECORD = re.compile(r'^\d\d/\d\d \d\d:\d\d:\d\d - \S+ - [A-Z]+ - ')
+#: mmengine's many-line records at the start of a run: the environment (an empty first line), the config and
+#: the hook order. The log files keep them; the demo's console skips them.
+_BULK = re.compile(r' - [A-Z]+ - (Config:|Hooks will be executed in the following order:)?\s*$')
+
+
+class ConsoleView:
+    """Which lines of a step's output the demo shows: not :func:`_noise`, not mmengine's many-line records."""
+
+    def __init__(self) -> None:
+        self.hiding = False
+
+    def shows(self, line: str) -> bool:
+        if _RECORD.match(line):
+            self.hiding = _BULK.search(line) is not None
+        elif line.startswith(('Traceback', 'error:')):  # a failure is always shown
+            self.hiding = False
+        return not self.hiding and not _noise(line)
 
 
 def _noise(line):

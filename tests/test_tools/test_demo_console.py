@@ -84,3 +84,27 @@ def test_the_demo_prints_its_header_first_and_no_init_report(monkeypatch, tmp_pa
     assert 'precision: fp32 (mixed precision off (--no-amp))' in lines[:5]
     assert any(line.startswith('time: ') for line in lines[:5])
     assert INIT_REPORT.search(out) is None, out[:3000]
+
+
+def test_the_console_skips_mmengines_many_line_records_but_never_a_failure():
+    """The environment, config and hook-order records of a step stay in its log file; what follows them (the
+    next record, a tool's own lines, a traceback or an error line) is shown."""
+    output = [
+        '12/07 01:26:56 - mmengine - INFO - \n', '------\n', 'System environment:\n', '    Python: 3.11\n',
+        '12/07 01:26:57 - mmengine - INFO - Config:\n', "_scales = [\n", "model = dict(\n",
+        '12/07 01:27:03 - mmengine - INFO - Distributed training is not used\n',
+        '12/07 01:27:03 - mmengine - INFO - Hooks will be executed in the following order:\n',
+        'before_run:\n', '(VERY_HIGH   ) RuntimeInfoHook\n',
+        '12/07 01:27:09 - mmengine - INFO - Epoch(train) [1][10/120]  loss: 3.1\n',
+        'metrics: coco/bbox_mAP=0.5\n',
+        '12/07 01:28:00 - mmengine - INFO - Config:\n', 'a = 1\n',
+        'Traceback (most recent call last):\n', '  File "tools/train.py", line 1\n', 'RuntimeError: boom\n',
+        '12/07 01:28:01 - mmengine - INFO - Config:\n', 'error: data/x.json: not found\n',
+    ]
+    view = demo.ConsoleView()
+    shown = [line for line in output if view.shows(line)]
+    assert shown == ['12/07 01:27:03 - mmengine - INFO - Distributed training is not used\n',
+                     '12/07 01:27:09 - mmengine - INFO - Epoch(train) [1][10/120]  loss: 3.1\n',
+                     'metrics: coco/bbox_mAP=0.5\n',
+                     'Traceback (most recent call last):\n', '  File "tools/train.py", line 1\n',
+                     'RuntimeError: boom\n', 'error: data/x.json: not found\n']
