@@ -41,13 +41,15 @@ What it does differently (measured in docs/benchmarks.md):
 * every block, and the stem and downsample layers (``Stem.forward`` and
   ``Downsample.forward`` ask the same rule), run in bands of rows
   (:func:`conv_rows` reads one halo row per 3x3 convolution) where a
-  full-map temporary would reach glibc's largest mmap threshold
-  (:data:`WHOLE_MAP_BYTES`, 32 MiB): apart from the stage's output and one
+  full-map temporary would be large (:data:`WHOLE_MAP_BYTES`, 32 MiB, for a
+  block; :data:`WIDE_MAP_BYTES`, 256 MiB, for the stem's and downsample
+  layers' 4-8x wider hidden maps): apart from the stage's output and one
   map for the attention input, no temporary is then a full map. Such maps
   would, with the default malloc, be fresh ``mmap`` pages faulted in on
   every op (1.83M minor faults per 2048x2048 forward before, 0.21M after).
-  The band size depends on the input's size only (:func:`band_rows`), not
-  on how malloc is set up.
+  Up to 1024x1024 and 800x1280 (MLLA-T, fp32) every map is whole, as
+  bands cost time there. The band size depends on the input's size only
+  (:func:`band_rows`), not on how malloc is set up.
 
 It only reads the modules' parameters (duck-typed on the published
 attribute names), so it holds no state of its own.
@@ -65,24 +67,26 @@ from .ops import as_channels_last, is_tracing, pad_to_multiple, use_fast_inferen
 
 MLP_CHUNK = 4096  # tokens per MLP chunk
 BAND_BYTES = 4 << 20  # the widest per-row temporary of a band of rows takes at most this much
-WHOLE_MAP_BYTES = 32 << 20  # a full-map temporary below this is not banded (glibc's largest mmap threshold)
+WHOLE_MAP_BYTES = 32 << 20  # a block's full-map temporary below this is not banded (glibc's largest mmap threshold)
+WIDE_MAP_BYTES = 256 << 20  # the same for the stem's and downsample layers' wide hidden maps
 
 
-def band_rows(height: int, row_bytes: int, budget: Optional[int] = None) -> int:
+def band_rows(height: int, row_bytes: int, budget: Optional[int] = None, whole: Optional[int] = None) -> int:
     """Rows per band of a map ``height`` rows high whose widest temporary takes ``row_bytes`` per row.
 
     The whole map (``height``) while that temporary, ``height * row_bytes``,
-    stays below :data:`WHOLE_MAP_BYTES`: glibc's default malloc reuses such
-    blocks from its heap (its mmap threshold rises up to 32 MiB), and whole
-    maps are faster than bands (800x1280, 2 threads: bands cost 6.5%,
-    docs/benchmarks.md). Larger maps, which the default malloc would map
+    stays below ``whole`` (default :data:`WHOLE_MAP_BYTES`): glibc's default
+    malloc reuses such blocks from its heap (its mmap threshold rises up to
+    32 MiB), and whole maps are faster than bands (800x1280, 2 threads, tuned
+    malloc: bands cost 6.5%, docs/benchmarks.md; banded stem and downsample
+    layers took 2.6-5.5x as long there). Larger maps, which the default malloc would map
     afresh for every op, run in bands of the most rows whose temporaries fit
     ``budget`` (default :data:`BAND_BYTES`): at least 2 (the in-place 3x3
     convolutions read one row beyond their band), at most ``height``. Decided
     from the sizes only, so the memory behaviour is the same whether or not a
     tool tuned malloc.
     """
-    if height * row_bytes < WHOLE_MAP_BYTES:
+    if height * row_bytes < (WHOLE_MAP_BYTES if whole is None else whole):
         return height
     budget = BAND_BYTES if budget is None else budget
     return max(2, min(height, budget // max(row_bytes, 1)))
@@ -455,7 +459,7 @@ def stem_forward(stem: nn.Module, x: torch.Tensor, rows: Optional[int] = None) -
     half = torch.empty(b, h2, w2, conv2b.conv.out_channels, dtype=x.dtype, device=x.device)
     out = torch.empty(b, h4, w4, conv3b.conv.out_channels, dtype=x.dtype, device=x.device)
     item = x.element_size()
-    rows2 = rows or band_rows(h2, w2 * conv2b.conv.out_channels * item, 2 * BAND_BYTES)
+    rows2 = rows or band_rows(h2, w2 * conv2b.conv.out_channels * item, 2 * BAND_BYTES, WIDE_MAP_BYTES)
     for r0, r1 in row_bands(h2, rows2):
         half[:, r0:r1] = layer_rows(conv1, img, r0, r1)
 
@@ -465,7 +469,7 @@ def stem_forward(stem: nn.Module, x: torch.Tensor, rows: Optional[int] = None) -
         return layer_rows(conv2b, t, r0, r1, base=t0, height=h2)
 
     _rows_in_place(half, rows2, conv2_rows, lambda r0, r1, y: half[:, r0:r1].add_(y))
-    rows4 = rows or band_rows(h4, w4 * conv3a.conv.out_channels * item)
+    rows4 = rows or band_rows(h4, w4 * conv3a.conv.out_channels * item, None, WIDE_MAP_BYTES)
     for r0, r1 in row_bands(h4, rows4):
         out[:, r0:r1] = layer_rows(conv3b, layer_rows(conv3a, half, r0, r1), 0, r1 - r0)
     return out
@@ -484,7 +488,8 @@ def downsample_forward(down: nn.Module, x: torch.Tensor, rows: Optional[int] = N
     b, h, w, _ = x.shape
     ho, wo = h // 2, w // 2
     out = torch.empty(b, ho, wo, project.conv.out_channels, dtype=x.dtype, device=x.device)
-    rows = rows or max(1, band_rows(h, w * expand.conv.out_channels * x.element_size(), 2 * BAND_BYTES) // 2)
+    rows = rows or max(1, band_rows(h, w * expand.conv.out_channels * x.element_size(), 2 * BAND_BYTES,
+                                    WIDE_MAP_BYTES) // 2)
     carry, carry_start = None, 0
     for o0, o1 in row_bands(ho, rows):
         s0, s1 = input_rows(dw.conv, h, o0, o1)

@@ -75,6 +75,7 @@ def test_banded_backbone_matches_reference(monkeypatch):
     with torch.no_grad():
         want = ref(x)
         monkeypatch.setattr(fast_inference, 'WHOLE_MAP_BYTES', 0)  # bands everywhere,
+        monkeypatch.setattr(fast_inference, 'WIDE_MAP_BYTES', 0)
         monkeypatch.setattr(fast_inference, 'BAND_BYTES', 1)  # of 2 rows
         got = model(x)
     for a, b in zip(got, want):
@@ -84,14 +85,18 @@ def test_banded_backbone_matches_reference(monkeypatch):
 
 @pytest.mark.parametrize('malloc', ['tuned', 'default', None])
 def test_band_size_depends_on_the_map_only(malloc, monkeypatch):
-    """Whole maps below WHOLE_MAP_BYTES, bands of BAND_BYTES above: the same whether or not malloc was tuned."""
+    """Whole maps up to the tools' sizes, bands of BAND_BYTES for large maps: the same whether or not malloc was
+    tuned (MLLA-T, fp32: stage 0 has 64 channels, the first downsample's hidden map 512)."""
     from mlla_mm.utils import malloc as malloc_module
     monkeypatch.setattr(malloc_module, '_state', malloc)
-    assert fast_inference.band_rows(200, 320 * 64 * 4) == 200  # MLLA-T stage 0 at 800x1280: 16 MB
-    band_mib = fast_inference.BAND_BYTES >> 20
-    assert fast_inference.band_rows(4000, 1 << 20) == band_mib  # a 4 GB map: rows of 1 MiB
-    assert fast_inference.band_rows(4000, 1 << 20, 2 * fast_inference.BAND_BYTES) == 2 * band_mib
-    assert fast_inference.band_rows(4000, 1 << 30) == 2  # never fewer than 2 rows
-    assert fast_inference.mlp_chunk(1000, 2048 * 4) == fast_inference.MLP_CHUNK  # 8 MB of hidden activations
-    assert fast_inference.mlp_chunk(10 ** 6, 2048 * 4) == 512  # 4 MiB chunks where 4096 tokens take 32 MiB
-
+    fi = fast_inference
+    for h, w in ((800, 1280), (1024, 1024)):  # every map whole
+        assert fi.band_rows(h // 4, w // 4 * 64 * 4) == h // 4  # a block of stage 0
+        assert fi.band_rows(h // 4, w // 4 * 512 * 4, 2 * fi.BAND_BYTES, fi.WIDE_MAP_BYTES) == h // 4  # downsample 0
+        assert fi.band_rows(h // 2, w // 2 * 32 * 4, 2 * fi.BAND_BYTES, fi.WIDE_MAP_BYTES) == h // 2  # the stem
+    row = 512 * 64 * 4  # 2048x2048: bands of BAND_BYTES (2 * BAND_BYTES for the wide maps)
+    assert fi.band_rows(512, row) == fi.BAND_BYTES // row
+    assert fi.band_rows(512, 8 * row, 2 * fi.BAND_BYTES, fi.WIDE_MAP_BYTES) == 2 * fi.BAND_BYTES // (8 * row)
+    assert fi.band_rows(4000, 1 << 30) == 2  # never fewer than 2 rows
+    assert fi.mlp_chunk(1000, 2048 * 4) == fi.MLP_CHUNK  # 8 MB of hidden activations
+    assert fi.mlp_chunk(10 ** 6, 2048 * 4) == 512  # 4 MiB chunks where 4096 tokens take 32 MiB
