@@ -28,11 +28,11 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.logging import print_log  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from ..datasets.checks import (DEMO_COMMANDS, LAYOUTS, BadAnnotationError,  # noqa: F401 (re-exported)
+from ..datasets.checks import (DEMO_COMMANDS, LAYOUTS, BadAnnotationError,  # noqa: F401,E402 (re-exported)
                                DataNotFoundError, check_annotations, check_data)
-from ..utils.io import AtomicWriteError
-from ..utils.malloc import malloc_state, tune_cpu_malloc
-from .runner import end_distributed, make_synthetic_data
+from ..utils.io import AtomicWriteError  # noqa: E402
+from ..utils.malloc import malloc_state, tune_cpu_malloc  # noqa: E402
+from .runner import end_distributed, make_synthetic_data  # noqa: E402
 
 
 def apply_amp(cfg: Config) -> None:

@@ -252,5 +252,5 @@ def worker_death_message(err: BaseException, last_checkpoint: Optional[str] = No
             f'continue with: {resume_command(argv)}')
 
 
-__all__ = ['SignalSafeWorkerInit', 'WorkerDied', 'stop_workers_at_exit', 'WORKER_IGNORED_SIGNALS', 'guard_dataloader_workers',
-           'unwrap_worker_init', 'worker_death_message', 'resume_command']
+__all__ = ['SignalSafeWorkerInit', 'WorkerDied', 'stop_workers_at_exit', 'WORKER_IGNORED_SIGNALS',
+           'guard_dataloader_workers', 'unwrap_worker_init', 'worker_death_message', 'resume_command']
