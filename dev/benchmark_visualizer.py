@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Time drawing a detection picture: mmdet's DetLocalVisualizer against mlla-mm's FastDetVisualizer.
+"""Maintainer timing: drawing a detection picture, mmdet's DetLocalVisualizer against mlla-mm's FastDetVisualizer.
 
-    python tools/benchmark_visualizer.py [--data data/shapes_coco] [--split val] [--images 20] [--repeats 3]
+    python dev/benchmark_visualizer.py [--data data/shapes_coco] [--split val] [--images 20] [--repeats 3]
 
 What ``tools/test.py --show-dir`` does per test image, for the first
 ``--images`` images of a COCO-format split: read the image, draw ground truth
@@ -57,7 +57,7 @@ def check_split(root: Path, split: str) -> Path:
     ds = dict(type='CocoDataset', data_root=str(root), ann_file=f'annotations/instances_{split}.json',
               data_prefix=dict(img=f'{split}/'), metainfo=dict(classes=()))
     try:
-        check_annotations(ds, f'--data {root} --split {split}', 'tools/benchmark_visualizer.py', train=False)
+        check_annotations(ds, f'--data {root} --split {split}', 'dev/benchmark_visualizer.py', train=False)
     except DataNotFoundError as err:  # this tool has no --skip-bad-images: leave that hint out
         raise type(err)(str(err).replace(_SKIP_HINT, 'fix or remove them')) from None
     return ann_file
@@ -118,7 +118,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from mmdet.utils import register_all_modules
     from mmdet.visualization import DetLocalVisualizer
 
-    from mlla_mm.deploy.benchmark import cpu_description, interleaved_times, median, paired_ratio
+    from mlla_mm.utils.cpu import cpu_description
+    from mlla_mm.utils.timing import interleaved_times, median, paired_ratio
     from mlla_mm.visualization import FastDetVisualizer, _colour
     register_all_modules()
     root = Path(args.data)

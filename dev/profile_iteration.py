@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Where a Mask R-CNN training iteration's time goes: per part and per operator.
+"""Maintainer profiling: where a Mask R-CNN training iteration's time goes: per part and per operator.
 
-    python tools/profile_iteration.py configs/detection/mask_rcnn_mlla_t_demo.py \\
+    python dev/profile_iteration.py configs/detection/mask_rcnn_mlla_t_demo.py \\
         [CHECKPOINT] [--iters 8] [--threads 2] [--amp] [--ops] [--cfg-options KEY=VALUE ...]
 
 Builds the config's model, optimizer and training data loader (no worker

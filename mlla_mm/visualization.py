@@ -18,7 +18,7 @@ Every tool that draws (``tools/test.py --show-dir``, ``tools/demo.py``,
 
 mmdet's ``DetLocalVisualizer`` renders every picture through a matplotlib
 figure (86 ms per 160x160 demo image against 22 ms here on a 2-core AMD EPYC,
-``tools/benchmark_visualizer.py``), prints scores as percentages without a
+``dev/benchmark_visualizer.py``), prints scores as percentages without a
 sign and warns "bbox is out of bounds" for boxes that reach past the image.
 
 Use it from a config with ``visualizer = dict(type='mlla_mm.FastDetVisualizer')``

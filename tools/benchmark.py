@@ -1,94 +1,88 @@
-"""Backbone latency, throughput and memory of MLLA against mmdet's Swin-T and ResNet-50.
+#!/usr/bin/env python
+"""Speed of MLLA against its peers, each pair timed in the same interleaved rounds: one tool, one subcommand a question.
 
-Example (the full run of docs/benchmarks.md)::
+    python tools/benchmark.py [all]     # what `make benchmark` runs: backbone, then train and detector
+    python tools/benchmark.py backbone [--sizes 512x512 800x1280] [--models mlla_t swin_t r50] [--plot F]
+    python tools/benchmark.py detector [--size 800x1333]
+    python tools/benchmark.py train [--size 512]
+    python tools/benchmark.py onnx [--models mlla_t swin_t upernet_mlla_t] [--int8]
+    python tools/benchmark.py bf16 [--size 800x1280]
 
-    python tools/benchmark.py --threads 2 --repeats 5 --json work_dirs/bench.json \\
-        --plot work_dirs/bench.png
+Every subcommand takes ``--threads`` (default 2), ``--repeats`` (interleaved
+rounds, default 5), ``--malloc tuned|default``, ``--json FILE`` and
+``--quick`` (tiny sizes, one round unless ``--repeats`` says otherwise: for
+tests). The first line names the CPU and its bf16 / VNNI / AMX instruction
+sets (``mlla_mm.utils.cpu``). All timing goes through
+``mlla_mm.utils.timing``: every function runs once to warm up, then each
+round runs all of them once, in an order that reverses every round, so load
+from elsewhere on the machine hits them alike; a ratio is the median over
+rounds of the per-round ratio, printed with the range of the rounds. The
+tool prints the measured ratios against the peers it ran (Swin-T, ResNet-50,
+PyTorch eager fp32, ...), not verdicts: the project's figures per CPU are in
+docs/benchmarks.md.
 
-Everything runs in one process with ``torch.set_num_threads(--threads)``,
-fp32, batch 1, ``torch.no_grad()``, backbones only. For each input size all
-models run once to warm up, then ``--repeats`` rounds run every model once
-each, interleaved, so load from elsewhere on the machine hits all models
-alike; the table shows median, min and max. A large fp32 matmul runs in the
-same rounds as the reference for FLOP/s. Then, unless switched off:
+* ``backbone``: fp32, batch 1, ``torch.no_grad()``, backbones only, at each
+  of ``--sizes``; a large fp32 matmul runs in the same rounds for FLOP/s.
+  Table of median/min/max, MLLA-T over each peer per size, the slope of log
+  latency against log pixels, and (unless ``--no-memory``) each model's peak
+  memory of one more call and the peak memory of an MLLA-T forward +
+  backward at ``--memory-size``, batch 2, with and without ``with_cp``.
+  ``--models mlla_t_compile`` adds ``torch.compile`` of MLLA-T.
+* ``detector``: one whole Mask R-CNN inference (mask pasting included),
+  MLLA-T against Swin-T with equal head work (see
+  :func:`detector_inference_times`), with each detector's parts.
+* ``train``: one Mask R-CNN train iteration (2 images, forward, backward,
+  AdamW step), MLLA-T against Swin-T (see :func:`train_iteration_times`).
+* ``all`` (the default when no subcommand is given): ``backbone``, then
+  ``train`` (``--train-size``, ``--no-train``) and ``detector``
+  (``--detector-size``, ``--no-detector``), those two with
+  ``--train-repeats`` rounds.
+* ``onnx``: ONNX Runtime against PyTorch eager fp32 (MLLA-T and Swin-T
+  backbones, an UperNet MLLA-T), exported with tools/export_onnx.py's code;
+  ``--int8`` adds the INT8 (static QDQ) graph of each MLLA model.
+* ``bf16``: bf16 autocast against fp32 on the CPU: MLLA-T inference, MLLA-T
+  forward + backward, a Mask R-CNN training step (``CPUAutocastOptimWrapper``,
+  what ``tools/train.py --amp`` uses).
 
-* train: one Mask R-CNN train iteration (2 images of 512x512, forward,
-  backward, AdamW step) with MLLA-T and with Swin-T, interleaved
-  (``--train-repeats`` rounds, alternating which model goes first; the
-  ratio is the median of the per-round ratios). Both detectors get the same
-  head weights and proposals, so they differ only in backbone and FPN
-  lateral convolutions (see ``train_iteration_times``);
-* memory: peak resident memory of an MLLA-T backbone forward + backward at
-  800x1280, batch 2, with and without ``with_cp``; and, per model and size,
-  the peak memory of one more inference call run alone (``--no-memory``
-  skips both).
+Peak memory is the rise of the process's peak RSS over its RSS before the
+call (``mlla_mm.utils.timing.peak_memory_mib``; Linux only, else missing).
+glibc malloc is tuned as the other tools tune it (``--malloc default`` leaves
+it alone; every model runs under the same setting).
 
-Peak memory is the rise of the process's peak RSS (``VmHWM``) over its RSS
-before the call: freed heap memory is first handed back to the OS
-(``malloc_trim``) and the peak is reset (``/proc/self/clear_refs``), so
-every page the call touches counts. Linux only (else reported as missing).
-
-glibc malloc is tuned as the tools tune it (``--malloc default`` leaves it
-alone; every model runs under the same setting): large tensors come from
-the heap and are reused instead of being page-faulted in anew from fresh
-``mmap`` blocks (``mlla_mm/utils/malloc.py``).
-
-``--models mlla_t_compile`` adds ``torch.compile`` of MLLA-T (compiled in
-the warm-up call of each size).
-
-The targets of the project are printed with PASS/FAIL at the end (not with
-``--quick``: toy sizes say nothing about them; the ratios are printed
-alone). The run starts by printing an estimate of how long it will take
-(from one MLLA-T call on the machine and the work asked for).
-
-``--against-rev REV`` runs only a comparison of today's MLLA-T with the one
-of git revision REV (e.g. before a refactor) in the same process: see
-``compare_with_revision``.
-``--quick`` (for tests) uses tiny sizes, one repeat, and small train/memory
-checks.
-
-Bad arguments (a size that is not ``HxW`` with positive integers, a thread or
-repeat count below 1, a ``--json`` / ``--plot`` path that cannot be written)
-are one ``error:`` line on stderr and exit code 2, before anything is
-measured. The JSON file and the plot are written whole or not at all.
+Bad arguments (a size that is not ``HxW`` with positive integers, a count
+below 1, a ``--json`` / ``--plot`` path that cannot be written) are one
+``error:`` line on stderr and exit code 2, before anything is measured. The
+JSON file and the plot are written whole or not at all.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
-import importlib
+import copy
 import json
 import math
 import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import types
-import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from mlla_mm.datasets.synthetic import random_detection_batch
-from mlla_mm.deploy.benchmark import paired_ratio, round_ratios, round_spread
-from mlla_mm.utils.flops import backbone_flops
 from mlla_mm.utils.io import atomic_write
-from mlla_mm.utils.malloc import tune_cpu_malloc
+from mlla_mm.utils.timing import (header_line, interleaved_times, median, peak_memory_mib, ratio_text,
+                                  relative_difference, round_ratios, summarize)
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBCOMMANDS = ('all', 'backbone', 'detector', 'train', 'onnx', 'bf16')
 ALL_MODELS = ['mlla_t', 'mlla_s', 'mlla_b', 'swin_t', 'r50', 'mlla_t_ref']
 OPTIONAL_MODELS = ['mlla_t_compile']  # torch.compile of MLLA-T (inductor); only when asked for
-TARGETS = dict(swin_ratio=0.80, scaling=4.4, flops_frac=0.70, train_ratio=0.85, detector_ratio=0.85,
-               cp_mem_ratio=0.60)
+LABELS = dict(mlla_t='MLLA-T', mlla_s='MLLA-S', mlla_b='MLLA-B', swin_t='Swin-T', r50='ResNet-50',
+              mlla_t_ref='MLLA-T reference', mlla_t_compile='MLLA-T compiled')
 
 
 # --------------------------------------------------------------------------
-# Models.
+# Backbones.
 # --------------------------------------------------------------------------
 def build_backbone(name: str, cache: Dict[str, torch.nn.Module]) -> torch.nn.Module:
     """An eval-mode backbone by name (``mlla_t_ref`` shares ``mlla_t``'s weights)."""
@@ -121,61 +115,6 @@ def build_backbone(name: str, cache: Dict[str, torch.nn.Module]) -> torch.nn.Mod
     raise ValueError(f'unknown model {name!r}; choose from {ALL_MODELS + OPTIONAL_MODELS}')
 
 
-# --------------------------------------------------------------------------
-# Timing and memory.
-# --------------------------------------------------------------------------
-def summarize(times: List[float]) -> Dict[str, float]:
-    return dict(median=statistics.median(times), min=min(times), max=max(times), n=len(times))
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
-    """Warm each function up, then time ``repeats`` rounds of all of them in turn."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    order = list(fns)
-    for r in range(repeats):
-        # Alternate the order each round, so neither model always runs right after the other.
-        for k in (order if r % 2 == 0 else order[::-1]):
-            times[k].append(timed(fns[k]))
-    return times
-
-
-def _proc_status_kib(field: str) -> Optional[int]:
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def peak_memory_mib(fn: Callable[[], object]) -> Optional[float]:
-    """Rise of peak RSS during ``fn()`` in MiB (see the module docstring), or None."""
-    gc.collect()
-    try:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    except OSError:
-        return None
-    before = _proc_status_kib('VmRSS')
-    fn()
-    peak = _proc_status_kib('VmHWM')
-    if before is None or peak is None:
-        return None
-    return (peak - before) / 1024.
-
-
 def matmul_fn(n: int = 2048) -> Tuple[Callable[[], object], float]:
     """A large fp32 matmul and its FLOP count."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -189,11 +128,10 @@ def detector_cfg(kind: str):
     """Mask R-CNN config with MLLA-T (the project's config) or Swin-T (mmdet's), no pretrained weights."""
     from mmengine.config import Config
     import mmdet
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     swin_path = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', 'swin',
                              'mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py')
     if kind == 'mlla_t':
-        path = os.path.join(root, 'configs', 'detection', 'mask_rcnn_mlla_t.py')
+        path = os.path.join(REPO_ROOT, 'configs', 'detection', 'mask_rcnn_mlla_t.py')
         if os.path.isfile(path):
             cfg = Config.fromfile(path)
         else:  # mmdet's Swin-T config with the backbone swapped
@@ -263,7 +201,7 @@ def train_iteration_times(size: int, repeats: int) -> Dict[str, List[float]]:
     for kind, model in models.items():
         wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0., weight_decay=0.05))
         fns[kind] = (lambda m=model, w=wrapper, d=random_detection_batch(size): step(m, w, d))
-    return interleaved(fns, repeats, warmup=1)
+    return interleaved_times(fns, repeats, warmup=1)
 
 
 def detector_inference_times(size: Tuple[int, int], repeats: int, proposals: int = 1000, detections: int = 100,
@@ -318,7 +256,7 @@ def detector_inference_times(size: Tuple[int, int], repeats: int, proposals: int
             module = getattr(model, name)
             setattr(module, method, timed_method(getattr(module, method), part_times[kind].setdefault(name, [])))
     with torch.no_grad():
-        times = interleaved({kind: (lambda m=model: infer(m)) for kind, model in models.items()}, repeats)
+        times = interleaved_times({kind: (lambda m=model: infer(m)) for kind, model in models.items()}, repeats)
     if parts is not None:
         for kind, named in part_times.items():
             parts[kind] = {name: statistics.median(v[1:] or v) for name, v in named.items()}  # [0]: warm-up
@@ -343,155 +281,6 @@ def cp_memory(size: Tuple[int, int], batch: int = 2) -> Dict[str, Optional[float
     return out
 
 
-# --------------------------------------------------------------------------
-# --against-rev: today's MLLA-T against the one of another git revision.
-# --------------------------------------------------------------------------
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class RevisionError(Exception):
-    """git is missing, or the revision (or its model code) cannot be read."""
-
-
-def _git(*args: str) -> str:
-    if shutil.which('git') is None:
-        raise RevisionError('--against-rev needs git, which is not on PATH')
-    res = subprocess.run(['git', '-C', REPO_ROOT, *args], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RevisionError(f"git {' '.join(args)} failed in {REPO_ROOT}: "
-                            + (res.stderr.strip().splitlines() or ['no output'])[-1])
-    return res.stdout
-
-
-def load_mlla_at_revision(rev: str, folder: str) -> Tuple[type, str]:
-    """The ``MLLA`` class of git revision ``rev``, imported from a copy in ``folder``, and the full commit hash.
-
-    The revision's ``mlla_mm/models/*.py`` (the backbone and what it imports
-    from its own folder) is written to ``folder`` and imported as
-    package ``_mlla_mm_at_<hash>.models``. Its imports from the rest of
-    ``mlla_mm`` (checkpoint reader, registry: not timed) get today's modules,
-    and nothing of the revision is registered (``register_everywhere`` is a
-    no-op there), so today's ``MLLA`` stays the one in the registries.
-    """
-    import mlla_mm.models  # noqa: F401 (today's modules, which the revision's code is given)
-    import mlla_mm.registry
-    _git('rev-parse', '--git-dir')  # a clear error outside a git checkout
-    try:
-        sha = _git('rev-parse', '--verify', '--quiet', f'{rev}^{{commit}}').strip()
-    except RevisionError:
-        raise RevisionError(f'--against-rev: no commit {rev!r} in the git repository {REPO_ROOT}') from None
-    files = [f for f in _git('ls-tree', '--name-only', sha, 'mlla_mm/models/').split()
-             if f.endswith('.py')]
-    if 'mlla_mm/models/mlla.py' not in files:
-        raise RevisionError(f'revision {rev} ({sha[:10]}) has no mlla_mm/models/mlla.py')
-    pkg = f'_mlla_mm_at_{sha[:12]}'
-    models_dir = os.path.join(folder, 'models')
-    os.makedirs(models_dir)
-    for f in files:
-        if f.endswith('/__init__.py'):
-            continue  # the package stays empty: only what mlla.py imports is loaded
-        with open(os.path.join(models_dir, os.path.basename(f)), 'w', encoding='utf-8') as out:
-            out.write(_git('show', f'{sha}:{f}'))
-    root = types.ModuleType(pkg)
-    root.__path__ = []
-    models = types.ModuleType(f'{pkg}.models')
-    models.__path__ = [models_dir]
-    registry = types.ModuleType(f'{pkg}.registry')
-    registry.__dict__.update({k: v for k, v in vars(mlla_mm.registry).items() if not k.startswith('__')})
-    registry.register_everywhere = lambda cls: cls
-    aliases = {f'{pkg}.{name[len("mlla_mm."):]}': mod for name, mod in list(sys.modules.items())
-               if name.startswith('mlla_mm.') and not name.startswith('mlla_mm.models') and mod is not None}
-    sys.modules.update(aliases)
-    sys.modules.update({pkg: root, f'{pkg}.models': models, f'{pkg}.registry': registry})
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # e.g. timm's "overwriting model in registry" of a newer revision
-        backbone = 'backbone' if 'mlla_mm/models/backbone.py' in files else 'mlla'  # (the file MLLA is in)
-        module = importlib.import_module(f'{pkg}.models.{backbone}')
-    return module.MLLA, sha
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name (as ``lscpu`` shows it)."""
-    with contextlib.suppress(OSError):
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    return platform.processor() or 'unknown CPU'
-
-
-def compare_with_revision(rev: str, repeats: int, train_size: int = 512,
-                          sizes: Sequence[Tuple[int, int]] = ((512, 512), (800, 1280))) -> dict:
-    """Time today's MLLA-T and the one of git revision ``rev`` with the same weights, interleaved.
-
-    Inference (eval, ``no_grad``, batch 1) at each of ``sizes`` and a train
-    step (train mode, forward + backward of batch 2 at ``train_size``,
-    seeded identically before each call so drop path drops the same blocks).
-    Every round runs both models back to back (alternating which goes first);
-    a ratio is the median over rounds of new time / old time in the round.
-    """
-    from mlla_mm.models import MLLA
-    with tempfile.TemporaryDirectory(prefix='mlla_rev_') as folder:
-        return _compare(MLLA, *load_mlla_at_revision(rev, folder), rev, repeats, train_size, sizes)
-
-
-def _compare(new_cls: type, old_cls: type, sha: str, rev: str, repeats: int, train_size: int,
-             sizes: Sequence[Tuple[int, int]]) -> dict:
-    head = _git('rev-parse', 'HEAD').strip()
-    torch.manual_seed(0)
-    new = new_cls('tiny')
-    old = old_cls('tiny')
-    old.load_state_dict(new.state_dict())
-    out: dict = dict(rev=rev, rev_commit=sha, head_commit=head, cpu=cpu_model_name(),
-                     threads=torch.get_num_threads(), repeats=repeats, ratios={}, times={})
-    print(f'# new: working tree at {head[:10]}; old: {rev} = {sha[:10]}; CPU: {out["cpu"]}; '
-          f'{out["threads"]} threads; {repeats} interleaved rounds', flush=True)
-    new.eval(), old.eval()
-    with torch.no_grad():
-        for h, w in sizes:
-            x = torch.randn(1, 3, h, w)
-            diff = max(float((a - b).abs().max()) for a, b in zip(new(x), old(x)))
-            times = interleaved(dict(new=lambda: new(x), old=lambda: old(x)), repeats)
-            key = f'inference {h}x{w}'
-            out['ratios'][key] = paired_ratio(times, 'new', 'old')
-            out['times'][key] = dict(new=summarize(times['new']), old=summarize(times['old']), max_abs_diff=diff)
-            print(f'# {key} done', flush=True)
-    new.train(), old.train()
-    x = torch.randn(2, 3, train_size, train_size)
-
-    def step(model: torch.nn.Module) -> None:
-        torch.manual_seed(0)
-        model.zero_grad(set_to_none=True)
-        sum(o.mean() for o in model(x)).backward()
-
-    times = interleaved(dict(new=lambda: step(new), old=lambda: step(old)), repeats)
-    key = f'train fwd+bwd 2x{train_size}x{train_size}'
-    out['ratios'][key] = paired_ratio(times, 'new', 'old')
-    out['times'][key] = dict(new=summarize(times['new']), old=summarize(times['old']))
-    print(f"\nMLLA-T, working tree / {rev} ({sha[:10]}), {out['cpu']}, {out['threads']} threads")
-    print(f"{'':<34}{'new s':>8}{'old s':>8}{'new/old':>9}  (median of per-round ratios)")
-    for key, ratio in out['ratios'].items():
-        t = out['times'][key]
-        extra = f"  max |new-old| {t['max_abs_diff']:.1e}" if 'max_abs_diff' in t else ''
-        print(f"{key:<34}{t['new']['median']:8.3f}{t['old']['median']:8.3f}{ratio:9.3f}{extra}")
-    return out
-
-
-# --------------------------------------------------------------------------
-# Report.
-# --------------------------------------------------------------------------
-def parse_size(s: str) -> Tuple[int, int]:
-    """``'800x1280'`` -> ``(800, 1280)``; raises ``argparse.ArgumentTypeError`` unless HxW with positive integers."""
-    from mlla_mm.engine.launch import image_size
-    return image_size(s)
-
-
-def size_arg(text: str) -> str:
-    """argparse type: ``HxW`` with positive integers, kept as the text ``'HxW'`` (the key in the results)."""
-    h, w = parse_size(text)
-    return f'{h}x{w}'
-
-
 def slope(points: List[Tuple[float, float]]) -> float:
     """Least-squares slope of log(latency) against log(pixels)."""
     if len(points) < 2:
@@ -504,16 +293,16 @@ def slope(points: List[Tuple[float, float]]) -> float:
 
 
 def make_plot(results: dict, path: str) -> None:
+    """A log-log plot of median latency against pixels per model, written whole or not at all."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 5))
     for name, rows in results['latency'].items():
         pts = sorted((r['pixels'], r['median']) for r in rows.values())
-        if not pts:
-            continue
-        ax.plot([p for p, _ in pts], [t for _, t in pts], marker='o',
-                label=f"{name} (slope {results['slopes'].get(name, float('nan')):.2f})")
+        if pts:
+            ax.plot([p for p, _ in pts], [t for _, t in pts], marker='o',
+                    label=f"{name} (slope {results['slopes'].get(name, float('nan')):.2f})")
     ax.set_xscale('log')
     ax.set_yscale('log')
     ax.set_xlabel('input pixels (H x W)')
@@ -523,7 +312,7 @@ def make_plot(results: dict, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     try:
-        with atomic_write(path, 'wb') as f:  # whole or not at all
+        with atomic_write(path, 'wb') as f:
             fig.savefig(f, format='png', dpi=100)
     finally:
         plt.close(fig)
@@ -556,59 +345,596 @@ def estimate_seconds(args: argparse.Namespace, sizes: List[Tuple[int, int]], nam
                 continue
             total += calls * RELATIVE_COST.get(n, 1.0) * h * w * seconds_per_pixel
             total += 60.0 if n == 'mlla_t_compile' else 0.0
-    if not args.no_train:
+    if args.do_train:
         total += 2 * (args.train_repeats + 1) * 18 * args.train_size ** 2 * seconds_per_pixel
-    if args.detector:
+    if args.do_detector:
         dh, dw = parse_size(args.detector_size)
         total += 2 * (args.train_repeats + 1) * 3 * dh * dw * seconds_per_pixel
-    if not args.no_memory:
+    if args.do_backbone and not args.no_memory:
         mh, mw = parse_size(args.memory_size)
         total += 12 * mh * mw * seconds_per_pixel
     return total
 
 
-def verdict(value: Optional[float], limit: float, higher_is_better: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return 'SKIP'
-    ok = value >= limit if higher_is_better else value <= limit
-    return 'PASS' if ok else 'FAIL'
+def print_estimate(args: argparse.Namespace, sizes: List[Tuple[int, int]], models: Dict[str, torch.nn.Module]) -> None:
+    """MLLA-T at 224x224 here, then the work asked for: how long this run will take."""
+    from mlla_mm.models import MLLA
+    probe_model = models.get('mlla_t') or MLLA('tiny').eval()
+    with torch.no_grad():
+        probe = torch.randn(1, 3, 224, 224)
+        probe_model(probe)
+        calls = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            probe_model(probe)
+            calls.append(time.perf_counter() - t0)
+    minutes = estimate_seconds(args, sizes, list(models), min(calls) / (224 * 224)) / 60
+    print(f'# estimated run time: about {max(1, round(minutes)) if minutes >= 1 else "<1"} min '
+          f'(from MLLA-T at 224x224 on this machine now; --quick for a short check, fewer --sizes / --models '
+          f'or one subcommand to do less)', flush=True)
+
+
+# --------------------------------------------------------------------------
+# backbone, detector, train, all.
+# --------------------------------------------------------------------------
+def ratio_line(label: str, ratios: Sequence[float], results: dict, key: str) -> None:
+    """Print ``label`` with the median of per-round ``ratios`` and their range; keep both in ``results``."""
+    results['ratios'][key] = statistics.median(ratios)
+    results['round_ratios'][key] = list(ratios)
+    print(f'  {label:<52} {ratio_text(ratios)}')
+
+
+def run_backbones(args: argparse.Namespace, results: dict) -> None:
+    """Latency (and peak memory) of each backbone at each size, in interleaved rounds with a matmul."""
+    from mlla_mm.utils.flops import backbone_flops
+    sizes = [parse_size(s) for s in args.sizes]
+    models: Dict[str, torch.nn.Module] = {}
+    for name in args.models:
+        try:
+            models[name] = build_backbone(name, models)
+            models[name].eval()  # mmdet's backbones' train() returns None: do not chain it
+        except ImportError as e:
+            results['skipped'][name] = f'not available: {e}'
+            print(f'# skip {name}: not available: {e}')
+    print_estimate(args, sizes, models)
+    results.update(latency={n: {} for n in models}, matmul={}, slopes={})
+    mm, mm_flops = matmul_fn()
+    per_size: Dict[str, Dict[str, List[float]]] = {}
+    with torch.no_grad():
+        for h, w in sizes:
+            x = torch.randn(1, 3, h, w)
+            fns = {n: (lambda m=m: m(x)) for n, m in models.items()
+                   if not (n == 'mlla_t_ref' and h * w > args.ref_max_pixels)}
+            fns['matmul'] = mm
+            times = per_size[f'{h}x{w}'] = interleaved_times(fns, args.repeats)
+            mm_times = times['matmul']
+            results['matmul'][f'{h}x{w}'] = dict(summarize(mm_times), gflops_per_s=mm_flops / median(mm_times) / 1e9)
+            for n, ts in times.items():
+                if n == 'matmul':
+                    continue
+                row = dict(summarize(ts), pixels=h * w, height=h, width=w)
+                row['images_per_s'] = 1. / row['median']
+                row['mpix_per_s'] = h * w / row['median'] / 1e6
+                row['peak_mib'] = None if args.no_memory else peak_memory_mib(fns[n])  # one more call, alone
+                results['latency'][n][f'{h}x{w}'] = row
+            print(f'# {h}x{w} done', flush=True)
+            if args.json:  # partial results survive an interrupted long run
+                write_json(args.json, results)
+    lat = results['latency']
+    for n, rows in lat.items():
+        results['slopes'][n] = slope([(r['pixels'], r['median']) for r in rows.values()])
+
+    print(f"\nBackbone latency (s), {args.threads} threads, fp32, batch 1, {args.repeats} interleaved rounds")
+    print(f"{'model':<15}{'size':>11}{'median':>9}{'min':>9}{'max':>9}{'img/s':>8}{'MPix/s':>8}{'peak MiB':>10}")
+    for n, rows in lat.items():
+        for key, r in rows.items():
+            peak = '-' if r['peak_mib'] is None else f"{r['peak_mib']:.0f}"
+            print(f"{n:<15}{key:>11}{r['median']:9.3f}{r['min']:9.3f}{r['max']:9.3f}"
+                  f"{r['images_per_s']:8.2f}{r['mpix_per_s']:8.2f}{peak:>10}")
+    print('slopes of log latency vs log pixels: ' + ', '.join(f'{n} {s:.2f}' for n, s in results['slopes'].items()))
+
+    print('\nRatios (median of per-round ratios, range of the rounds):')
+    if 'mlla_t' in models:
+        for key, times in per_size.items():
+            for peer in times:
+                if peer not in ('mlla_t', 'matmul') and 'mlla_t' in times:
+                    ratio_line(f'MLLA-T / {LABELS.get(peer, peer)} latency at {key}',
+                               round_ratios(times, 'mlla_t', peer), results, f'mlla_t_over_{peer}_{key}')
+        if '1024x1024' in per_size and '2048x2048' in per_size:  # different rounds: a ratio of medians
+            value = lat['mlla_t']['2048x2048']['median'] / lat['mlla_t']['1024x1024']['median']
+            ratio_line(f'MLLA-T t(2048^2) / t(1024^2), malloc {results["malloc"]}', [value], results,
+                       'mlla_t_2048_over_1024')
+        key = '800x1280' if '800x1280' in lat['mlla_t'] else max(lat['mlla_t'],
+                                                                 key=lambda k: lat['mlla_t'][k]['pixels'])
+        h, w = lat['mlla_t'][key]['height'], lat['mlla_t'][key]['width']
+        flops = backbone_flops(models['mlla_t'], h, w).flops
+        times = per_size[key]
+        # FLOP/s fraction per round: (flops / t_mlla) / (mm_flops / t_matmul).
+        fractions = [flops / mm_flops / r for r in round_ratios(times, 'mlla_t', 'matmul')]
+        ratio_line(f'MLLA-T FLOP/s / matmul FLOP/s at {key}', fractions, results, 'flops_fraction_of_matmul')
+        results['ratios'].update(mlla_t_flops_size=key, mlla_t_gflops_per_s=flops / lat['mlla_t'][key]['median'] / 1e9,
+                                 matmul_gflops_per_s=results['matmul'][key]['gflops_per_s'])
+        print(f"  (MLLA-T {results['ratios']['mlla_t_gflops_per_s']:.1f} GFLOP/s, "
+              f"matmul {results['ratios']['matmul_gflops_per_s']:.1f} GFLOP/s)")
+    if not args.no_memory:
+        mem = cp_memory(parse_size(args.memory_size))
+        results['memory'] = dict(mem, size=args.memory_size, batch=2)
+        if mem.get('no_cp') and mem.get('with_cp') is not None:
+            ratio_line(f'MLLA-T fwd+bwd peak memory with_cp / without, {args.memory_size}',
+                       [mem['with_cp'] / mem['no_cp']], results, 'with_cp_memory_ratio')
+            print(f"  (peak MiB at {args.memory_size} batch 2: no_cp {mem['no_cp']:.0f}, "
+                  f"with_cp {mem['with_cp']:.0f})")
+    if args.plot:
+        make_plot(results, args.plot)
+
+
+def run_train(args: argparse.Namespace, results: dict) -> None:
+    """One Mask R-CNN train iteration, MLLA-T against Swin-T, ``args.train_repeats`` rounds."""
+    try:
+        tr = train_iteration_times(args.train_size, args.train_repeats)
+    except ImportError as e:
+        print(f'# skip train: {e}')
+        return
+    results['train'] = dict({k: summarize(v) for k, v in tr.items()}, size=args.train_size)
+    print(f"\nMask R-CNN train iteration, 2 images of {args.train_size}x{args.train_size} (s): "
+          + ', '.join(f"{k} {median(v):.2f}" for k, v in tr.items()))
+    ratio_line('Mask R-CNN train iteration MLLA-T / Swin-T', round_ratios(tr, 'mlla_t', 'swin_t'), results,
+               'train_mlla_t_over_swin_t')
+
+
+def run_detector(args: argparse.Namespace, results: dict) -> None:
+    """One whole Mask R-CNN inference, MLLA-T against Swin-T, ``args.train_repeats`` rounds."""
+    parts: Dict[str, Dict[str, float]] = {}
+    try:
+        dt = detector_inference_times(parse_size(args.detector_size), args.train_repeats, parts=parts)
+    except ImportError as e:
+        print(f'# skip detector: {e}')
+        return
+    results['detector_inference'] = dict({k: summarize(v) for k, v in dt.items()}, size=args.detector_size,
+                                         parts=parts)
+    print(f"\nMask R-CNN inference at {args.detector_size} (s): "
+          + ', '.join(f"{k} {median(v):.2f}" for k, v in dt.items()))
+    for kind, named in parts.items():
+        print(f'    {kind} parts (median s): ' + ', '.join(f'{n} {v:.2f}' for n, v in named.items()))
+    ratio_line('Mask R-CNN inference MLLA-T / Swin-T', round_ratios(dt, 'mlla_t', 'swin_t'), results,
+               'detector_inference_mlla_t_over_swin_t')
+
+
+def run_backbone_family(args: argparse.Namespace, results: dict) -> None:
+    """``all``, ``backbone``, ``detector``, ``train``: what ``args.do_*`` asks for."""
+    results.update(ratios={}, round_ratios={}, skipped={})
+    if args.do_backbone:
+        run_backbones(args, results)
+    elif args.do_train or args.do_detector:
+        print_estimate(args, [], {})
+    if args.do_train:
+        run_train(args, results)
+    if args.do_detector:
+        run_detector(args, results)
+
+
+# --------------------------------------------------------------------------
+# bf16: autocast against fp32 on the CPU.
+# --------------------------------------------------------------------------
+def bf16_autocast():
+    return torch.autocast('cpu', dtype=torch.bfloat16)
+
+
+def measure_against_fp32(fns: Dict[str, Callable[[], object]], repeats: int) -> dict:
+    """Interleaved times of ``fns`` (which include ``'fp32'``): each one's median and, for the others,
+    the median per-round ratio to fp32 as ``<name>_over_fp32`` and the rounds as ``<name>_rounds``."""
+    times = interleaved_times(fns, repeats)
+    out = dict(rounds=repeats, **{name: median(t) for name, t in times.items()})
+    for name in fns:
+        if name != 'fp32':
+            out[f'{name}_rounds'] = round_ratios(times, name, 'fp32')
+            out[f'{name}_over_fp32'] = statistics.median(out[f'{name}_rounds'])
+    return out
+
+
+def bf16_inference(size: Tuple[int, int], repeats: int) -> dict:
+    """MLLA-T backbone inference, fp32 against bf16 autocast (fast path, and the autograd code)."""
+    from mlla_mm.models import MLLA
+    torch.manual_seed(0)
+    model = MLLA('tiny').eval()
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+
+    def fp32():
+        with torch.no_grad():
+            return model(x)
+
+    def bf16():
+        with torch.no_grad(), bf16_autocast():
+            return model(x)
+
+    plain = copy.deepcopy(model).set_fast_inference(False)  # the same weights, always the autograd code
+
+    def bf16_autograd_code():  # the model's plain code under autocast: what bf16 ran before the fast path did
+        with torch.no_grad(), bf16_autocast():
+            return plain(x)
+
+    out = measure_against_fp32(dict(fp32=fp32, bf16=bf16, bf16_autograd_code=bf16_autograd_code), repeats)
+    out.update(size=f'{size[0]}x{size[1]}', max_rel_diff=relative_difference(bf16(), fp32()),
+               max_rel_diff_autograd_code=relative_difference(bf16_autograd_code(), fp32()))
+    return out
+
+
+def bf16_forward_backward(size: int, batch: int, repeats: int) -> dict:
+    """MLLA-T backbone forward + backward in train mode, fp32 against bf16 autocast."""
+    from mlla_mm.models import MLLA
+    torch.manual_seed(0)
+    model = MLLA('tiny', drop_path_rate=0.).train()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def run(cast: bool):
+        model.zero_grad(set_to_none=True)
+        if cast:
+            with bf16_autocast():
+                outs = model(x)
+        else:
+            outs = model(x)
+        sum(o.float().square().mean() for o in outs).backward()
+        return [o.detach() for o in outs]
+
+    out = measure_against_fp32(dict(fp32=lambda: run(False), bf16=lambda: run(True)), repeats)
+    out.update(size=f'{batch}x{size}x{size}', max_rel_diff=relative_difference(run(True), run(False)))
+    return out
+
+
+def bf16_detector_step(size: int, repeats: int) -> dict:
+    """One Mask R-CNN MLLA-T training step: fp32 ``OptimWrapper`` against ``CPUAutocastOptimWrapper``."""
+    from mmengine.optim import OptimWrapper
+    from mlla_mm.engine import CPUAutocastOptimWrapper
+    torch.manual_seed(0)
+    model = build_detector('mlla_t').train()
+    data = random_detection_batch(size, n_images=2, seed=0)
+    wrappers = dict(fp32=OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0.)),
+                    bf16=CPUAutocastOptimWrapper(optimizer=torch.optim.AdamW(model.parameters(), lr=0.)))
+    losses: Dict[str, dict] = {}
+
+    def step(kind: str):
+        torch.manual_seed(0)  # the same RoI sampling in both
+        losses[kind] = model.train_step(copy.copy(data), wrappers[kind])
+
+    out = measure_against_fp32(dict(fp32=lambda: step('fp32'), bf16=lambda: step('bf16')), repeats)
+    out.update(size=f'2x{size}x{size}', speedup=out['fp32'] / out['bf16'],
+               loss_fp32=float(losses['fp32']['loss'].detach()), loss_bf16=float(losses['bf16']['loss'].detach()))
+    return out
+
+
+def run_bf16(args: argparse.Namespace, results: dict) -> None:
+    """The three bf16 / fp32 pairs."""
+    from mlla_mm.utils.cpu import cpu_description
+    cpu = results['cpu'] = cpu_description()
+    if not cpu['native_bf16']:
+        print(f"warning: {cpu['bf16_note']}", file=sys.stderr, flush=True)
+    r = results['inference'] = bf16_inference(args.size, args.repeats)
+    print(f"MLLA-T inference {r['size']}: fp32 {r['fp32']:.3f} s, bf16 {r['bf16']:.3f} s, "
+          f"max rel. diff {r['max_rel_diff']:.1e}; the autograd code under autocast {r['bf16_autograd_code']:.3f} s, "
+          f"max rel. diff {r['max_rel_diff_autograd_code']:.1e}", flush=True)
+    r = results['forward_backward'] = bf16_forward_backward(args.train_size, args.batch, args.repeats)
+    print(f"MLLA-T forward + backward {r['size']}: fp32 {r['fp32']:.3f} s, bf16 {r['bf16']:.3f} s, "
+          f"max rel. diff {r['max_rel_diff']:.1e}", flush=True)
+    if not args.no_detector:
+        r = results['detector_step'] = bf16_detector_step(args.train_size, args.repeats)
+        print(f"Mask R-CNN MLLA-T training step {r['size']}: fp32 {r['fp32']:.3f} s, bf16 {r['bf16']:.3f} s; "
+              f"loss fp32 {r['loss_fp32']:.4f}, bf16 {r['loss_bf16']:.4f}", flush=True)
+    print(f"\nRatios bf16 / fp32 (median of per-round ratios, range of the rounds; native bf16 on this CPU: "
+          f"{'yes' if cpu['native_bf16'] else 'no'}):")
+    r = results['inference']
+    print(f"  {'MLLA-T inference':<52} {ratio_text(r['bf16_rounds'])}")
+    print(f"  {'MLLA-T inference, the autograd code':<52} {ratio_text(r['bf16_autograd_code_rounds'])}")
+    print(f"  {'MLLA-T forward + backward':<52} {ratio_text(results['forward_backward']['bf16_rounds'])}")
+    if 'detector_step' in results:
+        r = results['detector_step']
+        print(f"  {'Mask R-CNN training step':<52} {ratio_text(r['bf16_rounds'])} ({r['speedup']:.2f}x faster)")
+
+
+# --------------------------------------------------------------------------
+# onnx: ONNX Runtime (fp32, INT8) against PyTorch eager fp32.
+# --------------------------------------------------------------------------
+ONNX_MODELS = ['mlla_t', 'swin_t', 'upernet_mlla_t']
+LEVELS = ['disable', 'basic', 'extended', 'all']
+
+
+def onnx_target(name: str, size: Tuple[int, int], quick: bool = False):
+    """(ExportTarget, export shape, dynamic) for a model name; dynamic ones are traced at another size.
+
+    MLLA and UperNet are exported with dynamic batch/height/width, as users get them; mmdet's Swin-T at
+    the benchmark size, since its padding is not traced dynamically.
+    """
+    from mlla_mm.deploy.onnx_export import ExportTarget, build_target
+    from mlla_mm.deploy.wrappers import BackboneForExport, output_names
+    torch.manual_seed(0)
+    if name == 'mlla_t':
+        return build_target('mlla_t', log=lambda m: None), size if quick else (224, 224), True
+    if name == 'swin_t':
+        swin = build_backbone('swin_t', {}).eval()
+        return ExportTarget(BackboneForExport(swin).eval(), 'backbone', output_names('backbone', 4), 'swin_t'), \
+            size, False
+    if name == 'upernet_mlla_t':
+        cfg = os.path.join(REPO_ROOT, 'configs', 'segmentation', 'upernet_mlla_t.py')
+        return build_target(cfg, log=lambda m: None), size if quick else (256, 256), True
+    raise ValueError(name)
+
+
+def int8_bytes(data: bytes, size: Tuple[int, int], calib_dir: Optional[str] = None) -> bytes:
+    """The INT8 model of ``data`` (mlla_mm/deploy/quantize.py), calibrated on ``calib_dir`` or 2 random images."""
+    import numpy as np
+
+    from mlla_mm.deploy.quantize import folder_calibration, quantize_int8
+    if calib_dir:
+        feeds = folder_calibration(calib_dir, 8, size)
+    else:
+        gen = np.random.default_rng(0)
+        feeds = [{'img': gen.standard_normal((1, 3, *size), dtype=np.float32)} for _ in range(2)]
+    return quantize_int8(data, feeds, log=lambda msg: print(f'# {msg}', flush=True))
+
+
+def check_onnx_args(args: argparse.Namespace) -> None:
+    """ONNX Runtime is installed, ``--calib-dir`` goes with ``--int8`` and holds images (before any export)."""
+    from mlla_mm.deploy.onnx_export import require
+    from mlla_mm.engine.launch import UsageError
+    require('onnx', 'onnxruntime')
+    if args.calib_dir:
+        if not args.int8:
+            raise UsageError('--calib-dir needs --int8')
+        from mlla_mm.deploy.quantize import folder_images
+        folder_images(args.calib_dir, 1)
+
+
+def export_sessions(name: str, args: argparse.Namespace, results: dict):
+    """Export ``name``, check ONNX Runtime against PyTorch, and return (size, PyTorch run, {key: session run})."""
+    from mlla_mm.deploy.onnx_export import export_bytes, make_session
+    size = parse_size(args.seg_size if name.startswith('upernet') else args.backbone_size)
+    target, shape, dynamic = onnx_target(name, size, args.quick)
+    t = time.perf_counter()
+    data = export_bytes(target, shape, dynamic=dynamic, formulation=args.formulations[0])
+    export_s = time.perf_counter() - t
+    graphs = {level: data for level in (args.levels if name == 'mlla_t' else args.levels[:1])}
+    if name != 'swin_t':  # the other formulations of an MLLA model and its INT8 graph, at the first level
+        for form in args.formulations[1:]:
+            graphs[f'{form}-{args.levels[0]}'] = export_bytes(target, shape, dynamic=dynamic, formulation=form)
+        if args.int8:
+            graphs[f'int8-{args.levels[0]}'] = int8_bytes(data, size, args.calib_dir)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = target.model(x)
+    row = results['models'][name] = dict(size=f'{size[0]}x{size[1]}', export_s=export_s, dynamic=dynamic,
+                                         onnx_mib=len(data) / 2**20,
+                                         formulation='plain' if name == 'swin_t' else args.formulations[0])
+    runs = {}
+    for key, graph in graphs.items():
+        level = key.rsplit('-', 1)[-1]
+        sess = make_session(graph, threads=args.threads, level=level, spinning=False)
+        diff = relative_difference(sess.run(None, {'img': x.numpy()}), ref)
+        if key == args.levels[0]:
+            row['max_rel_diff'] = diff
+        elif key.startswith('int8-'):
+            row.update(int8_mib=len(graph) / 2**20, int8_max_rel_diff=diff)
+        elif key not in LEVELS:
+            row[f'max_rel_diff_{key.rsplit("-", 1)[0]}'] = diff
+        runs[f'{name}:ort-{key}'] = (lambda s=sess, inp=x.numpy(): s.run(None, {'img': inp}))
+    print(f'# {name}: exported in {export_s:.1f} s ({"dynamic" if dynamic else "static"} shape, '
+          f'{len(data) / 2**20:.0f} MiB); ONNX Runtime vs PyTorch max rel. diff ' + ', '.join(
+              f'{k}: {v:.1e}' for k, v in row.items() if k.endswith('max_rel_diff') or k.startswith('max_rel_diff')),
+          flush=True)
+
+    def run_torch(m=target.model, inp=x):
+        with torch.no_grad():
+            return m(inp)
+
+    return size, {f'{name}:torch': run_torch, **runs}
+
+
+def run_onnx(args: argparse.Namespace, results: dict) -> None:
+    """Every model's ONNX Runtime sessions and its PyTorch eager fp32 run, timed in the same rounds."""
+    import onnxruntime as ort
+    results.update(onnxruntime=ort.__version__, backbone_size=args.backbone_size, seg_size=args.seg_size,
+                   models={}, ratios={}, round_ratios={})
+    groups: Dict[Tuple[int, int], Dict[str, Callable[[], object]]] = {}
+    for name in args.models:
+        try:
+            size, fns = export_sessions(name, args, results)
+        except ImportError as err:
+            print(f'# skip {name}: {err}')
+            continue
+        groups.setdefault(size, {}).update(fns)
+    times: Dict[str, List[float]] = {}
+    for size, fns in groups.items():
+        print(f'# timing {len(fns)} runs at {size[0]}x{size[1]}, {args.repeats} interleaved rounds', flush=True)
+        group = interleaved_times(fns, args.repeats)
+        times.update(group)
+        for key, ts in group.items():  # printed at once: a long run that is stopped keeps its numbers
+            print(f'#   {key}: median {median(ts):.3f} s, all {", ".join(f"{t:.3f}" for t in ts)}', flush=True)
+    results['latency'] = {k: summarize(v) for k, v in times.items()}
+
+    print(f"\nLatency (s), {args.threads} threads, batch 1, {args.repeats} interleaved rounds; vs PyTorch eager fp32 "
+          f"(median of per-round ratios, range of the rounds)")
+    print(f"{'run':<32}{'size':>10}{'median':>9}{'min':>9}  vs torch")
+    for key, row in results['latency'].items():
+        name = key.split(':')[0]
+        rounds = round_ratios(times, key, f'{name}:torch')
+        row['over_torch'] = statistics.median(rounds)
+        print(f"{key:<32}{results['models'][name]['size']:>10}{row['median']:9.3f}{row['min']:9.3f}  "
+              f"{ratio_text(rounds)}")
+        if key != f'{name}:torch':
+            results['ratios'][f'{key}_over_torch'] = row['over_torch']
+            results['round_ratios'][f'{key}_over_torch'] = rounds
+    best = args.levels[0]
+    lines = []
+    if f'mlla_t:ort-int8-{best}' in times:
+        lines.append(('MLLA-T INT8 / fp32, both ONNX Runtime', f'mlla_t:ort-int8-{best}', f'mlla_t:ort-{best}',
+                      'mlla_t_int8_over_ort_fp32'))
+    if 'mlla_t:torch' in times and 'swin_t:torch' in times:
+        lines += [('MLLA-T / Swin-T, PyTorch eager', 'mlla_t:torch', 'swin_t:torch', 'mlla_over_swin_torch'),
+                  ('MLLA-T / Swin-T, ONNX Runtime', f'mlla_t:ort-{best}', f'swin_t:ort-{best}', 'mlla_over_swin_ort')]
+    if lines:
+        print(f'\nRatios (ONNX Runtime level {best!r}):')
+    for label, num, den, key in lines:
+        rounds = round_ratios(times, num, den)
+        results['ratios'][key], results['round_ratios'][key] = statistics.median(rounds), rounds
+        print(f'  {label:<52} {ratio_text(rounds)}')
+
+
+# --------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------
+def parse_size(text: str) -> Tuple[int, int]:
+    """``'800x1280'`` -> ``(800, 1280)``; raises ``argparse.ArgumentTypeError`` unless HxW with positive integers."""
+    from mlla_mm.engine.launch import image_size
+    return image_size(text)
+
+
+def size_arg(text: str) -> str:
+    """argparse type: ``HxW`` with positive integers, kept as the text ``'HxW'`` (the key in the results)."""
+    h, w = parse_size(text)
+    return f'{h}x{w}'
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser: shared options on every subcommand, then each subcommand's own."""
+    from mlla_mm.engine.launch import ToolArgumentParser, image_size, non_negative_int, positive_int
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument('--threads', type=positive_int, default=2, help='torch (and ONNX Runtime) threads (default 2)')
+    shared.add_argument('--repeats', type=positive_int, help='interleaved rounds (default 5; 1 with --quick)')
+    shared.add_argument('--json', help='write all numbers to this JSON file')
+    shared.add_argument('--malloc', choices=['tuned', 'default'],
+                        help="glibc malloc as the tools set it ('tuned', see mlla_mm/utils/malloc.py) or left alone "
+                             "('default'); applies to every run alike (default: MLLA_MM_MALLOC, else tuned)")
+    shared.add_argument('--quick', action='store_true', help='tiny sizes, one round (for tests)')
+    p = ToolArgumentParser(description=__doc__.split('\n')[0],
+                           epilog='Without a subcommand: all (what make benchmark runs).')
+    sub = p.add_subparsers(dest='command', metavar='{' + ','.join(SUBCOMMANDS) + '}')
+
+    def backbone_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument('--sizes', nargs='+', type=size_arg,
+                       help='HxW sizes (default 512x512 800x1280 1024x1024 2048x2048)')
+        q.add_argument('--models', nargs='+', choices=ALL_MODELS + OPTIONAL_MODELS, metavar='MODEL',
+                       help=f'models among {ALL_MODELS} (default all) and {OPTIONAL_MODELS}')
+        q.add_argument('--ref-max-pixels', type=non_negative_int, default=1024 * 1024,
+                       help='skip mlla_t_ref above this many pixels (it is slow)')
+        q.add_argument('--plot', help='write a log-log latency plot (PNG) here')
+        q.add_argument('--no-memory', action='store_true',
+                       help='skip the with_cp memory check and the per-size inference peak memory')
+        q.add_argument('--memory-size', type=size_arg, default='800x1280', help='HxW of the with_cp memory check')
+
+    q = sub.add_parser('all', parents=[shared], help='backbone, then train and detector (the default)')
+    backbone_options(q)
+    q.add_argument('--no-train', action='store_true', help='skip the Mask R-CNN train iteration')
+    q.add_argument('--train-size', type=positive_int, default=512, help='square image size of the train iteration')
+    q.add_argument('--train-repeats', type=int, help='rounds of the train and detector runs (default --repeats)')
+    q.add_argument('--detector', action=argparse.BooleanOptionalAction, default=True,
+                   help='whole Mask R-CNN inference, MLLA-T vs Swin-T with equal head work')
+    q.add_argument('--detector-size', type=size_arg, default='800x1333', help='HxW of the whole-detector inference')
+    q = sub.add_parser('backbone', parents=[shared], help='backbone latency and memory against Swin-T and ResNet-50')
+    backbone_options(q)
+    q = sub.add_parser('detector', parents=[shared], help='whole Mask R-CNN inference, MLLA-T against Swin-T')
+    q.add_argument('--size', type=size_arg, default='800x1333', help='HxW of the image (default 800x1333)')
+    q = sub.add_parser('train', parents=[shared], help='one Mask R-CNN train iteration, MLLA-T against Swin-T')
+    q.add_argument('--size', type=positive_int, default=512, help='square image size (default 512)')
+    q = sub.add_parser('onnx', parents=[shared], help='ONNX Runtime (fp32, --int8) against PyTorch eager fp32')
+    q.add_argument('--backbone-size', type=size_arg, default='800x1280',
+                   help='HxW for the backbones (default 800x1280)')
+    q.add_argument('--seg-size', type=size_arg, default='512x512', help='HxW for UperNet (default 512x512)')
+    q.add_argument('--models', nargs='+', choices=ONNX_MODELS, default=ONNX_MODELS)
+    q.add_argument('--levels', nargs='+', choices=LEVELS, default=['all', 'extended', 'basic', 'disable'],
+                   help='ONNX Runtime graph optimisation levels to time for MLLA-T (others use the first)')
+    q.add_argument('--formulations', nargs='+', choices=['onnx', 'plain'], default=['onnx'],
+                   help="MLLA graphs to time: 'onnx' (rearranged for ONNX Runtime, what export_onnx.py writes) "
+                        "and/or 'plain' (the model's own code traced, timed as <model>:ort-plain-<level>)")
+    q.add_argument('--int8', action='store_true',
+                   help='also time INT8 ONNX Runtime (static QDQ quantization, mlla_mm/deploy/quantize.py) of each '
+                        'MLLA model, as <model>:ort-int8-<level>; calibrated on --calib-dir or on random images '
+                        '(the timing does not depend on the calibration values)')
+    q.add_argument('--calib-dir', help='--int8: calibration images (default: 2 random images at the model size)')
+    q.add_argument('--no-bf16', action='store_true', help=argparse.SUPPRESS)  # bf16 is its own subcommand now
+    q = sub.add_parser('bf16', parents=[shared], help='bf16 autocast against fp32 on the CPU')
+    q.add_argument('--size', type=image_size, default='800x1280', help='HxW of the inference (default 800x1280)')
+    q.add_argument('--train-size', type=positive_int, default=512, help='square image size of the training runs')
+    q.add_argument('--batch', type=positive_int, default=2, help='images per backbone forward + backward')
+    q.add_argument('--no-detector', action='store_true', help='skip the Mask R-CNN training step')
+    top_help = p.format_help
+    # --help shows every subcommand's options too: one page for the one tool.
+    p.format_help = lambda: top_help() + ''.join(f'\n{"-" * 20} {name} {"-" * 20}\n{q.format_help()}'
+                                                 for name, q in sub.choices.items())
+    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mlla_mm.engine.launch import ToolArgumentParser, non_negative_int, positive_int
-    p = ToolArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--sizes', nargs='+', type=size_arg,
-                   help='HxW sizes (default 512x512 800x1280 1024x1024 2048x2048)')
-    p.add_argument('--models', nargs='+', choices=ALL_MODELS + OPTIONAL_MODELS, metavar='MODEL',
-                   help=f'models among {ALL_MODELS} (default all) and {OPTIONAL_MODELS}')
-    p.add_argument('--threads', type=positive_int, default=2, help='torch threads (default 2)')
-    p.add_argument('--repeats', type=positive_int, default=5, help='interleaved rounds (default 5)')
-    p.add_argument('--ref-max-pixels', type=non_negative_int, default=1024 * 1024,
-                   help='skip mlla_t_ref above this many pixels (it is slow)')
-    p.add_argument('--json', help='write all numbers to this JSON file')
-    p.add_argument('--plot', help='write a log-log latency plot (PNG) here')
-    p.add_argument('--no-train', action='store_true', help='skip the Mask R-CNN train-iteration check')
-    p.add_argument('--no-memory', action='store_true',
-                   help='skip the with_cp memory check and the per-size inference peak memory')
-    p.add_argument('--train-size', type=positive_int, default=512,
-                   help='square image size of the train check and of --against-rev\'s train step')
-    p.add_argument('--train-repeats', type=int,
-                   help='interleaved rounds of the train and detector checks (default 5; 1 with --quick)')
-    p.add_argument('--memory-size', type=size_arg, default='800x1280', help='HxW of the with_cp memory check')
-    p.add_argument('--detector', action=argparse.BooleanOptionalAction, default=True,
-                   help='whole Mask R-CNN inference, MLLA-T vs Swin-T with equal head work (--train-repeats rounds)')
-    p.add_argument('--detector-size', type=size_arg, default='800x1333',
-                   help='HxW of the whole-detector inference check')
-    p.add_argument('--malloc', choices=['tuned', 'default'],
-                   help="glibc malloc as the tools set it ('tuned', see mlla_mm/utils/malloc.py) "
-                        "or left alone ('default'); applies to every model alike (default: "
-                        "MLLA_MM_MALLOC, else tuned, as in the other tools)")
-    p.add_argument('--quick', action='store_true', help='tiny sizes, one repeat (for tests)')
-    p.add_argument('--against-rev', metavar='REV',
-                   help='only compare MLLA-T of the working tree with that of git revision REV (same weights, '
-                        'interleaved): inference at 512x512 and 800x1280 and a train step at --train-size '
-                        '(--repeats rounds; --json writes the numbers)')
-    return p.parse_args(argv)
+    """Parse ``argv``; without a subcommand, ``all``. Fills in what ``--quick`` and the defaults imply."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ('-h', '--help')):
+        argv = ['all'] + argv
+    args = build_parser().parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    cmd = args.command
+    args.do_backbone, args.do_train, args.do_detector = cmd in ('all', 'backbone'), cmd == 'train', cmd == 'detector'
+    if cmd == 'all':
+        args.do_train, args.do_detector = not args.no_train, args.detector
+        if args.train_repeats is None:
+            args.train_repeats = args.repeats
+    elif cmd in ('detector', 'train'):
+        args.train_repeats, args.no_memory, args.plot = args.repeats, True, None
+        args.memory_size, args.ref_max_pixels = '1x1', 0
+        if cmd == 'detector':
+            args.detector_size = '96x128' if args.quick else args.size
+        else:
+            args.train_size = 128 if args.quick else args.size
+    if cmd in ('all', 'backbone'):
+        if args.quick:
+            args.sizes = args.sizes or ['64x64', '96x128']
+            args.models = args.models or ['mlla_t', 'mlla_t_ref']
+            args.memory_size = '64x96'
+            if cmd == 'all':
+                args.train_size, args.detector_size = 128, '96x128'
+        args.sizes = args.sizes or ['512x512', '800x1280', '1024x1024', '2048x2048']
+        args.models = args.models or list(ALL_MODELS)
+    if cmd == 'bf16' and args.quick:
+        args.size, args.train_size, args.batch = (64, 96), 64, 1
+    if cmd == 'onnx' and args.quick:
+        args.backbone_size, args.seg_size = '64x96', '64x64'
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What argparse cannot check, before minutes of measuring: counts, outputs that cannot be written, ONNX input."""
+    from mlla_mm.engine.launch import UsageError, check_output
+    if getattr(args, 'train_repeats', None) is not None and args.train_repeats < 1:
+        raise UsageError(f'--train-repeats must be at least 1, got {args.train_repeats}')
+    check_output(args.json, '--json')
+    check_output(getattr(args, 'plot', None), '--plot')
+    if args.command == 'onnx':
+        check_onnx_args(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure what ``args.command`` asks for, print it, write ``--json``."""
+    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.utils.malloc import tune_cpu_malloc
+    check_args(args)
+    try:
+        malloc = tune_cpu_malloc(None if args.malloc is None else args.malloc == 'tuned')
+    except ValueError as err:  # a bad MLLA_MM_MALLOC
+        raise UsageError(str(err)) from None
+    torch.set_num_threads(args.threads)
+    versions = {}
+    if args.command == 'onnx':
+        import onnxruntime
+        versions['onnxruntime'] = onnxruntime.__version__
+    print(header_line(args.threads, malloc, **versions), flush=True)
+    results: dict = dict(command=args.command, threads=args.threads, repeats=args.repeats, malloc=malloc,
+                         torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M:%S'))
+    if args.command == 'onnx':
+        run_onnx(args, results)
+    elif args.command == 'bf16':
+        run_bf16(args, results)
+    else:
+        run_backbone_family(args, results)
+    if args.json:
+        write_json(args.json, results)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -616,224 +942,10 @@ def main(argv=None) -> int:
     from mlla_mm.utils.io import AtomicWriteError
     args = parse_args(argv)
     try:
-        return run(args)
-    except (UsageError, AtomicWriteError) as err:  # not run_main: it would tune malloc before --malloc applies
+        return run(args)  # not run_main: it would tune malloc before --malloc applies
+    except (UsageError, AtomicWriteError) as err:
         print(f'error: {one_line(err)}', file=sys.stderr)
         return 2
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """What argparse cannot check: the output paths can be written (before hours of measuring)."""
-    from mlla_mm.engine.launch import UsageError, check_output
-    if args.train_repeats is not None and args.train_repeats < 1:
-        raise UsageError(f'--train-repeats must be at least 1, got {args.train_repeats}')
-    check_output(args.json, '--json')
-    check_output(args.plot, '--plot')
-
-
-def run(args: argparse.Namespace) -> int:
-    check_args(args)
-    torch.set_num_threads(args.threads)
-    try:
-        malloc = tune_cpu_malloc(None if args.malloc is None else args.malloc == 'tuned')
-    except ValueError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    print(f'# malloc: {malloc}, threads: {args.threads}', flush=True)
-    if args.against_rev is not None:
-        try:
-            found = compare_with_revision(args.against_rev, args.repeats, args.train_size)
-        except RevisionError as err:
-            print(f'error: {err}', file=sys.stderr)
-            return 2
-        if args.json:
-            write_json(args.json, dict(found, malloc=malloc, torch=torch.__version__))
-        return 0
-    if args.quick:
-        args.sizes = args.sizes or ['64x64', '96x128']
-        args.models = args.models or ['mlla_t', 'mlla_t_ref']
-        args.repeats = 1
-        args.memory_size = '64x96'
-        args.train_size = 128
-        args.detector_size = '96x128'
-    if args.train_repeats is None:
-        args.train_repeats = 1 if args.quick else 5
-    sizes = [parse_size(s) for s in (args.sizes or ['512x512', '800x1280', '1024x1024', '2048x2048'])]
-    names = args.models or list(ALL_MODELS)
-    models: Dict[str, torch.nn.Module] = {}
-    skipped: Dict[str, str] = {}
-    for name in names:
-        try:
-            models[name] = build_backbone(name, models)
-            models[name].eval()  # mmdet's backbones' train() returns None: do not chain it
-        except ImportError as e:
-            skipped[name] = f'not available: {e}'
-    for name, why in skipped.items():
-        print(f'# skip {name}: {why}')
-
-    if 'mlla_t' in models:  # MLLA-T at 224x224 here, then the work asked for: how long this will take
-        with torch.no_grad():
-            probe = torch.randn(1, 3, 224, 224)
-            models['mlla_t'](probe)
-            calls = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                models['mlla_t'](probe)
-                calls.append(time.perf_counter() - t0)
-            per_pixel = min(calls) / (224 * 224)
-        minutes = estimate_seconds(args, sizes, list(models), per_pixel) / 60
-        print(f'# estimated run time: about {max(1, round(minutes)) if minutes >= 1 else "<1"} min '
-              f'(from MLLA-T at 224x224 on this machine now; --quick for a short check, --no-train / --no-detector / '
-              f'--no-memory / --sizes to do less)', flush=True)
-
-    results: dict = dict(threads=args.threads, repeats=args.repeats, torch=torch.__version__, malloc=malloc,
-                         date=time.strftime('%Y-%m-%d %H:%M:%S'), latency={n: {} for n in models},
-                         matmul={}, slopes={}, targets={}, skipped=skipped)
-    mm, mm_flops = matmul_fn()
-    with torch.no_grad():
-        for h, w in sizes:
-            x = torch.randn(1, 3, h, w)
-            fns = {n: (lambda m=m: m(x)) for n, m in models.items()
-                   if not (n == 'mlla_t_ref' and h * w > args.ref_max_pixels)}
-            fns['matmul'] = mm
-            times = interleaved(fns, args.repeats)
-            mm_times = times.pop('matmul')
-            results['matmul'][f'{h}x{w}'] = dict(summarize(mm_times), gflops_per_s=mm_flops / statistics.median(
-                mm_times) / 1e9)
-            for n, ts in times.items():
-                row = dict(summarize(ts), pixels=h * w, height=h, width=w)
-                row['images_per_s'] = 1. / row['median']
-                row['mpix_per_s'] = h * w / row['median'] / 1e6
-                # One more call, alone: the peak memory of an inference at this size.
-                row['peak_mib'] = None if args.no_memory else peak_memory_mib(fns[n])
-                results['latency'][n][f'{h}x{w}'] = row
-            print(f'# {h}x{w} done', flush=True)
-            if args.json:  # partial results survive an interrupted long run
-                write_json(args.json, results)
-    for n, rows in results['latency'].items():
-        results['slopes'][n] = slope([(r['pixels'], r['median']) for r in rows.values()])
-
-    # Table.
-    print(f"\nBackbone latency (s), {args.threads} threads, fp32, batch 1, {args.repeats} interleaved repeats")
-    print(f"{'model':<15}{'size':>11}{'median':>9}{'min':>9}{'max':>9}{'img/s':>8}{'MPix/s':>8}{'peak MiB':>10}")
-    for n, rows in results['latency'].items():
-        for key, r in rows.items():
-            peak = '-' if r['peak_mib'] is None else f"{r['peak_mib']:.0f}"
-            print(f"{n:<15}{key:>11}{r['median']:9.3f}{r['min']:9.3f}{r['max']:9.3f}"
-                  f"{r['images_per_s']:8.2f}{r['mpix_per_s']:8.2f}{peak:>10}")
-    print('slopes of log latency vs log pixels: '
-          + ', '.join(f'{n} {s:.2f}' for n, s in results['slopes'].items()))
-
-    # Targets.
-    lat = results['latency']
-    t = results['targets']
-    rounds = results.setdefault('round_ratios', {})  # per-round ratios of the paired measurements
-    ref_key = '800x1280' if '800x1280' in lat.get('mlla_t', {}) else None
-    if ref_key and 'swin_t' in lat and ref_key in lat['swin_t']:
-        t['mlla_t_over_swin_t_800x1280'] = lat['mlla_t'][ref_key]['median'] / lat['swin_t'][ref_key]['median']
-    if 'mlla_t' in lat and '1024x1024' in lat['mlla_t'] and '2048x2048' in lat['mlla_t']:
-        t['mlla_t_2048_over_1024'] = lat['mlla_t']['2048x2048']['median'] / lat['mlla_t']['1024x1024']['median']
-    # The same ratios from the fastest repeat: less sensitive to load from other processes.
-    if ref_key and 'swin_t' in lat and ref_key in lat['swin_t']:
-        t['min_based_mlla_t_over_swin_t_800x1280'] = lat['mlla_t'][ref_key]['min'] / lat['swin_t'][ref_key]['min']
-    if 'mlla_t' in lat and '1024x1024' in lat['mlla_t'] and '2048x2048' in lat['mlla_t']:
-        t['min_based_mlla_t_2048_over_1024'] = lat['mlla_t']['2048x2048']['min'] / lat['mlla_t']['1024x1024']['min']
-    if 'mlla_t' in lat and lat['mlla_t']:
-        key = ref_key or max(lat['mlla_t'], key=lambda k: lat['mlla_t'][k]['pixels'])
-        h, w = lat['mlla_t'][key]['height'], lat['mlla_t'][key]['width']
-        flops = backbone_flops(models['mlla_t'], h, w).flops
-        gfs = flops / lat['mlla_t'][key]['median'] / 1e9
-        t['mlla_t_flops_size'] = key
-        t['mlla_t_gflops_per_s'] = gfs
-        t['matmul_gflops_per_s'] = results['matmul'][key]['gflops_per_s']
-        t['flops_fraction_of_matmul'] = gfs / results['matmul'][key]['gflops_per_s']
-        t['min_based_flops_fraction_of_matmul'] = (flops / lat['mlla_t'][key]['min']) / (
-            2. * 2048**3 / results['matmul'][key]['min'])
-    if not args.no_train:
-        try:
-            tr = train_iteration_times(args.train_size, args.train_repeats)
-            results['train'] = {k: summarize(v) for k, v in tr.items()}
-            results['train']['size'] = args.train_size
-            # Ratio within each round (both models ran back to back), then the median over rounds.
-            t['train_mlla_t_over_swin_t'] = paired_ratio(tr, 'mlla_t', 'swin_t')
-            rounds['train_mlla_t_over_swin_t'] = round_ratios(tr, 'mlla_t', 'swin_t')
-            t['min_based_train_mlla_t_over_swin_t'] = results['train']['mlla_t']['min'] / results['train'][
-                'swin_t']['min']
-        except ImportError as e:
-            print(f'# skip train check: {e}')
-    if args.detector:
-        try:
-            dsize = parse_size(args.detector_size)
-            parts: Dict[str, Dict[str, float]] = {}
-            dt = detector_inference_times(dsize, args.train_repeats, parts=parts)
-            results['detector_inference'] = {k: summarize(v) for k, v in dt.items()}
-            results['detector_inference']['size'] = args.detector_size
-            t['detector_inference_mlla_t_over_swin_t'] = paired_ratio(dt, 'mlla_t', 'swin_t')
-            rounds['detector_inference_mlla_t_over_swin_t'] = round_ratios(dt, 'mlla_t', 'swin_t')
-            results['detector_inference']['parts'] = parts
-        except ImportError as e:
-            print(f'# skip detector inference check: {e}')
-    if not args.no_memory:
-        mem = cp_memory(parse_size(args.memory_size))
-        results['memory'] = dict(mem, size=args.memory_size, batch=2)
-        if mem.get('no_cp') and mem.get('with_cp') is not None:
-            t['with_cp_memory_ratio'] = mem['with_cp'] / mem['no_cp']
-
-    # --quick runs toy sizes: its ratios say nothing about the project's targets, so no PASS/FAIL for them.
-    print('\nRatios (--quick: toy sizes, not comparable with the targets, so no verdicts):' if args.quick
-          else '\nTargets:')
-    lines = [
-        ('MLLA-T / Swin-T latency at 800x1280', t.get('mlla_t_over_swin_t_800x1280'), TARGETS['swin_ratio'], False),
-        # The malloc mode is process-wide: run once with --malloc tuned and once with --malloc default.
-        (f'MLLA-T t(2048^2) / t(1024^2), malloc {malloc}', t.get('mlla_t_2048_over_1024'),
-         TARGETS['scaling'], False),
-        ('MLLA-T FLOP/s / matmul FLOP/s', t.get('flops_fraction_of_matmul'), TARGETS['flops_frac'], True),
-        ('Mask R-CNN train iter MLLA-T / Swin-T', t.get('train_mlla_t_over_swin_t'), TARGETS['train_ratio'], False,
-         'train_mlla_t_over_swin_t'),
-        ('Mask R-CNN inference MLLA-T / Swin-T', t.get('detector_inference_mlla_t_over_swin_t'),
-         TARGETS['detector_ratio'], False, 'detector_inference_mlla_t_over_swin_t'),
-        ('MLLA-T fwd+bwd peak memory with_cp / without', t.get('with_cp_memory_ratio'), TARGETS['cp_mem_ratio'],
-         False),
-    ]
-    if not args.quick:
-        t['verdicts'] = {}
-    for label, value, limit, higher, *paired in lines:
-        shown = f'{value:.3f}' if value is not None else '-'
-        spread = rounds.get(paired[0], []) if paired else []
-        if args.quick:
-            extra = f'  (rounds {min(spread):.3f}-{max(spread):.3f})' if len(spread) > 1 else ''
-            print(f"  {label:<48} {shown:>7}{extra}")
-            continue
-        v = verdict(value, limit, higher)
-        t['verdicts'][label] = v
-        # Paired ratios also say how their rounds spread around the goal (a median near it is noise).
-        text = f'{v} ({round_spread(spread, limit, higher)})' if len(spread) > 1 else v
-        print(f"  {label:<48} {shown:>7}  ({'>=' if higher else '<='} {limit})  {text}")
-    mins = {k[len('min_based_'):]: v for k, v in t.items() if k.startswith('min_based_')}
-    if mins:
-        print('  (from the fastest repeat instead of the median: '
-              + ', '.join(f'{k} {v:.3f}' for k, v in mins.items()) + ')')
-    if 'mlla_t_gflops_per_s' in t:
-        print(f"  (MLLA-T {t['mlla_t_gflops_per_s']:.1f} GFLOP/s at {t['mlla_t_flops_size']}, "
-              f"matmul {t['matmul_gflops_per_s']:.1f} GFLOP/s)")
-    if 'train' in results:
-        print('  (train iteration s: ' + ', '.join(
-            f"{k} {v['median']:.2f}" for k, v in results['train'].items() if isinstance(v, dict)) + ')')
-    if 'detector_inference' in results:
-        d = results['detector_inference']
-        print(f"  (Mask R-CNN inference at {d['size']}, s: " + ', '.join(
-            f"{k} {v['median']:.2f}" for k, v in d.items() if isinstance(v, dict) and 'median' in v) + ')')
-        for kind, named in d.get('parts', {}).items():
-            print(f'    {kind} parts (median s): ' + ', '.join(f'{n} {v:.2f}' for n, v in named.items()))
-    if 'memory' in results:
-        m = results['memory']
-        print(f"  (peak MiB at {m['size']} batch 2: no_cp {m['no_cp']}, with_cp {m['with_cp']})")
-
-    if args.json:
-        write_json(args.json, results)
-    if args.plot:
-        make_plot(results, args.plot)
-    return 0
 
 
 if __name__ == '__main__':

@@ -246,7 +246,7 @@ def make_ade_shapes(root: str, seed: int = 0, num_train: int = 200, num_val: int
 def random_detection_batch(size: int, n_images: int = 2, seed: int = 0) -> dict:
     """``n_images`` random ``size`` x ``size`` images with 3 boxes and masks each, in mmdet's packed-input form.
 
-    For the speed benchmarks (``tools/benchmark.py``, ``tools/benchmark_bf16.py``); needs mmdet.
+    For the speed benchmarks (``tools/benchmark.py train``, ``detector``, ``bf16``); needs mmdet.
     """
     import torch
     from mmdet.structures import DetDataSample

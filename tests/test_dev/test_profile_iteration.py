@@ -1,4 +1,4 @@
-"""tools/profile_iteration.py: per-part times of real training iterations; bad input is one error line."""
+"""dev/profile_iteration.py: per-part times of real training iterations; bad input is one error line."""
 import re
 
 import pytest
@@ -9,7 +9,7 @@ from tests.helpers import assert_one_error_line, run_tool, write_tiny_config
 @pytest.mark.slow
 def test_profiles_parts_and_counts_positives(tmp_path, tiny_data):
     config = write_tiny_config(tmp_path, tiny_data)
-    res = run_tool('tools/profile_iteration.py', config, '--iters', '2', '--threads', '1',
+    res = run_tool('dev/profile_iteration.py', config, '--iters', '2', '--threads', '1',
                    '--cfg-options', 'train_dataloader.batch_size=1', f'work_dir={tmp_path / "w"}')
     assert res.returncode == 0, res.stderr[-3000:]
     times = {m.group(1).strip(): float(m.group(2))
@@ -26,13 +26,13 @@ def test_profiles_parts_and_counts_positives(tmp_path, tiny_data):
 @pytest.mark.slow
 def test_too_few_batches_and_a_wrong_checkpoint_are_one_line_errors(tmp_path, tiny_data):
     config = write_tiny_config(tmp_path, tiny_data)
-    res = run_tool('tools/profile_iteration.py', config, '--iters', '5')
+    res = run_tool('dev/profile_iteration.py', config, '--iters', '5')
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith('error: '), res.stderr[-2000:]
     assert 'fewer than 7 batches' in res.stderr
     import torch
     bad = tmp_path / 'other.pth'
     torch.save({'state_dict': {'head.weight': torch.zeros(2)}}, bad)
-    res = run_tool('tools/profile_iteration.py', config, str(bad), '--iters', '1',
+    res = run_tool('dev/profile_iteration.py', config, str(bad), '--iters', '1',
                    '--cfg-options', 'train_dataloader.batch_size=1')
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
@@ -43,8 +43,8 @@ def test_too_few_batches_and_a_wrong_checkpoint_are_one_line_errors(tmp_path, ti
 # Fast checks (in-process): arguments and checkpoints, before anything is built or run.
 # --------------------------------------------------------------------------
 def _tool():
-    from tests.helpers import load_tool
-    return load_tool('profile_iteration')
+    from tests.test_dev import load_dev
+    return load_dev('profile_iteration')
 
 
 @pytest.mark.parametrize('argv, name', [

@@ -65,3 +65,25 @@ def test_this_machine_matches_torch_detection():
     import torch
     fast, _ = bf16_fast_on_this_cpu()
     assert fast == (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+# --------------------------------------------------------------------------
+# The CPU line of the benchmarks (mlla_mm.utils.cpu.cpu_description / cpu_line): the one cpuinfo reader.
+# --------------------------------------------------------------------------
+def test_cpu_line_names_the_cpu_and_its_bf16_vnni_amx_flags():
+    from mlla_mm.utils.cpu import cpu_description, cpu_line
+    line = cpu_line(SPR)
+    assert line.startswith('CPU: Intel(R) Xeon(R) Platinum 8480+ (avx2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8;')
+    assert line.endswith('bf16 native, VNNI yes, AMX yes)')
+    assert cpu_line(ZEN4).endswith('(avx2 avx512f avx512_bf16 avx512_vnni; bf16 native, VNNI yes, AMX no)')
+    assert cpu_line(AVX2_EPYC) == 'CPU: AMD EPYC (avx2; bf16 emulated, VNNI no, AMX no)'
+    skylake = cpu_description(SKYLAKE_AVX512)
+    assert skylake['flags'] == ['avx2', 'avx512f', 'avx512_vnni'] and skylake['vnni'] and not skylake['native_bf16']
+
+
+def test_this_machines_description_agrees_with_the_bf16_check():
+    from mlla_mm.utils.cpu import cpu_description
+    cpu = cpu_description()
+    assert isinstance(cpu['model_name'], str) and cpu['model_name']
+    assert (cpu['native_bf16'], cpu['bf16_note']) == bf16_fast_on_this_cpu()
+    assert cpu['native_bf16'] == any(f in cpu['flags'] for f in ('avx512_bf16', 'amx_bf16')) or not cpu['flags']
