@@ -6,8 +6,8 @@ atomically; :mod:`.wrappers` holds the exported modules, :mod:`.detector`
 a whole mmdet detector (NMS, RoIAlign, heads) as one graph;
 :mod:`.ort_model` evaluates an exported file with tools/test.py;
 :mod:`.quantize` makes INT8 files; :mod:`.postprocess` (numpy only) rescales
-boxes and pastes masks; :mod:`.benchmark` measures ONNX Runtime against
-PyTorch eager. ``onnx`` and ``onnxruntime`` are
+boxes and pastes masks (``tools/benchmark.py onnx`` times ONNX Runtime against
+PyTorch eager). ``onnx`` and ``onnxruntime`` are
 imported only when used, so this package imports without them.
 See docs/deploy.md.
 """
