@@ -159,7 +159,7 @@ def _compare(new_cls: type, old_cls: type, sha: str, rev: str, repeats: int, tra
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mlla_mm.engine.launch import ToolArgumentParser, image_size, positive_int
+    from mlla_mm.cli import ToolArgumentParser, image_size, positive_int
     p = ToolArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('rev', help='the git revision to compare with (e.g. HEAD~3, a tag, a commit)')
     p.add_argument('--threads', type=positive_int, default=2, help='torch threads (default 2)')
@@ -172,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from mlla_mm.engine.launch import UsageError, check_output, one_line
+    from mlla_mm.cli import UsageError, check_output, one_line
     from mlla_mm.utils.io import AtomicWriteError, atomic_write
     args = parse_args(argv)
     try:

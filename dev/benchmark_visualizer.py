@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mlla_mm.engine.launch import ToolArgumentParser, positive_int
+    from mlla_mm.cli import ToolArgumentParser, positive_int
     p = ToolArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data', default=str(ROOT / 'data' / 'shapes_coco'),
                    help='COCO-format data set root with annotations/instances_<split>.json and <split>/')
@@ -68,7 +68,7 @@ def load_samples(root: Path, split: str, count: int):
     from pycocotools.coco import COCO
 
     from mlla_mm.datasets.checks import BadAnnotationError
-    from mlla_mm.engine.launch import one_line
+    from mlla_mm.cli import one_line
     ann_file = check_split(root, split)
     coco = COCO(str(ann_file))
     cat_ids = coco.getCatIds()
@@ -105,13 +105,13 @@ def _sample(coco, img: dict, anns: list, cat_ids: list):
 
 
 def main(argv=None) -> int:
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
     args = parse_args(argv)
     return run_main(lambda: run_benchmark(args))  # bad data: one ``error:`` line naming the file, exit code 2
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     import torch
     torch.set_num_threads(args.threads)
     import cv2

@@ -34,7 +34,7 @@ import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser, positive_int
+    from mlla_mm.cli import CfgOptionsAction, ToolArgumentParser, positive_int
     p = ToolArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('config')
     p.add_argument('checkpoint', nargs='?', help='weights to start from (e.g. a trained demo checkpoint)')
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
     return run_main(lambda: profile_iterations(args))
 
 
@@ -78,7 +78,7 @@ def load_weights(model: torch.nn.Module, converted: Dict[str, Any], path: str, c
         UsageError: The weights do not fit (names the file, the config and example tensors).
     """
     from mlla_mm.checkpoint import compare_state_dicts
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     weights = converted['state_dict']
     meta = converted.get('meta') or {}
     backbone_only = bool(weights) and meta.get('mlla_mm_layout') == 'backbone' and hasattr(model, 'backbone')
@@ -108,7 +108,8 @@ def load_weights(model: torch.nn.Module, converted: Dict[str, Any], path: str, c
 def profile_iterations(args: argparse.Namespace) -> int:
     """Time ``args.iters`` training iterations of ``args.config`` and print where the time went."""
     import mlla_mm  # noqa: F401
-    from mlla_mm.engine.launch import UsageError, apply_amp, load_config
+    from mlla_mm.cli import UsageError, load_config
+    from mlla_mm.engine.launch import apply_amp
     from mlla_mm.engine.runner import SafeRunner
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.cfg_options)

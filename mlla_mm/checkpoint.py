@@ -41,15 +41,12 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Opt
 import torch
 
 from . import checkpoint_guard as guard
+from .errors import CheckpointError
 from .utils.io import AtomicWriteError, atomic_write
 
 TRUST_ENV = 'MLLA_MM_TRUST_CHECKPOINTS'
 _TRUST_HINT = (f'If you trust this file, load it with trusted=True (init_cfg / converter '
                f'--trusted) or set {TRUST_ENV}=1.')
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be used; the message names the file."""
 
 
 def safe_globals() -> List[Any]:

@@ -674,7 +674,7 @@ def int8_bytes(data: bytes, size: Tuple[int, int], calib_dir: Optional[str] = No
 def check_onnx_args(args: argparse.Namespace) -> None:
     """ONNX Runtime is installed, ``--calib-dir`` goes with ``--int8`` and holds images (before any export)."""
     from mlla_mm.deploy.onnx_export import require
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     require('onnx', 'onnxruntime')
     if args.calib_dir:
         if not args.int8:
@@ -782,7 +782,7 @@ def run_onnx(args: argparse.Namespace, results: dict) -> None:
 # --------------------------------------------------------------------------
 def parse_size(text: str) -> Tuple[int, int]:
     """``'800x1280'`` -> ``(800, 1280)``; raises ``argparse.ArgumentTypeError`` unless HxW with positive integers."""
-    from mlla_mm.engine.launch import image_size
+    from mlla_mm.cli import image_size
     return image_size(text)
 
 
@@ -794,7 +794,7 @@ def size_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser: shared options on every subcommand, then each subcommand's own."""
-    from mlla_mm.engine.launch import ToolArgumentParser, image_size, non_negative_int, positive_int
+    from mlla_mm.cli import ToolArgumentParser, image_size, non_negative_int, positive_int
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument('--threads', type=positive_int, default=2, help='torch (and ONNX Runtime) threads (default 2)')
     shared.add_argument('--repeats', type=positive_int, help='interleaved rounds (default 5; 1 with --quick)')
@@ -900,7 +900,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """What argparse cannot check, before minutes of measuring: counts, outputs that cannot be written, ONNX input."""
-    from mlla_mm.engine.launch import UsageError, check_output
+    from mlla_mm.cli import UsageError, check_output
     if getattr(args, 'train_repeats', None) is not None and args.train_repeats < 1:
         raise UsageError(f'--train-repeats must be at least 1, got {args.train_repeats}')
     check_output(args.json, '--json')
@@ -911,7 +911,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure what ``args.command`` asks for, print it, write ``--json``."""
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     from mlla_mm.utils.malloc import tune_cpu_malloc
     check_args(args)
     try:
@@ -938,7 +938,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    from mlla_mm.engine.launch import UsageError, one_line
+    from mlla_mm.cli import UsageError, one_line
     from mlla_mm.utils.io import AtomicWriteError
     args = parse_args(argv)
     try:

@@ -35,7 +35,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from mlla_mm.engine.launch import ToolArgumentParser, non_negative_int, positive_int
+    from mlla_mm.cli import ToolArgumentParser, non_negative_int, positive_int
     parser = ToolArgumentParser(description='Classify images with an MLLA ImageNet classifier, '
                                 'or evaluate it on an ImageFolder-layout folder.')
     parser.add_argument('images', nargs='*', help='image files to classify')
@@ -65,7 +65,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     """``['embed_dim=32', 'depths=(1,1,1,1)']`` -> ``{'embed_dim': 32, 'depths': (1, 1, 1, 1)}``."""
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     out: Dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition('=')
@@ -87,7 +87,7 @@ def build_classifier(name: str, weights: str, model_kwargs: Dict[str, Any], use_
 
     import mlla_mm  # noqa: F401  (registers the models)
     from mlla_mm.checkpoint import load_file
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     from mlla_mm.models import checkpoint_filter_fn, load_checkpoint_weights
 
     choices = timm.list_models('mlla_*')
@@ -123,7 +123,7 @@ def open_image(path: str):
     """An RGB PIL image; a one-line error naming the file when it is not a readable image."""
     from PIL import Image, UnidentifiedImageError
 
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     if not os.path.isfile(path):
         raise FileNotFoundError(f'image not found: {path}')
     try:
@@ -135,7 +135,7 @@ def open_image(path: str):
 
 def folder_samples(root: str, num_classes: int, label_names: List[str]) -> Tuple[List[Tuple[str, int]], Dict[str, int]]:
     """``(path, class index)`` of every image under ``root/<class>/``; class folders named by WordNet id or index."""
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     if not os.path.isdir(root):
         raise FileNotFoundError(f'--data-dir not found: {root}')
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
@@ -182,7 +182,7 @@ class FolderDataset:
         try:
             return self.transform(open_image(path)), target, ''
         except Exception as err:  # reported by the main process, one line naming the file
-            from mlla_mm.engine.launch import one_line
+            from mlla_mm.cli import one_line
             text = one_line(err)
             return torch.zeros(0), target, text if path in text else f'cannot read image {path}: {text}'
 
@@ -223,7 +223,7 @@ def show_paths(images: Sequence[str], show_dir: str, k: int) -> List[str]:
 
 def check_show_paths(args: argparse.Namespace, k: int) -> List[str]:
     """The ``--show-dir`` pictures; a :class:`UsageError` when one would replace an input, ``--out`` or a foreign file."""
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     from mlla_mm.utils.io import check_outputs
     shown = show_paths(args.images, args.show_dir, k)
     check_outputs(shown, [args.weights, *args.images, args.out], force=args.force, option='--show-dir',
@@ -268,7 +268,7 @@ def evaluate_folder(args: argparse.Namespace, model, transform, device) -> Dict[
     import torch
     from mmengine.utils import ProgressBar
 
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     synsets, _ = class_names(model.num_classes)
     samples, mapping = folder_samples(args.data_dir, model.num_classes, synsets)
     loader = torch.utils.data.DataLoader(FolderDataset(samples, transform), batch_size=args.batch_size,
@@ -305,7 +305,7 @@ def classify(args: argparse.Namespace) -> int:
     from timm.data import create_transform, resolve_data_config
 
     from mlla_mm.checkpoint import check_file
-    from mlla_mm.engine.launch import UsageError, check_device, check_output, one_line
+    from mlla_mm.cli import UsageError, check_device, check_output, one_line
     from mlla_mm.utils.io import WRITTEN_BY, AtomicWriteError, atomic_write, check_outputs
     # Everything the user gave is checked before the model is built.
     device = check_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -348,7 +348,7 @@ def classify(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
     args = parse_args(argv)
     return run_main(lambda: classify(args))
 

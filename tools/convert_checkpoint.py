@@ -14,7 +14,7 @@ previous file there unchanged.
 import sys
 
 from mlla_mm.checkpoint import AtomicWriteError, CheckpointError, check_file, convert_file
-from mlla_mm.engine.launch import ToolArgumentParser
+from mlla_mm.cli import ToolArgumentParser
 from mlla_mm.utils.io import output_path_problem
 
 

@@ -207,7 +207,7 @@ def build_untrained(cfg):
     from mmengine.registry import MODELS, init_default_scope
     import mlla_mm  # noqa: F401
     from mlla_mm.engine.console import keep_parameter_reports_off_console
-    from mlla_mm.engine.launch import UsageError, one_line
+    from mlla_mm.cli import UsageError, one_line
     keep_parameter_reports_off_console()
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     torch.manual_seed(0)
@@ -255,12 +255,12 @@ def loss_curve(work_dir, out_png):
 
 
 def main(argv=None):
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
     return run_main(lambda: demo_main(argv))
 
 
 def demo_main(argv=None):
-    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser, check_output, load_config
+    from mlla_mm.cli import CfgOptionsAction, ToolArgumentParser, check_output, load_config
     parser = ToolArgumentParser(description='Run an embedded mlla-mm demo end to end.')
     parser.add_argument('task', choices=sorted(DEMOS), help='det: Mask R-CNN; seg: UperNet')
     parser.add_argument('--work-dir', help='default: work_dirs/demo_<task>')

@@ -50,7 +50,7 @@ def opset_type(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     from mlla_mm.deploy.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-    from mlla_mm.engine.launch import ToolArgumentParser, positive_int
+    from mlla_mm.cli import ToolArgumentParser, positive_int
     p = ToolArgumentParser(description=__doc__.split('\n')[1])
     p.add_argument('model', metavar='CONFIG_OR_ARCH', help='mlla_t | mlla_s | mlla_b, or a config file')
     p.add_argument('weights', nargs='?', metavar='WEIGHTS', help='checkpoint to load (default: random weights)')
@@ -96,12 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def export(args: argparse.Namespace) -> int:
     from mlla_mm.deploy.onnx_export import (EXPORTER, TOLERANCE, build_target, check_onnx, default_check_sizes,
                                             export_bytes, require, write_onnx)
-    from mlla_mm.engine.launch import check_output
+    from mlla_mm.cli import check_output
     if args.threads:
         torch.set_num_threads(args.threads)
     check_output(args.out, '--out')
     # never the config or the weights, nor a file the tools did not write unless --force
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     from mlla_mm.utils.io import check_outputs
     check_outputs([args.out], [args.model, args.weights], force=args.force, option='--out', error=UsageError)
     require('onnx', *(['onnxruntime'] if args.check or args.int8 else []))
@@ -170,7 +170,7 @@ def int8_model(args: argparse.Namespace, target, data: bytes, shape) -> bytes:
 
 
 def main(argv=None) -> int:
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
     args = parse_args(argv)
     return run_main(lambda: export(args))
 

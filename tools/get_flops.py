@@ -44,7 +44,7 @@ PUBLISHED_BACKBONE = {('t', 224, 224): 4.13, ('t', 800, 1280): 84.3}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mlla_mm.engine.launch import ToolArgumentParser, positive_int
+    from mlla_mm.cli import ToolArgumentParser, positive_int
     p = ToolArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('config', help='a config file, or a backbone name: ' + ', '.join(BACKBONES))
     p.add_argument('--shape', type=positive_int, nargs=2, metavar=('H', 'W'),
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_target(target: str) -> None:
     """A backbone name or an existing config file; else a :class:`~mlla_mm.engine.launch.UsageError`."""
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     if os.path.basename(target).lower() in BACKBONES:
         return
     if os.path.isdir(target):
@@ -90,7 +90,7 @@ def build_from_config(path: str) -> Tuple[torch.nn.Module, str]:
     from mmengine.registry import MODELS, init_default_scope
 
     import mlla_mm  # noqa: F401  (registers MLLA)
-    from mlla_mm.engine.launch import UsageError, load_config, one_line
+    from mlla_mm.cli import UsageError, load_config, one_line
     cfg = load_config(path)  # a config that does not read is a UsageError naming the file
     if not isinstance(cfg.get('model'), dict):
         raise UsageError(f'{path}: the config defines no model')
@@ -164,7 +164,7 @@ def measure(target: str, shape: Optional[Tuple[int, int]] = None) -> Dict[str, o
 
 def _count(fn, target: str, h: int, w: int):
     """:func:`count_flops` of ``fn``; a model that cannot run at this input size is a UsageError."""
-    from mlla_mm.engine.launch import UsageError, one_line
+    from mlla_mm.cli import UsageError, one_line
     try:
         return count_flops(fn)
     except (RuntimeError, ValueError, IndexError) as err:
@@ -193,14 +193,14 @@ def report(res: Dict[str, object]) -> str:
 
 
 def main(argv=None) -> int:
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
     args = parse_args(argv)
     return run_main(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:
     """Measure and print (and write ``--json``); bad input raises before anything is measured."""
-    from mlla_mm.engine.launch import check_output
+    from mlla_mm.cli import check_output
     from mlla_mm.utils.io import atomic_write
     check_target(args.config)
     check_output(args.json, '--json')

@@ -46,7 +46,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser, positive_int
+    from mlla_mm.cli import CfgOptionsAction, ToolArgumentParser, positive_int
     parser = ToolArgumentParser(description='Draw the predictions of an mmdet or mmseg config on images.')
     parser.add_argument('config', help='config file')
     parser.add_argument('weights', help='checkpoint of the whole model (e.g. work_dirs/<name>/epoch_12.pth)')
@@ -66,14 +66,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
     args = parse_args(argv)
     return run_main(lambda: infer(args))
 
 
 def find_images(path: str) -> List[Path]:
     """The image file ``path``, or the images under the folder ``path`` (sorted)."""
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     p = Path(path)
     if p.is_file():
         return [p]
@@ -146,7 +146,7 @@ def build_model(cfg: Any, weights: str, device: Any, config_path: str):
     from mmengine.runner import load_checkpoint
 
     from mlla_mm.checkpoint import CheckpointError
-    from mlla_mm.engine.launch import UsageError, one_line
+    from mlla_mm.cli import UsageError, one_line
     backbone = cfg.model.get('backbone')
     if isinstance(backbone, dict) and backbone.get('init_cfg'):
         backbone.init_cfg = None  # the whole model comes from WEIGHTS
@@ -173,7 +173,7 @@ def inference_pipeline(cfg: Any, scope: str):
         ds = ds.dataset
     steps = [copy.deepcopy(t) for t in ds.pipeline if 'LoadAnnotations' not in str(t.get('type'))]
     if not steps or 'LoadImageFromFile' not in str(steps[0].get('type')):
-        from mlla_mm.engine.launch import UsageError
+        from mlla_mm.cli import UsageError
         raise UsageError('infer: the test pipeline must start with LoadImageFromFile')
     steps[0] = dict(type=f'{scope}.LoadImageFromNDArray')
     return Compose(steps)
@@ -232,7 +232,7 @@ def infer(args: argparse.Namespace) -> int:
     from mmengine.utils import ProgressBar
 
     from mlla_mm.checkpoint import check_file
-    from mlla_mm.engine.launch import UsageError, check_device, check_output, load_config
+    from mlla_mm.cli import UsageError, check_device, check_output, load_config
     from mlla_mm.utils.io import atomic_write, check_outputs, output_path_problem, png_signed
 
     # Everything the user gave is checked before the model is built.

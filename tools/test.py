@@ -21,7 +21,7 @@ from mmengine.config import Config
 
 
 def parse_args(argv=None):
-    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser
+    from mlla_mm.cli import CfgOptionsAction, ToolArgumentParser
     parser = ToolArgumentParser(description='Test an mmdet or mmseg config (MLLA backbones).')
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
@@ -47,7 +47,7 @@ def enable_visualization(cfg: Config, show_dir: str) -> None:
     mlla_mm.visualization.ShowDirHook draws for detection and segmentation alike; the config's own
     visualization hook stays off, so nothing else is drawn or stored under the work dir.
     """
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.cli import UsageError
     hook = cfg.default_hooks.get('visualization')
     if hook is None:
         raise UsageError('--show-dir needs a "visualization" entry in default_hooks')
@@ -58,14 +58,15 @@ def enable_visualization(cfg: Config, show_dir: str) -> None:
 
 
 def main(argv=None) -> int:
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
     args = parse_args(argv)
     return run_main(lambda: test(args))
 
 
 def test(args) -> int:
     from mlla_mm.checkpoint import check_file
-    from mlla_mm.engine.launch import UsageError, build_runner, check_output, load_config, prepare_config
+    from mlla_mm.cli import UsageError, check_output, load_config
+    from mlla_mm.engine.launch import build_runner, prepare_config
     onnx_file = args.checkpoint.lower().endswith('.onnx')  # an exported whole model, run by ONNX Runtime
     if onnx_file and args.tta:
         raise UsageError(f'--tta: not available for an ONNX file ({args.checkpoint}); the graph is one scale')

@@ -33,7 +33,7 @@ import sys
 
 
 def parse_args(argv=None):
-    from mlla_mm.engine.launch import CfgOptionsAction, ToolArgumentParser, positive_int
+    from mlla_mm.cli import CfgOptionsAction, ToolArgumentParser, positive_int
     parser = ToolArgumentParser(description='Train an mmdet or mmseg config (MLLA backbones).')
     parser.add_argument('config', help='config file')
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default: work_dirs/<config name>)')
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
     args = parse_args(argv)
     return run_main(lambda: train(args))
 
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
 def train(args) -> int:
     from mmengine.logging import print_log
 
-    from mlla_mm.engine.launch import (UsageError, build_runner, fit_schedule, load_config, prepare_config,
-                                       skip_unneeded_pretrained)
+    from mlla_mm.cli import UsageError, load_config
+    from mlla_mm.engine.launch import build_runner, fit_schedule, prepare_config, skip_unneeded_pretrained
     from mlla_mm.engine.schedules import rescale_schedule
     cfg = load_config(args.config, args.cfg_options)
     if args.epochs or args.iters:  # the length of the run, with the schedule scaled to it

@@ -56,6 +56,8 @@ import numpy as np
 from mmengine.config import Config
 from mmengine.logging import print_log
 
+from ..errors import BadAnnotationError, BadImageError, DataNotFoundError, UsageError
+from ..models.mlla import resolve_arch
 from ..utils.io import atomic_write
 
 DEMO_COMMANDS = {'mmdet': 'make demo', 'mmseg': 'make demo-seg'}
@@ -76,18 +78,6 @@ LAYOUTS = {
 #: Where ``--skip-bad-images`` writes the filtered annotation / split files (under the work dir).
 CHECKS_DIR = 'data_checks'
 _SKIP_HINT = 'fix or remove them, or run with --skip-bad-images to leave them out'
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A data set the config needs is not on disk; the message says what to do."""
-
-
-class BadAnnotationError(DataNotFoundError):
-    """An annotation file is not valid, is inconsistent, or names images that are not on disk."""
-
-
-class BadImageError(BadAnnotationError):
-    """Images (or label maps) of a data set cannot be read or have another size than stated."""
 
 
 def _datasets(cfg: Any) -> Iterator[Dict]:
@@ -1031,7 +1021,6 @@ def backbone_channels(backbone: Dict) -> Optional[Tuple[List[int], Tuple[int, ..
     Raises:
         ValueError: ``out_indices`` holds something other than stage indices 0..3.
     """
-    from ..models.mlla import resolve_arch
     if not isinstance(backbone, dict) or backbone.get('type') not in ('MLLA', 'mlla_mm.MLLA'):
         return None
     try:
@@ -1057,9 +1046,8 @@ def check_model_config(cfg: Config, config_path: str = '') -> None:
     ``embed_dims * 2**i``.
 
     Raises:
-        mlla_mm.engine.launch.UsageError: One line naming the config key and both values.
+        mlla_mm.errors.UsageError: One line naming the config key and both values.
     """
-    from ..engine.launch import UsageError
     model = _model_cfg(cfg)
     if model is None:
         return

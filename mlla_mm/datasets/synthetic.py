@@ -20,11 +20,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
 
+from ..errors import UsageError
 from ..utils.io import atomic_write, fsync_dir
 
 SHAPE_CLASSES: Tuple[str, ...] = ('circle', 'triangle', 'rectangle')
@@ -270,3 +271,27 @@ def random_detection_batch(size: int, n_images: int = 2, seed: int = 0) -> dict:
         s.gt_instances = inst
         samples.append(s)
     return dict(inputs=inputs, data_samples=samples)
+
+
+def make_synthetic_data(cfg: Any) -> None:
+    """Create the synthetic data set a demo config names in ``synthetic_data`` (reused when complete).
+
+    The one place synthetic data is made for a run: :class:`~mlla_mm.engine.runner.SafeRunner` calls it
+    before the data checks (in the main process; the others wait).
+
+    Raises:
+        UsageError: ``synthetic_data.root`` is a non-empty folder that mlla-mm did not make (nothing is deleted).
+        ValueError: ``synthetic_data.kind`` is unknown.
+    """
+    spec = cfg.get('synthetic_data') if cfg is not None else None
+    if not spec:
+        return
+    spec = dict(spec)
+    kind = spec.pop('kind', None)
+    makers = {'coco-shapes': make_coco_shapes, 'ade-shapes': make_ade_shapes}
+    if kind not in makers:
+        raise ValueError(f'synthetic_data.kind must be one of {sorted(makers)}, got {kind!r}')
+    try:
+        makers[kind](**spec)
+    except ForeignFolderError as err:  # a folder of the user's: one line, nothing deleted
+        raise UsageError(str(err)) from None

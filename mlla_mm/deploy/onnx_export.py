@@ -35,10 +35,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import convert_checkpoint, load_backbone_weights, load_file, CheckpointError
-from ..engine.launch import UsageError
+from ..checkpoint import convert_checkpoint, load_backbone_weights, load_file
+from ..errors import CheckpointError, UsageError
+from ..models import MLLA
 from ..utils.io import AtomicWriteError, atomic_write
-from .detector import MIN_DETECTOR_OPSET
+from ..version import __version__
+from .detector import MIN_DETECTOR_OPSET, detector_for_export, valid_rows
 from .mlla_graph import export_friendly
 from .wrappers import (BackboneForExport, DetectorFeaturesForExport, SegmentorForExport, make_shape_agnostic,
                        output_names)
@@ -120,7 +122,6 @@ class ExportTarget:
 
 
 def _mlla_backbone(arch: str) -> nn.Module:
-    from ..models import MLLA
     return MLLA(arch, drop_path_rate=0.).eval()
 
 
@@ -275,7 +276,6 @@ def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
     if hasattr(model, 'decode_head'):
         return ExportTarget(SegmentorForExport(model).eval(), 'segmentor', output_names('segmentor', 1), path, meta)
     if hasattr(model, 'extract_feat') and not features and scope == 'mmdet':
-        from .detector import detector_for_export
         try:
             whole = detector_for_export(model).eval()
         except ValueError as err:
@@ -295,7 +295,6 @@ def _build_from_config(path: str, weights: Optional[str], backbone_only: bool,
 
 def _is_bare_backbone(model: nn.Module) -> bool:
     """Whether the config's model is a backbone alone (MLLA, or one of mmdet's / mmseg's backbones)."""
-    from ..models import MLLA
     return isinstance(model, MLLA) or ('.backbones.' in type(model).__module__ and not hasattr(model, 'backbone'))
 
 
@@ -340,7 +339,6 @@ def export_bytes(target: ExportTarget, shape: Tuple[int, int] = (512, 512), dyna
         proto = onnx.load_from_string(buf.getvalue())
     props = dict(target.metadata, mlla_mm_kind=target.kind, mlla_mm_source=os.path.basename(target.source),
                  mlla_mm_exporter=EXPORTER, mlla_mm_dynamic=str(dynamic).lower(), mlla_mm_formulation=formulation)
-    from ..version import __version__
     props['mlla_mm_version'] = __version__
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -488,7 +486,6 @@ def check_detector_onnx(model: Union[bytes, str], target: ExportTarget, sizes: S
     within ``tolerance * max |torch|``. ``images``: given ``(B, 3, H, W)``
     tensors instead of random ones at ``sizes``.
     """
-    from .detector import valid_rows
     sess = session or make_session(model)
     rows: List[CheckRow] = []
     reference = target.model.eval()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from mmengine.model import BaseModel
 
-from ..engine.launch import UsageError
+from ..errors import UsageError
 from ..registry import register_everywhere
 from .onnx_export import config_classes, make_session, model_config_hash
 

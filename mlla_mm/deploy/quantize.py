@@ -22,7 +22,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from ..engine.launch import UsageError
+from ..datasets.synthetic import make_synthetic_data
+from ..errors import UsageError
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -158,7 +159,6 @@ def config_calibration(config: str, count: int, kind: str) -> Iterator[Dict[str,
     pipeline = cfg.get('test_pipeline') or cfg.test_dataloader.dataset.get('pipeline')
     dataset_cfg['pipeline'] = pipeline
     if cfg.get('synthetic_data'):  # a demo config: its data set is made on first use, as the runner does
-        from ..engine.runner import make_synthetic_data
         make_synthetic_data(cfg)
     try:
         dataset = DATASETS.build(dataset_cfg)

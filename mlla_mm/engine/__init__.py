@@ -8,7 +8,8 @@
 - ``rng.py``: the global random state; ``optim.py``: the CPU autocast optimizer wrapper;
   ``layer_decay.py``: the layer-wise learning-rate decay constructor; ``param_groups.py``: the
   constructor that merges equal parameter groups;
-- ``launch.py``: what the command-line tools add (options, data checks, one-line errors).
+- ``launch.py``: applying a tool's options to a config (``--work-dir``, ``--launcher``, ``--amp``, ...) and
+  building its runner; the command-line parsing and error lines are :mod:`mlla_mm.cli`'s (tools only).
 """
 from .optim import CPUAutocastOptimWrapper
 from .layer_decay import MLLALayerDecayOptimizerConstructor  # noqa: F401  (registers it in mmengine's root)
@@ -17,9 +18,8 @@ from .loops import ExactEpochBasedTrainLoop, ExactIterBasedTrainLoop
 from .runner import AtomicLocalBackend, SafeRunner, find_resumable_checkpoint
 from .hooks import (CheckpointGuardHook, FiniteLossHook, NonFiniteLossError, PreemptionHook, RandomStateHook,
                     TrainingInterrupted, ValidationResumeHook)
-from .launch import DataNotFoundError, check_data, prepare_config
 
-__all__ = ['CPUAutocastOptimWrapper', 'DataNotFoundError', 'check_data', 'prepare_config', 'SafeRunner',
+__all__ = ['CPUAutocastOptimWrapper', 'SafeRunner',
            'AtomicLocalBackend', 'ExactEpochBasedTrainLoop', 'ExactIterBasedTrainLoop', 'RandomStateHook',
            'ValidationResumeHook', 'PreemptionHook', 'FiniteLossHook', 'CheckpointGuardHook', 'NonFiniteLossError',
            'TrainingInterrupted', 'find_resumable_checkpoint']

@@ -37,7 +37,8 @@ from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop, EpochBasedTrainLoop, Runner
 
-from ..checkpoint import CheckpointError, check_checkpoint_fits
+from ..checkpoint import check_checkpoint_fits
+from ..errors import CheckpointError, NonFiniteLossError, TrainingAborted, TrainingInterrupted
 from ..utils.io import atomic_write
 from .loops import make_exact, validation_due
 from .rng import RandomStateError, check_random_state, get_random_state, set_random_state
@@ -46,31 +47,6 @@ from .workers import SignalSafeWorkerInit, guard_dataloader_workers, unwrap_work
 
 #: file in the work dir naming the last position whose validation completed
 VALIDATION_MARKER = 'last_validation.json'
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or the weights about to be saved) became NaN or infinite."""
-
-
-class TrainingInterrupted(SystemExit):
-    """Training stopped on a signal after writing a resumable checkpoint.
-
-    A ``SystemExit`` whose ``code`` is 128 + the signal number (143 for
-    SIGTERM, 130 for SIGINT): uncaught, the process exits with it quietly.
-    """
-
-
-class TrainingAborted(KeyboardInterrupt):
-    """A second SIGINT (Ctrl-C twice): training stopped at once, without the checkpoint of the first.
-
-    A ``KeyboardInterrupt`` (so no ``except Exception`` swallows it, and
-    :func:`mlla_mm.utils.io.atomic_write` discards a half-written file) that
-    says where ``--resume`` continues from; ``code`` is 130.
-    """
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _training(runner: Runner) -> bool:

@@ -46,6 +46,8 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..models import MLLA
+
 DECAY_TYPES = ('layer_wise', 'stage_wise')
 NORM_TYPES = (nn.LayerNorm, _BatchNorm, nn.GroupNorm, _InstanceNorm)
 
@@ -129,7 +131,6 @@ class MLLALayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
             params: The list of groups, extended in place.
             module: The detector or segmentor (it must have an MLLA ``backbone``).
         """
-        from ..models import MLLA
         backbone = getattr(module, 'backbone', None)
         if not isinstance(backbone, MLLA):
             raise ValueError('MLLALayerDecayOptimizerConstructor needs a model whose backbone is MLLA, got '

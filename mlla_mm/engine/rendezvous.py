@@ -18,6 +18,8 @@ import re
 from datetime import timedelta
 from typing import Dict
 
+from ..errors import UsageError
+
 #: Environment variable: seconds the rendezvous waits for every process.
 RENDEZVOUS_ENV = 'MLLA_MM_RENDEZVOUS_TIMEOUT'
 DEFAULT_RENDEZVOUS_TIMEOUT = 300.0
@@ -36,7 +38,6 @@ def rendezvous_timeout() -> float:
     Raises:
         UsageError: The variable is set but not a number of seconds > 0.
     """
-    from .launch import UsageError
     text = os.environ.get(RENDEZVOUS_ENV, '').strip()
     if not text:
         return DEFAULT_RENDEZVOUS_TIMEOUT
@@ -64,7 +65,6 @@ def init_gloo_group(launcher: str) -> None:
     """
     import torch.distributed as dist
 
-    from .launch import UsageError
     timeout = rendezvous_timeout()
     if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':  # torchrun's agent holds the store
         dist.init_process_group(backend='gloo')

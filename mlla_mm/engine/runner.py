@@ -60,8 +60,11 @@ from mmengine.model import is_model_wrapper, revert_sync_batchnorm
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from ..datasets.synthetic import make_synthetic_data
+from ..errors import TrainingInterrupted, UsageError
 from ..utils.io import TMP_TAG, AtomicWriteError, atomic_write
 from .console import keep_parameter_reports_off_console
+from .rendezvous import init_gloo_group
 
 #: The file backend name for atomic local writes (``backend_args=dict(backend=ATOMIC_BACKEND)``).
 ATOMIC_BACKEND = 'mlla_atomic_local'
@@ -91,29 +94,6 @@ class AtomicLocalBackend(LocalBackend):
 register_backend(ATOMIC_BACKEND, AtomicLocalBackend)
 
 
-def make_synthetic_data(cfg: Any) -> None:
-    """Create the synthetic data set a demo config names in ``synthetic_data`` (reused when complete).
-
-    Raises:
-        UsageError: ``synthetic_data.root`` is a non-empty folder that mlla-mm did not make (nothing is deleted).
-    """
-    spec = cfg.get('synthetic_data') if cfg is not None else None
-    if not spec:
-        return
-    from ..datasets import make_ade_shapes, make_coco_shapes
-    spec = dict(spec)
-    kind = spec.pop('kind', None)
-    makers = {'coco-shapes': make_coco_shapes, 'ade-shapes': make_ade_shapes}
-    if kind not in makers:
-        raise ValueError(f'synthetic_data.kind must be one of {sorted(makers)}, got {kind!r}')
-    from ..datasets.synthetic import ForeignFolderError
-    from .launch import UsageError
-    try:
-        makers[kind](**spec)
-    except ForeignFolderError as err:  # a folder of the user's: one line, nothing deleted
-        raise UsageError(str(err)) from None
-
-
 #: What each launcher needs in the environment on a CPU-only machine (torchrun, srun and mpirun set them).
 LAUNCHER_ENV = {
     'pytorch': ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'),
@@ -129,7 +109,6 @@ def first_slurm_node(nodelist: str) -> str:
     Raises:
         UsageError: ``scontrol`` is missing or fails; the message says to set ``MASTER_ADDR`` instead.
     """
-    from .launch import UsageError
     try:
         res = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as err:
@@ -150,7 +129,6 @@ def distributed_env(launcher: str, env: Dict[str, str]) -> Dict[str, str]:
         UsageError: a variable the launcher sets is missing (the process was not started by it), or
             Slurm's first node cannot be found. The message names the variables.
     """
-    from .launch import UsageError
     if launcher not in LAUNCHER_ENV:
         raise UsageError(f'unknown launcher {launcher!r}; choose one of none, {", ".join(LAUNCHER_ENV)}')
     missing = [k for k in LAUNCHER_ENV[launcher] if not env.get(k)]
@@ -191,7 +169,6 @@ def init_cpu_distributed(launcher: str) -> None:
     if launcher == 'none' or torch.cuda.is_available() or (dist.is_available() and dist.is_initialized()):
         return
     os.environ.update(distributed_env(launcher, dict(os.environ)))
-    from .rendezvous import init_gloo_group
     init_gloo_group(launcher)  # waits at most MLLA_MM_RENDEZVOUS_TIMEOUT s for every process, then one line
     print_log(f'No CUDA: torch.distributed started with gloo (rank {dist.get_rank()} of {dist.get_world_size()}).',
               logger='current')
@@ -408,7 +385,6 @@ class WorkDirLock:
         """Take the lock (see the class); raises ``UsageError`` when another live run holds it."""
         import fcntl
 
-        from .launch import UsageError
         os.makedirs(osp.dirname(self.path), exist_ok=True)
         host = socket.gethostname()
         for _ in range(5):  # the file may be replaced between open and flock by an owner that ends
@@ -656,7 +632,6 @@ class SafeRunner(Runner):
     @staticmethod
     def _noting_failure(run: Any) -> Any:
         global _RUN_FAILED
-        from .hooks import TrainingInterrupted
         _RUN_FAILED = False  # only the last run can have left a collective pending
         try:
             return run()
@@ -735,7 +710,6 @@ class SafeRunner(Runner):
         if self._has_loaded:
             return None
         if self._resume and self._load_from is None:
-            from .launch import UsageError
             folders = checkpoint_folders(self)
             if is_main_process():
                 for folder in dict.fromkeys([self.work_dir, *folders]):

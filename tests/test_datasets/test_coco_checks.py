@@ -26,13 +26,12 @@ def test_clean_data_passes_without_warnings(coco):
     assert warnings == []
 
 
-def test_old_names_still_importable_from_engine():
-    from mlla_mm.engine import DataNotFoundError as E1, check_data as c1
-    from mlla_mm.engine.launch import LAYOUTS, BadAnnotationError as E2, check_annotations as c2, check_data as c3
-    from mlla_mm.datasets import checks
-    assert (E1, E2, c1, c2, c3) == (checks.DataNotFoundError, checks.BadAnnotationError, checks.check_data,
-                                    checks.check_annotations, checks.check_data)
-    assert 'CocoDataset' in LAYOUTS
+def test_the_data_errors_are_the_leaf_module_s_and_importable_from_datasets():
+    from mlla_mm import errors
+    from mlla_mm.datasets import BadAnnotationError, BadImageError, DataNotFoundError, checks
+    assert (DataNotFoundError, BadAnnotationError, BadImageError) == (
+        errors.DataNotFoundError, errors.BadAnnotationError, errors.BadImageError)
+    assert checks.DataNotFoundError is errors.DataNotFoundError and 'CocoDataset' in checks.LAYOUTS
 
 
 # ---- ids -----------------------------------------------------------------------------------------------------

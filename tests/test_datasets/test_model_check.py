@@ -4,7 +4,7 @@ import torch
 from mmengine.config import Config
 
 from mlla_mm.datasets.checks import backbone_channels, check_model_config
-from mlla_mm.engine.launch import UsageError
+from mlla_mm.errors import UsageError
 from tests.helpers import ROOT
 
 TINY = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])

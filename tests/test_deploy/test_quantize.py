@@ -8,7 +8,7 @@ from PIL import Image
 from mlla_mm.deploy.onnx_export import ExportTarget, export_bytes, make_session
 from mlla_mm.deploy.quantize import folder_calibration, quantize_int8, weight_nodes
 from mlla_mm.deploy.wrappers import BackboneForExport, output_names
-from mlla_mm.engine.launch import UsageError
+from mlla_mm.errors import UsageError
 from mlla_mm.models import MLLA
 from tests.helpers import load_tool
 from tests.test_deploy.tiny import TINY_ARCH, nontrivial_norms

@@ -94,7 +94,7 @@ def test_published_backbone_weights_load_into_the_backbone(tmp_path):
 
 def test_a_checkpoint_with_a_wrongly_shaped_tensor_is_one_clear_error(tmp_path):
     import torch
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.errors import UsageError
     tool = _tool()
     model = _tiny_detector()
     weights = {k: v.clone() for k, v in model.state_dict().items()}

@@ -74,7 +74,8 @@ def test_cpu_malloc_tuning_stays_off_on_a_gpu_machine(on_cuda, monkeypatch):
     from mlla_mm.utils import malloc
     monkeypatch.delenv(malloc.ENV, raising=False)
     monkeypatch.setattr(malloc, '_state', None)
-    assert launch.run_main(lambda: 0) == 0
+    from mlla_mm.cli import run_main
+    assert run_main(lambda: 0) == 0
     assert malloc.malloc_state() == 'default'
 
 

@@ -168,7 +168,7 @@ def test_preemption_hook_rejects_unknown_signals():
 
 def test_run_main_turns_ctrl_c_into_one_line_and_exit_130(capsys):
     from mlla_mm.engine.hooks import TrainingAborted, TrainingInterrupted
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
 
     def raising(exc):
         def main():

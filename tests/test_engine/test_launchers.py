@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from mlla_mm.engine.launch import UsageError
+from mlla_mm.errors import UsageError
 from mlla_mm.engine.runner import distributed_env, first_slurm_node
 
 

@@ -151,7 +151,8 @@ def test_run_main_ends_the_process_group(tmp_path, outcome, capsys, monkeypatch)
     """The tools destroy a distributed run's process group however main() ends (no runner run failed)."""
     import torch.distributed as dist
     from mlla_mm.engine import runner as runner_module
-    from mlla_mm.engine.launch import UsageError, run_main
+    from mlla_mm.cli import run_main
+    from mlla_mm.errors import UsageError
     monkeypatch.setattr(runner_module, '_RUN_FAILED', False)  # another test's failed run in this process
 
     def main():

@@ -9,7 +9,9 @@ import torch
 from mmengine.config import Config
 
 from mlla_mm.checkpoint import CheckpointError, load_file
-from mlla_mm.engine.launch import BadAnnotationError, DataNotFoundError, check_data, prepare_config
+from mlla_mm.datasets.checks import check_data
+from mlla_mm.engine.launch import prepare_config
+from mlla_mm.errors import BadAnnotationError, DataNotFoundError
 
 from tests.helpers import load_tool, write_tiny_config
 

@@ -174,7 +174,7 @@ def test_a_killed_worker_is_one_line_naming_it_and_the_resume_command(tmp_path, 
 def test_the_reported_chain_ending_in_a_config_syntax_error_is_one_line(monkeypatch, capsys):
     """What the issue saw: torch's worker error raised inside mmengine's config formatting (a checkpoint save),
     which re-raised it as 'SyntaxError: Failed to format the config file'."""
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
 
     def main():
         try:
@@ -191,7 +191,7 @@ def test_the_reported_chain_ending_in_a_config_syntax_error_is_one_line(monkeypa
 
 
 def test_other_errors_are_not_taken_for_a_dead_worker():
-    from mlla_mm.engine.launch import run_main
+    from mlla_mm.cli import run_main
 
     def main():
         raise SyntaxError('Failed to format the config file')
@@ -249,7 +249,7 @@ def _free_port():
 
 
 def test_slurm_ntasks_2_with_one_process_stops_after_the_rendezvous_timeout(monkeypatch):
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.errors import UsageError
     from mlla_mm.engine.runner import init_cpu_distributed
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_PORT', 'TORCHELASTIC_USE_AGENT_STORE'):
         monkeypatch.delenv(key, raising=False)  # restored afterwards, whatever the start set
@@ -274,7 +274,7 @@ def test_slurm_ntasks_2_with_one_process_stops_after_the_rendezvous_timeout(monk
 
 @pytest.mark.parametrize('value', ['0', '-5', 'soon', 'inf'])
 def test_a_bad_rendezvous_timeout_is_named(monkeypatch, value):
-    from mlla_mm.engine.launch import UsageError
+    from mlla_mm.errors import UsageError
     from mlla_mm.engine.rendezvous import rendezvous_timeout
     monkeypatch.setenv('MLLA_MM_RENDEZVOUS_TIMEOUT', value)
     with pytest.raises(UsageError, match='MLLA_MM_RENDEZVOUS_TIMEOUT'):

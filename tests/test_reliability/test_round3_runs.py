@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mlla_mm.checkpoint import load_file
-from mlla_mm.engine.launch import UsageError
+from mlla_mm.errors import UsageError
 from mlla_mm.engine.runner import LOCK_NAME, WorkDirLock, find_resumable_checkpoint, remove_stale_temp_files
 
 from tests.helpers import assert_one_error_line, exit_code, load_tool, run_tool, write_tiny_config

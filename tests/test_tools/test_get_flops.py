@@ -59,7 +59,7 @@ def test_the_roi_extractor_of_a_detector_is_counted_like_mmcv_roi_align():
     get_flops = load_tool('get_flops')
     from mmengine.registry import MODELS, init_default_scope
 
-    from mlla_mm.engine.launch import load_config
+    from mlla_mm.cli import load_config
     from mlla_mm.utils.flops import count_flops
     init_default_scope('mmdet')
     cfg = load_config(str(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py'))

@@ -11,7 +11,8 @@ model['backbone']['init_cfg'] = dict(type='Pretrained', checkpoint={path!r}, if_
 
 
 def test_load_from_drops_a_missing_pretrained_init_cfg():
-    from mlla_mm.engine.launch import load_config, skip_unneeded_pretrained
+    from mlla_mm.cli import load_config
+    from mlla_mm.engine.launch import skip_unneeded_pretrained
     cfg = load_config(str(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py'))
     cfg.model.backbone.init_cfg.checkpoint = '/nonexistent/MLLA_T.pth'
     assert skip_unneeded_pretrained(cfg) is None  # no load_from: the backbone's own message stays right

@@ -12,7 +12,7 @@ SEG = ROOT / 'configs' / 'segmentation'
 
 
 def load(path):
-    from mlla_mm.engine.launch import load_config
+    from mlla_mm.cli import load_config
     return load_config(str(path))
 
 
