@@ -41,15 +41,15 @@ What it does differently (measured in docs/benchmarks.md):
 * every block, and the stem and downsample layers (``Stem.forward`` and
   ``Downsample.forward`` ask the same rule), run in bands of rows
   (:func:`conv_rows` reads one halo row per 3x3 convolution) where a
-  full-map temporary would be large (:data:`WHOLE_MAP_BYTES`, 32 MiB, for a
-  block; :data:`WIDE_MAP_BYTES`, 256 MiB, for the stem's and downsample
+  full-map temporary would be very large (:data:`WHOLE_MAP_BYTES`, 256 MiB,
+  for a block; :data:`WIDE_MAP_BYTES`, 1 GiB, for the stem's and downsample
   layers' 4-8x wider hidden maps): apart from the stage's output and one
-  map for the attention input, no temporary is then a full map. Such maps
-  would, with the default malloc, be fresh ``mmap`` pages faulted in on
-  every op (1.83M minor faults per 2048x2048 forward before, 0.21M after).
-  Up to 1024x1024 and 800x1280 (MLLA-T, fp32) every map is whole, as
-  bands cost time there. The band size depends on the input's size only
-  (:func:`band_rows`), not on how malloc is set up.
+  map for the attention input, no temporary is then a full map. Up to
+  2048x2048 (MLLA-T, fp32) every map is whole: bands cost time there, with
+  or without tuned malloc (2048x2048, 2 threads, torch 2.14: banded blocks
+  took 1.3-1.7x, the banded stem and downsample layers 1.7-4.5x as long).
+  The band size depends on the input's size only (:func:`band_rows`), not
+  on how malloc is set up.
 
 It only reads the modules' parameters (duck-typed on the published
 attribute names), so it holds no state of its own.
@@ -67,20 +67,17 @@ from .ops import as_channels_last, is_tracing, pad_to_multiple, use_fast_inferen
 
 MLP_CHUNK = 4096  # tokens per MLP chunk
 BAND_BYTES = 4 << 20  # the widest per-row temporary of a band of rows takes at most this much
-WHOLE_MAP_BYTES = 32 << 20  # a block's full-map temporary below this is not banded (glibc's largest mmap threshold)
-WIDE_MAP_BYTES = 256 << 20  # the same for the stem's and downsample layers' wide hidden maps
+WHOLE_MAP_BYTES = 256 << 20  # a block's full-map temporary below this is not banded (MLLA-T: above 2048x2048)
+WIDE_MAP_BYTES = 1 << 30  # the same for the stem's and downsample layers' wide hidden maps
 
 
 def band_rows(height: int, row_bytes: int, budget: Optional[int] = None, whole: Optional[int] = None) -> int:
     """Rows per band of a map ``height`` rows high whose widest temporary takes ``row_bytes`` per row.
 
     The whole map (``height``) while that temporary, ``height * row_bytes``,
-    stays below ``whole`` (default :data:`WHOLE_MAP_BYTES`): glibc's default
-    malloc reuses such blocks from its heap (its mmap threshold rises up to
-    32 MiB), and whole maps are faster than bands (800x1280, 2 threads, tuned
-    malloc: bands cost 6.5%, docs/benchmarks.md; banded stem and downsample
-    layers took 2.6-5.5x as long there). Larger maps, which the default malloc would map
-    afresh for every op, run in bands of the most rows whose temporaries fit
+    stays below ``whole`` (default :data:`WHOLE_MAP_BYTES`): whole maps are
+    faster than bands up to 2048x2048, also with glibc's default malloc
+    (module docstring). Larger maps run in bands of the most rows whose temporaries fit
     ``budget`` (default :data:`BAND_BYTES`): at least 2 (the in-place 3x3
     convolutions read one row beyond their band), at most ``height``. Decided
     from the sizes only, so the memory behaviour is the same whether or not a

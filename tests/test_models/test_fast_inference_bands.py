@@ -85,18 +85,18 @@ def test_banded_backbone_matches_reference(monkeypatch):
 
 @pytest.mark.parametrize('malloc', ['tuned', 'default', None])
 def test_band_size_depends_on_the_map_only(malloc, monkeypatch):
-    """Whole maps up to the tools' sizes, bands of BAND_BYTES for large maps: the same whether or not malloc was
-    tuned (MLLA-T, fp32: stage 0 has 64 channels, the first downsample's hidden map 512)."""
+    """Whole maps up to 2048x2048, bands of BAND_BYTES for larger maps: the same whether or not malloc was tuned
+    (MLLA-T, fp32: stage 0 has 64 channels, the first downsample's hidden map 512, the stem's half map 32)."""
     from mlla_mm.utils import malloc as malloc_module
     monkeypatch.setattr(malloc_module, '_state', malloc)
     fi = fast_inference
-    for h, w in ((800, 1280), (1024, 1024)):  # every map whole
+    for h, w in ((800, 1280), (1024, 1024), (2048, 2048)):  # every map whole
         assert fi.band_rows(h // 4, w // 4 * 64 * 4) == h // 4  # a block of stage 0
         assert fi.band_rows(h // 4, w // 4 * 512 * 4, 2 * fi.BAND_BYTES, fi.WIDE_MAP_BYTES) == h // 4  # downsample 0
         assert fi.band_rows(h // 2, w // 2 * 32 * 4, 2 * fi.BAND_BYTES, fi.WIDE_MAP_BYTES) == h // 2  # the stem
-    row = 512 * 64 * 4  # 2048x2048: bands of BAND_BYTES (2 * BAND_BYTES for the wide maps)
-    assert fi.band_rows(512, row) == fi.BAND_BYTES // row
-    assert fi.band_rows(512, 8 * row, 2 * fi.BAND_BYTES, fi.WIDE_MAP_BYTES) == 2 * fi.BAND_BYTES // (8 * row)
+    row = 1024 * 64 * 4  # 4096x4096: bands of BAND_BYTES (2 * BAND_BYTES for the wide maps)
+    assert fi.band_rows(1024, row) == fi.BAND_BYTES // row
+    assert fi.band_rows(1024, 8 * row, 2 * fi.BAND_BYTES, fi.WIDE_MAP_BYTES) == 2 * fi.BAND_BYTES // (8 * row)
     assert fi.band_rows(4000, 1 << 30) == 2  # never fewer than 2 rows
     assert fi.mlp_chunk(1000, 2048 * 4) == fi.MLP_CHUNK  # 8 MB of hidden activations
-    assert fi.mlp_chunk(10 ** 6, 2048 * 4) == 512  # 4 MiB chunks where 4096 tokens take 32 MiB
+    assert fi.mlp_chunk(10 ** 6, 1 << 16) == 256  # 256 MiB for 4096 tokens: chunks of BAND_BYTES, at least 256
