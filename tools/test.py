@@ -67,6 +67,7 @@ def test(args) -> int:
     from mlla_mm.checkpoint import check_file
     from mlla_mm.cli import UsageError, check_output, load_config
     from mlla_mm.engine.launch import build_runner, prepare_config
+    from mlla_mm.engine.runner import set_hook_args
     onnx_file = args.checkpoint.lower().endswith('.onnx')  # an exported whole model, run by ONNX Runtime
     if onnx_file and args.tta:
         raise UsageError(f'--tta: not available for an ONNX file ({args.checkpoint}); the graph is one scale')
@@ -85,7 +86,9 @@ def test(args) -> int:
     prepare_config(cfg, work_dir=args.work_dir, config_path=args.config, launcher=args.launcher)
     if not onnx_file:
         cfg.load_from = args.checkpoint
-        cfg.checkpoint_is_whole_model = True  # every tensor of the model must be in it (CheckpointGuardHook)
+        set_hook_args(cfg, 'CheckpointGuardHook', whole_model=True)  # every tensor of the model must be in it
+    # A test run: the runner checks (and builds) the test data only, not the training set.
+    cfg.train_dataloader = cfg.train_cfg = cfg.optim_wrapper = cfg.param_scheduler = None
     # The whole model comes from the checkpoint: do not load the backbone's own weights first.
     if cfg.model.get('backbone', {}).get('init_cfg'):
         cfg.model.backbone.init_cfg = None
@@ -100,8 +103,7 @@ def test(args) -> int:
     if args.out:
         cfg.test_evaluator = [cfg.test_evaluator] if isinstance(cfg.test_evaluator, dict) else list(cfg.test_evaluator)
         cfg.test_evaluator.append(dict(type='DumpResults', out_file_path=args.out))
-    runner = build_runner(cfg, config_path=args.config, launcher=args.launcher, check=('test_dataloader', ),
-                          whole_checkpoint=None if onnx_file else args.checkpoint)
+    runner = build_runner(cfg, config_path=args.config, step='test_step')  # checks the data and the checkpoint
     metrics = runner.test()
     print('metrics: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                   for k, v in (metrics or {}).items()))

@@ -19,8 +19,9 @@ The config's ``default_scope`` (mmdet or mmseg) picks the registries; the rest
 is the same for both tasks. Everything the run needs is in the config (our
 configs inherit ``configs/_base_/mlla_runtime.py``: SafeRunner and the
 reliability hooks), so ``RUNNERS.build(cfg).train()`` in a script of your own
-is the same run. This tool only applies its options, checks the data first and
-turns problems you can fix into one ``error:`` line (exit code 2).
+is the same run: the runner checks the settings and the data before it builds
+anything. This tool only applies its options to the config and turns problems
+you can fix into one ``error:`` line (exit code 2).
 
 Exit codes: 0 done; 2 bad input or a failed write (disk full); 1 stopped on a
 NaN/inf loss; 143 / 130 stopped by SIGTERM / SIGINT after writing a checkpoint
@@ -70,7 +71,7 @@ def train(args) -> int:
     from mmengine.logging import print_log
 
     from mlla_mm.cli import UsageError, load_config
-    from mlla_mm.engine.launch import build_runner, fit_schedule, prepare_config, skip_unneeded_pretrained
+    from mlla_mm.engine.launch import build_runner, fit_schedule, prepare_config
     from mlla_mm.engine.schedules import rescale_schedule
     cfg = load_config(args.config, args.cfg_options)
     if args.epochs or args.iters:  # the length of the run, with the schedule scaled to it
@@ -93,12 +94,8 @@ def train(args) -> int:
         from mlla_mm.checkpoint import check_file
         check_file(args.resume)  # a refused file: one line, before the runner makes its log folder
         cfg.resume, cfg.load_from = True, args.resume
-    note = skip_unneeded_pretrained(cfg)  # no "backbone RANDOMLY initialised" before load_from fills it
-    if note:
-        print_log(note, logger='current')
-    runner = build_runner(cfg, config_path=args.config, launcher=args.launcher,
-                          check=('train_dataloader', 'val_dataloader'),
-                          whole_checkpoint=args.resume if args.resume not in (None, 'auto') else None)
+    # The runner checks the settings, the data and the --resume file against the model before it builds anything.
+    runner = build_runner(cfg, config_path=args.config)
     fit_schedule(runner, shorten_warmup=bool(args.epochs))  # one line per misfit, before training
     runner.train()
     return 0

@@ -1,7 +1,9 @@
 """Checks of the data and model a config needs, run before training starts.
 
-``tools/train.py`` and ``tools/test.py`` call :func:`check_data` (through
-``mlla_mm.engine.launch.build_runner``) before anything is built. It finds
+:class:`~mlla_mm.engine.runner.SafeRunner` calls :func:`check_data` (through
+``mlla_mm.engine.run_checks.check_run``) before it builds anything, so
+``tools/train.py``, ``tools/test.py`` and ``RUNNERS.build(cfg)`` in a script
+check the same data. It finds
 what mmdet and mmseg would otherwise drop without a word, or crash on after
 training has started:
 

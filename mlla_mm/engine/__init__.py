@@ -8,6 +8,8 @@
 - ``rng.py``: the global random state; ``optim.py``: the CPU autocast optimizer wrapper;
   ``layer_decay.py``: the layer-wise learning-rate decay constructor; ``param_groups.py``: the
   constructor that merges equal parameter groups;
+- ``run_checks.py``: what SafeRunner checks from the config before it builds anything (settings, data,
+  neck channels, a whole-model checkpoint) and the AMP policy;
 - ``launch.py``: applying a tool's options to a config (``--work-dir``, ``--launcher``, ``--amp``, ...) and
   building its runner; the command-line parsing and error lines are :mod:`mlla_mm.cli`'s (tools only).
 """

@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from mmengine.dist import all_reduce, get_world_size, is_main_process
 from mmengine.hooks import CheckpointHook, Hook
-from mmengine.model import BaseTTAModel, is_model_wrapper
+from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop, EpochBasedTrainLoop, Runner
 
-from ..checkpoint import check_checkpoint_fits
 from ..errors import CheckpointError, NonFiniteLossError, TrainingAborted, TrainingInterrupted
 from ..utils.io import atomic_write
 from .loops import make_exact, validation_due
+from .run_checks import check_checkpoint_for_model
 from .rng import RandomStateError, check_random_state, get_random_state, set_random_state
 from .runner import ATOMIC_BACKEND, checkpoint_name
 from .workers import SignalSafeWorkerInit, guard_dataloader_workers, unwrap_worker_init
@@ -77,6 +77,16 @@ def _reseed_dataloader(loader: Any, seed: int) -> None:
         loader.worker_init_fn = (SignalSafeWorkerInit(fn, wrapped.signals) if isinstance(wrapped, SignalSafeWorkerInit)
                                  else fn)
 
+
+
+def _set_runner_seed(runner: Runner, seed: int) -> None:
+    """Make ``seed`` the runner's seed (``runner.seed``, and the one its checkpoints record).
+
+    The one place a hook writes mmengine's private attributes: the Runner has no public setter for its seed
+    (``_seed``, ``_randomness_cfg``); mmengine's own ``Runner.resume`` writes them the same way.
+    """
+    runner._seed = seed
+    runner._randomness_cfg.update(seed=seed)
 
 
 @HOOKS.register_module()
@@ -137,8 +147,7 @@ class RandomStateHook(Hook):
         state, self._pending = self._pending, None
         seed = state.get('seed')
         if seed is not None:
-            runner._seed = seed
-            runner._randomness_cfg.update(seed=seed)
+            _set_runner_seed(runner, seed)
             _reseed_dataloader(runner.train_dataloader, seed)
         set_random_state(state)
         runner.logger.info('Restored the random state saved in the checkpoint (python, numpy, torch).')
@@ -445,14 +454,21 @@ class CheckpointGuardHook(Hook):
       state dict, no tensor in common with the model (another model, or
       backbone-only weights) or backbone tensors of another shape (another
       MLLA size) raise :class:`~mlla_mm.checkpoint.CheckpointError` naming the
-      file; the model is not changed. When resuming, and in tools/test.py
-      (``checkpoint_is_whole_model=True`` in the config), every tensor of the
-      model must be in the file with its shape. Other shape differences (a head with
+      file; the model is not changed. When resuming, and with
+      ``whole_model=True`` (tools/test.py sets it), every tensor of the model
+      must be in the file with its shape. Other shape differences (a head with
       another number of classes when fine-tuning) are left to mmengine,
       which skips them with a warning.
+
+    Args:
+        whole_model: ``load_from`` is a whole model of the config (evaluating it): every tensor of the model must
+            be in it. :class:`~mlla_mm.engine.runner.SafeRunner` also checks the file before it builds anything.
     """
 
     priority = 'VERY_HIGH'
+
+    def __init__(self, whole_model: bool = False) -> None:
+        self.whole_model = bool(whole_model)
 
     def before_run(self, runner: Runner) -> None:
         for hook in runner.hooks:
@@ -463,29 +479,12 @@ class CheckpointGuardHook(Hook):
 
     def after_load_checkpoint(self, runner: Runner, checkpoint: Any) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        # The whole model comes from the file when resuming and in tools/test.py (which sets
-        # `checkpoint_is_whole_model` in the config it runs); load_from for fine-tuning may leave parts new.
-        whole = bool(getattr(runner, '_resume', False) or (getattr(runner, 'cfg', None) or {}).get('checkpoint_is_whole_model'))
+        # The whole model comes from the file when resuming and with whole_model (tools/test.py); load_from for
+        # fine-tuning may leave parts new.
+        whole = self.whole_model or bool(getattr(runner, '_resume', False))
         check_checkpoint_for_model(model, checkpoint, checkpoint_name(runner), whole=whole)
         if getattr(runner, '_resume', False):
             check_resume_fields(checkpoint, checkpoint_name(runner))
-
-
-def check_checkpoint_for_model(model: torch.nn.Module, checkpoint: Any, filename: str, whole: bool) -> None:
-    """CheckpointGuardHook's check of a loaded ``checkpoint`` against ``model`` (also run before the runner).
-
-    Raises:
-        CheckpointError: Not a dict, no state dict, or it does not fit
-            (:func:`~mlla_mm.checkpoint.check_checkpoint_fits`; ``whole``: every tensor of the model in it).
-    """
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f'{filename}: expected a dict, got {type(checkpoint).__name__}')
-    state_dict = checkpoint.get('state_dict', checkpoint)
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f'{filename}: no state_dict of tensors in it')
-    # A test-time-augmentation wrapper holds the real model as .module (mmengine's loader unwraps it too).
-    check_checkpoint_fits(model.module if isinstance(model, BaseTTAModel) else model, state_dict, filename,
-                          whole=whole)
 
 
 def _field_int(value: Any, low: int, high: int) -> bool:

@@ -156,6 +156,8 @@ def make_exact(loop: Any) -> bool:
     exact = EXACT_LOOPS.get(type(loop))
     if exact is None:
         return False
+    # The one class swap of the package: no public hook point lets a hook choose the train loop's class, and a
+    # Runner builds it from train_cfg (mmdet's and mmseg's bases) before any hook runs.
     loop.__class__ = exact
     return True
 

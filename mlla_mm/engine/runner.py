@@ -48,7 +48,7 @@ import subprocess
 import time
 import zipfile
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.config import ConfigDict
@@ -60,11 +60,14 @@ from mmengine.model import is_model_wrapper, revert_sync_batchnorm
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from ..datasets.checks import check_data
 from ..datasets.synthetic import make_synthetic_data
 from ..errors import TrainingInterrupted, UsageError
 from ..utils.io import TMP_TAG, AtomicWriteError, atomic_write
+from ..utils.malloc import malloc_state
 from .console import keep_parameter_reports_off_console
 from .rendezvous import init_gloo_group
+from .run_checks import amp_optim_wrapper_cfg, check_run, loaders_of_run, skip_unneeded_pretrained
 
 #: The file backend name for atomic local writes (``backend_args=dict(backend=ATOMIC_BACKEND)``).
 ATOMIC_BACKEND = 'mlla_atomic_local'
@@ -211,27 +214,43 @@ def with_required_hooks(custom_hooks: Optional[list]) -> list:
     return hooks + [dict(type=name) for name in REQUIRED_HOOKS if name not in have]
 
 
+def check_model_step(runner: Runner, step: str, config_name: str) -> None:
+    """A model without ``train_step`` / ``test_step`` (a backbone alone) is one :class:`UsageError`, not
+    mmengine's assertion."""
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    if not callable(getattr(model, step, None)):
+        raise UsageError(f'{config_name}: the model ({type(model).__name__}) has no {step}: it is not a whole '
+                         'detector or segmentor (a backbone alone cannot be trained or tested; put it in a '
+                         'detector or segmentor config)')
+
+
+def guard_wants_whole_model(custom_hooks: Optional[list]) -> bool:
+    """Whether ``custom_hooks`` has a ``CheckpointGuardHook`` with ``whole_model=True`` (tools/test.py's)."""
+    for hook in custom_hooks or []:
+        if _hook_type_name(hook) == 'CheckpointGuardHook':
+            value = hook.get('whole_model', False) if isinstance(hook, dict) else getattr(hook, 'whole_model', False)
+            return bool(value)
+    return False
+
+
+def set_hook_args(cfg: Any, hook_type: str, **kwargs: Any) -> None:
+    """Set arguments of the ``hook_type`` entry of ``cfg.custom_hooks`` (added when the config lacks it)."""
+    hooks = list(cfg.get('custom_hooks') or [])
+    for hook in hooks:
+        if isinstance(hook, dict) and _hook_type_name(hook) == hook_type:
+            hook.update(kwargs)
+            break
+    else:
+        hooks.append(dict(type=hook_type, **kwargs))
+    cfg.custom_hooks = hooks
+
+
 def cpu_ddp_wrapper_cfg(model_wrapper_cfg: Optional[dict], find_unused_parameters: bool) -> ConfigDict:
     """The DDP wrapper config for CPU modules: mmengine's defaults with ``device_ids=None``."""
     wrapper = ConfigDict(copy.deepcopy(model_wrapper_cfg) if model_wrapper_cfg else dict(
         type='MMDistributedDataParallel', broadcast_buffers=False, find_unused_parameters=find_unused_parameters))
     wrapper['device_ids'] = None  # mmengine passes [LOCAL_RANK], which DDP refuses for CPU modules
     return wrapper
-
-
-def cpu_amp_wrapper_cfg(optim_wrapper: dict, logger: Any = None) -> dict:
-    """An ``AmpOptimWrapper`` config (it needs CUDA) as a bf16 ``CPUAutocastOptimWrapper``; others unchanged."""
-    kind = optim_wrapper.get('type')
-    if kind not in ('AmpOptimWrapper', 'mmengine.AmpOptimWrapper') and getattr(kind, '__name__', '') != 'AmpOptimWrapper':
-        return optim_wrapper
-    cpu = copy.copy(optim_wrapper)
-    for key in ('loss_scale', 'use_fsdp'):
-        cpu.pop(key, None)
-    cpu.update(type='CPUAutocastOptimWrapper', dtype='bfloat16')
-    if logger is not None:
-        logger.warning('No CUDA: the config\'s AmpOptimWrapper (fp16) runs as CPUAutocastOptimWrapper (bf16 autocast '
-                       'of the backbone and neck).')
-    return cpu
 
 
 # --------------------------------------------------------------------------
@@ -583,6 +602,12 @@ class SafeRunner(Runner):
         params.pop('self')
         params['custom_hooks'] = with_required_hooks(params.get('custom_hooks'))
         init_cpu_distributed(params.get('launcher', 'none'))
+        cfg = params.get('cfg')
+        #: names the config in the checks' messages
+        self.config_name: str = str(getattr(cfg, 'filename', None) or 'the config')
+        #: the dataloaders whose data has been checked (:meth:`_check_loaders`)
+        self.checked_loaders: Tuple[str, ...] = ()
+        self._check_before_building(params)  # before mmengine makes the work dir and its log folder
         #: the checkpoint being read by :meth:`load_checkpoint` (for the hooks' messages)
         self.checkpoint_being_loaded: Optional[str] = None
         #: the work dir's lock while :meth:`train` runs
@@ -598,16 +623,71 @@ class SafeRunner(Runner):
         if self.distributed:
             atexit.unregister(end_distributed)  # once, however many runners a script builds
             atexit.register(end_distributed)
-        if self.cfg.get('synthetic_data'):
-            if is_main_process():
-                make_synthetic_data(self.cfg)
+        self.logger.info(f'mlla-mm: glibc malloc {malloc_state()} (MLLA_MM_MALLOC=default leaves it alone; '
+                         'see mlla_mm/utils/malloc.py)')
+
+    def _run_view(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """What the checks read, as the runner's own arguments (the same dicts: a check may redirect a dataset)."""
+        cfg = params.get('cfg') or {}
+        view = {key: params.get(key) for key in (
+            'model', 'work_dir', 'load_from', 'resume', 'train_cfg', 'optim_wrapper', 'param_scheduler',
+            'train_dataloader', 'val_dataloader', 'test_dataloader', 'val_evaluator', 'test_evaluator')}
+        view['default_scope'] = cfg.get('default_scope', params.get('default_scope') or 'mmdet')
+        view['skip_bad_images'] = bool(cfg.get('skip_bad_images', False))
+        view['synthetic_data'] = cfg.get('synthetic_data')
+        return view
+
+    def _check_before_building(self, params: Dict[str, Any]) -> None:
+        """The config's checks (:func:`~mlla_mm.engine.run_checks.check_run`) for the dataloaders this run uses.
+
+        A training run checks its train and val data, a test-only one its test
+        data; :meth:`val` and :meth:`test` check a loader not checked yet. A
+        resume from a named file, or a ``CheckpointGuardHook(whole_model=True)``
+        (tools/test.py), has the checkpoint checked against the model here.
+        The AMP policy is applied to ``optim_wrapper`` here too (one line each
+        is logged once the logger exists).
+        """
+        view = self._run_view(params)
+        which = loaders_of_run(view)
+        note = skip_unneeded_pretrained(view)  # no "backbone RANDOMLY initialised" before load_from fills it
+        if note:
+            print_log(note, logger='current')
+        load_from = params.get('load_from')
+        whole = load_from if load_from and (params.get('resume') or guard_wants_whole_model(
+            params.get('custom_hooks'))) else None
+        if view.get('synthetic_data'):
+            if is_main_process():  # made first by one process (a CPU-distributed group is up already)
+                make_synthetic_data(view)
             barrier()
+        check_run(view, which, self.config_name, whole_checkpoint=whole)
+        self.checked_loaders = tuple(which)
+
+    def _check_loaders(self, which: Sequence[str]) -> None:
+        """Check the data of the dataloaders in ``which`` not checked yet (:meth:`val` / :meth:`test` of a
+        training config), before the loop builds them."""
+        # mmengine keeps the unbuilt dataloader and evaluator configs as private attributes: read here, and changed
+        # in place by the checks (skip_bad_images points a dataset at its filtered copy), never replaced.
+        todo = tuple(n for n in which
+                     if n not in self.checked_loaders and isinstance(getattr(self, f'_{n}', None), dict))
+        if not todo:
+            return
+        view: Dict[str, Any] = dict(model=self.cfg.get('model'), work_dir=self.work_dir,
+                                    default_scope=self.cfg.get('default_scope', 'mmdet'),
+                                    skip_bad_images=bool(self.cfg.get('skip_bad_images', False)))
+        for name in todo:
+            view[name] = getattr(self, f'_{name}')
+            evaluator = name.replace('_dataloader', '_evaluator')
+            view[evaluator] = getattr(self, f'_{evaluator}', None)
+        check_data(view, todo, self.config_name)
+        self.checked_loaders += todo
 
     def train(self) -> Any:
         """mmengine's, holding the work dir (:class:`WorkDirLock`); a full disk is one line.
 
         A failure is recorded for :func:`end_distributed`.
         """
+        check_model_step(self, 'train_step', self.config_name)
+
         def run() -> Any:
             if is_main_process():
                 self._work_dir_lock = WorkDirLock(self.work_dir)
@@ -622,11 +702,14 @@ class SafeRunner(Runner):
         return self._noting_failure(run)
 
     def val(self) -> Any:
-        """mmengine's; a failure is recorded for :func:`end_distributed`."""
+        """mmengine's, its data checked first; a failure is recorded for :func:`end_distributed`."""
+        self._check_loaders(('val_dataloader', ))
         return self._noting_failure(super().val)
 
     def test(self) -> Any:
-        """mmengine's; a failure is recorded for :func:`end_distributed`."""
+        """mmengine's, its data checked first; a failure is recorded for :func:`end_distributed`."""
+        self._check_loaders(('test_dataloader', ))
+        check_model_step(self, 'test_step', self.config_name)
         return self._noting_failure(super().test)
 
     @staticmethod
@@ -649,9 +732,12 @@ class SafeRunner(Runner):
         return super().wrap_model(model_wrapper_cfg, model)
 
     def build_optim_wrapper(self, optim_wrapper: Any) -> Any:
-        """mmengine's; without CUDA an ``AmpOptimWrapper`` becomes bf16 ``CPUAutocastOptimWrapper``."""
-        if isinstance(optim_wrapper, dict) and not torch.cuda.is_available():
-            optim_wrapper = cpu_amp_wrapper_cfg(optim_wrapper, self.logger)
+        """mmengine's, with the AMP policy (:func:`~mlla_mm.engine.run_checks.amp_optim_wrapper_cfg`): an
+        ``AmpOptimWrapper`` (the config's, or ``--amp``) is fp16 with a dynamic loss scale on CUDA, a bf16
+        ``CPUAutocastOptimWrapper`` without CUDA."""
+        optim_wrapper, lines = amp_optim_wrapper_cfg(optim_wrapper)
+        for line in lines:
+            self.logger.warning(line)
         return super().build_optim_wrapper(optim_wrapper)
 
     @master_only
@@ -745,4 +831,4 @@ __all__ = ['SafeRunner', 'AtomicLocalBackend', 'WorkDirLock', 'LOCK_NAME', 'chec
            'checkpoint_candidates', 'resume_setting_changes', 'ATOMIC_BACKEND', 'LAUNCHER_ENV', 'REQUIRED_HOOKS', 'make_synthetic_data',
            'init_cpu_distributed', 'distributed_env', 'first_slurm_node', 'find_resumable_checkpoint',
            'remove_stale_temp_files', 'checkpoint_name', 'with_required_hooks', 'cpu_ddp_wrapper_cfg',
-           'cpu_amp_wrapper_cfg']
+           'guard_wants_whole_model', 'check_model_step']

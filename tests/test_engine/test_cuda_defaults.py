@@ -4,6 +4,8 @@ import torch
 from mmengine.config import Config
 
 from mlla_mm.engine import device, launch
+from mlla_mm.engine.run_checks import amp_optim_wrapper_cfg
+from mlla_mm.errors import UsageError
 
 
 def _cfg(**optim_wrapper):
@@ -17,30 +19,33 @@ def on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
 
 
-def test_amp_on_cuda_is_fp16_with_a_dynamic_loss_scale(on_cuda):
-    cfg = _cfg()
+def _amp(cfg):
+    """``--amp`` applied to ``cfg``, then what the runner's AMP policy builds from it on this (faked) machine."""
     launch.apply_amp(cfg)
-    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
-    assert cfg.optim_wrapper.loss_scale == 'dynamic' and cfg.optim_wrapper.dtype == 'float16'
+    wrapper, _ = amp_optim_wrapper_cfg(cfg.optim_wrapper)
+    return wrapper
+
+
+def test_amp_on_cuda_is_fp16_with_a_dynamic_loss_scale(on_cuda):
+    wrapper = _amp(_cfg())
+    assert wrapper.type == 'AmpOptimWrapper'
+    assert wrapper.loss_scale == 'dynamic' and wrapper.dtype == 'float16'
 
 
 def test_amp_on_cuda_gives_bf16_by_option_and_refuses_it_where_the_gpu_lacks_it(on_cuda, monkeypatch):
-    cfg = _cfg(dtype='bfloat16')  # --cfg-options optim_wrapper.dtype=bfloat16
-    launch.apply_amp(cfg)
-    assert (cfg.optim_wrapper.type, cfg.optim_wrapper.dtype) == ('AmpOptimWrapper', 'bfloat16')
+    wrapper = _amp(_cfg(dtype='bfloat16'))  # --cfg-options optim_wrapper.dtype=bfloat16
+    assert (wrapper.type, wrapper.dtype) == ('AmpOptimWrapper', 'bfloat16')
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)
-    with pytest.raises(launch.UsageError, match='does not support bf16'):
-        launch.apply_amp(_cfg(dtype='bfloat16'))
-    with pytest.raises(launch.UsageError, match='float16 or bfloat16'):
-        launch.apply_amp(_cfg(dtype='float64'))
+    with pytest.raises(UsageError, match='does not support bf16'):
+        _amp(_cfg(dtype='bfloat16'))
+    with pytest.raises(UsageError, match='float16 or bfloat16'):
+        _amp(_cfg(dtype='float64'))
 
 
 def test_amp_without_cuda_stays_bf16_cpu_autocast(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    monkeypatch.setattr(launch, 'warn_if_bf16_slow', lambda: False)
-    cfg = _cfg()
-    launch.apply_amp(cfg)
-    assert (cfg.optim_wrapper.type, cfg.optim_wrapper.dtype) == ('CPUAutocastOptimWrapper', 'bfloat16')
+    wrapper = _amp(_cfg())
+    assert (wrapper.type, wrapper.dtype) == ('CPUAutocastOptimWrapper', 'bfloat16')
 
 
 def test_a_cpu_only_mmcv_is_found_by_asking_mmcv_itself():
@@ -63,10 +68,10 @@ def test_mmcv_built_for_another_cuda_major_or_not_loading_is_a_problem(monkeypat
 
 
 def test_a_detector_run_on_a_gpu_machine_with_a_cpu_only_mmcv_stops_before_any_work(on_cuda, tmp_path):
-    cfg = _cfg()
-    cfg.work_dir = str(tmp_path / 'work')
-    with pytest.raises(launch.UsageError, match='c.py: this machine has a GPU but mmcv was built without CUDA'):
-        launch.build_runner(cfg, config_path='c.py', launcher='none', check=())
+    from mlla_mm.engine.runner import SafeRunner
+    cfg = Config(dict(_cfg().to_dict(), work_dir=str(tmp_path / 'work')), cfg_text='# c.py', filename='c.py')
+    with pytest.raises(UsageError, match='c.py: this machine has a GPU but mmcv was built without CUDA'):
+        SafeRunner.from_cfg(cfg)  # the runner checks it, before it makes the work dir (or a logger)
     assert not (tmp_path / 'work').exists()
 
 

@@ -11,7 +11,8 @@ from mmengine.logging import MessageHub
 from mmengine.model import BaseModel
 
 from mlla_mm.engine.loops import POSITION_KEY, batches_done_in_epoch
-from mlla_mm.engine.runner import (REQUIRED_HOOKS, AtomicLocalBackend, SafeRunner, cpu_amp_wrapper_cfg,
+from mlla_mm.engine.run_checks import amp_optim_wrapper_cfg
+from mlla_mm.engine.runner import (REQUIRED_HOOKS, AtomicLocalBackend, SafeRunner,
                                    cpu_ddp_wrapper_cfg, end_distributed, with_required_hooks)
 from mlla_mm.utils.io import AtomicWriteError
 
@@ -57,11 +58,11 @@ def test_cpu_ddp_wrapper_keeps_the_users_settings():
 
 def test_cuda_amp_wrapper_becomes_cpu_autocast():
     amp = dict(type='AmpOptimWrapper', loss_scale='dynamic', optimizer=dict(type='AdamW', lr=1e-4), clip_grad=None)
-    cpu = cpu_amp_wrapper_cfg(amp)
+    cpu, lines = amp_optim_wrapper_cfg(amp, cuda=False)
     assert cpu == dict(type='CPUAutocastOptimWrapper', dtype='bfloat16', optimizer=amp['optimizer'], clip_grad=None)
-    assert amp['type'] == 'AmpOptimWrapper'  # not changed in place
+    assert amp['type'] == 'AmpOptimWrapper' and lines[0].startswith('No CUDA')  # not changed in place
     plain = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.1))
-    assert cpu_amp_wrapper_cfg(plain) is plain
+    assert amp_optim_wrapper_cfg(plain, cuda=False) == (plain, [])
 
 
 def test_atomic_backend_on_a_full_disk(tmp_path, monkeypatch):
