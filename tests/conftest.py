@@ -49,6 +49,14 @@ def _test_threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread (with several, thread hand-offs dominate, badly so on a busy machine). Use with
+    ``pytestmark = pytest.mark.usefixtures('one_thread')``: it runs after ``_test_threads``."""
+    torch.set_num_threads(1)
+    yield
+
+
 def _drop_dead_log_handlers() -> None:
     """Remove mmengine logger handlers whose stream has been closed.
 
@@ -80,3 +88,24 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp('data') / 'shapes'
     make_coco_shapes(str(root), seed=0, num_train=4, num_val=2, size=64)
     return root
+
+
+@pytest.fixture(scope='module')
+def det_model(tmp_path_factory):
+    """(config, checkpoint, image folder): the tiny detection config of ``tests.helpers.write_tiny_config`` on
+    2 + 3 synthetic 64x64 images, a checkpoint of its random weights with 3 class names, and the folder of the 3
+    validation images; made once per test module."""
+    from mlla_mm.datasets import make_coco_shapes
+    from tests.helpers import save_random_checkpoint, write_tiny_config
+    tmp = tmp_path_factory.mktemp('det_model')
+    data = make_coco_shapes(str(tmp / 'shapes'), seed=0, num_train=2, num_val=3, size=64)
+    cfg = write_tiny_config(tmp, data)
+    ckpt = save_random_checkpoint(cfg, tmp / 'det.pth', classes=['disc', 'wedge', 'slab'])
+    return cfg, ckpt, data / 'val'
+
+
+@pytest.fixture(scope='module')
+def cfg_path(tmp_path_factory, tiny_data):
+    """The tiny detection config of ``tests.helpers.write_tiny_config`` (1 epoch) on ``tiny_data``, per module."""
+    from tests.helpers import write_tiny_config
+    return write_tiny_config(tmp_path_factory.mktemp('cfg'), tiny_data, epochs=1)

@@ -7,8 +7,7 @@ from mmengine.registry import init_default_scope
 
 import mlla_mm  # noqa: F401
 from mlla_mm.models import MLLA
-from tests.conftest import ROOT
-from tests.helpers import weight_decay_of_params
+from tests.helpers import ROOT, weight_decay_of_params
 
 DET = ROOT / 'configs' / 'detection'
 SIZES = {'mask_rcnn_mlla_t': 44e6, 'mask_rcnn_mlla_t_3x': 44e6, 'mask_rcnn_mlla_s': 63e6,

@@ -7,7 +7,7 @@ from mmengine.registry import init_default_scope
 import mlla_mm  # noqa: F401
 from mlla_mm.engine.launch import prepare_config
 from mlla_mm.models import MLLA
-from tests.helpers import ROOT, weight_decay_of_params
+from tests.helpers import ROOT, ZOO_CONFIGS, weight_decay_of_params
 
 SEG = ROOT / 'configs' / 'segmentation'
 ARCH = {'upernet_mlla_t': ('tiny', 0.2, 'MLLA_T'), 'upernet_mlla_s': ('small', 0.3, 'MLLA_S'),
@@ -32,8 +32,7 @@ def test_every_segmentation_config_is_tested():
     names = {p.stem for p in SEG.glob('*.py')}
     # upernet_timm_mlla_t (mmseg's TIMMBackbone) is tested in tests/test_models/test_timm_mlla.py
     # Semantic FPN, Mask2Former and the own-data template: tests/test_configs/test_zoo_configs.py
-    from tests.test_configs.test_zoo_configs import CONFIGS as ZOO
-    zoo = {n for n, (folder, *_) in ZOO.items() if folder == 'segmentation'}
+    zoo = {n for n, (folder, *_) in ZOO_CONFIGS.items() if folder == 'segmentation'}
     assert names == set(ARCH) | {'upernet_mlla_t_demo', 'upernet_timm_mlla_t'} | zoo
 
 

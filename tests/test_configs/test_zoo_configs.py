@@ -16,40 +16,18 @@ from mmengine.registry import init_default_scope
 
 import mlla_mm  # noqa: F401
 from mlla_mm.models import MLLA
-from tests.helpers import ROOT, load_tool, weight_decay_of_params
+from tests.helpers import ROOT, TINY_ARCH, ZOO_CONFIGS, load_tool, weight_decay_of_params
 
 RUNTIME = '../_base_/mlla_runtime.py'
 RUNTIME_STATED = ('cascade_mask_rcnn_mlla_t_3x', 'mask2former_mlla_t')
-# name: (folder, arch, drop_path, parent config: an mm config or one of ours)
-CONFIGS = {
-    'cascade_mask_rcnn_mlla_t_3x': ('detection', 'tiny', 0.3,
-                                    'mmdet::convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_'
-                                    'amp-ms-crop-3x_coco.py'),
-    'cascade_mask_rcnn_mlla_s_3x': ('detection', 'small', 0.3, './cascade_mask_rcnn_mlla_t_3x.py'),
-    'cascade_mask_rcnn_mlla_b_3x': ('detection', 'base', 0.3, './cascade_mask_rcnn_mlla_t_3x.py'),
-    'retinanet_mlla_t': ('detection', 'tiny', 0.1, 'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py'),
-    'custom_instance_mlla_t': ('detection', 'tiny', 0.1, './mask_rcnn_mlla_t.py'),
-    'custom_boxes_faster_rcnn_mlla_t': ('detection', 'tiny', 0.1, 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'),
-    'fpn_mlla_t': ('segmentation', 'tiny', 0.2, 'mmseg::sem_fpn/fpn_r50_4xb4-160k_ade20k-512x512.py'),
-    'fpn_mlla_s': ('segmentation', 'small', 0.3, './fpn_mlla_t.py'),
-    'fpn_mlla_b': ('segmentation', 'base', 0.5, './fpn_mlla_t.py'),
-    'mask2former_mlla_t': ('segmentation', 'tiny', 0.2,
-                           'mmseg::mask2former/mask2former_swin-t_8xb2-160k_ade20k-512x512.py'),
-    'custom_seg_mlla_t': ('segmentation', 'tiny', 0.2, './upernet_mlla_t.py'),
-}
-TINY_ARCH = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
 CKPT = {'tiny': 'MLLA_T', 'small': 'MLLA_S', 'base': 'MLLA_B'}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread (with several, thread hand-offs dominate, badly so on a busy machine)."""
-    torch.set_num_threads(1)
-    yield
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny models
 
 
 def path(name):
-    return ROOT / 'configs' / CONFIGS[name][0] / f'{name}.py'
+    return ROOT / 'configs' / ZOO_CONFIGS[name][0] / f'{name}.py'
 
 
 def load(name):
@@ -73,9 +51,9 @@ def neck_channels(cfg):
     return list(cfg.model.decode_head.in_channels)
 
 
-@pytest.mark.parametrize('name', sorted(CONFIGS))
+@pytest.mark.parametrize('name', sorted(ZOO_CONFIGS))
 def test_inherits_the_mm_config_and_our_runtime_last(name):
-    parent = CONFIGS[name][3]
+    parent = ZOO_CONFIGS[name][3]
     got = bases(name)
     cfg = load(name)
     if name in RUNTIME_STATED:
@@ -98,9 +76,9 @@ def test_inherits_the_mm_config_and_our_runtime_last(name):
     assert cfg.custom_imports.imports[0] == 'mlla_mm'
 
 
-@pytest.mark.parametrize('name', sorted(CONFIGS))
+@pytest.mark.parametrize('name', sorted(ZOO_CONFIGS))
 def test_full_size_backbone_channels_match_the_neck(name):
-    _, arch, drop_path, _ = CONFIGS[name]
+    _, arch, drop_path, _ = ZOO_CONFIGS[name]
     cfg = load(name)
     bb = dict(cfg.model.backbone)
     assert bb.pop('type') == 'MLLA'
@@ -265,7 +243,7 @@ def seg_batch(num_classes):
     return dict(inputs=inputs, data_samples=samples)
 
 
-@pytest.mark.parametrize('name', sorted(CONFIGS))
+@pytest.mark.parametrize('name', sorted(ZOO_CONFIGS))
 def test_tiny_training_iteration_and_inference(name):
     cfg = tiny_cfg(name)
     scope = cfg.default_scope

@@ -6,7 +6,7 @@ import pytest
 
 from mlla_mm.datasets.checks import (BadAnnotationError, BadImageError, DataNotFoundError, check_annotations,
                                      inspect_image)
-from tests.test_datasets.coco_files import build_coco_dataset, ds_cfg, make_coco, write_ann, write_image
+from tests.helpers import build_coco_dataset, ds_cfg, make_coco, write_ann, write_image
 
 
 @pytest.fixture

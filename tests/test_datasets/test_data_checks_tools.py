@@ -7,17 +7,13 @@ import pytest
 from mmengine.config import Config
 
 from mlla_mm.datasets.checks import BadImageError, check_data
-from tests.helpers import ROOT, load_tool, run_tool, write_tiny_config
+from tests.helpers import ROOT, error_lines, load_tool, run_tool, write_tiny_config
 
 
 def _copy(tiny_data, tmp_path):
     root = tmp_path / 'shapes'
     shutil.copytree(tiny_data, root)
     return root
-
-
-def _errors(stderr):
-    return [line for line in stderr.splitlines() if line.startswith('error: ')]
 
 
 def test_duplicate_image_id_through_train_tool(tiny_data, tmp_path):
@@ -30,7 +26,7 @@ def test_duplicate_image_id_through_train_tool(tiny_data, tmp_path):
     res = run_tool('tools/train.py', cfg, '--work-dir', tmp_path / 'w', '--cfg-options', 'synthetic_data=None')
     assert res.returncode == 2, res.stderr[-3000:]
     assert 'Traceback' not in res.stderr
-    errors = _errors(res.stderr)
+    errors = error_lines(res.stderr)
     assert len(errors) == 1 and str(ann) in errors[0] and 'duplicate image ids 1 ' in errors[0]
     assert res.stderr.strip().splitlines()[-1] == errors[0]
     assert not list((tmp_path / 'w').rglob('*.pth'))
@@ -42,7 +38,7 @@ def test_out_indices_not_matching_the_neck_through_train_tool(tiny_data, tmp_pat
                                   '--cfg-options', 'model.backbone.out_indices=[1,2,3]'])
     err = capsys.readouterr().err
     assert rc == 2 and 'Traceback' not in err
-    errors = _errors(err)
+    errors = error_lines(err)
     assert errors == [f'error: {cfg}: model.neck.in_channels is [16, 32, 64, 128] but the backbone (MLLA, '
                       'out_indices=(1, 2, 3)) returns 3 maps with channels [32, 64, 128]; make them match']
 
@@ -57,7 +53,7 @@ def test_skip_bad_images_trains_then_tests(tiny_data, tmp_path):
     work = tmp_path / 'w'
     res = run_tool('tools/train.py', cfg, '--work-dir', work, '--cfg-options', 'synthetic_data=None')
     assert res.returncode == 2 and 'Traceback' not in res.stderr
-    errors = _errors(res.stderr)
+    errors = error_lines(res.stderr)
     assert len(errors) == 1 and 'instances_train.json' in errors[0] and str(bad) in errors[0]
     assert '1 of 4 images cannot be read' in errors[0]
 
@@ -76,7 +72,7 @@ def test_skip_bad_images_trains_then_tests(tiny_data, tmp_path):
     bad_val.write_bytes(b'')
     res = run_tool('tools/test.py', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 't',
                    '--cfg-options', 'synthetic_data=None')
-    assert res.returncode == 2 and str(bad_val) in _errors(res.stderr)[0]
+    assert res.returncode == 2 and str(bad_val) in error_lines(res.stderr)[0]
     res = run_tool('tools/test.py', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 't', '--skip-bad-images',
                    '--cfg-options', 'synthetic_data=None')
     assert res.returncode == 0, res.stderr[-3000:]

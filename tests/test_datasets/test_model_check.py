@@ -5,9 +5,8 @@ from mmengine.config import Config
 
 from mlla_mm.datasets.checks import backbone_channels, check_model_config
 from mlla_mm.errors import UsageError
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TINY_ARCH
 
-TINY = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / 'configs').rglob('*.py') if '_base_' not in p.parts)
 
 
@@ -24,8 +23,8 @@ def test_channels_are_those_the_built_backbone_returns(out_indices):
         with torch.no_grad():
             return [o.shape[1] for o in MLLA(arch, out_indices=out_indices).eval()(torch.zeros(1, 3, 32, 32))]
 
-    channels, _ = backbone_channels(dict(type='MLLA', arch=TINY, out_indices=out_indices))
-    assert channels == returned(TINY)
+    channels, _ = backbone_channels(dict(type='MLLA', arch=TINY_ARCH, out_indices=out_indices))
+    assert channels == returned(TINY_ARCH)
     # A named arch: the same channels as a one-block model of MLLA-B's widths.
     channels, _ = backbone_channels(dict(type='mlla_mm.MLLA', arch='base', out_indices=out_indices))
     assert channels == returned(dict(embed_dims=96, depths=[1, 1, 1, 1], num_heads=[3, 6, 12, 24]))

@@ -16,7 +16,7 @@ from PIL import Image
 from mlla_mm.datasets import checks
 from mlla_mm.datasets.checks import (BadAnnotationError, BadImageError, check_annotations, check_seg_folder,
                                      inspect_image, inspect_label_map)
-from tests.test_datasets.coco_files import ds_cfg, make_coco, png_bytes, write_ann, write_label
+from tests.helpers import ds_cfg, make_coco, png_bytes, write_ann, write_label
 
 
 def check(root, data, loader='train_dataloader', **cfg):

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from mlla_mm.datasets.checks import BadAnnotationError, BadImageError, check_seg_folder
-from tests.test_datasets.coco_files import write_image
+from tests.helpers import write_image
 
 
 def write_label(path, size=(32, 24)):

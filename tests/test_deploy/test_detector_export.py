@@ -8,7 +8,7 @@ from mlla_mm.deploy.detector import NMSOp, RoIAlignOp, valid_rows
 from mlla_mm.deploy.onnx_export import build_target, check_detector_onnx, export_bytes, make_session
 from mlla_mm.errors import UsageError
 from mlla_mm.models.roi_align import sparse_roi_align
-from tests.test_deploy.tiny import spread_weights, write_tiny_detector
+from tests.helpers import spread_weights, write_tiny_detector
 
 
 def detector_target(folder, kind='mask_rcnn', seed=0):

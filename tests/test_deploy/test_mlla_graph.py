@@ -10,14 +10,14 @@ from mlla_mm.deploy.mlla_graph import (ExportStage, count_replaced, export_frien
                                        rope_pair_halves_permutation)
 from mlla_mm.models import MLLA
 from mlla_mm.models.mlla import MLLAStage, apply_rope, rope_cos_sin
-from tests.test_deploy.tiny import nontrivial_norms
+from tests.helpers import randomize_norms
 
 ARCH = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4])
 
 
 def tiny_mlla(dtype=torch.float64) -> MLLA:
     torch.manual_seed(0)
-    return nontrivial_norms(MLLA(ARCH, drop_path_rate=0.).eval().to(dtype), linear_bias=True)
+    return randomize_norms(MLLA(ARCH, drop_path_rate=0.).eval().to(dtype), biases=True)
 
 
 def max_rel_diff(a, b) -> float:

@@ -11,8 +11,8 @@ from mlla_mm.deploy.onnx_export import (TOLERANCE, ExportTarget, build_target, c
                                         export_bytes, make_session)
 from mlla_mm.deploy.wrappers import AdaptiveAvgPool2dAnySize, BackboneForExport, make_shape_agnostic, output_names
 from mlla_mm.models import MLLA
-from tests.helpers import ROOT
-from tests.test_deploy.tiny import NUM_CLASSES, TINY_ARCH, nontrivial_norms, write_tiny_mask_rcnn, write_tiny_upernet
+from tests.helpers import (BARE_BACKBONE, NUM_CLASSES, ROOT, TINY_ARCH, randomize_norms, write_tiny_mask_rcnn,
+                           write_tiny_upernet)
 
 # Sizes not used at export (which is traced at 64x64, batch 2): odd, not multiples of 4 or 32, batch 1 and 2.
 SIZES = [(1, 64, 64), (1, 37, 53), (2, 45, 29), (1, 97, 131), (2, 33, 32), (1, 5, 3)]
@@ -21,7 +21,7 @@ SIZES = [(1, 64, 64), (1, 37, 53), (2, 45, 29), (1, 97, 131), (2, 33, 32), (1, 5
 def tiny_backbone() -> ExportTarget:
     torch.manual_seed(0)
     # Non-trivial BatchNorm statistics and output norms, so every weight matters.
-    model = nontrivial_norms(BackboneForExport(MLLA(TINY_ARCH, drop_path_rate=0.)).eval())
+    model = randomize_norms(BackboneForExport(MLLA(TINY_ARCH, drop_path_rate=0.)).eval())
     return ExportTarget(model, 'backbone', output_names('backbone', 4), 'tiny')
 
 
@@ -222,7 +222,7 @@ def test_export_needs_no_onnxscript():
         "from mlla_mm.deploy.wrappers import BackboneForExport, output_names\n"
         "from mlla_mm.models import MLLA\n"
         "torch.set_num_threads(1)\n"
-        "m = BackboneForExport(MLLA(dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4]))).eval()\n"
+        f"m = BackboneForExport(MLLA({TINY_ARCH!r})).eval()\n"
         "t = ExportTarget(m, 'backbone', output_names('backbone', 4), 'tiny')\n"
         "rows = check_onnx(export_bytes(t, (32, 32)), m, t.output_names, [(1, 37, 21)])\n"
         "print('ROWS', sum(r.passed for r in rows), len(rows))\n")
@@ -247,11 +247,6 @@ def test_opset_range_ends_export_and_outside_is_a_usage_error():
         with pytest.raises(UsageError, match=rf'--opset {opset}: expected an ONNX opset from {MIN_OPSET} to '
                                              rf'{MAX_OPSET}'):
             export_bytes(target, (32, 32), opset=opset)
-
-
-BARE_BACKBONE = ("model = dict(type='mlla_mm.MLLA', arch=dict(embed_dims=16, depths=[1, 1, 1, 1], "
-                 "num_heads=[1, 2, 2, 4]))\n"
-                 "custom_imports = dict(imports=['mlla_mm'], allow_failed_imports=False)\n")
 
 
 @pytest.mark.parametrize('backbone_only', [True, False])

@@ -10,8 +10,7 @@ from mlla_mm.deploy.quantize import folder_calibration, quantize_int8, weight_no
 from mlla_mm.deploy.wrappers import BackboneForExport, output_names
 from mlla_mm.errors import UsageError
 from mlla_mm.models import MLLA
-from tests.helpers import load_tool
-from tests.test_deploy.tiny import TINY_ARCH, nontrivial_norms
+from tests.helpers import BARE_BACKBONE, TINY_ARCH, load_tool, randomize_norms
 
 export_tool = load_tool('export_onnx')
 
@@ -19,7 +18,7 @@ export_tool = load_tool('export_onnx')
 @pytest.fixture(scope='module')
 def tiny():
     torch.manual_seed(0)
-    model = nontrivial_norms(BackboneForExport(MLLA(TINY_ARCH, drop_path_rate=0.)).eval())
+    model = randomize_norms(BackboneForExport(MLLA(TINY_ARCH, drop_path_rate=0.)).eval())
     target = ExportTarget(model, 'backbone', output_names('backbone', 4), 'tiny')
     return model, export_bytes(target, (64, 64), dynamic=True)
 
@@ -113,8 +112,7 @@ def test_bad_int8_options_are_one_error_line_and_no_file(tmp_path, capsys, args,
 @pytest.mark.slow
 def test_tool_writes_an_int8_backbone_from_a_calibration_folder(tmp_path, capsys):
     cfg = tmp_path / 'bare.py'
-    cfg.write_text("model = dict(type='mlla_mm.MLLA', arch=dict(embed_dims=16, depths=[1, 1, 1, 1], "
-                   "num_heads=[1, 2, 2, 4]))\ncustom_imports = dict(imports=['mlla_mm'], allow_failed_imports=False)\n")
+    cfg.write_text(BARE_BACKBONE)
     calib = tmp_path / 'calib'
     calib.mkdir()
     rng = np.random.default_rng(0)

@@ -7,10 +7,9 @@ import tempfile
 import pytest
 import torch
 
-from tests.test_dev import load_dev
+from tests.helpers import TINY_ARCH, load_dev
 
 ab = load_dev('ab_revisions')
-TINY = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
 
 
 def _in_git_checkout() -> bool:
@@ -30,8 +29,8 @@ def test_the_revisions_mlla_is_loaded_beside_todays_and_not_registered():
     assert old_cls is not MLLA and old_cls.__module__.startswith(f'_mlla_mm_at_{sha[:12]}.')
     assert MODELS.get('MLLA') is MLLA
     torch.manual_seed(0)
-    new = MLLA(TINY).eval()
-    old = old_cls(TINY).eval()
+    new = MLLA(TINY_ARCH).eval()
+    old = old_cls(TINY_ARCH).eval()
     old.load_state_dict(new.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

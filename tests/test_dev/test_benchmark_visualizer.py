@@ -4,8 +4,7 @@ import re
 
 import pytest
 
-from tests.helpers import ROOT, assert_one_error_line, exit_code, run_tool
-from tests.test_dev import load_dev
+from tests.helpers import ROOT, assert_one_error_line, exit_code, load_dev, run_tool
 
 visualizer = load_dev('benchmark_visualizer')
 SCRIPT = ROOT / 'dev' / 'benchmark_visualizer.py'

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from tests.helpers import assert_one_error_line, run_tool, write_tiny_config
+from tests.helpers import TINY_ARCH, assert_one_error_line, run_tool, write_tiny_config
 
 
 @pytest.mark.slow
@@ -43,7 +43,7 @@ def test_too_few_batches_and_a_wrong_checkpoint_are_one_line_errors(tmp_path, ti
 # Fast checks (in-process): arguments and checkpoints, before anything is built or run.
 # --------------------------------------------------------------------------
 def _tool():
-    from tests.test_dev import load_dev
+    from tests.helpers import load_dev
     return load_dev('profile_iteration')
 
 
@@ -70,7 +70,7 @@ def _tiny_detector():
     from mlla_mm.models import MLLA
     model = torch.nn.Module()
     torch.manual_seed(0)
-    model.backbone = MLLA(dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4]))
+    model.backbone = MLLA(TINY_ARCH)
     model.neck = torch.nn.Linear(4, 3)
     return model
 

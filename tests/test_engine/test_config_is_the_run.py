@@ -8,8 +8,7 @@ import pytest
 
 from mlla_mm.checkpoint import load_file
 
-from tests.helpers import PY, ROOT, tool_env, write_tiny_config
-from tests.test_reliability.runs import assert_same_weights
+from tests.helpers import PY, ROOT, assert_same_weights, tool_env, write_tiny_config
 
 EPOCHS = 2
 

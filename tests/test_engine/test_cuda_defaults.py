@@ -6,6 +6,7 @@ from mmengine.config import Config
 from mlla_mm.engine import device, launch
 from mlla_mm.engine.run_checks import amp_optim_wrapper_cfg
 from mlla_mm.errors import UsageError
+from tests.helpers import TINY_ARCH
 
 
 def _cfg(**optim_wrapper):
@@ -87,7 +88,7 @@ def test_cpu_malloc_tuning_stays_off_on_a_gpu_machine(on_cuda, monkeypatch):
 def test_the_fast_inference_path_runs_on_the_cpu_only_unless_allowed(monkeypatch):
     """Designed and measured on CPUs: other devices (here the meta device for a GPU) get the autograd code."""
     from mlla_mm.models import MLLA, ops
-    model = MLLA(dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])).eval()
+    model = MLLA(TINY_ARCH).eval()
     with torch.no_grad():
         assert ops.use_fast_inference(model.layers[0], torch.zeros(1, 4, 4, 16)) is True
         assert ops.use_fast_inference(model.layers[0], torch.zeros(1, 4, 4, 16, device='meta')) is False

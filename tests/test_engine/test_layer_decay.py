@@ -4,39 +4,17 @@ from typing import Dict
 import pytest
 import torch
 import torch.nn as nn
-from mmengine.config import Config
-from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 
 import mlla_mm  # noqa: F401
 from mlla_mm.engine.layer_decay import MLLALayerDecayOptimizerConstructor
-from tests.helpers import ROOT
+from tests.helpers import UNEVEN_ARCH, tiny_model
 
-TINY_ARCH = dict(embed_dims=16, depths=[2, 1, 3, 1], num_heads=[1, 2, 2, 4])
 BASE_LR, BASE_WD = 2e-4, 0.05
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread (with several, thread hand-offs dominate, badly so on a busy machine)."""
-    torch.set_num_threads(1)
-    yield
-
-
-def tiny_model(scope: str) -> nn.Module:
-    """Mask R-CNN (mmdet) or UperNet (mmseg) from the project's configs with a tiny MLLA."""
-    if scope == 'mmdet':
-        cfg = Config.fromfile(str(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py'))
-        cfg.model.neck.update(in_channels=[16, 32, 64, 128], out_channels=16)
-    else:
-        cfg = Config.fromfile(str(ROOT / 'configs' / 'segmentation' / 'upernet_mlla_t.py'))
-        cfg.model.decode_head.update(in_channels=[16, 32, 64, 128], channels=16)
-        cfg.model.auxiliary_head.update(in_channels=64, channels=16)
-    cfg.model.backbone.update(arch=TINY_ARCH, init_cfg=None)
-    init_default_scope(scope)
-    from mmengine.registry import MODELS
-    return revert_sync_batchnorm(MODELS.build(cfg.model))
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny models
 
 
 def expected_layer_ids(model: nn.Module, decay_type: str) -> Dict[int, int]:
@@ -78,12 +56,12 @@ def build(model, scope, **paramwise):
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
 @pytest.mark.parametrize('decay_type,rate', [('layer_wise', 0.8), ('stage_wise', 0.6)])
 def test_every_parameter_follows_the_formula(scope, decay_type, rate):
-    model = tiny_model(scope)
+    model = tiny_model(scope, UNEVEN_ARCH)
     wrapper = build(model, scope, decay_rate=rate, decay_type=decay_type)
     groups = wrapper.optimizer.param_groups
     layer = expected_layer_ids(model, decay_type)
     no_decay = no_decay_params(model)
-    top = (7 if decay_type == 'layer_wise' else 4) + 1  # sum(TINY_ARCH depths) = 7, 4 stages
+    top = (7 if decay_type == 'layer_wise' else 4) + 1  # sum(UNEVEN_ARCH depths) = 7, 4 stages
     seen = {}
     for g in groups:
         for p in g['params']:
@@ -115,7 +93,7 @@ def test_every_parameter_follows_the_formula(scope, decay_type, rate):
 
 def test_a_training_step_keeps_the_ratios_under_the_scheduler():
     from mmengine.optim import LinearLR
-    model = tiny_model('mmdet')
+    model = tiny_model('mmdet', UNEVEN_ARCH)
     wrapper = build(model, 'mmdet', decay_rate=0.5)
     before = [g['lr'] for g in wrapper.optimizer.param_groups]
     sched = LinearLR(wrapper.optimizer, start_factor=0.1, by_epoch=False, begin=0, end=10)

@@ -9,14 +9,13 @@ from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 
 from mlla_mm.engine.param_groups import merge_param_groups
-from tests.helpers import ROOT
-from tests.test_engine.test_layer_decay import tiny_model
+from tests.helpers import ROOT, UNEVEN_ARCH, tiny_model
 
 
 def tiny_detector() -> nn.Module:
     """The tiny Mask R-CNN of test_layer_decay.py, built from a fixed seed."""
     torch.manual_seed(0)
-    return tiny_model('mmdet')
+    return tiny_model('mmdet', UNEVEN_ARCH)
 
 
 def wrapper_cfg(constructor: str, fused: bool = False, **paramwise) -> dict:

@@ -1,6 +1,4 @@
 """SafeRunner's build-time settings, the atomic checkpoint backend, the runtime base and the loops' bookkeeping."""
-import errno
-import os
 import socket
 
 import pytest
@@ -16,7 +14,7 @@ from mlla_mm.engine.runner import (REQUIRED_HOOKS, AtomicLocalBackend, SafeRunne
                                    cpu_ddp_wrapper_cfg, end_distributed, with_required_hooks)
 from mlla_mm.utils.io import AtomicWriteError
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, fill_disk_on_fsync, loop_stub
 
 CONFIGS = sorted(p for d in ('detection', 'segmentation') for p in (ROOT / 'configs' / d).glob('*.py'))
 
@@ -69,14 +67,7 @@ def test_atomic_backend_on_a_full_disk(tmp_path, monkeypatch):
     path = tmp_path / 'epoch_2.pth'
     backend = AtomicLocalBackend()
     backend.put(b'old checkpoint', str(path))
-    real_fsync = os.fsync
-
-    def full_disk(fd):
-        if '.epoch_2.pth.tmp-' in os.readlink(f'/proc/self/fd/{fd}'):
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, 'fsync', full_disk)
+    fill_disk_on_fsync(monkeypatch, 'epoch_2.pth')
     with pytest.raises(AtomicWriteError, match='No space left') as err:
         backend.put(b'new checkpoint', str(path))
     assert str(path) in str(err.value)
@@ -194,17 +185,6 @@ def test_no_destroy_after_a_failed_run(tmp_path, monkeypatch):
         dist.destroy_process_group()
 
 
-def _loop(cls, runner, **attrs):
-    """A loop object with just the attributes validation_due reads (no dataloader is built)."""
-    loop = object.__new__(cls)
-    loop._runner = runner
-    loop.val_begin, loop.val_interval = 1, attrs.pop('val_interval')
-    loop.dynamic_milestones, loop.dynamic_intervals = [0], [loop.val_interval]
-    for k, v in attrs.items():
-        setattr(loop, k, v)
-    return loop
-
-
 def test_validation_due_follows_the_loops_rule():
     from types import SimpleNamespace
 
@@ -214,16 +194,16 @@ def test_validation_due_follows_the_loops_rule():
     hub = MessageHub.get_instance('test_validation_due')
     runner = SimpleNamespace(val_loop=object(), message_hub=hub)
     epochs = dict(_max_epochs=6, _iter=0, dataloader=[0, 0], val_interval=2)
-    assert validation_due(_loop(EpochBasedTrainLoop, runner, _epoch=4, **dict(epochs, _iter=8)))
-    assert not validation_due(_loop(EpochBasedTrainLoop, runner, _epoch=3, **dict(epochs, _iter=6)))
-    assert validation_due(_loop(EpochBasedTrainLoop, runner, _epoch=6, **dict(epochs, _iter=12)))  # the last one
-    assert not validation_due(_loop(EpochBasedTrainLoop, runner, _epoch=0, **epochs))
-    assert not validation_due(_loop(EpochBasedTrainLoop, runner, _epoch=4, **dict(epochs, _iter=9)))  # mid-epoch
+    assert validation_due(loop_stub(EpochBasedTrainLoop, runner, _epoch=4, **dict(epochs, _iter=8)))
+    assert not validation_due(loop_stub(EpochBasedTrainLoop, runner, _epoch=3, **dict(epochs, _iter=6)))
+    assert validation_due(loop_stub(EpochBasedTrainLoop, runner, _epoch=6, **dict(epochs, _iter=12)))  # the last one
+    assert not validation_due(loop_stub(EpochBasedTrainLoop, runner, _epoch=0, **epochs))
+    assert not validation_due(loop_stub(EpochBasedTrainLoop, runner, _epoch=4, **dict(epochs, _iter=9)))  # mid-epoch
     iters = dict(_max_iters=100, _epoch=0, val_interval=40)
-    assert validation_due(_loop(IterBasedTrainLoop, runner, _iter=80, **iters))
-    assert validation_due(_loop(IterBasedTrainLoop, runner, _iter=100, **iters))
-    assert not validation_due(_loop(IterBasedTrainLoop, runner, _iter=81, **iters))
-    assert not validation_due(_loop(EpochBasedTrainLoop, SimpleNamespace(val_loop=None, message_hub=hub),
+    assert validation_due(loop_stub(IterBasedTrainLoop, runner, _iter=80, **iters))
+    assert validation_due(loop_stub(IterBasedTrainLoop, runner, _iter=100, **iters))
+    assert not validation_due(loop_stub(IterBasedTrainLoop, runner, _iter=81, **iters))
+    assert not validation_due(loop_stub(EpochBasedTrainLoop, SimpleNamespace(val_loop=None, message_hub=hub),
                                     _epoch=4, **dict(epochs, _iter=8)))
 
 

@@ -12,9 +12,9 @@ import torch.nn as nn
 
 import mlla_mm.models.mlla as mlla_module
 from mlla_mm.models import fast_inference
+from tests.helpers import small_backbone_pair
 from tests.test_models.mlla_reference import RefMLLABlock
 
-from tests.test_models.test_mlla_fast_path import small_backbone_pair
 
 ATOL, RTOL = 2e-5, 1e-4
 

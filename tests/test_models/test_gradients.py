@@ -10,23 +10,12 @@ import pytest
 import torch
 
 from mlla_mm.models import MLLA
-
-SMALL = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
+from tests.helpers import TINY_ARCH, randomize_norms
 
 
 def randomized(arch):
     torch.manual_seed(0)
-    model = MLLA(arch, drop_path_rate=0.)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith('bias'):
-                p.copy_(torch.randn_like(p) * 0.1)
-        for name, buf in model.named_buffers():
-            if name.endswith('running_var'):
-                buf.uniform_(0.5, 1.5)
-            elif name.endswith('running_mean'):
-                buf.normal_(0, 0.1)
-    return model
+    return randomize_norms(MLLA(arch, drop_path_rate=0.), biases=True)
 
 
 def gradients(model, x, gs, weight):
@@ -44,7 +33,7 @@ def assert_close_scaled(a, b, msg=''):
 
 @pytest.mark.parametrize('mode', ['eval', 'train'])
 def test_batch1_gradients_equal_batch2_of_the_same_image(mode):
-    model = randomized(SMALL).train(mode == 'train')
+    model = randomized(TINY_ARCH).train(mode == 'train')
     x = torch.randn(1, 3, 37, 45)
     with torch.no_grad():
         gs = [torch.randn_like(o) for o in model(x)]

@@ -4,6 +4,7 @@ import torch
 
 from mlla_mm.checkpoint import CheckpointError
 from mlla_mm.models import MLLA
+from tests.helpers import TINY_ARCH
 
 
 @pytest.fixture(scope='module')
@@ -74,7 +75,7 @@ def test_map_location_is_passed_to_torch_load(tmp_path, det_ckpt, golden_arch, g
 
 
 def test_unknown_init_cfg_key_lists_the_allowed_ones(tmp_path):
-    model = MLLA(dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4]),
+    model = MLLA(TINY_ARCH,
                  init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'x.pth'), prefixx='backbone.'))
     with pytest.raises(ValueError, match=r"prefixx.*prefix.*map_location"):
         model.init_weights()

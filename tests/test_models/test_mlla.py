@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import mlla_mm.models.mlla as mlla_module
 from mlla_mm.models import MLLA
+from tests.helpers import TINY_ARCH
 
 SMALL = dict(embed_dims=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4])
 
@@ -255,8 +256,7 @@ def test_import_needs_no_mmdet_mmseg_or_mmcv_ops():
 
 
 def test_feature_info_follows_the_returned_maps_for_unsorted_out_indices():
-    arch = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
-    model = MLLA(arch=arch, out_indices=(2, 0)).eval()
+    model = MLLA(arch=TINY_ARCH, out_indices=(2, 0)).eval()
     with torch.no_grad():
         outs = model(torch.rand(1, 3, 64, 64))
     assert [o.shape[1] for o in outs] == [info['num_chs'] for info in model.feature_info]

@@ -16,6 +16,7 @@ import mlla_mm.models.mlla as mlla_module
 from mlla_mm.models import MLLA
 from mlla_mm.models import fast_inference
 from mlla_mm.models.ops import use_fast_inference
+from tests.helpers import randomize_norms, small_backbone_pair
 from tests.test_models.mlla_reference import MLLAReference, RefMLLABlock
 
 # Outputs of a block are O(1); fp32 rounding differs between the paths.
@@ -76,6 +77,17 @@ def test_block_outputs_match_reference(shape):
     assert torch.equal(x, x_before), 'a block must not modify its input'
 
 
+def assert_same_gradients(x1, model, x2, ref):
+    """The input and parameter gradients of ``model`` (input ``x1``) and ``ref`` (input ``x2``) agree (each
+    parameter's relative to the reference's largest entry)."""
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-3)
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        q = ref_params[name]
+        scale = q.grad.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(p.grad / scale, q.grad / scale, atol=1e-4, rtol=1e-3, msg=name)
+
+
 @pytest.mark.parametrize('shape', SHAPES)
 def test_block_gradients_match_reference(shape):
     b, h, w, c, heads = shape
@@ -86,30 +98,7 @@ def test_block_gradients_match_reference(shape):
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     (plain_block(block, x1) * g).sum().backward()
     (ref_block(ref, x2) * g).sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-3)
-    ref_params = dict(ref.named_parameters())
-    for name, p in block.named_parameters():
-        q = ref_params[name]
-        scale = q.grad.abs().max().clamp_min(1.0)
-        torch.testing.assert_close(p.grad / scale, q.grad / scale, atol=1e-4, rtol=1e-3, msg=name)
-
-
-def small_backbone_pair():
-    arch = dict(embed_dims=8, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4])
-    torch.manual_seed(2)
-    model = MLLA(arch, drop_path_rate=0.)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith('bias'):
-                p.copy_(torch.randn_like(p) * 0.1)
-        for name, buf in model.named_buffers():
-            if name.endswith('running_var'):
-                buf.uniform_(0.5, 1.5)
-            elif name.endswith('running_mean'):
-                buf.normal_(0, 0.1)
-    ref = MLLAReference(arch)
-    ref.load_state_dict(model.state_dict(), strict=True)
-    return model, ref
+    assert_same_gradients(x1, block, x2, ref)
 
 
 @pytest.mark.parametrize('hw', [(33, 47), (13, 9)])
@@ -135,12 +124,7 @@ def test_backbone_matches_reference_outputs_and_grads(hw, monkeypatch):
         torch.testing.assert_close(a.detach(), b, atol=1e-4, rtol=1e-4)
     sum((o * g).sum() for o, g in zip(outs, gs)).backward()
     sum((o * g).sum() for o, g in zip(ref(x2), gs)).backward()
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-3)
-    ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        q = ref_params[name]
-        scale = q.grad.abs().max().clamp_min(1.0)
-        torch.testing.assert_close(p.grad / scale, q.grad / scale, atol=1e-4, rtol=1e-3, msg=name)
+    assert_same_gradients(x1, model, x2, ref)
 
 
 def test_reference_matches_golden(golden, golden_arch, golden_dir):
@@ -336,14 +320,7 @@ def test_fast_path_under_bf16_autocast(monkeypatch):
     """Under autocast the fast path runs (not the autograd code) in bf16, with float32 attention maths."""
     torch.manual_seed(5)
     model = MLLA(dict(embed_dims=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8])).eval()
-    with torch.no_grad():
-        for m in model.modules():  # non-trivial BatchNorm statistics and LayerNorm affine terms
-            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    randomize_norms(model)  # non-trivial BatchNorm statistics and LayerNorm affine terms
     x = torch.randn(2, 3, 97, 75)
     taken = []
     for name in ('forward_blocks', 'stem_forward', 'downsample_forward'):

@@ -6,9 +6,9 @@ import torch
 import mlla_mm.models.mlla as mlla_module
 from mlla_mm.models import MLLA
 from mlla_mm.models.mlla import RoPE, apply_rope, rope_angles, rope_cos_sin
+from tests.helpers import TINY_ARCH
 from tests.test_models.mlla_reference import ref_rope
 
-SMALL = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
 CPU = torch.device('cpu')
 
 
@@ -101,7 +101,7 @@ def test_rope_tables_not_cached_while_tracing(monkeypatch):
 def test_traced_backbone_serves_other_sizes():
     """A ``torch.jit.trace`` of the backbone (the plain, real-valued path) at one size runs at others."""
     torch.manual_seed(0)
-    model = MLLA(SMALL).eval()
+    model = MLLA(TINY_ARCH).eval()
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.randn(1, 3, 64, 96), check_trace=False)
     graph = str(traced.inlined_graph)

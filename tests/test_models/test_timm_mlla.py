@@ -13,15 +13,14 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from timm.models import FeatureInfo
 
 import mlla_mm  # noqa: F401  (registers the timm models)
 from mlla_mm.checkpoint import CheckpointError, load_file
 from mlla_mm.models import MLLA, MLLAClassifier, checkpoint_filter_fn
+from tests.helpers import ROOT, TINY_ARCH
 from tests.test_reliability.evil_pickles import CfgNode, YacsPickle
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
-TINY_MM = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
 NAMES = ['mlla_tiny', 'mlla_small', 'mlla_base']
 
 
@@ -621,7 +620,7 @@ def test_timm_checkpoint_loads_into_mm_backbone(tmp_path, layout):
         assert type(loaded['args']) is OrderedDict
         assert (loaded['args'].model, loaded['args'].lr, loaded['args'].mean) == ('mlla_tiny', 0.1, (0.5, 0.5, 0.5))
     path = save(obj, tmp_path / 'timm.pth')
-    mm = MLLA(TINY_MM, init_cfg=dict(type='Pretrained', checkpoint=path, trusted=trusted))
+    mm = MLLA(TINY_ARCH, init_cfg=dict(type='Pretrained', checkpoint=path, trusted=trusted))
     mm.init_weights()
     mm.eval()
     for k, v in mm.state_dict().items():
@@ -669,8 +668,6 @@ TIMM_SEG_CONFIG = 'configs/segmentation/upernet_timm_mlla_t.py'
 
 def _tiny_seg_cfg(**backbone):
     from mmengine.config import Config
-
-    from tests.conftest import ROOT
     cfg = Config.fromfile(str(ROOT / TIMM_SEG_CONFIG))
     assert cfg.model.backbone.type == 'mmseg.TIMMBackbone' and cfg.model.backbone.model_name == 'mlla_tiny'
     assert cfg.model.backbone.features_only is True

@@ -615,8 +615,8 @@ def main(argv: List[str]) -> int:
     import mlla_mm  # noqa: F401  (registers the loader into mmengine)
     from mlla_mm.checkpoint import CheckpointError, load_file
     from mlla_mm.models import MLLA
+    from tests.helpers import TINY_ARCH as tiny  # run as ``python -m tests.test_reliability.evil_pickles``
     register_extensions()
-    tiny = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
     MLLA(tiny)  # first model build outside the limit
     limit = _limit_memory(3 << 30)
     before = state_snapshot()

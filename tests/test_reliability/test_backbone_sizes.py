@@ -7,14 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlla_mm.models import MLLA
+from tests.helpers import TINY_ARCH
 
-ARCH = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
 
 
 @pytest.fixture(scope='module')
 def backbone():
     torch.manual_seed(0)
-    return MLLA(ARCH, out_indices=(0, 1, 2, 3)).eval()
+    return MLLA(TINY_ARCH, out_indices=(0, 1, 2, 3)).eval()
 
 
 def expected_shapes(h, w):
@@ -42,7 +42,7 @@ def test_output_shapes_and_finite(backbone, h, w, batch):
 
 @pytest.mark.parametrize('hw', [(1, 1), (7, 1000), (1000, 7), (1, 700)])
 def test_extreme_sizes_train_mode(backbone, hw):
-    model = MLLA(ARCH).train()
+    model = MLLA(TINY_ARCH).train()
     outs = model(torch.randn(2, 3, *hw))
     sum(o.sum() for o in outs).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -13,12 +13,7 @@ from mlla_mm.datasets.checks import check_data
 from mlla_mm.engine.launch import prepare_config
 from mlla_mm.errors import BadAnnotationError, DataNotFoundError
 
-from tests.helpers import load_tool, write_tiny_config
-
-
-@pytest.fixture(scope='module')
-def cfg_path(tmp_path_factory, tiny_data):
-    return write_tiny_config(tmp_path_factory.mktemp('cfg'), tiny_data, epochs=1)
+from tests.helpers import fill_disk_on_fsync, final_error_line, load_tool
 
 
 @pytest.fixture(scope='module')
@@ -119,15 +114,6 @@ def test_bad_backbone_config_is_one_line_exit_2(cfg_path, tmp_path, capsys, opti
     assert not list((tmp_path / 'w').rglob('*.pth'))
 
 
-def _one_error_line(err):
-    """The single ``error:`` line of a tool's stderr (also its last line); no traceback."""
-    assert 'Traceback' not in err
-    errors = [line for line in err.splitlines() if line.startswith('error: ')]
-    assert len(errors) == 1, err[-2000:]
-    assert err.strip().splitlines()[-1] == errors[0]
-    return errors[0]
-
-
 @pytest.mark.parametrize('text, word', [('model = dict(\n', 'SyntaxError'),
                                         ("_base_ = ['./no_such_base.py']\n", 'no_such_base'),
                                         ("custom_imports = dict(imports=['no_such_module'])\n", 'no_such_module')])
@@ -135,7 +121,7 @@ def test_config_that_does_not_parse_is_one_line_exit_2(tmp_path, capsys, text, w
     bad = tmp_path / 'bad_config.py'
     bad.write_text(text)
     rc = load_tool('train').main([str(bad), '--work-dir', str(tmp_path / 'w')])
-    line = _one_error_line(capsys.readouterr().err)
+    line = final_error_line(capsys.readouterr().err)
     assert rc == 2 and str(bad) in line and word in line
 
 
@@ -152,7 +138,7 @@ def test_config_code_that_raises_anything_is_one_line_exit_2(tmp_path, capsys, t
     torch.save({'state_dict': {}}, ckpt)
     for argv in (['train', str(bad)], ['test', str(bad), str(ckpt)]):
         rc = load_tool(argv[0]).main(argv[1:] + ['--work-dir', str(tmp_path / 'w')])
-        line = _one_error_line(capsys.readouterr().err)
+        line = final_error_line(capsys.readouterr().err)
         assert rc == 2 and str(bad) in line and word in line, line
     assert not (tmp_path / 'w').exists()
 
@@ -167,7 +153,7 @@ def test_settings_mmengine_checks_late_are_one_line_exit_2(cfg_path, tmp_path, c
     """Values mmengine would only reject inside train() (after building everything; a traceback), or accept
     silently (0 epochs: nothing trained, exit 0), are one error line before anything runs."""
     rc = load_tool('train').main([str(cfg_path), '--work-dir', str(tmp_path / 'w'), '--cfg-options', option])
-    line = _one_error_line(capsys.readouterr().err)
+    line = final_error_line(capsys.readouterr().err)
     assert rc == 2 and word in line, line
     assert not list((tmp_path / 'w').rglob('*.pth'))
 
@@ -178,7 +164,7 @@ def test_a_backbone_alone_is_not_a_trainable_model(tmp_path, capsys):
                     "default_scope = 'mmdet'\nmodel = dict(type='mlla_mm.MLLA', arch='tiny')\n"
                     "train_dataloader = None\ntrain_cfg = None\noptim_wrapper = None\n")
     rc = load_tool('train').main([str(bare), '--work-dir', str(tmp_path / 'w')])
-    line = _one_error_line(capsys.readouterr().err)
+    line = final_error_line(capsys.readouterr().err)
     assert rc == 2 and 'no train_step' in line and 'MLLA' in line, line
 
 
@@ -194,7 +180,7 @@ def test_output_under_a_regular_file_is_one_line_exit_2(cfg_path, tmp_path, caps
     if option != '--work-dir':
         argv += ['--work-dir', str(tmp_path / 'w')]
     rc = load_tool(tool).main(argv)
-    line = _one_error_line(capsys.readouterr().err)
+    line = final_error_line(capsys.readouterr().err)
     assert rc == 2 and option in line and f'{blocker} is a file, not a directory' in line, line
 
 
@@ -203,11 +189,11 @@ def test_test_out_must_be_a_pickle_and_a_directory_is_not_a_checkpoint(cfg_path,
     torch.save({'state_dict': {}}, ckpt)
     test = load_tool('test')
     assert test.main([str(cfg_path), str(ckpt), '--out', str(tmp_path / 'p.json')]) == 2
-    assert '--out' in _one_error_line(capsys.readouterr().err)
+    assert '--out' in final_error_line(capsys.readouterr().err)
     assert test.main([str(cfg_path), str(tmp_path)]) == 2
-    assert 'is a directory, not a checkpoint file' in _one_error_line(capsys.readouterr().err)
+    assert 'is a directory, not a checkpoint file' in final_error_line(capsys.readouterr().err)
     assert load_tool('train').main([str(cfg_path), '--work-dir', str(tmp_path / 'w'), '--resume', str(tmp_path)]) == 2
-    assert '--resume' in _one_error_line(capsys.readouterr().err)
+    assert '--resume' in final_error_line(capsys.readouterr().err)
     with pytest.raises(CheckpointError, match='is a directory, not a checkpoint file'):
         load_file(str(tmp_path))
 
@@ -243,33 +229,24 @@ def test_whole_model_check_for_test_and_resume(runner, tmp_path):
 def test_cfg_options_that_do_not_parse_are_one_line_exit_2(cfg_path, tmp_path, capsys, option):
     with pytest.raises(SystemExit) as stop:
         load_tool('train').main([str(cfg_path), '--cfg-options', option])
-    line = _one_error_line(capsys.readouterr().err)
+    line = final_error_line(capsys.readouterr().err)
     assert stop.value.code == 2 and '--cfg-options' in line and option in line
 
 
 def test_cfg_options_that_do_not_fit_the_config_are_one_line_exit_2(cfg_path, tmp_path, capsys):
     option = 'model.backbone.arch.embed_dims.x=1'  # embed_dims is a number, not a dict
     rc = load_tool('train').main([str(cfg_path), '--work-dir', str(tmp_path / 'w'), '--cfg-options', option])
-    line = _one_error_line(capsys.readouterr().err)
+    line = final_error_line(capsys.readouterr().err)
     assert rc == 2 and '--cfg-options' in line and 'embed_dims' in line
 
 
 @pytest.mark.slow  # trains 2 epochs in the test process
 def test_full_disk_while_saving_a_checkpoint_is_one_line_exit_2(cfg_path, tmp_path, capsys, monkeypatch):
-    import errno
-    import os
     work = tmp_path / 'w'
-    real_fsync = os.fsync
-
-    def full_disk(fd):
-        if '.epoch_2.pth.tmp-' in os.readlink(f'/proc/self/fd/{fd}'):
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, 'fsync', full_disk)
+    fill_disk_on_fsync(monkeypatch, 'epoch_2.pth')
     rc = load_tool('train').main([str(cfg_path), '--work-dir', str(work), '--cfg-options', 'train_cfg.max_epochs=2',
                                    'train_dataloader.batch_size=4'])  # one iteration per epoch
-    line = _one_error_line(capsys.readouterr().err)
+    line = final_error_line(capsys.readouterr().err)
     assert rc == 2 and str(work / 'epoch_2.pth') in line and 'No space left on device' in line
     assert not (work / 'epoch_2.pth').exists() and not list(work.glob('.*.tmp-*'))
     assert (work / 'last_checkpoint').read_text().strip() == str(work / 'epoch_1.pth')
@@ -430,7 +407,7 @@ def _test_or_resume_with(tool, cfg_path, ckpt, work, capsys):
     else:
         rc = load_tool('train').main([str(cfg_path), '--work-dir', str(work), '--resume', str(ckpt)])
     out = capsys.readouterr()
-    return rc, _one_error_line(out.err), out
+    return rc, final_error_line(out.err), out
 
 
 @pytest.mark.parametrize('tool', ['test', 'resume'])

@@ -8,9 +8,8 @@ import torch
 
 from mlla_mm.checkpoint import load_file
 
-from tests.helpers import run_tool, tool_env, write_tiny_config
-from tests.test_reliability.runs import (assert_same_weights, finish, kill, start, tiny_config_with_validation,
-                                         val_metrics, wait_for, weights)
+from tests.helpers import (assert_same_weights, finish, kill, run_tool, start, tiny_config_with_validation, tool_env,
+                           val_metrics, wait_for, weights, write_tiny_config)
 
 EPOCHS = 6  # 2 iterations per epoch, a checkpoint and a validation after each epoch
 

@@ -19,8 +19,7 @@ import pytest
 
 from mlla_mm.checkpoint import load_file
 
-from tests.helpers import PY, ROOT, tool_env, write_tiny_config
-from tests.test_reliability.runs import WITH_VALIDATION, assert_same_weights, finish, wait_for
+from tests.helpers import PY, ROOT, WITH_VALIDATION, assert_same_weights, finish, tool_env, wait_for, write_tiny_config
 
 EPOCHS = 3  # 2 iterations per epoch; iteration 3 is the first batch of epoch 2
 

@@ -8,8 +8,7 @@ import pytest
 
 from mlla_mm.checkpoint import load_file
 
-from tests.test_reliability.runs import (assert_same_weights, finish, start, tiny_config_with_validation,
-                                         wait_for)
+from tests.helpers import assert_same_weights, finish, start, tiny_config_with_validation, wait_for
 
 EPOCHS = 3  # 2 iterations per epoch; iteration 3 is the first batch of epoch 2
 

@@ -3,7 +3,6 @@
 Each test reproduces a defect of the issue (items 1, 2 and 13) and fails on the code before the fix.
 """
 import shutil
-import struct
 import zlib
 
 import cv2
@@ -13,7 +12,7 @@ import torch
 
 from mlla_mm.utils.io import distinct_paths, png_signed, written_by_toolkit
 
-from tests.helpers import assert_one_error_line, exit_code, load_tool, write_tiny_config
+from tests.helpers import assert_one_error_line, exit_code, load_tool, png_bytes, write_tiny_config
 
 
 # --------------------------------------------------------------------------
@@ -100,18 +99,6 @@ def test_output_checks_see_links_and_stay_linear_in_the_number_of_files(tmp_path
 
 # ---- tools/infer.py ----------------------------------------------------------
 infer = load_tool('infer')
-
-
-@pytest.fixture(scope='module')
-def det_model(tmp_path_factory):
-    from mlla_mm.datasets import make_coco_shapes
-
-    from tests.test_tools.zoo_helpers import save_random_checkpoint
-    tmp = tmp_path_factory.mktemp('round3_det')
-    data = make_coco_shapes(str(tmp / 'shapes'), seed=0, num_train=2, num_val=3, size=64)
-    cfg = write_tiny_config(tmp, data)
-    ckpt = save_random_checkpoint(cfg, tmp / 'det.pth', classes=['disc', 'wedge', 'slab'])
-    return cfg, ckpt, data / 'val'
 
 
 @pytest.fixture
@@ -204,11 +191,7 @@ def test_infer_colliding_names_give_one_picture_each(det_model, tmp_path, capsys
 # ---- item 13: an image too large to decode -----------------------------------
 def _png_header_only(path, width, height):
     """A PNG whose header says width x height (what a 746 KB 16000x16000 PNG shows before decoding)."""
-    ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
-    chunk = struct.pack('>I', 13) + b'IHDR' + ihdr + struct.pack('>I', zlib.crc32(b'IHDR' + ihdr))
-    idat = zlib.compress(b'\x00' * 64)
-    chunk += struct.pack('>I', len(idat)) + b'IDAT' + idat + struct.pack('>I', zlib.crc32(b'IDAT' + idat))
-    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk + struct.pack('>I', 0) + b'IEND' + struct.pack('>I', zlib.crc32(b'IEND')))
+    path.write_bytes(png_bytes(width, height, zlib.compress(b'\x00' * 64)))
 
 
 def test_infer_skips_an_image_over_max_pixels_before_decoding_it(det_model, tmp_path, capsys, monkeypatch):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import PY, ROOT, run_tool, tool_env, write_tiny_config
+from tests.helpers import run_tool, tool_env, write_tiny_config
 
 
 class Evil:

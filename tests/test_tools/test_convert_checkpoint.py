@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 TOOL = str(ROOT / 'tools' / 'convert_checkpoint.py')
 

@@ -9,8 +9,7 @@ import re
 
 import pytest
 
-from tests.helpers import ROOT, run_tool
-from tests.test_tools.zoo_helpers import SEG_PIPELINES_64, TINY_ARCH_OPTIONS, edit_template
+from tests.helpers import ROOT, SEG_PIPELINES_64, TINY_ARCH_OPTIONS, edit_template, run_tool
 
 DET = ROOT / 'configs' / 'detection'
 SEG = ROOT / 'configs' / 'segmentation'

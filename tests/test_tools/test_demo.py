@@ -57,7 +57,7 @@ def test_training_skips_its_final_validation_and_the_test_step_evaluates(monkeyp
     from mmengine.runner import EpochBasedTrainLoop
 
     from mlla_mm.engine.loops import validation_due
-    from tests.test_engine.test_runner import _loop
+    from tests.helpers import loop_stub
     cmds = []
 
     def fake_run(cmd, log_path=None):
@@ -84,7 +84,7 @@ def test_training_skips_its_final_validation_and_the_test_step_evaluates(monkeyp
     epochs = cfg.train_cfg.max_epochs
 
     def due(epoch: int, val_begin: int) -> bool:
-        loop = _loop(EpochBasedTrainLoop, runner, val_interval=cfg.train_cfg.val_interval, _epoch=epoch,
+        loop = loop_stub(EpochBasedTrainLoop, runner, val_interval=cfg.train_cfg.val_interval, _epoch=epoch,
                      _max_epochs=epochs, _iter=2 * epoch, dataloader=[0, 0])
         loop.val_begin = val_begin
         return validation_due(loop)

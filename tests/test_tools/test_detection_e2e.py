@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from mlla_mm.checkpoint import load_file
-from tests.conftest import ROOT
-from tests.helpers import run_tool, tool_env, write_tiny_config
+from tests.helpers import ROOT, run_tool, tool_env, write_tiny_config
 
 WITH_VAL = '''
 val_dataloader = test_dataloader
@@ -120,10 +119,7 @@ def test_missing_coco_is_a_clear_error(tmp_path, tool):
     if tool == 'test':
         torch.save({'state_dict': {}}, tmp_path / 'ckpt.pth')
         args.append(tmp_path / 'ckpt.pth')
-    import subprocess
-    import sys
-    res = subprocess.run([sys.executable, *map(str, args)], cwd=tmp_path, env=tool_env(), capture_output=True,
-                         text=True, timeout=300)
+    res = run_tool(*args, cwd=tmp_path, timeout=300)
     assert res.returncode == 2
     assert 'Traceback' not in res.stderr
     assert 'data/coco' in res.stderr and 'instances_train2017.json' in res.stderr

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import ROOT, load_tool, run_tool, tool_env
-from tests.test_deploy.tiny import NUM_CLASSES, TINY_ARCH, write_tiny_upernet
+from tests.helpers import (NUM_CLASSES, ROOT, TINY_ARCH, load_tool, one_error_line, run_tool, tool_env,
+                           write_tiny_upernet)
 
 TOOL = ROOT / 'tools' / 'export_onnx.py'
 export_tool = load_tool('export_onnx')
@@ -18,12 +18,10 @@ def leftovers(folder):
     return sorted(p.name for p in folder.iterdir() if p.suffix == '.onnx' or '.tmp-' in p.name)
 
 
-def assert_one_error_line(res, *needles):
+def assert_tool_error(res, *needles):
+    """The tool exited with 2 and printed one ``error:`` line naming each of ``needles``."""
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith('error: '), res.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    one_error_line(res.stderr, *needles)
 
 
 def test_tool_exports_checks_and_writes_a_dynamic_upernet(tmp_path):
@@ -123,7 +121,7 @@ def assert_error(code, lines, *needles):
 
 def test_unknown_arch_from_the_command_line(tmp_path):
     res = run_tool(TOOL, 'mlla_x', '--out', tmp_path / 'm.onnx')
-    assert_one_error_line(res, "unknown model 'mlla_x'", 'mlla_t')
+    assert_tool_error(res, "unknown model 'mlla_x'", 'mlla_t')
     assert leftovers(tmp_path) == []
 
 
@@ -186,7 +184,7 @@ def test_missing_onnx_says_what_to_install(tmp_path):
             f"runpy.run_path({str(TOOL)!r}, run_name='__main__')\n")
     res = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=tool_env(), capture_output=True, text=True,
                          timeout=300)
-    assert_one_error_line(res, 'needs onnx', 'pip install onnx')
+    assert_tool_error(res, 'needs onnx', 'pip install onnx')
     assert leftovers(tmp_path) == []
 
 
@@ -318,7 +316,7 @@ def test_unwritable_output_is_refused_before_the_export(tmp_path, capsys, no_exp
 def test_config_whose_model_is_a_backbone(tmp_path, capsys):
     """``model = dict(type='mlla_mm.MLLA', ...)`` with --backbone-only exports that backbone (feat0..feat3)."""
     import onnx
-    from tests.test_deploy.test_onnx_export import BARE_BACKBONE
+    from tests.helpers import BARE_BACKBONE
     cfg = tmp_path / 'bare.py'
     cfg.write_text(BARE_BACKBONE)
     out = tmp_path / 'bare.onnx'
@@ -340,7 +338,7 @@ def test_config_whose_model_is_a_backbone(tmp_path, capsys):
 @pytest.mark.slow
 def test_tool_exports_and_checks_a_whole_detector(tmp_path):
     import onnxruntime as ort
-    from tests.test_deploy.tiny import write_tiny_detector
+    from tests.helpers import write_tiny_detector
     out = tmp_path / 'det.onnx'
     res = run_tool(TOOL, write_tiny_detector(tmp_path), '--out', out, '--shape', '64', '96', '--dynamic', '--check',
                    timeout=900)
@@ -355,7 +353,7 @@ def test_tool_exports_and_checks_a_whole_detector(tmp_path):
 
 
 def test_detector_options_bad_input(tmp_path, capsys):
-    from tests.test_deploy.tiny import write_tiny_detector
+    from tests.helpers import write_tiny_detector
     det = write_tiny_detector(tmp_path)
     code, lines = run_in_process(capsys, det, '--out', tmp_path / 'm.onnx', '--opset', '15')
     assert_error(code, lines, 'opset 16')

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import ROOT, load_tool
+from tests.helpers import ROOT, TINY_ARCH, load_tool
 
 
 def _rois(n, size_hw, scale, generator):
@@ -64,7 +64,7 @@ def test_the_roi_extractor_of_a_detector_is_counted_like_mmcv_roi_align():
     init_default_scope('mmdet')
     cfg = load_config(str(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py'))
     cfg.model.backbone.init_cfg = None
-    cfg.model.backbone.arch = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
+    cfg.model.backbone.arch = dict(TINY_ARCH)
     cfg.model.neck.in_channels = [16, 32, 64, 128]
     counts = {}
     for kind in ('SparseRoIExtractor', 'SingleRoIExtractor'):

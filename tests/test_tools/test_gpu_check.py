@@ -9,18 +9,17 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, load_tool
+from tests.helpers import ROOT, TINY_ARCH, load_tool
 
 gc = load_tool('gpu_check')
 
-TINY = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
 
 
 @pytest.fixture
 def ctx(tmp_path):
-    return gc.Ctx(device='cpu', work_dir=tmp_path, arch=TINY, size=(64, 96), infer_size=(64, 64),
-                  train_size=(64, 64), train_batch=1, repeats=1, warmup=0, seg_size=(64, 64), seg_arch=TINY,
-                  speed_arch=TINY, swin_kwargs=dict(embed_dims=24, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4]))
+    return gc.Ctx(device='cpu', work_dir=tmp_path, arch=TINY_ARCH, size=(64, 96), infer_size=(64, 64),
+                  train_size=(64, 64), train_batch=1, repeats=1, warmup=0, seg_size=(64, 64), seg_arch=TINY_ARCH,
+                  speed_arch=TINY_ARCH, swin_kwargs=dict(embed_dims=24, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4]))
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
@@ -46,12 +45,15 @@ def test_max_rel_diff_is_relative_to_the_largest_reference_value():
     assert gc.verdict(1e-5, 1e-4) == 'PASS' and gc.verdict(2e-4, 1e-4) == 'FAIL' and gc.verdict(math.nan, 1) == 'FAIL'
 
 
-LOG = '''12/07 01:00:00 - mmengine - INFO - Checkpoints will be saved to /w.
-12/07 01:00:02 - mmengine - INFO - Epoch(train) [1][ 1/30]  lr: 4.0000e-05  eta: 0:00:58  time: 2.0  loss: 5.2500  loss_rpn_cls: 0.6931  loss_mask: 0.7
-12/07 01:00:03 - mmengine - INFO - Epoch(train) [1][ 2/30]  lr: 7.6000e-05  eta: 0:00:30  time: 1.0  loss: nan  loss_rpn_cls: 0.6
-12/07 01:00:04 - mmengine - INFO - Iter(train) [ 3/30]  lr: 1e-4  loss: 4.0  loss_cls: 1.0
-12/07 01:00:05 - mmengine - INFO - Epoch(val) [1][ 1/4]  loss: 9.0
-'''
+LOG = '\n'.join([
+    '12/07 01:00:00 - mmengine - INFO - Checkpoints will be saved to /w.',
+    '12/07 01:00:02 - mmengine - INFO - Epoch(train) [1][ 1/30]  lr: 4.0000e-05  eta: 0:00:58  time: 2.0'
+    '  loss: 5.2500  loss_rpn_cls: 0.6931  loss_mask: 0.7',
+    '12/07 01:00:03 - mmengine - INFO - Epoch(train) [1][ 2/30]  lr: 7.6000e-05  eta: 0:00:30  time: 1.0'
+    '  loss: nan  loss_rpn_cls: 0.6',
+    '12/07 01:00:04 - mmengine - INFO - Iter(train) [ 3/30]  lr: 1e-4  loss: 4.0  loss_cls: 1.0',
+    '12/07 01:00:05 - mmengine - INFO - Epoch(val) [1][ 1/4]  loss: 9.0',
+]) + '\n'
 
 
 def test_train_losses_are_read_from_the_mmengine_log():

@@ -42,7 +42,7 @@ def test_fine_tuning_with_load_from_does_not_say_the_backbone_is_random(tmp_path
 
 
 def test_export_without_weights_says_the_weights_are_random(tmp_path, capsys):
-    from tests.test_deploy.tiny import write_tiny_upernet
+    from tests.helpers import write_tiny_upernet
     export_tool = load_tool('export_onnx')
     cfg = write_tiny_upernet(tmp_path)
     out = tmp_path / 'random.onnx'

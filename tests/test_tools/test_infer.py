@@ -6,27 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import load_tool, write_tiny_config
-from tests.test_tools.zoo_helpers import save_random_checkpoint, write_tiny_seg_config
+from tests.helpers import load_tool, save_random_checkpoint, write_tiny_seg_config
 
 infer = load_tool('infer')
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread (with several, thread hand-offs dominate, badly so on a busy machine)."""
-    torch.set_num_threads(1)
-    yield
-
-
-@pytest.fixture(scope='module')
-def det_model(tmp_path_factory):
-    from mlla_mm.datasets import make_coco_shapes
-    tmp = tmp_path_factory.mktemp('infer_det')
-    data = make_coco_shapes(str(tmp / 'shapes'), seed=0, num_train=2, num_val=3, size=64)
-    cfg = write_tiny_config(tmp, data)
-    ckpt = save_random_checkpoint(cfg, tmp / 'det.pth', classes=['disc', 'wedge', 'slab'])
-    return cfg, ckpt, data / 'val'
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny models
 
 
 @pytest.fixture(scope='module')

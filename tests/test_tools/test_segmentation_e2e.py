@@ -6,74 +6,17 @@ demo's data or work dirs.
 """
 import re
 import subprocess
-import sys
+from functools import partial
 
 import pytest
 import torch
 
 from mlla_mm.checkpoint import load_file
-from tests.helpers import ROOT
+from tests.helpers import PY, ROOT, run_tool, tool_env, write_tiny_seg_run
 
-PY = sys.executable
-DEMO = ROOT / 'configs' / 'segmentation' / 'upernet_mlla_t_demo.py'
 # The published variant in shared/golden (embed_dims 24, depths 1, 2, 1, 1).
 GOLDEN_ARCH = dict(embed_dims=24, depths=[1, 2, 1, 1], num_heads=[1, 2, 3, 6])
-SMALL_ARCH = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
-
-TINY_SEG = '''
-_base_ = [{base!r}]
-data_root = {root!r}
-synthetic_data = dict(kind='ade-shapes', root=data_root, seed=0, num_train=4, num_val=2, size=64)
-crop_size = (64, 64)
-_train = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=False),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackSegInputs'),
-]
-_test = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=crop_size, keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=False),
-    dict(type='PackSegInputs'),
-]
-train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                        dataset=dict(data_root=data_root, pipeline=_train))
-val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
-                      dataset=dict(data_root=data_root, pipeline=_test))
-test_dataloader = val_dataloader
-model = dict(
-    data_preprocessor=dict(size=crop_size),
-    backbone=dict(arch=dict(_delete_=True, **{arch!r}), init_cfg=None),
-    decode_head=dict(in_channels={channels!r}, channels=32),
-    auxiliary_head=dict(in_channels={channels[2]!r}, channels=16))
-max_iters = 2
-train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
-param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2)]
-default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=max_iters))
-randomness = dict(seed=0)
-'''
-
-
-def write_tiny_seg_config(folder, data_root, arch=SMALL_ARCH):
-    """The demo config on 4 + 2 images of 64x64 with a tiny MLLA and narrow heads."""
-    channels = [arch['embed_dims'] * 2**i for i in range(4)]
-    path = folder / 'tiny_seg.py'
-    path.write_text(TINY_SEG.format(base=str(DEMO), root=str(data_root) + '/', arch=arch, channels=channels))
-    return path
-
-
-def env():
-    import os
-    e = dict(os.environ)
-    e.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(ROOT))
-    e.pop('MLLA_MM_TRUST_CHECKPOINTS', None)
-    return e
-
-
-def run_tool(*args, cwd=ROOT, timeout=600):
-    return subprocess.run([PY, *map(str, args)], cwd=cwd, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+run_tool = partial(run_tool, timeout=600)
 
 
 def metrics(stdout):
@@ -86,7 +29,7 @@ def metrics(stdout):
 def trained(tmp_path_factory):
     """Two training iterations and a validation of the tiny config through tools/train.py."""
     tmp = tmp_path_factory.mktemp('seg')
-    cfg = write_tiny_seg_config(tmp, tmp / 'shapes_ade')
+    cfg = write_tiny_seg_run(tmp, tmp / 'shapes_ade')
     work = tmp / 'work'
     res = run_tool('tools/train.py', cfg, '--work-dir', work)
     return dict(cfg=cfg, work=work, res=res, tmp=tmp)
@@ -142,7 +85,7 @@ def test_slide_and_whole_inference_in_process(tmp_path):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mlla_mm.engine.launch import prepare_config
-    cfg = prepare_config(Config.fromfile(str(write_tiny_seg_config(tmp_path, tmp_path / 'data'))),
+    cfg = prepare_config(Config.fromfile(str(write_tiny_seg_run(tmp_path, tmp_path / 'data'))),
                          work_dir=str(tmp_path / 'w'))
     init_default_scope('mmseg')
     from mmseg.registry import MODELS
@@ -220,7 +163,7 @@ def _published_segmentor_checkpoint(tmp_path, golden_dir):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mlla_mm.engine.launch import prepare_config
-    cfg_path = write_tiny_seg_config(tmp_path, tmp_path / 'data', arch=GOLDEN_ARCH)
+    cfg_path = write_tiny_seg_run(tmp_path, tmp_path / 'data', arch=GOLDEN_ARCH)
     cfg = prepare_config(Config.fromfile(str(cfg_path)), work_dir=str(tmp_path / 'w'))
     init_default_scope('mmseg')
     from mmseg.registry import MODELS
@@ -299,9 +242,9 @@ def test_two_process_ddp_on_cpu(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    cfg = write_tiny_seg_config(tmp_path, tmp_path / 'shapes_ade')
+    cfg = write_tiny_seg_run(tmp_path, tmp_path / 'shapes_ade')
     work = tmp_path / 'work'
-    e = env()
+    e = tool_env()
     e['PORT'] = str(port)
     res = subprocess.run(['bash', str(ROOT / 'tools' / 'dist_train.sh'), str(cfg), '2', '--work-dir', str(work)],
                          cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
@@ -333,11 +276,11 @@ def test_two_slurm_tasks_on_cpu(tmp_path):
     scontrol = bin_dir / 'scontrol'  # Slurm is not installed here: the node list resolves to this machine
     scontrol.write_text('#!/bin/sh\nprintf "127.0.0.1\\n127.0.0.2\\n"\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IXUSR)
-    cfg = write_tiny_seg_config(tmp_path, tmp_path / 'shapes_ade')
+    cfg = write_tiny_seg_run(tmp_path, tmp_path / 'shapes_ade')
     work = tmp_path / 'work'
     procs = []
     for rank in range(2):
-        e = env()
+        e = tool_env()
         e.pop('MASTER_ADDR', None)
         e.update(SLURM_NTASKS='2', SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODELIST='cpu[1-2]',
                  MASTER_PORT=str(port), PATH=f'{bin_dir}{os.pathsep}{e.get("PATH", "")}')
@@ -355,8 +298,8 @@ def test_two_slurm_tasks_on_cpu(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='with CUDA mmengine starts Slurm jobs itself')
 def test_slurm_launcher_outside_srun_is_one_clear_error(tmp_path):
-    cfg = write_tiny_seg_config(tmp_path, tmp_path / 'shapes_ade')
-    e = env()
+    cfg = write_tiny_seg_run(tmp_path, tmp_path / 'shapes_ade')
+    e = tool_env()
     for key in [k for k in e if k.startswith('SLURM_')] + ['MASTER_ADDR']:
         e.pop(key, None)
     res = subprocess.run([PY, 'tools/train.py', str(cfg), '--launcher', 'slurm', '--work-dir', str(tmp_path / 'w')],
@@ -376,7 +319,7 @@ def test_iteration_based_resume_is_exact(tmp_path):
     restored random state (ExactIterBasedTrainLoop), so augmentation, sampling and
     dropout continue exactly; validation at iteration 2 and 4 runs in both.
     """
-    cfg = write_tiny_seg_config(tmp_path, tmp_path / 'shapes_ade')
+    cfg = write_tiny_seg_run(tmp_path, tmp_path / 'shapes_ade')
     opts = ['--cfg-options', 'train_cfg.max_iters=4', 'train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=2',
             'param_scheduler.0.end=4', 'model.backbone.drop_path_rate=0.2']
     straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'

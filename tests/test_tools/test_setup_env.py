@@ -118,8 +118,8 @@ def test_a_gpu_machine_builds_cuda_kernels_for_its_architecture_under_their_own_
     cpu = cache / f'mmcv-2.1.0-torch2.14.1-cp311-{platform.machine()}-cpuops'
     cpu.mkdir(parents=True)
     (cpu / 'mmcv-2.1.0-cp311-cp311-linux_x86_64.whl').touch()
-    proc = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')], env=dict(os.environ, MLLA_MM_CACHE=str(cache)),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')],
+                          env=dict(os.environ, MLLA_MM_CACHE=str(cache)), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'CUDA build for NVIDIA H100' in proc.stderr
     assert 'CUDA kernels for TORCH_CUDA_ARCH_LIST=9.0 with nvcc 13.0 from pip packages' in proc.stderr
@@ -138,8 +138,8 @@ def test_a_cpu_machine_reuses_the_cached_cpuops_wheel(tmp_path):
     cpu = cache / f'mmcv-2.1.0-torch2.14.1-cp311-{platform.machine()}-cpuops'
     cpu.mkdir(parents=True)
     (cpu / 'mmcv-2.1.0-cp311-cp311-linux_x86_64.whl').touch()
-    proc = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')], env=dict(os.environ, MLLA_MM_CACHE=str(cache)),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')],
+                          env=dict(os.environ, MLLA_MM_CACHE=str(cache)), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f'using cached mmcv wheel from {cpu}' in proc.stderr
     calls = (root / '.venv' / 'bin' / 'calls.log').read_text()

@@ -4,8 +4,7 @@ import re
 import pytest
 import torch
 
-from tests.helpers import load_tool, run_tool, write_tiny_config
-from tests.test_deploy.tiny import spread_weights
+from tests.helpers import load_tool, run_tool, spread_weights, write_tiny_config
 
 test_tool = load_tool('test')
 export_tool = load_tool('export_onnx')
@@ -123,10 +122,10 @@ def test_onnx_segmentor_predicts_what_pytorch_predicts(tmp_path):
     from mlla_mm.datasets import make_ade_shapes
     from mlla_mm.deploy.onnx_export import build_target
     from mlla_mm.deploy.ort_model import check_onnx_for_config, onnx_model_config
-    from tests.test_tools.test_segmentation_e2e import write_tiny_seg_config
+    from tests.helpers import write_tiny_seg_run
     root = tmp_path / 'ade'
     make_ade_shapes(str(root), seed=0, num_train=2, num_val=2, size=64)
-    cfg_path = write_tiny_seg_config(tmp_path, root)
+    cfg_path = write_tiny_seg_run(tmp_path, root)
     segmentor = spread_weights(build_target(str(cfg_path), log=lambda m: None).model.segmentor)
     ckpt = tmp_path / 'seg.pth'
     torch.save({'state_dict': segmentor.state_dict(), 'meta': {}}, ckpt)

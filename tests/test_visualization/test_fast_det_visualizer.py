@@ -10,7 +10,7 @@ from mmengine.config import Config
 from mmengine.registry import VISUALIZERS, DefaultScope
 from mmengine.structures import InstanceData, PixelData
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 GREY = 100
 PALETTE = [(220, 20, 60), (0, 160, 80), (30, 80, 220)]

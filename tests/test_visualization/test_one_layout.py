@@ -4,7 +4,6 @@ Every picture is ``<image stem>.png`` at the image's own size (ground truth | pr
 where there is ground truth), scores are fractions (``0.49``), boxes past the edge are clipped without
 warnings, and labels are filled boxes inside the picture that do not cover each other.
 """
-import importlib.util
 import warnings
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ import torch
 from mmengine.config import Config
 from mmengine.structures import InstanceData, PixelData
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT, load_tool
 
 CLASSES = ('circle', 'triangle', 'rectangle')
 PALETTE = [(220, 20, 60), (0, 160, 80), (30, 80, 220)]
@@ -61,13 +60,6 @@ def record_labels(monkeypatch):
         return rect
     monkeypatch.setattr(visualization.LabelPlacer, 'draw', draw)
     return drawn
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_infer_draws_at_the_images_size_with_fraction_scores_and_no_warnings(monkeypatch):
