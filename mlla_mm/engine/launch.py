@@ -27,7 +27,7 @@ from ..errors import UsageError, one_line
 from ..utils.io import output_path_problem
 from ..utils.malloc import malloc_state
 from .run_checks import check_run, loaders_of_run, skip_unneeded_pretrained  # noqa: F401 (re-exported)
-from .runner import SafeRunner, check_model_step
+from .runner import SafeRunner, check_model_step, guard_wants_whole_model
 from .schedules import fit_to_run, run_unit
 
 #: The optimizer wrappers ``--amp`` can turn into mixed precision.
@@ -134,7 +134,8 @@ def build_runner(cfg: Config, *, config_path: str, step: str = 'train_step') -> 
         print_log(f'{config_path} does not use SafeRunner (it does not inherit configs/_base_/mlla_runtime.py): '
                   'no atomic checkpoints, exact resume or preemption handling.', logger='current',
                   level=logging.WARNING)
-        whole = cfg.get('load_from') if cfg.get('resume') else None
+        wants_whole = cfg.get('resume') or guard_wants_whole_model(cfg.get('custom_hooks'))
+        whole = cfg.get('load_from') if wants_whole else None
         check_run(cfg, loaders_of_run(cfg), config_path, whole_checkpoint=whole)
     try:
         runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
