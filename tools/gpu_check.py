@@ -519,7 +519,8 @@ def check_resume(ctx: Ctx, per_epoch: int = 20, epochs: int = 2) -> Result:
     runs = {}
     for name in ('whole', 'resumed'):
         work = ctx.work_dir / f'resume_{name}'
-        cfg = write_det_config(work, num_train=2 * per_epoch, epochs=epochs, deterministic=True, extra=ctx.det_extra, workers=ctx.det_workers)
+        cfg = write_det_config(work, num_train=2 * per_epoch, epochs=epochs, deterministic=True, extra=ctx.det_extra,
+                               workers=ctx.det_workers)
         runs[name] = work
         if name == 'whole':
             proc = subprocess.run(train + [str(cfg), '--work-dir', str(work)], cwd=ROOT, env=env,

@@ -50,8 +50,8 @@ def _draw_shape(rng: np.random.Generator, size: int) -> Tuple[int, np.ndarray]:
         cv2.circle(mask, (int(cx), int(cy)), int(extent / 2), 1, -1)
     elif cls == 1:
         angle = rng.uniform(0, 2 * np.pi)
-        pts = [(cx + extent / 1.6 * np.cos(angle + k * 2 * np.pi / 3), cy + extent / 1.6 * np.sin(angle + k * 2 * np.pi / 3))
-               for k in range(3)]
+        corners = [angle + k * 2 * np.pi / 3 for k in range(3)]
+        pts = [(cx + extent / 1.6 * np.cos(a), cy + extent / 1.6 * np.sin(a)) for a in corners]
         cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
     else:
         w, h = extent * rng.uniform(0.6, 1.0), extent * rng.uniform(0.6, 1.0)

@@ -812,7 +812,8 @@ class SafeRunner(Runner):
                     raise UsageError(f'--resume: {marker} names {_read_marker(marker)}, which is gone, and no other '
                                      f'checkpoint is in {", ".join(dict.fromkeys([self.work_dir, *folders]))}; '
                                      f'delete {marker} to start from scratch')
-                self.logger.info(f'No checkpoint to resume from in {", ".join(dict.fromkeys([self.work_dir, *folders]))}'
+                searched = ', '.join(dict.fromkeys([self.work_dir, *folders]))
+                self.logger.info(f'No checkpoint to resume from in {searched}'
                                  '; starting from scratch.')
                 return None
             self.logger.info(f'Auto resumed from the latest checkpoint {resume_from}.')
@@ -828,7 +829,8 @@ def checkpoint_name(runner: Runner) -> str:
 
 
 __all__ = ['SafeRunner', 'AtomicLocalBackend', 'WorkDirLock', 'LOCK_NAME', 'checkpoint_folders',
-           'checkpoint_candidates', 'resume_setting_changes', 'ATOMIC_BACKEND', 'LAUNCHER_ENV', 'REQUIRED_HOOKS', 'make_synthetic_data',
+           'checkpoint_candidates', 'resume_setting_changes', 'ATOMIC_BACKEND', 'LAUNCHER_ENV', 'REQUIRED_HOOKS',
+           'make_synthetic_data',
            'init_cpu_distributed', 'distributed_env', 'first_slurm_node', 'find_resumable_checkpoint',
            'remove_stale_temp_files', 'checkpoint_name', 'with_required_hooks', 'cpu_ddp_wrapper_cfg',
            'guard_wants_whole_model', 'check_model_step']

@@ -407,7 +407,10 @@ class MissingWeightsError(CheckpointError, FileNotFoundError):
 
 
 def missing_weights_message(path: str, variant: str = 'mlla_tiny', option: str = '') -> str:
-    """What to say when the weights file ``path`` (a tool's ``option``) is not there: where to get it, where to put it."""
+    """What to say when the weights file ``path`` (a tool's ``option``) is not there.
+
+    The message says where to get the file and where to put it.
+    """
     variant = {'mlla_t': 'mlla_tiny', 'mlla_s': 'mlla_small', 'mlla_b': 'mlla_base'}.get(variant, variant)
     where = f'{option} {path}' if option else str(path)
     if os.path.basename(path) in _FILES.values():
