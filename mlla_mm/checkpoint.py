@@ -157,6 +157,9 @@ def _load_safetensors(f: Any, path: str, map_location: Any) -> Dict[str, torch.T
         from safetensors.torch import load as load_safetensors
     except ImportError:  # pragma: no cover - timm depends on safetensors
         raise CheckpointError(f'{path} is a safetensors file; install safetensors to read it') from None
+    duplicate = _safetensors_duplicate_key(f)
+    if duplicate:  # readers disagree on which entry counts (the last one, for safetensors): an ambiguous file
+        raise CheckpointError(f'safetensors file is corrupt: {path} (its header names {duplicate[:80]!r} twice)')
     f.seek(0)
     try:
         weights = load_safetensors(f.read())
@@ -169,6 +172,31 @@ def _load_safetensors(f: Any, path: str, map_location: Any) -> Dict[str, torch.T
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         weights = {k: v.to(map_location) for k, v in weights.items()}
     return OrderedDict(weights)
+
+
+def _safetensors_duplicate_key(f: Any) -> Optional[str]:
+    """A key that appears twice in one object of the safetensors header of ``f`` (None when none does).
+
+    JSON allows it, and the last entry silently wins: a file could show one
+    tensor to a tool that reads the first entry and load another.
+    """
+    import json
+    f.seek(0)
+    n = int.from_bytes(f.read(8), 'little')
+    found: List[str] = []
+
+    def pairs(items: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        out = dict(items)
+        if len(out) != len(items) and not found:
+            seen = set()
+            found.extend(k for k, _ in items if k in seen or seen.add(k))
+        return out
+
+    try:
+        json.loads(f.read(n), object_pairs_hook=pairs)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None  # not JSON: the reader's own error says so
+    return found[0] if found else None
 
 
 #: safetensors dtype names -> the torch dtype they are read as, when the library does not say

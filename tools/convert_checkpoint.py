@@ -8,6 +8,7 @@ safe checkpoint (see mlla_mm.checkpoint.load_file), a missing source, a
 directory given as SRC, a DST that cannot be written (a directory, a file
 in the way, no permission; checked before SRC is read) or a failed write
 (e.g. a full disk) is one ``error:`` line naming the file and exit code 2;
+DST may not be SRC itself (nor a link to it);
 the destination is written atomically, so a failed write leaves any
 previous file there unchanged.
 """
@@ -15,7 +16,7 @@ import sys
 
 from mlla_mm.checkpoint import AtomicWriteError, CheckpointError, check_file, convert_file
 from mlla_mm.cli import ToolArgumentParser
-from mlla_mm.utils.io import output_path_problem
+from mlla_mm.utils.io import output_path_problem, same_path
 
 
 def check_paths(src: str, dst: str, trusted: bool = False) -> str:
@@ -24,6 +25,8 @@ def check_paths(src: str, dst: str, trusted: bool = False) -> str:
         check_file(src, trusted=True if trusted else None)
     except (CheckpointError, FileNotFoundError) as err:
         return str(err)
+    if same_path(src, dst):  # the source itself (also through a link): --backbone-only would drop the rest
+        return f'cannot write {dst}: it is the source {src}; write the converted file elsewhere'
     problem = output_path_problem(dst)
     return f'cannot write {dst}: {problem}' if problem else ''
 

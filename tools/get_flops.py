@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--shape', type=positive_int, nargs=2, metavar=('H', 'W'),
                    help='input height and width (positive integers)')
     p.add_argument('--json', help='write the numbers to this JSON file')
+    p.add_argument('--force', action='store_true',
+                   help='overwrite an existing --json file that mlla-mm did not write (never the config)')
     p.add_argument('--threads', type=positive_int, default=2, help='torch threads (default 2)')
     return p.parse_args(argv)
 
@@ -115,7 +117,6 @@ def build_from_config(path: str) -> Tuple[torch.nn.Module, str]:
 
 def whole_model_call(model: torch.nn.Module, scope: str, h: int, w: int):
     """A closure running the model's tensor-mode forward on one (1, 3, h, w) image."""
-    x = torch.randn(1, 3, h, w)
     meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), batch_input_shape=(h, w),
                 scale_factor=(1., 1.))
     if scope == 'mmseg':
@@ -124,11 +125,11 @@ def whole_model_call(model: torch.nn.Module, scope: str, h: int, w: int):
         head = getattr(model, 'decode_head', None)
         if head is not None and 'batch_data_samples' in inspect.signature(head.forward).parameters:
             # mmseg's tensor mode calls decode_head.forward(x) alone; Mask2Former's head needs the samples.
-            return lambda: head.forward(model.extract_feat(x), samples)
+            return lambda: head.forward(model.extract_feat(torch.randn(1, 3, h, w)), samples)
     else:
         from mmdet.structures import DetDataSample
         samples = [DetDataSample(metainfo=meta)]
-    return lambda: model(x, samples, mode='tensor')
+    return lambda: model(torch.randn(1, 3, h, w), samples, mode='tensor')
 
 
 def measure(target: str, shape: Optional[Tuple[int, int]] = None) -> Dict[str, object]:
@@ -144,8 +145,8 @@ def measure(target: str, shape: Optional[Tuple[int, int]] = None) -> Dict[str, o
         backbone = model.backbone
     res: Dict[str, object] = dict(target=target, kind=kind, arch=arch, height=h, width=w)
     backbone.eval()
-    x = torch.randn(1, 3, h, w)
-    bb = _count(lambda: backbone(x), target, h, w)
+    # the input is made inside the count: a --shape too large to allocate is the one-line error below
+    bb = _count(lambda: backbone(torch.randn(1, 3, h, w)), target, h, w)
     res.update(backbone_params=count_params(backbone), backbone_macs=bb.macs, backbone_flops=bb.flops,
                backbone_by_op={k: v // 2 for k, v in bb.by_op.items()})
     if model is not None:
@@ -200,16 +201,19 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Measure and print (and write ``--json``); bad input raises before anything is measured."""
-    from mlla_mm.cli import check_output
-    from mlla_mm.utils.io import atomic_write
+    from mlla_mm.cli import UsageError, check_output
+    from mlla_mm.utils.io import WRITTEN_BY, atomic_write, check_outputs
     check_target(args.config)
     check_output(args.json, '--json')
+    # never the config itself, nor a file mlla-mm did not write unless --force
+    check_outputs([args.json] if args.json else [], [args.config], force=args.force, option='--json',
+                  error=UsageError)
     torch.set_num_threads(args.threads)
     res = measure(args.config, tuple(args.shape) if args.shape else None)
     print(report(res))
     if args.json:
         with atomic_write(args.json, 'w') as f:  # whole or not at all
-            json.dump(res, f, indent=2)
+            json.dump(dict(written_by=f'{WRITTEN_BY} get_flops', **res), f, indent=2)
     return 0
 
 

@@ -71,14 +71,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_main(lambda: infer(args))
 
 
-def find_images(path: str) -> List[Path]:
-    """The image file ``path``, or the images under the folder ``path`` (sorted)."""
+def find_images(path: str, skip: Optional[str] = None) -> List[Path]:
+    """The image file ``path``, or the images under the folder ``path`` (sorted), none under the folder ``skip``.
+
+    ``skip`` is ``--out``: an output folder inside the input folder holds this tool's pictures of an earlier run,
+    not images to draw on (read as inputs, a second run would refuse to overwrite them).
+    """
     from mlla_mm.cli import UsageError
     p = Path(path)
     if p.is_file():
         return [p]
     if p.is_dir():
-        images = sorted(f for f in p.rglob('*') if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        out = os.path.realpath(skip) if skip else None
+
+        def outside_out(f: Path) -> bool:
+            return out is None or os.path.commonpath([os.path.realpath(f), out]) != out
+
+        images = sorted(f for f in p.rglob('*')
+                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and outside_out(f))
         if not images:
             raise UsageError(f'no images ({", ".join(IMAGE_SUFFIXES)}) in folder: {path}')
         return images
@@ -238,9 +248,11 @@ def infer(args: argparse.Namespace) -> int:
     # Everything the user gave is checked before the model is built.
     device = check_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     check_output(args.out, '--out', folder=True)
+    if not 0 <= args.score_thr <= 1:  # NaN too: no box would be drawn, with exit 0
+        raise UsageError(f'--score-thr: expected a score from 0 to 1, got {args.score_thr}')
     cfg = load_config(args.config, args.cfg_options)
     check_file(args.weights, name='weights')  # missing, a folder or refused: before the model is built
-    images = find_images(args.images)
+    images = find_images(args.images, skip=args.out)
     scope = cfg.get('default_scope')
     if scope not in SCOPES:
         raise UsageError(f'{args.config}: default_scope must be one of {list(SCOPES)}, got {scope!r}')

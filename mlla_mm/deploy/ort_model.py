@@ -108,7 +108,12 @@ class OnnxRuntimeModel(BaseModel):
         self.mask_thr_binary = float(mask_thr_binary)
         self.align_corners = bool(align_corners)
         self.threshold = float(threshold)
-        self.session = make_session(onnx_file, threads)
+        try:
+            self.session = make_session(onnx_file, threads)
+        except UsageError:
+            raise
+        except Exception as err:  # noqa: BLE001 (ORT's Fail/InvalidGraph/...: IR version, ops, external data)
+            raise UsageError(f'{onnx_file}: ONNX Runtime cannot load it: {_ort_reason(err)}') from None
         self._dummy = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # a device for mmengine
 
     def forward(self, inputs: torch.Tensor, data_samples: Optional[list] = None, mode: str = 'predict'):
@@ -118,10 +123,21 @@ class OnnxRuntimeModel(BaseModel):
             return self._predict_seg(inputs, data_samples)
         return self._predict_det(inputs, data_samples)
 
+    def _run(self, feeds: dict) -> list:
+        """``session.run``; a failure inside the graph (a damaged or hand-made file) is one :class:`UsageError`."""
+        try:
+            return self.session.run(None, feeds)
+        except Exception as err:  # noqa: BLE001 (ORT's RuntimeException/InvalidArgument/Fail)
+            raise UsageError(f'{self.onnx_file}: ONNX Runtime failed on inputs of shapes '
+                             f'{[tuple(v.shape) for v in feeds.values()]}: {_ort_reason(err)}') from None
+
     def _predict_det(self, inputs: torch.Tensor, data_samples: list) -> list:
         from mmengine.structures import InstanceData
         shapes = np.array([list(s.metainfo['img_shape'][:2]) for s in data_samples], dtype=np.int64)
-        outs = self.session.run(None, {'img': inputs.detach().float().cpu().numpy(), 'img_shape': shapes})
+        outs = self._run({'img': inputs.detach().float().cpu().numpy(), 'img_shape': shapes})
+        if len(outs) not in (3, 4) or any(len(o) != len(data_samples) for o in outs):
+            raise UsageError(f'{self.onnx_file}: ONNX Runtime gave outputs of shapes {[o.shape for o in outs]} for '
+                             f'{len(data_samples)} images, expected boxes, scores, labels[, masks] per image')
         for i, sample in enumerate(data_samples):
             keep = outs[2][i] >= 0
             boxes = torch.from_numpy(outs[0][i][keep]).float()
@@ -140,8 +156,17 @@ class OnnxRuntimeModel(BaseModel):
         return data_samples
 
     def _predict_seg(self, inputs: torch.Tensor, data_samples: list) -> list:
-        logits, = self.session.run(None, {'img': inputs.detach().float().cpu().numpy()})
+        logits, = self._run({'img': inputs.detach().float().cpu().numpy()})
         return seg_postprocess(torch.from_numpy(logits), data_samples, self.align_corners, self.threshold)
+
+
+def _ort_reason(err: BaseException) -> str:
+    """ONNX Runtime's message without its source location prefix, on one line, at most 300 characters."""
+    text = ' '.join(str(err).split()) or type(err).__name__
+    for marker in ('failed:', 'FAIL :', 'INVALID_ARGUMENT :', 'INVALID_GRAPH :', 'RUNTIME_EXCEPTION :'):
+        if marker in text:
+            text = text.split(marker, 1)[1].strip()
+    return text[:300]
 
 
 def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, img_h: int, img_w: int, threshold: float) -> torch.Tensor:

@@ -117,7 +117,9 @@ def folder_images(folder: str, count: int) -> List[str]:
     """Up to ``count`` image files of ``folder`` (sorted); a :class:`UsageError` when there is none."""
     if not os.path.isdir(folder):
         raise UsageError(f'--calib-dir {folder}: not a directory')
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    # regular files only: opening a FIFO named x.png would wait forever, a device would be read without end
+    names = (os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    files = sorted(p for p in names if os.path.isfile(p))
     if not files:
         raise UsageError(f'--calib-dir {folder}: no images ({", ".join(IMAGE_SUFFIXES)}) in it')
     return files[:count]
@@ -134,8 +136,8 @@ def folder_calibration(folder: str, count: int, shape: Tuple[int, int],
         try:
             with Image.open(path) as im:
                 rgb = np.asarray(im.convert('RGB').resize((shape[1], shape[0]), Image.BILINEAR), np.float32)
-        except OSError as err:
-            raise UsageError(f'--calib-dir: cannot read {path}: {err}') from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # damaged, too many pixels
+            raise UsageError(f'--calib-dir: cannot read {path}: {" ".join(str(err).split())[:200]}') from None
         yield {'img': ((rgb.transpose(2, 0, 1) - m) / s)[None].astype(np.float32)}
 
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 FAST_INFERENCE_ENV = 'MLLA_MM_FAST_INFERENCE'
 #: Devices where the fast path runs: it was designed and measured on CPUs; on CUDA the autograd code runs
 #: until ``make gpu-check`` (tools/gpu_check.py, ``speed_infer``) measures the fast path faster there.
@@ -41,6 +43,10 @@ def is_tracing() -> bool:
     """True under ``torch.jit.trace``, ONNX export, ``torch.compile``, ``torch.export`` or ``torch.fx`` tracing."""
     return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
                 or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
+
+
+class FastInferenceSettingError(UsageError, ValueError):
+    """``MLLA_MM_FAST_INFERENCE`` holds neither 0 nor 1 (a ValueError; the tools print it as one ``error:`` line)."""
 
 
 def fast_inference_default() -> bool:
@@ -54,8 +60,8 @@ def fast_inference_default() -> bool:
         return True
     if value == '0':
         return False
-    raise ValueError(f'{FAST_INFERENCE_ENV} must be 0 (always the autograd code) or 1 (the fast inference path '
-                     f'where it applies), got {os.environ[FAST_INFERENCE_ENV]!r}')
+    raise FastInferenceSettingError(f'{FAST_INFERENCE_ENV} must be 0 (always the autograd code) or 1 (the fast '
+                                    f'inference path where it applies), got {os.environ[FAST_INFERENCE_ENV]!r}')
 
 
 def set_fast_inference(module: nn.Module, enable: bool = True) -> nn.Module:

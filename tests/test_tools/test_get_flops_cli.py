@@ -89,5 +89,5 @@ def test_get_flops_json_is_whole_or_absent(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(get_flops, 'measure', lambda target, shape: dict(target=target, macs=1))
     assert get_flops.main(['mlla_t', '--json', str(out)]) == 0
-    assert json.loads(out.read_text()) == dict(target='mlla_t', macs=1)
+    assert json.loads(out.read_text()) == dict(written_by='mlla-mm get_flops', target='mlla_t', macs=1)
     assert [p.name for p in tmp_path.iterdir()] == ['f.json']
