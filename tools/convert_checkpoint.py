@@ -8,10 +8,12 @@ safe checkpoint (see mlla_mm.checkpoint.load_file), a missing source, a
 directory given as SRC, a DST that cannot be written (a directory, a file
 in the way, no permission; checked before SRC is read) or a failed write
 (e.g. a full disk) is one ``error:`` line naming the file and exit code 2;
-DST may not be SRC itself (nor a link to it);
+DST may not be SRC itself (nor a link to it), nor an existing file the
+converter did not write unless ``--force``;
 the destination is written atomically, so a failed write leaves any
 previous file there unchanged.
 """
+import os
 import sys
 
 from mlla_mm.checkpoint import AtomicWriteError, CheckpointError, check_file, convert_file
@@ -19,7 +21,23 @@ from mlla_mm.cli import ToolArgumentParser
 from mlla_mm.utils.io import output_path_problem, same_path
 
 
-def check_paths(src: str, dst: str, trusted: bool = False) -> str:
+def converted_by_this_tool(path: str) -> bool:
+    """Whether ``path`` is a torch zip whose pickle records ``mlla_mm_layout`` (what :func:`convert_file` writes).
+
+    Reads only the zip directory and the pickle member (no tensor data, nothing unpickled).
+    """
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith('/data.pkl') or n == 'data.pkl']
+            if len(names) != 1 or archive.getinfo(names[0]).file_size > 64 << 20:
+                return False
+            return b'mlla_mm_layout' in archive.read(names[0])
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError):
+        return False
+
+
+def check_paths(src: str, dst: str, trusted: bool = False, force: bool = False) -> str:
     """Why SRC cannot be read or DST cannot be written, before any work; ``''`` when both are fine."""
     try:
         check_file(src, trusted=True if trusted else None)
@@ -28,7 +46,11 @@ def check_paths(src: str, dst: str, trusted: bool = False) -> str:
     if same_path(src, dst):  # the source itself (also through a link): --backbone-only would drop the rest
         return f'cannot write {dst}: it is the source {src}; write the converted file elsewhere'
     problem = output_path_problem(dst)
-    return f'cannot write {dst}: {problem}' if problem else ''
+    if problem:
+        return f'cannot write {dst}: {problem}'
+    if os.path.lexists(dst) and not force and not converted_by_this_tool(dst):
+        return f'{dst} exists and was not written by this converter (add --force to overwrite it)'
+    return ''
 
 
 def main(argv=None) -> int:
@@ -39,8 +61,10 @@ def main(argv=None) -> int:
     parser.add_argument('--use-ema', action='store_true', help='take state_dict_ema of a training checkpoint')
     parser.add_argument('--trusted', action='store_true',
                         help='the file is trusted: allow arbitrary pickled objects (runs code from it)')
+    parser.add_argument('--force', action='store_true',
+                        help='overwrite an existing DST that this converter did not write (never SRC)')
     args = parser.parse_args(argv)
-    problem = check_paths(args.src, args.dst, args.trusted)
+    problem = check_paths(args.src, args.dst, args.trusted, args.force)
     if problem:
         print(f'error: {problem}', file=sys.stderr)
         return 2

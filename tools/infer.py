@@ -83,6 +83,8 @@ def find_images(path: str, skip: Optional[str] = None) -> List[Path]:
         return [p]
     if p.is_dir():
         out = os.path.realpath(skip) if skip else None
+        if out == os.path.realpath(p):  # --out is the input folder itself: every picture would be an input (refused)
+            out = None
 
         def outside_out(f: Path) -> bool:
             return out is None or os.path.commonpath([os.path.realpath(f), out]) != out

@@ -122,6 +122,26 @@ def test_convert_checkpoint_never_writes_over_its_source(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['hard.pth', 'soft.pth', 'w.pth']
 
 
+def test_convert_checkpoint_keeps_a_file_it_did_not_write_unless_forced(tmp_path, capsys):
+    """``convert_checkpoint.py SRC notes.txt`` replaced the user's file, exit 0; its own output is rewritten."""
+    tool = load_tool('convert_checkpoint')
+    src = tmp_path / 'w.pth'
+    torch.save({'state_dict': {'backbone.patch_embed.proj.weight': torch.ones(4, 3, 3, 3)}}, src)
+    notes = tmp_path / 'notes.pth'
+    notes.write_text('my notes')
+    other = tmp_path / 'other.pth'
+    torch.save({'state_dict': {'w': torch.ones(1)}}, other)  # a checkpoint, but not one the converter wrote
+    for dst in (notes, other):
+        assert exit_code(tool.main, [src, dst]) == 2
+        assert_one_error_line(capsys, str(dst), '--force')
+    assert notes.read_text() == 'my notes'
+    out = tmp_path / 'out.pth'
+    for _ in range(2):  # its own output: rewritten without --force
+        assert exit_code(tool.main, [src, out]) == 0
+    assert exit_code(tool.main, [src, notes, '--force']) == 0
+    assert torch.load(notes, weights_only=True)['meta']['mlla_mm_layout']
+
+
 # --------------------------------------------------------------------------
 # get_flops.py: --json, --shape, and the fast-inference switch.
 # --------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path, golden_dir):
     dst = tmp_path / 'out.pth'
     dst.write_bytes(b'previous version')
     res = subprocess.run([sys.executable, '-c', FULL_DISK.format(limit=64 << 10), TOOL,
-                          str(golden_dir / 'mlla_small_official_cls.pth'), str(dst)],
+                          str(golden_dir / 'mlla_small_official_cls.pth'), str(dst), '--force'],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
