@@ -357,6 +357,10 @@ def _config_classes(ds: Dict, scope: str) -> Optional[Tuple[str, ...]]:
     return tuple(classes) if classes is not None else None
 
 
+#: The largest float32 (mmdet loads boxes as float32 arrays).
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -618,6 +622,13 @@ def _check_instances(data: Dict, ds: Dict, path: Path, bad: Any, train: bool, sc
     if malformed:
         raise bad(f'{len(malformed)} of {len(anns)} annotations lack an id, image_id, category_id, a bbox of '
                   f'4 finite numbers or a numeric area (annotations[{_few(malformed)}])')
+    # corners float32 cannot hold: mmdet keeps such a box (it overlaps its image) and loads it as inf
+    huge = [a['id'] for a in anns if not a.get('ignore')
+            and not all(abs(v) < _FLOAT32_MAX for v in (a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3],
+                                                         *a['bbox']))]
+    if huge:
+        raise bad(f'{len(huge)} annotations have a bbox whose corners float32 cannot hold (mmdet would load them as '
+                  f'inf): annotation ids {_few(huge)}')
     dup_anns = [k for k, n in Counter(a['id'] for a in anns).items() if n > 1]
     if dup_anns:
         raise bad(f'duplicate annotation ids {_few(dup_anns)} ({len(dup_anns)} ids used more than once)')

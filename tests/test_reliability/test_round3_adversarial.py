@@ -283,3 +283,36 @@ def test_calibration_folder_skips_fifos_and_refuses_bombs_in_one_line(tmp_path):
     _png_header_only(bomb / 'big.png', 20000, 20000)
     with pytest.raises(UsageError, match=r'^--calib-dir: cannot read .*big\.png: .*exceeds limit'):
         list(folder_calibration(str(bomb), 10, (4, 4)))
+
+
+# --------------------------------------------------------------------------
+# Data check: a box float32 cannot hold.
+# --------------------------------------------------------------------------
+def test_a_box_float32_cannot_hold_is_refused_by_the_data_check(tmp_path):
+    """A box ``[1, 1, 1e300, 1e300]`` overlaps its image, so mmdet keeps it, and its float32 array is inf; the
+    check passed it without a word. A box far outside but float32-sized stays a counted drop (mmdet's rule)."""
+    import numpy as np
+    from PIL import Image
+
+    from mlla_mm.datasets.checks import check_annotations
+    from mlla_mm.errors import BadAnnotationError
+    assert np.isinf(np.array([1 + 1e300], dtype=np.float32)).all()  # what mmdet's float32 boxes make of it
+    (tmp_path / 'imgs').mkdir()
+    Image.new('RGB', (32, 32)).save(tmp_path / 'imgs' / 'a.png')
+
+    def run(bbox):
+        ann = dict(id=1, image_id=1, category_id=1, bbox=bbox, area=100.0, iscrowd=0)
+        (tmp_path / 'a.json').write_text(json.dumps(dict(
+            images=[dict(id=1, file_name='a.png', width=32, height=32)], annotations=[ann],
+            categories=[dict(id=1, name='thing')])))
+        ds = dict(type='CocoDataset', data_root=str(tmp_path), ann_file='a.json', data_prefix=dict(img='imgs/'),
+                  metainfo=dict(classes=('thing',)), pipeline=[])
+        return check_annotations(ds, 'val_dataloader', 'x.py')
+
+    with pytest.raises(BadAnnotationError, match=r'bbox whose corners float32 cannot hold .*annotation ids 1'):
+        run([1, 1, 1e300, 1e300])
+    with pytest.raises(BadAnnotationError, match='float32 cannot hold'):
+        run([-1e39, 1, 10, 10])
+    assert run([1, 1, 10, 10]) == []
+    warnings = run([100, 100, 10, 10])
+    assert len(warnings) == 1 and 'box outside its image' in warnings[0], warnings
