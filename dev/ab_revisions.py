@@ -19,6 +19,7 @@ one ``error:`` line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import os
@@ -92,10 +93,21 @@ def load_mlla_at_revision(rev: str, folder: str) -> Tuple[type, str]:
                if name.startswith('mlla_mm.') and not name.startswith('mlla_mm.models') and mod is not None}
     sys.modules.update(aliases)
     sys.modules.update({pkg: root, f'{pkg}.models': models, f'{pkg}.registry': registry})
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # e.g. timm's "overwriting model in registry" of a newer revision
-        backbone = 'backbone' if 'mlla_mm/models/backbone.py' in files else 'mlla'  # (the file MLLA is in)
-        module = importlib.import_module(f'{pkg}.models.{backbone}')
+    # The revision's timm family registers mlla_tiny/small/base in timm again (with its own classes):
+    # timm's registry tables are put back afterwards, so today's models stay the registered ones.
+    import timm.models._registry as timm_registry
+    tables = {name: table for name, table in vars(timm_registry).items()
+              if name.startswith('_model') or name.startswith('_module') or name.startswith('_deprecated')}
+    saved = {name: copy.deepcopy(table) for name, table in tables.items() if isinstance(table, (dict, set))}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # e.g. timm's "overwriting model in registry" of a newer revision
+            backbone = 'backbone' if 'mlla_mm/models/backbone.py' in files else 'mlla'  # (the file MLLA is in)
+            module = importlib.import_module(f'{pkg}.models.{backbone}')
+    finally:
+        for name, table in saved.items():
+            tables[name].clear()
+            tables[name].update(table)
     return module.MLLA, sha
 
 
