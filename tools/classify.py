@@ -323,15 +323,15 @@ def classify(args: argparse.Namespace) -> int:
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise UsageError(f'--data-dir {args.data_dir}: ' + ('not a directory' if os.path.exists(args.data_dir)
                                                            else 'not found'))
-    model_kwargs = parse_model_kwargs(args.model_kwargs)
-    model = build_classifier(args.model, args.weights, model_kwargs, args.use_ema)
-    model.to(device)
     # never an input (images, weights), nor a file the tools did not write unless --force (the pictures again
     # once the model says k: a head with fewer classes than --topk draws fewer)
     check_outputs([args.out] if args.out else [], [args.weights, *args.images], force=args.force, option='--out',
                   error=UsageError)
     if args.show_dir:
         check_show_paths(args, args.topk)
+    model_kwargs = parse_model_kwargs(args.model_kwargs)
+    model = build_classifier(args.model, args.weights, model_kwargs, args.use_ema)
+    model.to(device)
     transform = create_transform(**resolve_data_config({}, model=model))
     try:
         if args.data_dir:
