@@ -11,9 +11,9 @@ setup:
 # file stays on one worker (--dist loadfile), so its module fixtures are built once.
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
-# ruff (pinned in setup.cfg's tests extra; rules in pyproject.toml). `make test` lints first once
-# TEST_LINT is `lint`; empty until the tree passes `make lint`.
-TEST_LINT :=
+# ruff (pinned in setup.cfg's tests extra; rules in pyproject.toml): `make test` lints first;
+# TEST_LINT is `lint` (set it empty to skip the lint step).
+TEST_LINT := lint
 
 lint: setup
 	$(PY) -m ruff check .

@@ -310,7 +310,8 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def find_state_dict(ckpt: Any, use_ema: bool = False, source: str = '<checkpoint>') -> Tuple[Dict[str, torch.Tensor], str]:
+def find_state_dict(ckpt: Any, use_ema: bool = False,
+                    source: str = '<checkpoint>') -> Tuple[Dict[str, torch.Tensor], str]:
     """Return the weights of a loaded checkpoint and the name of its layout."""
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f'{source}: expected a dict of weights, got {type(ckpt).__name__}')
@@ -619,5 +620,6 @@ def register_mmengine_loader() -> None:
 
 __all__ = ['CheckpointError', 'TRUST_ENV', 'load_file', 'convert_checkpoint', 'convert_file',
            'find_state_dict', 'backbone_state_dict', 'load_backbone_weights', 'compare_state_dicts',
-           'StateDictFit', 'check_checkpoint_fits', 'check_state_dict_metadata', 'check_file', 'save_atomic', 'AtomicWriteError',
+           'StateDictFit', 'check_checkpoint_fits', 'check_state_dict_metadata', 'check_file', 'save_atomic',
+           'AtomicWriteError',
            'register_mmengine_loader', 'safe_globals']

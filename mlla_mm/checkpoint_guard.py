@@ -950,6 +950,7 @@ def check_file(f: BinaryIO) -> Archive:
 
 
 __all__ = ['Refused', 'Archive', 'inspect_archive', 'scan_pickle', 'check_file', 'safe_globals', 'roles',
-           'history_buffer_class', 'CfgNodeStandIn', 'NamespaceStandIn', 'MAX_EXPANSION', 'EXPANSION_SLACK', 'OBJECT_BUDGET_BASE',
+           'history_buffer_class', 'CfgNodeStandIn', 'NamespaceStandIn', 'MAX_EXPANSION', 'EXPANSION_SLACK',
+           'OBJECT_BUDGET_BASE',
            'OBJECT_BUDGET_PER_BYTE', 'MAX_DEPTH', 'MAX_TREE_NODES_BASE', 'MAX_TREE_NODES_PER_BYTE',
            'MAX_SAME_HASH', 'MAX_OPAQUE_KEYS', 'human_bytes']

@@ -140,7 +140,8 @@ def folder_samples(root: str, num_classes: int, label_names: List[str]) -> Tuple
         raise FileNotFoundError(f'--data-dir not found: {root}')
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
     if not folders:
-        raise UsageError(f'--data-dir {root}: no class subfolders (expected ImageFolder layout: {root}/<class>/<image>)')
+        raise UsageError(f'--data-dir {root}: no class subfolders '
+                         f'(expected ImageFolder layout: {root}/<class>/<image>)')
     by_name = {n: i for i, n in enumerate(label_names)}
     if all(f in by_name for f in folders):
         mapping = {f: by_name[f] for f in folders}
@@ -222,7 +223,10 @@ def show_paths(images: Sequence[str], show_dir: str, k: int) -> List[str]:
 
 
 def check_show_paths(args: argparse.Namespace, k: int) -> List[str]:
-    """The ``--show-dir`` pictures; a :class:`UsageError` when one would replace an input, ``--out`` or a foreign file."""
+    """The ``--show-dir`` pictures.
+
+    A :class:`UsageError` when one would replace an input, ``--out`` or a foreign file.
+    """
     from mlla_mm.cli import UsageError
     from mlla_mm.utils.io import check_outputs
     shown = show_paths(args.images, args.show_dir, k)

@@ -1163,7 +1163,8 @@ def check_data(cfg: Config, which: Tuple[str, ...], config_path: str = '') -> Li
                     kind, layout = LAYOUTS.get(ds.get('type'), (f'the data of {ds.get("type")}', []))
                     lines = [f'Data not found: {path} (needed by {name} of {config_path or "the config"}).',
                              f'Expected {kind}:'] + [f'    {p}' for p in layout]
-                    lines.append(f'Put the data there (or link it: ln -s /path/to/data {Path(ds.get("data_root") or path)}), '
+                    link_to = Path(ds.get('data_root') or path)
+                    lines.append(f'Put the data there (or link it: ln -s /path/to/data {link_to}), '
                                  f'or try the bundled synthetic demo: {DEMO_COMMANDS.get(scope, "make demo")}')
                     raise DataNotFoundError('\n'.join(lines))
             ann = ds.get('ann_file')
