@@ -325,11 +325,14 @@ def test_workers_started_before_the_guard_are_restarted_with_it(persistent):
     assert guard_dataloader_workers(loader, it)
     assert torch.equal(torch.get_rng_state(), state)
     assert isinstance(loader.worker_init_fn, SignalSafeWorkerInit) and it._iterator is not old and old._shutdown
-    first = next(it)
+    # One batch from each worker first: both have then run their worker_init_fn. (Before that a worker has the
+    # main process' signal handlers, which in a run are PreemptionHook's; this test installs none, so a SIGTERM
+    # before a loaded machine got a worker that far would kill it: the flake CI saw.)
+    first = [next(it), next(it)]
     for w in it._iterator._workers:  # the new workers ignore a SIGTERM from elsewhere
         os.kill(w.pid, signal.SIGTERM)
     time.sleep(0.5)
-    batches = [first] + [next(it) for _ in range(5)]
+    batches = first + [next(it) for _ in range(4)]
     assert [b.tolist() for b in batches] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
     assert all(w.is_alive() for w in it._iterator._workers)
     it._iterator._shutdown_workers()
