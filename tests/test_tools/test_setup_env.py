@@ -153,15 +153,7 @@ def test_first_run_builds_mmcv_and_exits_0(tmp_path):
     the progress ticker after it ended) used to turn a successful set-up into exit 1, which stopped
     ``make test`` on every machine without a cached wheel.
     """
-    root = tmp_path / 'project'
-    (root / 'tools').mkdir(parents=True)
-    (root / 'tools' / 'setup_env.sh').write_text(SCRIPT)
-    for name in ('setup.cfg', 'pyproject.toml'):  # part of the stamp
-        (root / name).write_text(f'# {name}\n')
-    py = root / '.venv' / 'bin' / 'python'
-    py.parent.mkdir(parents=True)
-    py.write_text(FAKE_PYTHON)
-    py.chmod(0o755)
+    root = _project_with_fake_python(tmp_path)
     cache = tmp_path / 'cache'
     env = dict(os.environ, MLLA_MM_CACHE=str(cache))
     start = time.monotonic()
@@ -175,7 +167,7 @@ def test_first_run_builds_mmcv_and_exits_0(tmp_path):
     wheels = list(cache.glob('mmcv-2.1.0-torch*-cpuops/mmcv-*.whl'))
     assert len(wheels) == 1, list(cache.rglob('*'))
     assert not list(cache.glob('tmp.*')), 'the build directory was left behind'
-    calls = (py.parent / 'calls.log').read_text()
+    calls = (root / '.venv' / 'bin' / 'calls.log').read_text()
     assert '--force-reinstall --no-deps' in calls and wheels[0].name in calls
     # A second run finds the stamp and only checks mmcv's ops.
     again = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')], env=env, capture_output=True,
