@@ -34,42 +34,15 @@ def test_the_data_errors_are_the_leaf_module_s_and_importable_from_datasets():
     assert checks.DataNotFoundError is errors.DataNotFoundError and 'CocoDataset' in checks.LAYOUTS
 
 
-# ---- ids -----------------------------------------------------------------------------------------------------
-def test_duplicate_image_ids(coco):
-    root, data = coco
-    data['images'][2]['id'] = 2
-    with pytest.raises(BadAnnotationError, match=r'duplicate image ids 2 \(1 ids') as err:
-        check(root, data)
-    assert str(root / 'ann.json') in str(err.value) and 'my_cfg.py' in str(err.value)
-    assert '\n' not in str(err.value)
-
-
-def test_duplicate_annotation_ids(coco):
-    root, data = coco
-    data['annotations'][3]['id'] = 1
-    data['annotations'][5]['id'] = 2
-    with pytest.raises(BadAnnotationError, match=r'duplicate annotation ids 1, 2 \(2 ids') as err:
-        check(root, data)
-    assert str(root / 'ann.json') in str(err.value)
-
-
-def test_unknown_category_id(coco):
-    root, data = coco
-    data['annotations'][1]['category_id'] = 9
-    with pytest.raises(BadAnnotationError, match='category ids that are not in "categories": 9 ') as err:
-        check(root, data)
-    assert str(root / 'ann.json') in str(err.value)
-
-
-def test_unknown_image_id(coco):
-    root, data = coco
-    data['annotations'][0]['image_id'] = 77
-    with pytest.raises(BadAnnotationError, match='image ids that are not in "images": 77 ') as err:
-        check(root, data)
-    assert str(root / 'ann.json') in str(err.value)
-
-
+# ---- ids and malformed entries: one line naming the file and the config -------------------------------------
 @pytest.mark.parametrize('damage, words', [
+    pytest.param(lambda d: d['images'][2].update(id=2), 'duplicate image ids 2 (1 ids', id='duplicate-image-ids'),
+    pytest.param(lambda d: d['annotations'][3].update(id=1) or d['annotations'][5].update(id=2),
+                 'duplicate annotation ids 1, 2 (2 ids', id='duplicate-annotation-ids'),
+    pytest.param(lambda d: d['annotations'][1].update(category_id=9), 'category ids that are not in "categories": 9 ',
+                 id='unknown-category-id'),
+    pytest.param(lambda d: d['annotations'][0].update(image_id=77), 'image ids that are not in "images": 77 ',
+                 id='unknown-image-id'),
     (lambda d: d['annotations'][0].pop('bbox'), 'bbox of 4 finite numbers'),
     (lambda d: d['annotations'][0].__setitem__('bbox', [1, 2, 3]), 'annotations[0]'),
     (lambda d: d['annotations'][1].__setitem__('bbox', [1, 2, float('nan'), 3]), 'annotations[1]'),
@@ -87,7 +60,8 @@ def test_malformed_entries_are_errors_not_crashes(coco, damage, words):
     damage(data)
     with pytest.raises(BadAnnotationError, match=re.escape(words)) as err:
         check(root, data)
-    assert str(root / 'ann.json') in str(err.value)
+    assert str(root / 'ann.json') in str(err.value) and 'my_cfg.py' in str(err.value)
+    assert '\n' not in str(err.value)
 
 
 # ---- classes -------------------------------------------------------------------------------------------------

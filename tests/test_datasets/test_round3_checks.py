@@ -353,12 +353,20 @@ def test_long_checks_show_progress(seg_data, monkeypatch, capsys):
 
 
 # ---- item 9: ids of two types --------------------------------------------------------------------------------
-def test_mixed_int_and_str_image_ids(tmp_path):
-    data = make_coco(tmp_path)
-    data['images'][1]['id'] = 'two'
+def _coco_with_a_string_id(root, table, key, new):
+    """``make_coco(root)`` whose second entry of ``table`` has the string id ``new`` (so do the annotations'
+    ``key`` that named its number)."""
+    data = make_coco(root)
+    old = data[table][1]['id']
+    data[table][1]['id'] = new
     for a in data['annotations']:
-        if a['image_id'] == 2:
-            a['image_id'] = 'two'
+        if a[key] == old:
+            a[key] = new
+    return data
+
+
+def test_mixed_int_and_str_image_ids(tmp_path):
+    data = _coco_with_a_string_id(tmp_path, 'images', 'image_id', 'two')
     with pytest.raises(BadAnnotationError, match=r"image ids are both numbers and strings \(e\.g\. 1 and 'two'\)"
                        ) as err:
         check(tmp_path, data, loader='val_dataloader')
@@ -379,10 +387,6 @@ def test_mixed_int_and_str_image_ids(tmp_path):
 
 
 def test_mixed_category_id_types(tmp_path):
-    data = make_coco(tmp_path)
-    data['categories'][1]['id'] = 'dog'
-    for a in data['annotations']:
-        if a['category_id'] == 2:
-            a['category_id'] = 'dog'
+    data = _coco_with_a_string_id(tmp_path, 'categories', 'category_id', 'dog')
     with pytest.raises(BadAnnotationError, match=r"category ids are both numbers and strings \(e\.g\. 1 and 'dog'\)"):
         check(tmp_path, data)

@@ -36,6 +36,12 @@ def make_pair(dim, heads, seed=0):
     return block, ref
 
 
+def seeded_mlla(seed, embed_dims, depths, **kwargs):
+    """An MLLA (heads 1, 2, 4, 8) built right after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return MLLA(dict(embed_dims=embed_dims, depths=depths, num_heads=[1, 2, 4, 8]), **kwargs)
+
+
 def ref_block(ref, x):
     b, h, w, c = x.shape
     return ref(x.reshape(b, h * w, c), h, w).reshape(b, h, w, c)
@@ -253,8 +259,7 @@ def test_bf16_relu_on_bit_patterns_is_relu():
 
 
 def test_bf16_autocast_no_nan_and_close_to_fp32():
-    torch.manual_seed(3)
-    model = MLLA(dict(embed_dims=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8])).eval()
+    model = seeded_mlla(3, 32, [1, 2, 2, 1]).eval()
     x = torch.randn(1, 3, 96, 72)
     with torch.no_grad():
         ref = model(x)
@@ -318,8 +323,7 @@ class ProductDtypes(TorchFunctionMode):
 
 def test_fast_path_under_bf16_autocast(monkeypatch):
     """Under autocast the fast path runs (not the autograd code) in bf16, with float32 attention maths."""
-    torch.manual_seed(5)
-    model = MLLA(dict(embed_dims=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8])).eval()
+    model = seeded_mlla(5, 32, [1, 2, 2, 1]).eval()
     randomize_norms(model)  # non-trivial BatchNorm statistics and LayerNorm affine terms
     x = torch.randn(2, 3, 97, 75)
     taken = []
@@ -356,8 +360,7 @@ def test_fast_path_under_bf16_autocast(monkeypatch):
 
 def test_bf16_model_without_autocast_runs_the_fast_path_in_bf16():
     """A model converted with ``.bfloat16()`` and bf16 images: same numbers as autocast, bf16 outputs."""
-    torch.manual_seed(6)
-    model = MLLA(dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])).eval()
+    model = seeded_mlla(6, 16, [1, 1, 1, 1]).eval()
     x = torch.randn(1, 3, 45, 61)
     with torch.no_grad():
         ref = model(x)
@@ -371,8 +374,7 @@ def test_bf16_training_dtypes_where_bf16_is_slow_or_wasteful():
     """Under autocast with gradients: the strided depthwise convolution of each Downsample runs in
     float32 (its bf16 backward is 6-11x slower on the CPU); the blocks' LayerNorms hand bf16 on to
     their bf16 linear layers; the output norms stay float32; gradients match fp32 closely."""
-    torch.manual_seed(7)
-    model = MLLA(dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8]), drop_path_rate=0.).train()
+    model = seeded_mlla(7, 16, [1, 1, 1, 1], drop_path_rate=0.).train()
     seen = {}
     for name, m in model.named_modules():
         if name.endswith('downsample.conv.1.conv') or name.endswith('blocks.0.norm1') or name in ('norm0', 'norm3'):

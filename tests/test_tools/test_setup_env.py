@@ -107,6 +107,21 @@ def _project_with_fake_python(tmp_path: Path) -> Path:
     return root
 
 
+def _cached_cpu_wheel(cache: Path) -> Path:
+    """A CPU (``cpuops``) mmcv wheel in the wheel cache ``cache``, as an earlier set-up leaves it; its folder."""
+    cpu = cache / f'mmcv-2.1.0-torch2.14.1-cp311-{platform.machine()}-cpuops'
+    cpu.mkdir(parents=True)
+    (cpu / 'mmcv-2.1.0-cp311-cp311-linux_x86_64.whl').touch()
+    return cpu
+
+
+def _run_setup(root: Path, cache: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run ``root``'s tools/setup_env.sh with the wheel cache ``cache``."""
+    return subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')],
+                          env=dict(os.environ, MLLA_MM_CACHE=str(cache)), capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def test_a_gpu_machine_builds_cuda_kernels_for_its_architecture_under_their_own_cache_name(tmp_path):
     """The CUDA branch (issue 29): toolchain, patches, FORCE_CUDA / TORCH_CUDA_ARCH_LIST / CUDA_HOME in the
     build, the wheel cached as ``...-cuda13.0-sm90``; a CPU wheel already in the cache is not used."""
@@ -115,11 +130,8 @@ def test_a_gpu_machine_builds_cuda_kernels_for_its_architecture_under_their_own_
     (bindir / 'plan.txt').write_text("MMCV_BUILD=cuda\nMMCV_CACHE_TAG=cuda13.0-sm90\nMMCV_CUDA_ARCH=9.0\n"
                                      "MMCV_CUDA=13.0\nMMCV_BUILD_NOTE='CUDA build for NVIDIA H100'\n")
     cache = tmp_path / 'cache'
-    cpu = cache / f'mmcv-2.1.0-torch2.14.1-cp311-{platform.machine()}-cpuops'
-    cpu.mkdir(parents=True)
-    (cpu / 'mmcv-2.1.0-cp311-cp311-linux_x86_64.whl').touch()
-    proc = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')],
-                          env=dict(os.environ, MLLA_MM_CACHE=str(cache)), capture_output=True, text=True, timeout=120)
+    _cached_cpu_wheel(cache)
+    proc = _run_setup(root, cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'CUDA build for NVIDIA H100' in proc.stderr
     assert 'CUDA kernels for TORCH_CUDA_ARCH_LIST=9.0 with nvcc 13.0 from pip packages' in proc.stderr
@@ -135,11 +147,8 @@ def test_a_cpu_machine_reuses_the_cached_cpuops_wheel(tmp_path):
     """No plan answer (a CPU machine, or cuda_setup.py failing): the same cache name as before, no rebuild."""
     root = _project_with_fake_python(tmp_path)
     cache = tmp_path / 'cache'
-    cpu = cache / f'mmcv-2.1.0-torch2.14.1-cp311-{platform.machine()}-cpuops'
-    cpu.mkdir(parents=True)
-    (cpu / 'mmcv-2.1.0-cp311-cp311-linux_x86_64.whl').touch()
-    proc = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')],
-                          env=dict(os.environ, MLLA_MM_CACHE=str(cache)), capture_output=True, text=True, timeout=120)
+    cpu = _cached_cpu_wheel(cache)
+    proc = _run_setup(root, cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f'using cached mmcv wheel from {cpu}' in proc.stderr
     calls = (root / '.venv' / 'bin' / 'calls.log').read_text()
@@ -155,10 +164,8 @@ def test_first_run_builds_mmcv_and_exits_0(tmp_path):
     """
     root = _project_with_fake_python(tmp_path)
     cache = tmp_path / 'cache'
-    env = dict(os.environ, MLLA_MM_CACHE=str(cache))
     start = time.monotonic()
-    proc = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = _run_setup(root, cache)
     # The progress ticker (a line a minute) ends with the build: nothing holds the output open.
     assert time.monotonic() - start < 30
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -170,6 +177,5 @@ def test_first_run_builds_mmcv_and_exits_0(tmp_path):
     calls = (root / '.venv' / 'bin' / 'calls.log').read_text()
     assert '--force-reinstall --no-deps' in calls and wheels[0].name in calls
     # A second run finds the stamp and only checks mmcv's ops.
-    again = subprocess.run(['bash', str(root / 'tools' / 'setup_env.sh')], env=env, capture_output=True,
-                           text=True, timeout=60)
+    again = _run_setup(root, cache, timeout=60)
     assert again.returncode == 0 and 'environment up to date' in again.stderr, again.stderr
