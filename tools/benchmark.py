@@ -5,7 +5,7 @@
     python tools/benchmark.py backbone [--sizes 512x512 800x1280] [--models mlla_t swin_t r50] [--plot F]
     python tools/benchmark.py detector [--size 800x1333]
     python tools/benchmark.py train [--size 512]
-    python tools/benchmark.py onnx [--models mlla_t swin_t upernet_mlla_t] [--int8]
+    python tools/benchmark.py onnx [--models mlla_t swin_t upernet_mlla_t mask_rcnn_mlla_t] [--int8]
     python tools/benchmark.py bf16 [--size 800x1280]
 
 Every subcommand takes ``--threads`` (default 2), ``--repeats`` (interleaved
@@ -38,8 +38,11 @@ docs/benchmarks.md.
   (``--detector-size``, ``--no-detector``), those two with
   ``--train-repeats`` rounds.
 * ``onnx``: ONNX Runtime against PyTorch eager fp32 (MLLA-T and Swin-T
-  backbones, an UperNet MLLA-T), exported with tools/export_onnx.py's code;
-  ``--int8`` adds the INT8 (static QDQ) graph of each MLLA model.
+  backbones at ``--backbone-size``, an UperNet MLLA-T at ``--seg-size``, the
+  whole Mask R-CNN MLLA-T at ``--detector-size``: image in, pasted masks
+  out, see :class:`DetectorRuns` and :func:`equal_work_test_cfg`), exported
+  with tools/export_onnx.py's code; ``--int8`` adds the INT8 (static QDQ)
+  graph of each MLLA model.
 * ``bf16``: bf16 autocast against fp32 on the CPU: MLLA-T inference, MLLA-T
   forward + backward, a Mask R-CNN training step (``CPUAutocastOptimWrapper``,
   what ``tools/train.py --amp`` uses).
@@ -153,6 +156,15 @@ def build_detector(kind: str):
     return MODELS.build(cfg.model)
 
 
+def detector_batch(size: Tuple[int, int]) -> dict:
+    """One random uint8 ``HxW`` image (seed 0) with its metadata, as mmdet's ``test_step`` takes it."""
+    from mmdet.structures import DetDataSample
+    h, w = size
+    sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), scale_factor=(1., 1.)))
+    image = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return dict(inputs=[image], data_samples=[sample])
+
+
 def detector_pair(zeroed: Sequence[str]) -> Dict[str, torch.nn.Module]:
     """MLLA-T and Swin-T Mask R-CNNs that differ only in backbone and FPN lateral convolutions.
 
@@ -227,11 +239,7 @@ def detector_inference_times(size: Tuple[int, int], repeats: int, proposals: int
         rpn, rcnn = model.rpn_head.test_cfg, model.roi_head.test_cfg
         rpn.nms_pre, rpn.max_per_img, rpn.nms.iou_threshold = proposals, proposals, 1.0
         rcnn.score_thr, rcnn.nms.iou_threshold, rcnn.max_per_img = 0.0, 1.0, detections
-    from mmdet.structures import DetDataSample
-    h, w = size
-    sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), scale_factor=(1., 1.)))
-    image = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    batch = dict(inputs=[image], data_samples=[sample])
+    batch = detector_batch(size)
 
     def infer(model):
         out = model.test_step(batch)[0].pred_instances
@@ -633,15 +641,29 @@ def run_bf16(args: argparse.Namespace, results: dict) -> None:
 # --------------------------------------------------------------------------
 # onnx: ONNX Runtime (fp32, INT8) against PyTorch eager fp32.
 # --------------------------------------------------------------------------
-ONNX_MODELS = ['mlla_t', 'swin_t', 'upernet_mlla_t']
+ONNX_MODELS = ['mlla_t', 'swin_t', 'upernet_mlla_t', 'mask_rcnn_mlla_t']
+ONNX_LABELS = dict(mlla_t='MLLA-T', swin_t='Swin-T', upernet_mlla_t='UperNet MLLA-T',
+                   mask_rcnn_mlla_t='Mask R-CNN MLLA-T')
 LEVELS = ['disable', 'basic', 'extended', 'all']
+DETECTOR_CONFIG = os.path.join(REPO_ROOT, 'configs', 'detection', 'mask_rcnn_mlla_t.py')
+
+
+def onnx_size(name: str, args: argparse.Namespace) -> Tuple[int, int]:
+    """The image size ``name`` is timed at: ``--seg-size``, ``--detector-size`` or ``--backbone-size``."""
+    if name.startswith('upernet'):
+        return parse_size(args.seg_size)
+    if name.startswith('mask_rcnn'):
+        return parse_size(args.detector_size)
+    return parse_size(args.backbone_size)
 
 
 def onnx_target(name: str, size: Tuple[int, int], quick: bool = False):
     """(ExportTarget, export shape, dynamic) for a model name; dynamic ones are traced at another size.
 
-    MLLA and UperNet are exported with dynamic batch/height/width, as users get them; mmdet's Swin-T at
-    the benchmark size, since its padding is not traced dynamically.
+    MLLA, UperNet and the whole Mask R-CNN (``configs/detection/mask_rcnn_mlla_t.py``, random weights) are
+    exported with dynamic batch/height/width, as users get them; mmdet's Swin-T at the benchmark size, since
+    its padding is not traced dynamically. ``size``: the image size timed (a detector's graph is traced at it
+    padded as its data preprocessor pads it).
     """
     from mlla_mm.deploy.onnx_export import ExportTarget, build_target
     from mlla_mm.deploy.wrappers import BackboneForExport, output_names
@@ -655,19 +677,26 @@ def onnx_target(name: str, size: Tuple[int, int], quick: bool = False):
     if name == 'upernet_mlla_t':
         cfg = os.path.join(REPO_ROOT, 'configs', 'segmentation', 'upernet_mlla_t.py')
         return build_target(cfg, log=lambda m: None), size if quick else (256, 256), True
+    if name == 'mask_rcnn_mlla_t':
+        target = build_target(DETECTOR_CONFIG, log=lambda m: None)
+        div = int(getattr(target.model.detector.data_preprocessor, 'pad_size_divisor', 1) or 1)
+        return target, tuple(-(-v // div) * div for v in size) if quick else (320, 320), True
     raise ValueError(name)
 
 
-def int8_bytes(data: bytes, size: Tuple[int, int], calib_dir: Optional[str] = None) -> bytes:
-    """The INT8 model of ``data`` (mlla_mm/deploy/quantize.py), calibrated on ``calib_dir`` or 2 random images."""
+def int8_bytes(data: bytes, size: Tuple[int, int], calib_dir: Optional[str] = None, detector: bool = False) -> bytes:
+    """The INT8 model of ``data`` (mlla_mm/deploy/quantize.py), calibrated on ``calib_dir`` or 2 random images
+    of ``size``; a whole detector's feeds carry its ``img_shape`` too."""
     import numpy as np
 
     from mlla_mm.deploy.quantize import folder_calibration, quantize_int8
     if calib_dir:
-        feeds = folder_calibration(calib_dir, 8, size)
+        feeds = list(folder_calibration(calib_dir, 8, size))
     else:
         gen = np.random.default_rng(0)
         feeds = [{'img': gen.standard_normal((1, 3, *size), dtype=np.float32)} for _ in range(2)]
+    if detector:
+        feeds = [dict(f, img_shape=np.array([list(size)], np.int64)) for f in feeds]
     return quantize_int8(data, feeds, log=lambda msg: print(f'# {msg}', flush=True))
 
 
@@ -683,70 +712,167 @@ def check_onnx_args(args: argparse.Namespace) -> None:
         folder_images(args.calib_dir, 1)
 
 
+def equal_work_test_cfg(detector: torch.nn.Module) -> dict:
+    """Set the RoI head's score threshold to 0 and return the test settings both sides run with.
+
+    With random weights every class scores about 1/81 (or at least nowhere near trained scores), so at the
+    config's threshold (0.05) few or no boxes would reach NMS and the mask head; at 0 each image gets
+    ``max_per_img`` detections, as a busy image does with trained weights. mmdet's ``predict`` and the
+    exported graph read the same ``test_cfg`` objects (the export is traced after this), so PyTorch and
+    ONNX Runtime run the same settings on the same weights.
+    """
+    rpn, rcnn = detector.rpn_head.test_cfg, detector.roi_head.test_cfg
+    config_thr = float(rcnn.score_thr)
+    rcnn.score_thr = 0.0
+    return dict(rpn_nms_pre=int(rpn.nms_pre), rpn_max_per_img=int(rpn.max_per_img),
+                rpn_iou=float(rpn.nms.iou_threshold), score_thr=0.0, config_score_thr=config_thr,
+                iou=float(rcnn.nms.iou_threshold), max_per_img=int(rcnn.max_per_img),
+                mask_thr_binary=float(rcnn.mask_thr_binary))
+
+
+class TensorRuns:
+    """A backbone's or segmentor's PyTorch forward and its ONNX Runtime sessions on one random image."""
+
+    def __init__(self, target, size: Tuple[int, int]) -> None:
+        self.model = target.model
+        self.input_size = size
+        self.x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            self.ref = self.model(self.x)
+
+    def torch_fn(self, key: str) -> Callable[[], object]:
+        def run():
+            with torch.no_grad():
+                return self.model(self.x)
+        return run
+
+    def session_fn(self, sess, key: str) -> Tuple[Callable[[], object], Optional[float]]:
+        """The session's run and its largest relative difference from PyTorch."""
+        feed = {'img': self.x.numpy()}
+        return (lambda: sess.run(None, feed)), relative_difference(sess.run(None, feed), self.ref)
+
+
+class DetectorRuns:
+    """A whole detector as a user runs it: image in; boxes, scores, labels and pasted masks out.
+
+    PyTorch: mmdet's ``test_step`` in eval mode under ``torch.no_grad()`` (what tools/test.py's runner does:
+    data preprocessor, the model as the config builds it, with its fast inference path, rescaling and mask
+    pasting). ONNX Runtime: the same data preprocessor and post-processing around each session
+    (:class:`mlla_mm.deploy.ort_model.OnnxRuntimeModel`, what ``tools/test.py CONFIG F.onnx`` runs). Every
+    call's number of detections goes into ``row['detections']`` under the run's key.
+    """
+
+    def __init__(self, target, size: Tuple[int, int], row: dict) -> None:
+        self.target, self.size = target, size
+        self.detector = target.model.detector
+        self.detections: Dict[str, List[int]] = row.setdefault('detections', {})
+        with torch.no_grad():
+            self.img = self.detector.data_preprocessor(detector_batch(size), False)['inputs'].float()
+        self.input_size = tuple(self.img.shape[2:])  # padded by the data preprocessor
+
+    def counted(self, key: str, step: Callable[[dict], list]) -> Callable[[], list]:
+        batch = detector_batch(self.size)  # one per run: each call writes its predictions into the samples
+
+        def run():
+            with torch.no_grad():
+                out = step(batch)
+            self.detections.setdefault(key, []).append(len(out[0].pred_instances))
+            return out
+        return run
+
+    def torch_fn(self, key: str) -> Callable[[], object]:
+        return self.counted(key, self.detector.test_step)
+
+    def session_fn(self, sess, key: str) -> Tuple[Callable[[], object], Optional[float]]:
+        """The session's run (pre- and post-processing included) and, when it finds the same labels in the
+        same order as PyTorch, its largest relative difference in boxes, scores and 28x28 masks (else None)."""
+        from mlla_mm.deploy.onnx_export import check_detector_onnx
+        from mlla_mm.deploy.ort_model import OnnxRuntimeModel
+        model = OnnxRuntimeModel(key, 'detector', data_preprocessor=self.detector.data_preprocessor,
+                                 mask_thr_binary=float(self.detector.roi_head.test_cfg.mask_thr_binary), session=sess)
+        rows = check_detector_onnx(None, self.target, [], session=sess, images=[self.img])
+        diff = None if not all(math.isfinite(r.max_abs_diff) for r in rows) else \
+            max((r.max_abs_diff / r.scale if r.scale > 0 else 0.) for r in rows)
+        return self.counted(key, model.test_step), diff
+
+
 def export_sessions(name: str, args: argparse.Namespace, results: dict):
-    """Export ``name``, check ONNX Runtime against PyTorch, and return (size, PyTorch run, {key: session run})."""
+    """Export ``name``, check ONNX Runtime against PyTorch; return (size, {run key: function}) to time together."""
     from mlla_mm.deploy.onnx_export import export_bytes, make_session
-    size = parse_size(args.seg_size if name.startswith('upernet') else args.backbone_size)
+    size = onnx_size(name, args)
     target, shape, dynamic = onnx_target(name, size, args.quick)
+    row = results['models'][name] = dict(size=f'{size[0]}x{size[1]}', dynamic=dynamic,
+                                         formulation='plain' if name == 'swin_t' else args.formulations[0])
+    if target.kind == 'detector':
+        row['test_cfg'] = equal_work_test_cfg(target.model.detector)  # before the export: traced with them
+        runner = DetectorRuns(target, size, row)
+        row['input_size'] = '{}x{}'.format(*runner.input_size)
+    else:
+        runner = TensorRuns(target, size)
     t = time.perf_counter()
     data = export_bytes(target, shape, dynamic=dynamic, formulation=args.formulations[0])
-    export_s = time.perf_counter() - t
+    row.update(export_s=time.perf_counter() - t, onnx_mib=len(data) / 2**20)
     graphs = {level: data for level in (args.levels if name == 'mlla_t' else args.levels[:1])}
     if name != 'swin_t':  # the other formulations of an MLLA model and its INT8 graph, at the first level
         for form in args.formulations[1:]:
             graphs[f'{form}-{args.levels[0]}'] = export_bytes(target, shape, dynamic=dynamic, formulation=form)
         if args.int8:
-            graphs[f'int8-{args.levels[0]}'] = int8_bytes(data, size, args.calib_dir)
-    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = target.model(x)
-    row = results['models'][name] = dict(size=f'{size[0]}x{size[1]}', export_s=export_s, dynamic=dynamic,
-                                         onnx_mib=len(data) / 2**20,
-                                         formulation='plain' if name == 'swin_t' else args.formulations[0])
+            graphs[f'int8-{args.levels[0]}'] = int8_bytes(data, runner.input_size, args.calib_dir,
+                                                          detector=target.kind == 'detector')
     runs = {}
     for key, graph in graphs.items():
         level = key.rsplit('-', 1)[-1]
         sess = make_session(graph, threads=args.threads, level=level, spinning=False)
-        diff = relative_difference(sess.run(None, {'img': x.numpy()}), ref)
+        runs[f'{name}:ort-{key}'], diff = runner.session_fn(sess, f'{name}:ort-{key}')
         if key == args.levels[0]:
             row['max_rel_diff'] = diff
         elif key.startswith('int8-'):
             row.update(int8_mib=len(graph) / 2**20, int8_max_rel_diff=diff)
         elif key not in LEVELS:
             row[f'max_rel_diff_{key.rsplit("-", 1)[0]}'] = diff
-        runs[f'{name}:ort-{key}'] = (lambda s=sess, inp=x.numpy(): s.run(None, {'img': inp}))
-    print(f'# {name}: exported in {export_s:.1f} s ({"dynamic" if dynamic else "static"} shape, '
-          f'{len(data) / 2**20:.0f} MiB); ONNX Runtime vs PyTorch max rel. diff ' + ', '.join(
-              f'{k}: {v:.1e}' for k, v in row.items() if k.endswith('max_rel_diff') or k.startswith('max_rel_diff')),
-          flush=True)
+    diffs = ', '.join(f'{k}: ' + ('labels differ' if v is None else f'{v:.1e}') for k, v in row.items()
+                      if k.endswith('max_rel_diff') or k.startswith('max_rel_diff'))
+    print(f'# {name}: exported in {row["export_s"]:.1f} s ({"dynamic" if dynamic else "static"} shape, '
+          f'{row["onnx_mib"]:.0f} MiB); ONNX Runtime vs PyTorch max rel. diff {diffs}', flush=True)
+    return size, {f'{name}:torch': runner.torch_fn(f'{name}:torch'), **runs}
 
-    def run_torch(m=target.model, inp=x):
-        with torch.no_grad():
-            return m(inp)
 
-    return size, {f'{name}:torch': run_torch, **runs}
+def print_detections(results: dict) -> None:
+    """Each whole detector's detections per image in every call of every run, and the test settings they used."""
+    for name, row in results['models'].items():
+        if 'detections' not in row:
+            continue
+        cfg = row['test_cfg']
+        counts = ', '.join(f'{key.split(":", 1)[1]} {"/".join(str(n) for n in sorted(set(v)))}'
+                           for key, v in row['detections'].items())
+        print(f"# {name}: detections per image, every call: {counts} (score_thr {cfg['score_thr']:g} instead of "
+              f"the config's {cfg['config_score_thr']:g}, NMS IoU {cfg['iou']:g}, max_per_img {cfg['max_per_img']}; "
+              f"RPN nms_pre {cfg['rpn_nms_pre']}, IoU {cfg['rpn_iou']:g}, max_per_img {cfg['rpn_max_per_img']})",
+              flush=True)
 
 
 def run_onnx(args: argparse.Namespace, results: dict) -> None:
     """Every model's ONNX Runtime sessions and its PyTorch eager fp32 run, timed in the same rounds."""
     import onnxruntime as ort
     results.update(onnxruntime=ort.__version__, backbone_size=args.backbone_size, seg_size=args.seg_size,
-                   models={}, ratios={}, round_ratios={})
-    groups: Dict[Tuple[int, int], Dict[str, Callable[[], object]]] = {}
+                   detector_size=args.detector_size, models={}, ratios={}, round_ratios={})
+    groups: Dict[Tuple[str, Tuple[int, int]], Dict[str, Callable[[], object]]] = {}
     for name in args.models:
         try:
             size, fns = export_sessions(name, args, results)
         except ImportError as err:
             print(f'# skip {name}: {err}')
             continue
-        groups.setdefault(size, {}).update(fns)
+        # a whole detector in rounds of its own: its runs are seconds, a backbone's at the same size less
+        groups.setdefault(('detector' if name.startswith('mask_rcnn') else 'tensor', size), {}).update(fns)
     times: Dict[str, List[float]] = {}
-    for size, fns in groups.items():
+    for (_, size), fns in groups.items():
         print(f'# timing {len(fns)} runs at {size[0]}x{size[1]}, {args.repeats} interleaved rounds', flush=True)
         group = interleaved_times(fns, args.repeats)
         times.update(group)
         for key, ts in group.items():  # printed at once: a long run that is stopped keeps its numbers
             print(f'#   {key}: median {median(ts):.3f} s, all {", ".join(f"{t:.3f}" for t in ts)}', flush=True)
+    print_detections(results)
     results['latency'] = {k: summarize(v) for k, v in times.items()}
 
     print(f"\nLatency (s), {args.threads} threads, batch 1, {args.repeats} interleaved rounds; vs PyTorch eager fp32 "
@@ -762,10 +888,8 @@ def run_onnx(args: argparse.Namespace, results: dict) -> None:
             results['ratios'][f'{key}_over_torch'] = row['over_torch']
             results['round_ratios'][f'{key}_over_torch'] = rounds
     best = args.levels[0]
-    lines = []
-    if f'mlla_t:ort-int8-{best}' in times:
-        lines.append(('MLLA-T INT8 / fp32, both ONNX Runtime', f'mlla_t:ort-int8-{best}', f'mlla_t:ort-{best}',
-                      'mlla_t_int8_over_ort_fp32'))
+    lines = [(f'{ONNX_LABELS[name]} INT8 / fp32, both ONNX Runtime', f'{name}:ort-int8-{best}', f'{name}:ort-{best}',
+              f'{name}_int8_over_ort_fp32') for name in results['models'] if f'{name}:ort-int8-{best}' in times]
     if 'mlla_t:torch' in times and 'swin_t:torch' in times:
         lines += [('MLLA-T / Swin-T, PyTorch eager', 'mlla_t:torch', 'swin_t:torch', 'mlla_over_swin_torch'),
                   ('MLLA-T / Swin-T, ONNX Runtime', f'mlla_t:ort-{best}', f'swin_t:ort-{best}', 'mlla_over_swin_ort')]
@@ -837,6 +961,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument('--backbone-size', type=size_arg, default='800x1280',
                    help='HxW for the backbones (default 800x1280)')
     q.add_argument('--seg-size', type=size_arg, default='512x512', help='HxW for UperNet (default 512x512)')
+    q.add_argument('--detector-size', type=size_arg, default='800x1333',
+                   help='HxW of the image for the whole Mask R-CNN (default 800x1333; its data preprocessor pads it '
+                        'to a multiple of 32)')
     q.add_argument('--models', nargs='+', choices=ONNX_MODELS, default=ONNX_MODELS)
     q.add_argument('--levels', nargs='+', choices=LEVELS, default=['all', 'extended', 'basic', 'disable'],
                    help='ONNX Runtime graph optimisation levels to time for MLLA-T (others use the first)')
@@ -894,7 +1021,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if cmd == 'bf16' and args.quick:
         args.size, args.train_size, args.batch = (64, 96), 64, 1
     if cmd == 'onnx' and args.quick:
-        args.backbone_size, args.seg_size = '64x96', '64x64'
+        args.backbone_size, args.seg_size, args.detector_size = '64x96', '64x64', '64x96'
     return args
 
 

@@ -95,11 +95,13 @@ class OnnxRuntimeModel(BaseModel):
         align_corners: The decode head's ``align_corners`` (segmentor).
         threshold: The decode head's ``threshold`` (a one-class segmentor).
         threads: ONNX Runtime intra-op threads (0: its default).
+        session: An ONNX Runtime session of the file made already (tools/benchmark.py's settings);
+            ``onnx_file`` then only names it in messages.
     """
 
     def __init__(self, onnx_file: str, kind: str, data_preprocessor: Optional[dict] = None,
                  mask_thr_binary: float = 0.5, align_corners: bool = False, threshold: float = 0.3,
-                 threads: int = 0) -> None:
+                 threads: int = 0, session=None) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
         if kind not in ('detector', 'segmentor'):
             raise ValueError(f'OnnxRuntimeModel: kind must be detector or segmentor, got {kind!r}')
@@ -109,7 +111,7 @@ class OnnxRuntimeModel(BaseModel):
         self.align_corners = bool(align_corners)
         self.threshold = float(threshold)
         try:
-            self.session = make_session(onnx_file, threads)
+            self.session = session or make_session(onnx_file, threads)
         except UsageError:
             raise
         except Exception as err:  # noqa: BLE001 (ORT's Fail/InvalidGraph/...: IR version, ops, external data)

@@ -124,6 +124,36 @@ def test_onnx_subcommand_fp32_and_int8_against_eager(tmp_path):
     assert 1e-4 < model['int8_max_rel_diff'] < 0.5  # quantized, not fp32, yet related
 
 
+@pytest.mark.slow
+def test_onnx_subcommand_whole_detector_eager_fp32_int8_in_the_same_rounds(tmp_path):
+    """The whole Mask R-CNN: mmdet's test_step against ONNX Runtime fp32 and INT8 (pre/post-processing included),
+    one round, the ratios computed from the three timings, and every call's detections equal (the same work)."""
+    out = tmp_path / 'det.json'
+    stdout, _ = run_ok('onnx', '--quick', '--models', 'mask_rcnn_mlla_t', '--int8', '--threads', '1', '--json', out,
+                       timeout=600)
+    cpu_line_of(stdout)
+    data = json.loads(out.read_text())
+    runs = ('torch', 'ort-all', 'ort-int8-all')
+    lat = {run: data['latency'][f'mask_rcnn_mlla_t:{run}'] for run in runs}
+    assert set(data['latency']) == {f'mask_rcnn_mlla_t:{run}' for run in runs} and data['detector_size'] == '64x96'
+    for row in lat.values():
+        assert row['n'] == 1 and row['median'] > 0
+    for run in runs[1:]:  # one round: the ratio is that round's
+        assert data['ratios'][f'mask_rcnn_mlla_t:{run}_over_torch'] == pytest.approx(
+            lat[run]['median'] / lat['torch']['median'])
+    int8_over_fp32 = data['ratios']['mask_rcnn_mlla_t_int8_over_ort_fp32']
+    assert int8_over_fp32 == pytest.approx(lat['ort-int8-all']['median'] / lat['ort-all']['median'])
+    assert re.search(rf'Mask R-CNN MLLA-T INT8 / fp32, both ONNX Runtime +{int8_over_fp32:.3f}$', stdout, re.M)
+    model = data['models']['mask_rcnn_mlla_t']
+    cfg = model['test_cfg']
+    assert cfg['score_thr'] == 0 < cfg['config_score_thr'] and model['size'] == model['input_size'] == '64x96'
+    # the same work: every call of every run (warm-up and round) found max_per_img detections
+    assert model['detections'] == {f'mask_rcnn_mlla_t:{run}': [cfg['max_per_img']] * 2 for run in runs}
+    assert re.search(rf"detections per image, every call: torch {cfg['max_per_img']}, ort-all {cfg['max_per_img']}, "
+                     rf"ort-int8-all {cfg['max_per_img']} \(score_thr 0 instead of the config's", stdout), stdout
+    assert model['max_rel_diff'] < 1e-3 and model['dynamic']  # fp32: the same detections as PyTorch
+    assert model['int8_mib'] < 0.5 * model['onnx_mib']
+
 # --------------------------------------------------------------------------
 # The command line: the default subcommand, helpers, and bad input (in-process, a second or two each).
 # --------------------------------------------------------------------------
@@ -140,6 +170,14 @@ def test_no_subcommand_is_all_and_keeps_the_old_options():
     make = (ROOT / 'Makefile').read_text()
     assert re.search(r'^\t\$\(PY\) tools/benchmark\.py$', make, re.M)  # `make benchmark`: the default
 
+
+def test_onnx_times_backbone_detector_and_upernet_at_the_issue_sizes():
+    args = benchmark.parse_args(['onnx'])
+    assert args.models == ['mlla_t', 'swin_t', 'upernet_mlla_t', 'mask_rcnn_mlla_t'] and not args.int8
+    assert (args.backbone_size, args.detector_size, args.seg_size) == ('800x1280', '800x1333', '512x512')
+    args = benchmark.parse_args(['onnx', '--quick', '--detector-size', '800x1333'])
+    assert (args.backbone_size, args.detector_size, args.seg_size, args.repeats) == ('64x96', '64x96', '64x64', 1)
+    assert [benchmark.onnx_size(n, args) for n in args.models] == [(64, 96), (64, 96), (64, 64), (64, 96)]
 
 def test_slope_and_parse_size():
     import argparse
@@ -180,6 +218,8 @@ def nothing_measured(monkeypatch):
     (['bf16', '--batch', '0'], '--batch'),
     (['onnx', '--backbone-size', '0x64'], '--backbone-size'),
     (['onnx', '--seg-size', '64'], '--seg-size'),
+    (['onnx', '--detector-size', '800'], '--detector-size'),
+    (['onnx', '--models', 'mask_rcnn_mlla_x'], "invalid choice: 'mask_rcnn_mlla_x'"),
     (['onnx', '--calib-dir', 'x'], '--calib-dir needs --int8'),
     (['onnx', '--int8', '--calib-dir', 'MISSING'], 'not a directory'),
     (['nosuch', '--quick'], 'nosuch'),
