@@ -9,14 +9,23 @@ never ended in practice. :func:`init_gloo_group` waits at most
 :data:`DEFAULT_RENDEZVOUS_TIMEOUT`) for all processes to join and then stops
 with one line naming the variables; the collectives of the run keep torch's
 default timeout.
+
+While the store connects, c10d's C++ code logs each failed try with its stack
+frames on stderr (16-32 lines before our one line). ``TORCH_CPP_LOG_LEVEL`` is
+read once when torch loads, too early to change for the rendezvous alone, so
+file descriptor 2 goes to a temporary file for the rendezvous only
+(:func:`_holding_stderr`): everything is written back when it succeeds, and all
+but c10d's log records when it fails.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+import sys
+import tempfile
 from datetime import timedelta
-from typing import Dict
+from typing import Callable, Dict, TypeVar
 
 from ..errors import UsageError
 
@@ -30,6 +39,71 @@ _WORLD_VARS: Dict[str, str] = {'slurm': 'SLURM_NTASKS={world}, SLURM_PROCID={ran
                                'pytorch': 'WORLD_SIZE={world}, RANK={rank}'}
 _STARTER = {'slurm': 'srun starts SLURM_NTASKS processes', 'mpi': 'mpirun -n N starts them',
             'pytorch': 'torchrun --nproc-per-node N (or tools/dist_train.sh) starts them'}
+
+#: The first line of a c10d log record (``[E1207 03:36:35.344934820 socket.cpp:1028] [c10d] ...``) and the lines
+#: that follow it in the same record (the C++ stack of the exception it reports).
+_C10D_RECORD = re.compile(r'\[[IWEF]\d{4} [\d:.]+ [^\]\s]+\] \[c10d\]')
+_C10D_FOLLOWING = re.compile(r'(Exception raised from |frame #\d+: |<omitting python frames>|\s*$)')
+
+_T = TypeVar('_T')
+
+
+def _without_c10d_log(text: str) -> str:
+    """``text`` less c10d's log records (their first line and the stack lines after it); other lines kept."""
+    kept, in_record = [], False
+    for line in text.splitlines(keepends=True):
+        if _C10D_RECORD.match(line):
+            in_record = True
+        elif not (in_record and _C10D_FOLLOWING.match(line)):
+            in_record = False
+            kept.append(line)
+    return ''.join(kept)
+
+
+def _write_fd2(data: bytes) -> None:
+    """All of ``data`` to file descriptor 2 (nothing if it is closed)."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(2, view):]
+    except OSError:
+        pass
+
+
+def _holding_stderr(call: Callable[[], _T]) -> _T:
+    """``call()`` with file descriptor 2 (C++ and Python alike) going to a temporary file, written back after it.
+
+    Everything is written back when ``call`` returns; when it raises, all but c10d's log records (a failed
+    rendezvous is reported by the caller in one line). Without a descriptor 2 to save, ``call()`` as it is.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    try:
+        saved = os.dup(2)
+    except OSError:
+        return call()
+    succeeded = False
+    with tempfile.TemporaryFile() as held:
+        try:
+            os.dup2(held.fileno(), 2)
+            result = call()
+            succeeded = True
+            return result
+        finally:
+            try:
+                sys.stderr.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            data = held.read()
+            if not succeeded:
+                data = _without_c10d_log(data.decode('utf-8', 'surrogateescape')).encode('utf-8', 'surrogateescape')
+            _write_fd2(data)
 
 
 def rendezvous_timeout() -> float:
@@ -73,10 +147,15 @@ def init_gloo_group(launcher: str) -> None:
     addr, port = os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT'])
     names = _WORLD_VARS.get(launcher, _WORLD_VARS['pytorch']).format(world=world, rank=rank)
     where = f'MASTER_ADDR={addr}, MASTER_PORT={port}'
-    try:
+
+    def start() -> 'dist.TCPStore':
         store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout),
                               wait_for_workers=True, multi_tenant=True)
         dist.init_process_group(backend='gloo', store=store, rank=rank, world_size=world)
+        return store
+
+    try:
+        store = _holding_stderr(start)  # c10d's log of each failed try is not shown when the start fails
     except (RuntimeError, OSError, ValueError) as err:  # DistStoreError / DistNetworkError are RuntimeErrors
         text = ' '.join(str(err).split())
         joined = re.search(r'(\d+)/(\d+) clients joined', text)
