@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -162,6 +162,26 @@ def _tmpdir(root: Path) -> Path:
     return tmp
 
 
+def _make(root: str, params: Dict, write: Callable[[Path], None]) -> Path:
+    """The data set ``params`` describes at ``root``: reused when complete, else ``write(tmp)`` fills a new
+    temporary folder (marker first) that replaces ``root`` once finished. Returns ``root``.
+
+    Raises:
+        ForeignFolderError: ``root`` exists, is not empty and was not made by mlla-mm (nothing is changed).
+    """
+    root = Path(root)
+    if _is_complete(root, params):
+        return root
+    _check_root(root)
+    tmp = _tmpdir(root)
+    try:
+        write(tmp)
+        _finish(tmp, root, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
 def make_coco_shapes(root: str, seed: int = 0, num_train: int = 240, num_val: int = 60, size: int = 160,
                      max_objects: int = 4) -> Path:
     """Write (or reuse) a COCO-format instance segmentation data set.
@@ -173,14 +193,8 @@ def make_coco_shapes(root: str, seed: int = 0, num_train: int = 240, num_val: in
         ForeignFolderError: ``root`` exists, is not empty and was not made by mlla-mm (nothing is changed).
     """
     from pycocotools import mask as mask_utils
-    root = Path(root)
-    params = dict(kind='coco-shapes', seed=seed, num_train=num_train, num_val=num_val, size=size,
-                  max_objects=max_objects, version=1)
-    if _is_complete(root, params):
-        return root
-    _check_root(root)
-    tmp = _tmpdir(root)
-    try:
+
+    def write(tmp: Path) -> None:
         (tmp / 'annotations').mkdir()
         categories = [dict(id=i + 1, name=n, supercategory='shape') for i, n in enumerate(SHAPE_CLASSES)]
         for split, count, split_seed in [('train', num_train, seed), ('val', num_val, seed + 10_000)]:
@@ -200,10 +214,9 @@ def make_coco_shapes(root: str, seed: int = 0, num_train: int = 240, num_val: in
                                      area=float(mask_utils.area(rle)), bbox=[x, y, w, h], iscrowd=0))
             _write_text(tmp / 'annotations' / f'instances_{split}.json',
                         json.dumps(dict(images=images, annotations=anns, categories=categories)))
-        _finish(tmp, root, params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    return _make(root, dict(kind='coco-shapes', seed=seed, num_train=num_train, num_val=num_val, size=size,
+                            max_objects=max_objects, version=1), write)
 
 
 def make_ade_shapes(root: str, seed: int = 0, num_train: int = 200, num_val: int = 50, size: int = 128,
@@ -218,14 +231,7 @@ def make_ade_shapes(root: str, seed: int = 0, num_train: int = 200, num_val: int
     Raises:
         ForeignFolderError: ``root`` exists, is not empty and was not made by mlla-mm (nothing is changed).
     """
-    root = Path(root)
-    params = dict(kind='ade-shapes', seed=seed, num_train=num_train, num_val=num_val, size=size,
-                  max_objects=max_objects, version=1)
-    if _is_complete(root, params):
-        return root
-    _check_root(root)
-    tmp = _tmpdir(root)
-    try:
+    def write(tmp: Path) -> None:
         for split, count, split_seed in [('training', num_train, seed), ('validation', num_val, seed + 10_000)]:
             rng = np.random.default_rng(split_seed)
             (tmp / 'images' / split).mkdir(parents=True)
@@ -238,10 +244,9 @@ def make_ade_shapes(root: str, seed: int = 0, num_train: int = 200, num_val: int
                 name = f'{split}_{i:05d}'
                 _write_image(tmp / 'images' / split / f'{name}.jpg', img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
                 _write_image(tmp / 'annotations' / split / f'{name}.png', label)
-        _finish(tmp, root, params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    return _make(root, dict(kind='ade-shapes', seed=seed, num_train=num_train, num_val=num_val, size=size,
+                            max_objects=max_objects, version=1), write)
 
 
 def random_detection_batch(size: int, n_images: int = 2, seed: int = 0) -> dict:

@@ -239,6 +239,14 @@ def _nms_iou(cfg, where: str) -> float:
     return float(_cfg_get(nms, 'iou_threshold'))
 
 
+def _anchor_buffers(module: nn.Module, generator, prefix: str) -> List[Tuple[float, ...]]:
+    """Register ``generator``'s base anchors on ``module`` as buffers ``{prefix}{level}`` (not saved with the
+    weights); return its strides per level, as floats."""
+    for i, base in enumerate(generator.base_anchors):
+        module.register_buffer(f'{prefix}{i}', base.clone().float(), persistent=False)
+    return [tuple(float(v) for v in s) for s in generator.strides]
+
+
 class TwoStageForExport(nn.Module):
     """Mask R-CNN / Faster R-CNN (RPN + ``StandardRoIHead``) as
     ``(img, img_shape) -> boxes, scores, labels[, masks]``."""
@@ -262,10 +270,7 @@ class TwoStageForExport(nn.Module):
         if self.with_mask:
             self.mask_extractor = ExportRoIExtractor(roi.mask_roi_extractor)
         self.num_classes = roi.bbox_head.num_classes
-        gen = rpn.prior_generator
-        self.strides = [tuple(float(v) for v in s) for s in gen.strides]
-        for i, base in enumerate(gen.base_anchors):
-            self.register_buffer(f'rpn_anchors{i}', base.clone().float(), persistent=False)
+        self.strides = _anchor_buffers(self, rpn.prior_generator, 'rpn_anchors')
 
     @property
     def output_names(self) -> List[str]:
@@ -357,10 +362,7 @@ class SingleStageForExport(nn.Module):
         self.cfg = head.test_cfg
         self.iou = _nms_iou(self.cfg, 'test_cfg')
         self.num_classes = head.cls_out_channels
-        gen = head.prior_generator
-        self.strides = [tuple(float(v) for v in s) for s in gen.strides]
-        for i, base in enumerate(gen.base_anchors):
-            self.register_buffer(f'anchors{i}', base.clone().float(), persistent=False)
+        self.strides = _anchor_buffers(self, head.prior_generator, 'anchors')
 
     @property
     def output_names(self) -> List[str]:
