@@ -139,13 +139,20 @@ def test_infer_never_writes_over_the_weights_or_config(det_model, tmp_path, caps
     assert code == 2 and weights.read_bytes() == data
 
 
-def test_infer_keeps_a_foreign_file_unless_forced(det_model, tmp_path, capsys, no_model):
-    cfg, ckpt, src = det_model
+def _input_and_a_foreign_picture(tmp_path, src):
+    """``tmp_path/in`` holding the first picture of ``src`` as a.png, and ``tmp_path/out`` (returned) holding an
+    a.png of the user's."""
     (tmp_path / 'in').mkdir()
     shutil.copy(sorted(src.iterdir())[0], tmp_path / 'in' / 'a.png')
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'a.png').write_bytes(b'a picture of my own')
+    return out
+
+
+def test_infer_keeps_a_foreign_file_unless_forced(det_model, tmp_path, capsys, no_model):
+    cfg, ckpt, src = det_model
+    out = _input_and_a_foreign_picture(tmp_path, src)
     code = exit_code(infer.main, [cfg, ckpt, tmp_path / 'in', '--out', out])
     assert_one_error_line(capsys, out / 'a.png', 'not written by mlla-mm', '--force')
     assert code == 2 and (out / 'a.png').read_bytes() == b'a picture of my own'
@@ -154,11 +161,7 @@ def test_infer_keeps_a_foreign_file_unless_forced(det_model, tmp_path, capsys, n
 @pytest.mark.slow  # two inference runs
 def test_infer_force_replaces_a_foreign_file_and_its_own_pictures_are_rewritten(det_model, tmp_path, capsys):
     cfg, ckpt, src = det_model
-    (tmp_path / 'in').mkdir()
-    shutil.copy(sorted(src.iterdir())[0], tmp_path / 'in' / 'a.png')
-    out = tmp_path / 'out'
-    out.mkdir()
-    (out / 'a.png').write_bytes(b'a picture of my own')
+    out = _input_and_a_foreign_picture(tmp_path, src)
     assert exit_code(infer.main, [cfg, ckpt, tmp_path / 'in', '--out', out, '--force']) == 0
     assert written_by_toolkit(str(out / 'a.png'))
     assert exit_code(infer.main, [cfg, ckpt, tmp_path / 'in', '--out', out]) == 0  # its own picture: rewritten
