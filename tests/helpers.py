@@ -647,3 +647,12 @@ def edit_template(template: Path, out: Path, values: Dict[str, object]) -> Path:
     rest = re.sub(r"'(\.\.?/[^']+\.py)'", lambda m: repr(str((template.parent / m.group(1)).resolve())), rest)
     out.write_text(text[:start] + block + rest)
     return out
+
+
+def run_main(capsys, main, *args) -> Tuple[int, List[str]]:
+    """Run a tool's ``main`` here (no interpreter start-up): (exit code, non-empty stderr lines); argparse's exit
+    is an exit code too, a traceback on stderr fails the test."""
+    code = exit_code(main, args)
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err, err
+    return code, [ln for ln in err.splitlines() if ln.strip()]

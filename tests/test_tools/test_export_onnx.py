@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import (NUM_CLASSES, ROOT, TINY_ARCH, load_tool, one_error_line, run_tool, tool_env,
+from tests.helpers import (NUM_CLASSES, ROOT, TINY_ARCH, load_tool, one_error_line, run_main, run_tool, tool_env,
                            write_tiny_upernet)
 
 TOOL = ROOT / 'tools' / 'export_onnx.py'
@@ -103,13 +103,7 @@ def test_write_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, cap
 # --------------------------------------------------------------------------
 def run_in_process(capsys, *args):
     """Run the tool's main() here (no interpreter start-up); returns (exit code, stderr lines)."""
-    try:
-        code = export_tool.main([str(a) for a in args])
-    except SystemExit as stop:  # argument errors: ToolArgumentParser exits 2 after its one line
-        code = stop.code
-    err = capsys.readouterr().err
-    assert 'Traceback' not in err, err
-    return code, [ln for ln in err.splitlines() if ln.strip()]
+    return run_main(capsys, export_tool.main, *args)
 
 
 def assert_error(code, lines, *needles):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import load_tool, save_random_checkpoint, write_tiny_seg_config
+from tests.helpers import load_tool, run_main, save_random_checkpoint, write_tiny_seg_config
 
 infer = load_tool('infer')
 
@@ -111,13 +111,7 @@ def no_model(monkeypatch):
 
 def run_infer(capsys, *args):
     """(exit code, non-empty stderr lines) of infer.main; argparse's exit is an exit code too."""
-    try:
-        code = infer.main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    err = capsys.readouterr().err
-    assert 'Traceback' not in err, err
-    return code, [ln for ln in err.splitlines() if ln.strip()]
+    return run_main(capsys, infer.main, *args)
 
 
 def test_bad_arguments_are_one_line_before_the_model_is_built(det_model, tmp_path, capsys, monkeypatch, no_model):

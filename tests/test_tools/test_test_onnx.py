@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from tests.helpers import load_tool, run_tool, spread_weights, write_tiny_config
+from tests.helpers import load_tool, run_main, run_tool, spread_weights, write_tiny_config
 
 test_tool = load_tool('test')
 export_tool = load_tool('export_onnx')
@@ -75,13 +75,7 @@ def test_tool_reports_the_same_metrics_as_pytorch(exported, tmp_path):
 
 
 def run_in_process(capsys, *args):
-    try:
-        code = test_tool.main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    err = capsys.readouterr().err
-    assert 'Traceback' not in err, err
-    return code, [ln for ln in err.splitlines() if ln.strip()]
+    return run_main(capsys, test_tool.main, *args)
 
 
 def test_onnx_of_another_config_is_refused(exported, tmp_path, capsys, tiny_data):
