@@ -106,6 +106,23 @@ class CfgOptionsAction(DictAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def add_skip_bad_images(parser: argparse.ArgumentParser) -> None:
+    """``--skip-bad-images`` of tools/train.py and tools/test.py."""
+    parser.add_argument('--skip-bad-images', action='store_true',
+                        help='leave out missing or unreadable images (listed in a warning) instead of '
+                             'stopping with an error; see docs/reliability.md, Data checks')
+
+
+def parse_with_launcher(parser: argparse.ArgumentParser, argv: Optional[list] = None) -> argparse.Namespace:
+    """Add ``--launcher`` and the hidden ``--local_rank`` (torch.distributed.launch), parse ``argv`` and
+    export ``LOCAL_RANK`` for mmengine unless it is set already."""
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
 def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     """Read a config file and apply ``--cfg-options``; a config that does not parse is a :class:`UsageError`.
 

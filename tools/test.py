@@ -13,7 +13,6 @@ the same data pipeline, preprocessor and metrics (docs/deploy.md).
 Like tools/train.py, it only applies its options to the config, checks the
 data and turns problems you can fix into one ``error:`` line (exit code 2).
 """
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ from mmengine.config import Config
 
 
 def parse_args(argv=None):
-    from mlla_mm.cli import CfgOptionsAction, ToolArgumentParser
+    from mlla_mm.cli import CfgOptionsAction, ToolArgumentParser, add_skip_bad_images, parse_with_launcher
     parser = ToolArgumentParser(description='Test an mmdet or mmseg config (MLLA backbones).')
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
@@ -31,14 +30,8 @@ def parse_args(argv=None):
     parser.add_argument('--out', help='also dump the raw predictions to this .pkl file')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction, default=None,
                         help='override config entries')
-    parser.add_argument('--skip-bad-images', action='store_true',
-                        help='leave out missing or unreadable images (listed in a warning) instead of '
-                             'stopping with an error; see docs/reliability.md, Data checks')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_skip_bad_images(parser)
+    return parse_with_launcher(parser, argv)
 
 
 def enable_visualization(cfg: Config, show_dir: str) -> None:

@@ -27,14 +27,12 @@ Exit codes: 0 done; 2 bad input or a failed write (disk full); 1 stopped on a
 NaN/inf loss; 143 / 130 stopped by SIGTERM / SIGINT after writing a checkpoint
 of the last iteration (continue with ``--resume``).
 """
-import argparse
 import os
 import sys
 
 
-
 def parse_args(argv=None):
-    from mlla_mm.cli import CfgOptionsAction, ToolArgumentParser, positive_int
+    from mlla_mm.cli import CfgOptionsAction, ToolArgumentParser, add_skip_bad_images, parse_with_launcher, positive_int
     parser = ToolArgumentParser(description='Train an mmdet or mmseg config (MLLA backbones).')
     parser.add_argument('config', help='config file')
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default: work_dirs/<config name>)')
@@ -44,9 +42,7 @@ def parse_args(argv=None):
                         help='mixed precision: fp16 on CUDA, bf16 autocast on the CPU')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction, default=None,
                         help='override config entries, e.g. train_cfg.max_epochs=1')
-    parser.add_argument('--skip-bad-images', action='store_true',
-                        help='leave out missing or unreadable images (listed in a warning) instead of '
-                             'stopping with an error; see docs/reliability.md, Data checks')
+    add_skip_bad_images(parser)
     length = parser.add_mutually_exclusive_group()
     length.add_argument('--epochs', type=positive_int, metavar='N',
                         help='train N epochs, with the schedule (warm-up, steps, decay) scaled to them '
@@ -54,11 +50,7 @@ def parse_args(argv=None):
     length.add_argument('--iters', type=positive_int, metavar='N',
                         help='train N iterations, with the schedule and the validation/checkpoint intervals '
                              'scaled to them (iteration-based configs)')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_with_launcher(parser, argv)
 
 
 def main(argv=None) -> int:
