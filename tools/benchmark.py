@@ -491,17 +491,19 @@ def run_train(args: argparse.Namespace, results: dict) -> None:
 
 
 def run_detector(args: argparse.Namespace, results: dict) -> None:
-    """One whole Mask R-CNN inference, MLLA-T against Swin-T, ``args.train_repeats`` rounds."""
+    """One whole Mask R-CNN inference, MLLA-T against Swin-T, ``args.train_repeats`` rounds (``--quick``: 100
+    proposals and 20 detections per image instead of 1000 and 100)."""
     parts: Dict[str, Dict[str, float]] = {}
+    work = dict(proposals=100, detections=20) if args.quick else dict(proposals=1000, detections=100)
     try:
-        dt = detector_inference_times(parse_size(args.detector_size), args.train_repeats, parts=parts)
+        dt = detector_inference_times(parse_size(args.detector_size), args.train_repeats, parts=parts, **work)
     except ImportError as e:
         print(f'# skip detector: {e}')
         return
     results['detector_inference'] = dict({k: summarize(v) for k, v in dt.items()}, size=args.detector_size,
-                                         parts=parts)
-    print(f"\nMask R-CNN inference at {args.detector_size} (s): "
-          + ', '.join(f"{k} {median(v):.2f}" for k, v in dt.items()))
+                                         parts=parts, **work)
+    print(f"\nMask R-CNN inference at {args.detector_size}, {work['proposals']} proposals and {work['detections']} "
+          f"detections per image (s): " + ', '.join(f"{k} {median(v):.2f}" for k, v in dt.items()))
     for kind, named in parts.items():
         print(f'    {kind} parts (median s): ' + ', '.join(f'{n} {v:.2f}' for n, v in named.items()))
     ratio_line('Mask R-CNN inference MLLA-T / Swin-T', round_ratios(dt, 'mlla_t', 'swin_t'), results,
@@ -589,13 +591,14 @@ def bf16_forward_backward(size: int, batch: int, repeats: int) -> dict:
     return out
 
 
-def bf16_detector_step(size: int, repeats: int) -> dict:
-    """One Mask R-CNN MLLA-T training step: fp32 ``OptimWrapper`` against ``CPUAutocastOptimWrapper``."""
+def bf16_detector_step(size: int, repeats: int, images: int = 2) -> dict:
+    """One Mask R-CNN MLLA-T training step of ``images`` images: fp32 ``OptimWrapper`` against
+    ``CPUAutocastOptimWrapper``."""
     from mmengine.optim import OptimWrapper
     from mlla_mm.engine import CPUAutocastOptimWrapper
     torch.manual_seed(0)
     model = build_detector('mlla_t').train()
-    data = random_detection_batch(size, n_images=2, seed=0)
+    data = random_detection_batch(size, n_images=images, seed=0)
     wrappers = dict(fp32=OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0.)),
                     bf16=CPUAutocastOptimWrapper(optimizer=torch.optim.AdamW(model.parameters(), lr=0.)))
     losses: Dict[str, dict] = {}
@@ -605,7 +608,7 @@ def bf16_detector_step(size: int, repeats: int) -> dict:
         losses[kind] = model.train_step(copy.copy(data), wrappers[kind])
 
     out = measure_against_fp32(dict(fp32=lambda: step('fp32'), bf16=lambda: step('bf16')), repeats)
-    out.update(size=f'2x{size}x{size}', speedup=out['fp32'] / out['bf16'],
+    out.update(size=f'{images}x{size}x{size}', speedup=out['fp32'] / out['bf16'],
                loss_fp32=float(losses['fp32']['loss'].detach()), loss_bf16=float(losses['bf16']['loss'].detach()))
     return out
 
@@ -624,7 +627,7 @@ def run_bf16(args: argparse.Namespace, results: dict) -> None:
     print(f"MLLA-T forward + backward {r['size']}: fp32 {r['fp32']:.3f} s, bf16 {r['bf16']:.3f} s, "
           f"max rel. diff {r['max_rel_diff']:.1e}", flush=True)
     if not args.no_detector:
-        r = results['detector_step'] = bf16_detector_step(args.train_size, args.repeats)
+        r = results['detector_step'] = bf16_detector_step(args.train_size, args.repeats, 1 if args.quick else 2)
         print(f"Mask R-CNN MLLA-T training step {r['size']}: fp32 {r['fp32']:.3f} s, bf16 {r['bf16']:.3f} s; "
               f"loss fp32 {r['loss_fp32']:.4f}, bf16 {r['loss_bf16']:.4f}", flush=True)
     print(f"\nRatios bf16 / fp32 (median of per-round ratios, range of the rounds; native bf16 on this CPU: "
@@ -712,18 +715,21 @@ def check_onnx_args(args: argparse.Namespace) -> None:
         folder_images(args.calib_dir, 1)
 
 
-def equal_work_test_cfg(detector: torch.nn.Module) -> dict:
+def equal_work_test_cfg(detector: torch.nn.Module, quick: bool = False) -> dict:
     """Set the RoI head's score threshold to 0 and return the test settings both sides run with.
 
     With random weights every class scores about 1/81 (or at least nowhere near trained scores), so at the
     config's threshold (0.05) few or no boxes would reach NMS and the mask head; at 0 each image gets
     ``max_per_img`` detections, as a busy image does with trained weights. mmdet's ``predict`` and the
     exported graph read the same ``test_cfg`` objects (the export is traced after this), so PyTorch and
-    ONNX Runtime run the same settings on the same weights.
+    ONNX Runtime run the same settings on the same weights. ``quick`` (tests): 100 proposals and 20
+    detections per image instead of the config's 1000 and 100.
     """
     rpn, rcnn = detector.rpn_head.test_cfg, detector.roi_head.test_cfg
     config_thr = float(rcnn.score_thr)
     rcnn.score_thr = 0.0
+    if quick:
+        rpn.max_per_img, rcnn.max_per_img = 100, 20
     return dict(rpn_nms_pre=int(rpn.nms_pre), rpn_max_per_img=int(rpn.max_per_img),
                 rpn_iou=float(rpn.nms.iou_threshold), score_thr=0.0, config_score_thr=config_thr,
                 iou=float(rcnn.nms.iou_threshold), max_per_img=int(rcnn.max_per_img),
@@ -804,7 +810,7 @@ def export_sessions(name: str, args: argparse.Namespace, results: dict):
     row = results['models'][name] = dict(size=f'{size[0]}x{size[1]}', dynamic=dynamic,
                                          formulation='plain' if name == 'swin_t' else args.formulations[0])
     if target.kind == 'detector':
-        row['test_cfg'] = equal_work_test_cfg(target.model.detector)  # before the export: traced with them
+        row['test_cfg'] = equal_work_test_cfg(target.model.detector, args.quick)  # before the export: traced with them
         runner = DetectorRuns(target, size, row)
         row['input_size'] = '{}x{}'.format(*runner.input_size)
     else:

@@ -60,6 +60,7 @@ def test_default_is_all_backbone_and_detector_with_json_and_plot(tmp_path):
     assert re.search(r'^# estimated run time: about (<1|\d+) min', stdout, re.M), stdout[:2000]
     det = data['detector_inference']  # on by default in `all`; 96x128 with --quick
     assert det['size'] == '96x128' and 'train' not in data
+    assert (det['proposals'], det['detections']) == (100, 20)  # --quick: less head work, the same code
     for kind in ('mlla_t', 'swin_t'):
         assert set(det['parts'][kind]) == {'backbone', 'neck', 'rpn_head', 'roi_head'}
         assert 0 < sum(det['parts'][kind].values()) < det[kind]['max']
@@ -95,6 +96,7 @@ def test_bf16_subcommand_pairs_fp32_and_bf16(tmp_path):
     inf = data['inference']
     assert inf['size'] == '64x96' and 0 < inf['max_rel_diff'] < 0.1 and 0 < inf['max_rel_diff_autograd_code'] < 0.1
     step = data['detector_step']
+    assert step['size'] == '1x64x64'  # --quick: one image per training step
     assert step['speedup'] == pytest.approx(step['fp32'] / step['bf16'])
     assert step['loss_fp32'] > 0 and abs(step['loss_bf16'] - step['loss_fp32']) < 0.1 * step['loss_fp32']
     assert re.search(rf"MLLA-T inference +{inf['bf16_over_fp32']:.3f}$", stdout, re.M), stdout
