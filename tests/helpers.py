@@ -656,3 +656,41 @@ def run_main(capsys, main, *args) -> Tuple[int, List[str]]:
     err = capsys.readouterr().err
     assert 'Traceback' not in err, err
     return code, [ln for ln in err.splitlines() if ln.strip()]
+
+
+def reference_run(folder: Path, data_root: Path, epochs: int) -> Tuple[Path, Path, str]:
+    """:func:`tiny_config_with_validation` in ``folder`` and its uninterrupted tools/train.py run to the end (work
+    dir ``folder/ref``, log ``folder/ref.log``): (config, work dir, log text)."""
+    config = tiny_config_with_validation(folder, data_root, epochs)
+    ref, log = folder / 'ref', folder / 'ref.log'
+    assert finish(start(config, ref, log)) == 0, log.read_text()[-3000:]
+    return config, ref, log.read_text()
+
+
+def copy_work_dir(src: Path, dst: Path) -> Path:
+    """A copy of a stopped training's work dir whose ``last_checkpoint`` names the copy's own file, as a run in
+    ``dst`` would have left it: several tests continue one stopped run, each in its own folder."""
+    import shutil
+    shutil.copytree(src, dst)
+    marker = dst / 'last_checkpoint'
+    if marker.is_file() and marker.read_text().strip():
+        marker.write_text(str(dst / Path(marker.read_text().strip()).relative_to(src)))
+    return dst
+
+
+def missing_data_error(config: Path, tool: str, folder: Path, monkeypatch, capsys) -> str:
+    """``tools/<tool>.py`` (``train``, or ``test`` with an empty checkpoint) on ``config``, started in ``folder``
+    where the config's data is not, run in this process (no interpreter start-up): it must stop with exit code 2,
+    no traceback and no checkpoint under ``folder/work_dirs``; returns its stderr."""
+    args = [config]
+    if tool == 'test':
+        torch.save({'state_dict': {}}, folder / 'ckpt.pth')
+        args.append(folder / 'ckpt.pth')
+    monkeypatch.chdir(folder)
+    code = exit_code(load_tool(tool).main, args)
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert 'Traceback' not in err
+    work = folder / 'work_dirs'
+    assert not work.exists() or not any(work.rglob('*.pth'))
+    return err

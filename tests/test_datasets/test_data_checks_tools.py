@@ -7,7 +7,7 @@ import pytest
 from mmengine.config import Config
 
 from mlla_mm.datasets.checks import BadImageError, check_data
-from tests.helpers import ROOT, error_lines, load_tool, run_tool, write_tiny_config
+from tests.helpers import ROOT, error_lines, exit_code, load_tool, run_tool, write_tiny_config
 
 
 def _copy(tiny_data, tmp_path):
@@ -16,19 +16,26 @@ def _copy(tiny_data, tmp_path):
     return root
 
 
-def test_duplicate_image_id_through_train_tool(tiny_data, tmp_path):
+def _tool_here(capsys, tool, *args):
+    """tools/<tool>.py run in this process (no interpreter start-up, for runs that stop with an error line):
+    (exit code, stderr)."""
+    code = exit_code(load_tool(tool).main, args)
+    return code, capsys.readouterr().err
+
+
+def test_duplicate_image_id_through_train_tool(tiny_data, tmp_path, capsys):
     root = _copy(tiny_data, tmp_path)
     ann = root / 'annotations' / 'instances_train.json'
     data = json.loads(ann.read_text())
     data['images'][3]['id'] = data['images'][0]['id']
     ann.write_text(json.dumps(data))
     cfg = write_tiny_config(tmp_path, root, epochs=1)
-    res = run_tool('tools/train.py', cfg, '--work-dir', tmp_path / 'w', '--cfg-options', 'synthetic_data=None')
-    assert res.returncode == 2, res.stderr[-3000:]
-    assert 'Traceback' not in res.stderr
-    errors = error_lines(res.stderr)
+    code, err = _tool_here(capsys, 'train', cfg, '--work-dir', tmp_path / 'w', '--cfg-options', 'synthetic_data=None')
+    assert code == 2, err[-3000:]
+    assert 'Traceback' not in err
+    errors = error_lines(err)
     assert len(errors) == 1 and str(ann) in errors[0] and 'duplicate image ids 1 ' in errors[0]
-    assert res.stderr.strip().splitlines()[-1] == errors[0]
+    assert err.strip().splitlines()[-1] == errors[0]
     assert not list((tmp_path / 'w').rglob('*.pth'))
 
 
@@ -44,16 +51,17 @@ def test_out_indices_not_matching_the_neck_through_train_tool(tiny_data, tmp_pat
 
 
 @pytest.mark.slow
-def test_skip_bad_images_trains_then_tests(tiny_data, tmp_path):
-    """A truncated training image: an error without the flag; with it, training runs on the rest."""
+def test_skip_bad_images_trains_then_tests(tiny_data, tmp_path, capsys):
+    """A truncated training image: an error without the flag; with it, training runs on the rest. (The runs that
+    stop with an error line run in this process; those that train and test, as subprocesses.)"""
     root = _copy(tiny_data, tmp_path)
     bad = root / 'train' / 'train_00001.png'
     bad.write_bytes(bad.read_bytes()[:200])
     cfg = write_tiny_config(tmp_path, root, epochs=1)
     work = tmp_path / 'w'
-    res = run_tool('tools/train.py', cfg, '--work-dir', work, '--cfg-options', 'synthetic_data=None')
-    assert res.returncode == 2 and 'Traceback' not in res.stderr
-    errors = error_lines(res.stderr)
+    code, err = _tool_here(capsys, 'train', cfg, '--work-dir', work, '--cfg-options', 'synthetic_data=None')
+    assert code == 2 and 'Traceback' not in err
+    errors = error_lines(err)
     assert len(errors) == 1 and 'instances_train.json' in errors[0] and str(bad) in errors[0]
     assert '1 of 4 images cannot be read' in errors[0]
 
@@ -70,9 +78,9 @@ def test_skip_bad_images_trains_then_tests(tiny_data, tmp_path):
     # The same for evaluation: a bad validation image is left out of the data and of the metric's ground truth.
     bad_val = root / 'val' / 'val_00000.png'
     bad_val.write_bytes(b'')
-    res = run_tool('tools/test.py', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 't',
-                   '--cfg-options', 'synthetic_data=None')
-    assert res.returncode == 2 and str(bad_val) in error_lines(res.stderr)[0]
+    code, err = _tool_here(capsys, 'test', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 't',
+                           '--cfg-options', 'synthetic_data=None')
+    assert code == 2 and str(bad_val) in error_lines(err)[0]
     res = run_tool('tools/test.py', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 't', '--skip-bad-images',
                    '--cfg-options', 'synthetic_data=None')
     assert res.returncode == 0, res.stderr[-3000:]

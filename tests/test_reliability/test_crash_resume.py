@@ -8,23 +8,19 @@ import torch
 
 from mlla_mm.checkpoint import load_file
 
-from tests.helpers import (assert_same_weights, finish, kill, run_tool, start, tiny_config_with_validation, tool_env,
-                           val_metrics, wait_for, weights, write_tiny_config)
+from tests.helpers import (assert_same_weights, finish, kill, reference_run, run_tool, start, tool_env, val_metrics,
+                           wait_for, weights, write_tiny_config)
 
 EPOCHS = 6  # 2 iterations per epoch, a checkpoint and a validation after each epoch
 
 
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_gives_the_same_weights_and_validations(tmp_path, tiny_data):
-    config = tiny_config_with_validation(tmp_path, tiny_data, EPOCHS)
-    ref, crash = tmp_path / 'ref', tmp_path / 'crash'
-    logs = [tmp_path / f'run{i}.log' for i in range(6)]
-
     # 0. The uninterrupted run.
-    proc = start(config, ref, logs[0])
-    assert finish(proc) == 0, logs[0].read_text()[-3000:]
+    config, ref, ref_log = reference_run(tmp_path, tiny_data, EPOCHS)
+    crash = tmp_path / 'crash'
+    logs = [tmp_path / f'run{i}.log' for i in range(6)]
     final = f'epoch_{EPOCHS}.pth'
-    ref_log = logs[0].read_text()
     assert all(f'Epoch(val) [{e}]' in ref_log for e in range(1, EPOCHS + 1))
 
     # 1. Killed in the middle of writing epoch_2.pth: the temp file is half written.

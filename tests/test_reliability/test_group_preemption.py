@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,20 @@ def end_group(proc):
     proc.wait(30)
 
 
+@contextmanager
+def paused_in_group(config, work_dir, log, pause: str):
+    """:func:`start_in_group` paused at ``pause`` (``MLLA_MM_TEST_PAUSE``: ``train:K`` or ``val:N``): yields the
+    process once its pause line is in the log; afterwards ends what is left of its process group."""
+    where, _, n = pause.partition(':')
+    proc = start_in_group(config, work_dir, log, MLLA_MM_TEST_PAUSE=pause)
+    try:
+        wait_for(f'paused before iteration {n}' if where == 'train' else f'paused in the validation after epoch {n}',
+                 log, proc)
+        yield proc
+    finally:
+        end_group(proc)
+
+
 def _no_traceback(log_text):
     assert 'Traceback' not in log_text and 'DataLoader worker' not in log_text, log_text[-3000:]
 
@@ -90,14 +105,10 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_and_resumes_exact
     logs = [tmp_path / f'run{i}.log' for i in range(3)]
     assert finish(start_in_group(config, ref, logs[0])) == 0, logs[0].read_text()[-3000:]
 
-    proc = start_in_group(config, work, logs[1], MLLA_MM_TEST_PAUSE='train:3')
-    try:
-        wait_for('paused before iteration 3', logs[1], proc)
+    with paused_in_group(config, work, logs[1], 'train:3') as proc:
         assert len(wait_for_children(proc.pid, 2)) >= 2  # the workers are there to be signalled too
         os.killpg(proc.pid, signal.SIGTERM)  # kill -TERM -- -PGID
         assert finish(proc) == 143, logs[1].read_text()[-3000:]
-    finally:
-        end_group(proc)
     log1 = logs[1].read_text()
     _no_traceback(log1)
     lines = [line for line in log1.splitlines() if 'SIGTERM received' in line]
@@ -119,14 +130,10 @@ def test_sigint_to_the_group_during_validation_with_persistent_workers(tmp_path,
     config = config_with_workers(tmp_path, tiny_data, persistent=True)
     work = tmp_path / 'work'
     logs = [tmp_path / f'run{i}.log' for i in range(2)]
-    proc = start_in_group(config, work, logs[0], MLLA_MM_TEST_PAUSE='val:2')
-    try:
-        wait_for('paused in the validation after epoch 2', logs[0], proc)
+    with paused_in_group(config, work, logs[0], 'val:2') as proc:
         assert len(wait_for_children(proc.pid, 4)) >= 4  # 2 train + 2 validation workers, all alive
         os.killpg(proc.pid, signal.SIGINT)
         assert finish(proc) == 130, logs[0].read_text()[-3000:]
-    finally:
-        end_group(proc)
     log0 = logs[0].read_text()
     _no_traceback(log0)
     lines = [line for line in log0.splitlines() if 'SIGINT received' in line]
@@ -144,14 +151,10 @@ def test_a_killed_worker_is_one_line_naming_it_and_the_resume_command(tmp_path, 
     config = config_with_workers(tmp_path, tiny_data)
     work = tmp_path / 'work'
     logs = [tmp_path / f'run{i}.log' for i in range(2)]
-    proc = start_in_group(config, work, logs[0], MLLA_MM_TEST_PAUSE='train:3')
-    try:
-        wait_for('paused before iteration 3', logs[0], proc)
+    with paused_in_group(config, work, logs[0], 'train:3') as proc:
         victim = wait_for_children(proc.pid, 2)[0]
         os.kill(victim, signal.SIGKILL)
         assert finish(proc) == 1, logs[0].read_text()[-3000:]
-    finally:
-        end_group(proc)
     log = logs[0].read_text()
     assert 'Traceback' not in log, log[-3000:]
     last = log.strip().splitlines()[-1]

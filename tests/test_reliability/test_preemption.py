@@ -8,7 +8,7 @@ import pytest
 
 from mlla_mm.checkpoint import load_file
 
-from tests.helpers import assert_same_weights, finish, start, tiny_config_with_validation, wait_for
+from tests.helpers import assert_same_weights, copy_work_dir, finish, reference_run, start, wait_for
 
 EPOCHS = 3  # 2 iterations per epoch; iteration 3 is the first batch of epoch 2
 
@@ -17,30 +17,46 @@ def _no_traceback(log_text):
     assert 'Traceback' not in log_text, log_text[-3000:]
 
 
-@pytest.mark.slow
-def test_sigterm_mid_epoch_and_sigint_in_validation_then_resume_exactly(tmp_path, tiny_data):
-    config = tiny_config_with_validation(tmp_path, tiny_data, EPOCHS)
-    ref, work = tmp_path / 'ref', tmp_path / 'work'
-    logs = [tmp_path / f'run{i}.log' for i in range(4)]
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, tiny_data):
+    """The config (validation after every epoch) and the work dir of its uninterrupted run, made once for the
+    tests that compare their resumed runs' weights with it."""
+    config, ref, _ = reference_run(tmp_path_factory.mktemp('preemption'), tiny_data, EPOCHS)
+    return config, ref
 
-    proc = start(config, ref, logs[0])
-    assert finish(proc) == 0, logs[0].read_text()[-3000:]
+
+@pytest.fixture(scope='module')
+def sigterm_before_iteration_3(reference, tmp_path_factory):
+    """The config run until iteration 3 (epoch 2, batch 1 of 2) is about to run, then SIGTERM: (work dir, exit
+    status, log text). Tests continue it in copies of the work dir (:func:`tests.helpers.copy_work_dir`)."""
+    config, _ = reference
+    folder = tmp_path_factory.mktemp('sigterm')
+    work, log = folder / 'work', folder / 'run.log'
+    proc = start(config, work, log, MLLA_MM_TEST_PAUSE='train:3')
+    wait_for('paused before iteration 3', log, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    return work, finish(proc), log.read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_and_sigint_in_validation_then_resume_exactly(reference, sigterm_before_iteration_3,
+                                                                        tmp_path):
+    config, ref = reference
+    logs = [tmp_path / f'run{i}.log' for i in range(4)]
 
     # 1. SIGTERM while iteration 3 (epoch 2, batch 1 of 2) is about to run: it completes, then
     #    iter_3.pth is written and the run exits with 128 + 15.
-    proc = start(config, work, logs[1], MLLA_MM_TEST_PAUSE='train:3')
-    wait_for('paused before iteration 3', logs[1], proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    assert finish(proc) == 143
-    log1 = logs[1].read_text()
+    stopped, rc, log1 = sigterm_before_iteration_3
+    assert rc == 143, log1[-3000:]
     _no_traceback(log1)
     lines = [line for line in log1.splitlines() if 'SIGTERM received' in line]
     assert len(lines) == 1, log1[-3000:]
-    assert 'after iteration 3 (epoch 2, batch 1 of 2)' in lines[0] and str(work / 'iter_3.pth') in lines[0]
-    assert (work / 'last_checkpoint').read_text().strip() == str(work / 'iter_3.pth')
-    ckpt = load_file(work / 'iter_3.pth')
+    assert 'after iteration 3 (epoch 2, batch 1 of 2)' in lines[0] and str(stopped / 'iter_3.pth') in lines[0]
+    assert (stopped / 'last_checkpoint').read_text().strip() == str(stopped / 'iter_3.pth')
+    ckpt = load_file(stopped / 'iter_3.pth')
     assert (ckpt['meta']['epoch'], ckpt['meta']['iter']) == (1, 3) and 'rng_state' in ckpt
-    assert not (work / 'epoch_2.pth').exists() and not glob.glob(str(work / '.*.tmp-*'))
+    assert not (stopped / 'epoch_2.pth').exists() and not glob.glob(str(stopped / '.*.tmp-*'))
+    work = copy_work_dir(stopped, tmp_path / 'work')
 
     # 2. Resumed: skips the trained batch of epoch 2; SIGINT during the validation after epoch 2
     #    (epoch_2.pth was written just before it): no new checkpoint, exit 128 + 2.
@@ -66,16 +82,15 @@ def test_sigterm_mid_epoch_and_sigint_in_validation_then_resume_exactly(tmp_path
 
 
 @pytest.mark.slow
-def test_mid_epoch_checkpoint_resumed_with_another_batch_size_restarts_the_epoch(tmp_path, tiny_data):
+def test_mid_epoch_checkpoint_resumed_with_another_batch_size_restarts_the_epoch(reference, sigterm_before_iteration_3,
+                                                                                 tmp_path):
     """A preemption checkpoint from batch 1 of 2 resumed with batch size 1 (4 batches per epoch): the position
     cannot be mapped, so the run says so in one warning and trains that epoch from its first batch."""
-    config = tiny_config_with_validation(tmp_path, tiny_data, EPOCHS)
-    work = tmp_path / 'work'
+    config, _ = reference
+    stopped, rc, log0 = sigterm_before_iteration_3
+    assert rc == 143, log0[-3000:]
+    work = copy_work_dir(stopped, tmp_path / 'work')
     logs = [tmp_path / f'run{i}.log' for i in range(2)]
-    proc = start(config, work, logs[0], MLLA_MM_TEST_PAUSE='train:3')
-    wait_for('paused before iteration 3', logs[0], proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    assert finish(proc) == 143
     proc = start(config, work, logs[1], '--resume', '--cfg-options', 'train_dataloader.batch_size=1')
     assert finish(proc) == 0, logs[1].read_text()[-3000:]
     log = logs[1].read_text()
@@ -91,16 +106,15 @@ def test_mid_epoch_checkpoint_resumed_with_another_batch_size_restarts_the_epoch
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['SIGINT', 'SIGTERM'])
-def test_second_signal_while_the_checkpoint_is_written_stops_at_once_and_loses_nothing(tmp_path, tiny_data, name):
+def test_second_signal_while_the_checkpoint_is_written_stops_at_once_and_loses_nothing(reference, tmp_path, name):
     """The first signal asks for a checkpoint after iteration 3; a second one while it is half written stops the
     run at once. Ctrl-C twice: the half-written file is discarded, one line says where --resume continues,
     exit 130. SIGTERM twice: the process ends by the signal; the next start removes the temporary file.
     Either way the marker still names epoch_1.pth and the resumed run ends with the uninterrupted run's weights."""
     sig = getattr(signal, name)
-    config = tiny_config_with_validation(tmp_path, tiny_data, EPOCHS)
-    ref, work = tmp_path / 'ref', tmp_path / 'work'
+    config, ref = reference
+    work = tmp_path / 'work'
     logs = [tmp_path / f'run{i}.log' for i in range(3)]
-    assert finish(start(config, ref, logs[0])) == 0, logs[0].read_text()[-3000:]
 
     proc = start(config, work, logs[1], MLLA_MM_TEST_PAUSE='train:3', MLLA_MM_TEST_SAVE_PAUSE='iter_3.pth:120')
     wait_for('paused before iteration 3', logs[1], proc)
