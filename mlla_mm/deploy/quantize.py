@@ -3,10 +3,14 @@
 :func:`quantize_int8` calibrates activation ranges (min/max) on given
 inputs and writes a QDQ model: weights int8 per output channel, activations
 uint8 (u8s8, what ONNX Runtime's x86 kernels run with VNNI). Only ``Conv``
-and ``MatMul``/``Gemm`` nodes whose second operand is a weight are
-quantized (:func:`weight_nodes`); everything else stays float: MLLA's
-attention products of two activations (``k^T v`` and its normaliser), RoPE,
+and ``MatMul``/``Gemm`` nodes with a weight operand are quantized
+(:func:`weight_nodes`, after :func:`prepare_for_int8` has turned the
+channel-major q and k projections, ``MatMul(W, x)``, into 1x1
+convolutions), and a ``Relu`` right after one of them is folded into its
+output's quantization; everything else stays float: MLLA's attention
+products of two activations (``k^T v`` and its normaliser), RoPE, ELU,
 softmax, LayerNorm, GELU, and a detector's NMS, RoiAlign and box decoding.
+``MatMul`` outputs stay float (ONNX Runtime runs ``MatMulIntegerToFloat``).
 
 :func:`config_calibration` gives calibration inputs from a config's training
 images through its test pipeline and data preprocessor;
@@ -48,6 +52,92 @@ def weight_nodes(model) -> Tuple[List[str], List[str]]:
     return quantized, kept
 
 
+def _rank(model, name: str) -> Optional[int]:
+    """The rank of value ``name`` from ``model``'s (shape-inferred) value infos, None when unknown."""
+    for info in itertools.chain(model.graph.value_info, model.graph.input, model.graph.output):
+        if info.name == name and info.type.tensor_type.HasField('shape'):
+            return len(info.type.tensor_type.shape.dim)
+    return None
+
+
+def prepare_for_int8(model) -> Tuple[int, int]:
+    """Rewrite ``model`` (an ``onnx.ModelProto``, in place) so that its weight products quantize; same function.
+
+    * ``Identity`` of an initializer (the TorchScript exporter's way of sharing equal tensors, e.g. two
+      zero biases) becomes a copy of the initializer: a ``Conv`` whose bias comes out of an ``Identity``
+      is not quantized and not fused, and runs as a float convolution of dequantized weights.
+    * ``MatMul(W, X)`` with ``W`` a 2-D weight and ``X`` a 3-D ``(B, Cin, N)`` activation (the export
+      formulation's channel-major q and k projections) becomes ``Squeeze(Conv1x1(Unsqueeze(X)))``, with a
+      following ``Add`` of a ``(Cout, 1)`` bias folded into the convolution: ONNX Runtime has no integer
+      kernel with the weight on the left (such a product stays a float ``MatMul``), and runs the
+      convolution as ``QLinearConv`` with per-channel weights.
+
+    Returns:
+        ``(identities replaced, weight-left products turned into convolutions)``.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    identities = [n for n in graph.node if n.op_type == 'Identity' and n.input[0] in inits
+                  and n.output[0] not in outputs]
+    for node in identities:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[node.input[0]])
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+        inits[copy.name] = copy
+        graph.node.remove(node)
+    opset = max((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')), default=0)
+    if opset < 13:  # Unsqueeze/Squeeze take their axes as an input from opset 13 on
+        return len(identities), 0
+    consumers: Dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    shaped = onnx.shape_inference.infer_shapes(model)
+    axis = 'mlla_mm_int8_axis3'
+    converted = 0
+    for node in list(graph.node):
+        if node.op_type != 'MatMul' or node.input[0] not in inits or node.input[1] in inits:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[0]])
+        if weight.ndim != 2 or _rank(shaped, node.input[1]) != 3:
+            continue
+        out, after = node.output[0], consumers.get(node.output[0], [])
+        bias = None
+        if len(after) == 1 and after[0].op_type == 'Add' and out not in outputs:
+            other = [i for i in after[0].input if i != out]
+            if len(other) == 1 and other[0] in inits:
+                b = numpy_helper.to_array(inits[other[0]])
+                if b.shape in ((weight.shape[0], 1), (1, weight.shape[0], 1)):
+                    bias = b.reshape(-1)
+        if axis not in inits:
+            inits[axis] = numpy_helper.from_array(np.array([3], np.int64), axis)
+            graph.initializer.append(inits[axis])
+        base = f'{node.name or out}/conv1x1'
+        graph.initializer.append(numpy_helper.from_array(weight[:, :, None, None], f'{base}_weight'))
+        conv_in = [f'{base}_input', f'{base}_weight']
+        if bias is not None:
+            graph.initializer.append(numpy_helper.from_array(bias, f'{base}_bias'))
+            conv_in.append(f'{base}_bias')
+            out = after[0].output[0]
+            graph.node.remove(after[0])
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        new = [helper.make_node('Unsqueeze', [node.input[1], axis], [conv_in[0]], name=f'{base}/Unsqueeze'),
+               helper.make_node('Conv', conv_in, [f'{base}_output'], name=base, kernel_shape=[1, 1]),
+               helper.make_node('Squeeze', [f'{base}_output', axis], [out], name=f'{base}/Squeeze')]
+        for i, n in enumerate(new):
+            graph.node.insert(at + i, n)
+        converted += 1
+    used = {i for n in graph.node for i in n.input} | outputs
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return len(identities), converted
+
+
 class _Reader:
     """onnxruntime.quantization's CalibrationDataReader over a list of feeds."""
 
@@ -69,6 +159,14 @@ def quantize_int8(model: Union[bytes, str], feeds: Iterable[Dict[str, np.ndarray
                   per_channel: bool = True) -> bytes:
     """The INT8 (QDQ) model of ``model`` calibrated on ``feeds`` (dicts of input arrays); returns its bytes.
 
+    The graph is first rewritten by :func:`prepare_for_int8` (same function, more of it quantizable). The
+    outputs of quantized ``MatMul`` s are left float (``OpTypesToExcludeOutputQuantization``): ONNX Runtime
+    then runs them as ``MatMulIntegerToFloat`` (int8 product, float result) instead of ``QLinearMatMul``
+    followed by a ``DequantizeLinear`` before the float bias ``Add`` and activation, which is faster and
+    saves a rounding to uint8. A ``Relu`` after a quantized convolution is folded into its output's
+    quantization (zero point 0) instead of running float between a ``DequantizeLinear`` and a
+    ``QuantizeLinear``.
+
     Raises:
         UsageError: onnxruntime's quantization tools are missing, or no calibration input was given.
     """
@@ -78,6 +176,7 @@ def quantize_int8(model: Union[bytes, str], feeds: Iterable[Dict[str, np.ndarray
     except ImportError:
         raise UsageError("--int8 needs onnx and onnxruntime (pip install -e '.[deploy]')") from None
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+    prepare_for_int8(proto)
     quantized, kept = weight_nodes(proto)
     feeds = iter(feeds)
     first = next(feeds, None)
@@ -93,16 +192,19 @@ def quantize_int8(model: Union[bytes, str], feeds: Iterable[Dict[str, np.ndarray
         root.setLevel(logging.ERROR)  # its advice to pre-process and notes on computed biases: not actionable here
         try:
             quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=kept, per_channel=per_channel,
+                            op_types_to_quantize=list(QUANTIZED_OPS) + ['Relu'], nodes_to_exclude=kept,
+                            per_channel=per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax,
-                            extra_options=dict(ActivationSymmetric=False, WeightSymmetric=True))
+                            extra_options=dict(ActivationSymmetric=False, WeightSymmetric=True,
+                                               OpTypesToExcludeOutputQuantization=['MatMul']))
         finally:
             root.setLevel(level)
         out = onnx.load(dst)
     meta = {p.key: p.value for p in out.metadata_props}
     props = {p.key: p.value for p in proto.metadata_props}  # the export's metadata (kind, hash, ...) carried over
-    props.update(mlla_mm_int8='static qdq u8s8 per-channel minmax', mlla_mm_int8_calibration_images=str(reader.count))
+    props.update(mlla_mm_int8='static qdq u8s8 per-channel minmax, float matmul outputs',
+                 mlla_mm_int8_calibration_images=str(reader.count))
     for key, value in props.items():
         if key in meta:
             continue

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from mlla_mm.deploy.onnx_export import ExportTarget, export_bytes, make_session
-from mlla_mm.deploy.quantize import folder_calibration, quantize_int8, weight_nodes
+from mlla_mm.deploy.quantize import folder_calibration, prepare_for_int8, quantize_int8, weight_nodes
 from mlla_mm.deploy.wrappers import BackboneForExport, output_names
 from mlla_mm.errors import UsageError
 from mlla_mm.models import MLLA
@@ -48,7 +48,9 @@ def test_int8_model_is_close_to_fp32_and_keeps_the_attention_products_float(tiny
     matmuls = [n for n in proto.graph.node if n.op_type == 'MatMul']
     dq_inputs = [sum(produced_by.get(i) is not None and produced_by[i].op_type == 'DequantizeLinear'
                      for i in n.input) for n in matmuls]
-    assert dq_inputs.count(2) > 0 and dq_inputs.count(0) == len(weight_nodes(onnx.load_from_string(data))[1])
+    prepared = onnx.load_from_string(data)
+    prepare_for_int8(prepared)
+    assert dq_inputs.count(2) > 0 and dq_inputs.count(0) == len(weight_nodes(prepared)[1])
     assert len(q) < 0.7 * len(data)  # int8 weights
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta['mlla_mm_kind'] == 'backbone' and meta['mlla_mm_int8_calibration_images'] == '3'
@@ -58,6 +60,79 @@ def test_int8_model_is_close_to_fp32_and_keeps_the_attention_products_float(tiny
         ref = [t.numpy() for t in model(torch.from_numpy(x))]
     rel = [np.abs(g - r).max() / np.abs(r).max() for g, r in zip(got, ref)]
     assert max(rel) < 0.1 and min(rel) > 1e-5, rel  # quantized (not fp32), yet close
+
+
+def test_prepare_turns_weight_left_products_into_convolutions_with_the_same_outputs(tiny):
+    _, data = tiny
+    proto = onnx.load_from_string(data)
+    weights = {i.name for i in proto.graph.initializer}
+    left = [n for n in proto.graph.node if n.op_type == 'MatMul' and n.input[0] in weights]
+    assert left  # the export formulation's channel-major q and k projections
+    _, converted = prepare_for_int8(proto)
+    assert converted == len(left)
+    weights = {i.name for i in proto.graph.initializer}
+    assert not [n for n in proto.graph.node if n.op_type == 'MatMul' and n.input[0] in weights]
+    assert len(weight_nodes(proto)[0]) == len(weight_nodes(onnx.load_from_string(data))[0]) + len(left)
+    x = feeds(1, (45, 61), seed=3)[0]
+    for got, ref in zip(make_session(proto.SerializeToString()).run(None, x), make_session(data).run(None, x)):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def optimized_graph(model: bytes, path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs (ORT_ENABLE_ALL) for ``model``."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(path)
+    opts.log_severity_level = 3
+    ort.InferenceSession(model, sess_options=opts, providers=['CPUExecutionProvider'])
+    return onnx.load(str(path))
+
+
+def float_weight_products_and_requantizations(graph: onnx.ModelProto):
+    """Products that still run float on a weight (an initializer or its dequantized copy), and
+    ``DequantizeLinear -> QuantizeLinear`` chains (a tensor rounded to uint8 twice)."""
+    init = {i.name for i in graph.graph.initializer}
+    prod = {o: n for n in graph.graph.node for o in n.output}
+
+    def weight(name):
+        dq = prod.get(name)
+        return name in init or (dq is not None and dq.op_type == 'DequantizeLinear' and dq.input[0] in init)
+    floats = [n.name for n in graph.graph.node if n.op_type in ('Conv', 'MatMul', 'Gemm', 'FusedConv', 'FusedMatMul',
+                                                                 'FusedGemm') and any(weight(i) for i in n.input[:2])]
+    requant = [n.name for n in graph.graph.node if n.op_type == 'QuantizeLinear' and n.input[0] in prod
+               and prod[n.input[0]].op_type == 'DequantizeLinear']
+    return floats, requant
+
+
+def test_onnx_runtime_runs_every_weight_product_of_the_int8_model_in_integer_kernels(tiny, tmp_path):
+    _, data = tiny
+    graph = optimized_graph(quantize_int8(data, feeds(2), log=lambda m: None), tmp_path / 'opt.onnx')
+    floats, requant = float_weight_products_and_requantizations(graph)
+    assert floats == [] and requant == []  # q/k projections quantized; the stem's ReLUs folded into their Q
+    ops = {n.op_type for n in graph.graph.node}
+    assert {'QLinearConv', 'MatMulIntegerToFloat'} <= ops and 'QLinearMatMul' not in ops  # float MatMul outputs
+
+
+def test_a_bias_shared_through_identity_is_quantized_with_its_convolution(tmp_path):
+    """The exporter shares equal tensors (e.g. two zero biases) through ``Identity``; such a convolution
+    must still become ``QLinearConv``, not a float ``Conv`` of dequantized weights."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, c, 3, 3)).astype(np.float32), f'w{i}')
+             for i, c in enumerate((3, 8))] + [numpy_helper.from_array(np.zeros(8, np.float32), 'b')]
+    nodes = [helper.make_node('Identity', ['b'], ['b_shared']),
+             helper.make_node('Conv', ['img', 'w0', 'b'], ['y0'], pads=[1, 1, 1, 1]),
+             helper.make_node('Relu', ['y0'], ['r0']),
+             helper.make_node('Conv', ['r0', 'w1', 'b_shared'], ['out'], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info('img', TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info('out', TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)], ir_version=8)
+    q = quantize_int8(model.SerializeToString(), feeds(2, (16, 16)), log=lambda m: None)
+    floats, requant = float_weight_products_and_requantizations(optimized_graph(q, tmp_path / 'opt.onnx'))
+    assert floats == [] and requant == []
+    x = feeds(2, (16, 16))[1]  # a calibration input: no clipping at the calibrated ranges
+    got, ref = make_session(q).run(None, x)[0], make_session(model.SerializeToString()).run(None, x)[0]
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
 def test_no_calibration_input_is_an_error(tiny):
