@@ -674,7 +674,8 @@ def onnx_target(name: str, size: Tuple[int, int], quick: bool = False):
     if name == 'mlla_t':
         return build_target('mlla_t', log=lambda m: None), size if quick else (224, 224), True
     if name == 'swin_t':
-        swin = build_backbone('swin_t', {}).eval()
+        swin = build_backbone('swin_t', {})
+        swin.eval()  # not chained: mmdet's SwinTransformer.train() returns None
         return ExportTarget(BackboneForExport(swin).eval(), 'backbone', output_names('backbone', 4), 'swin_t'), \
             size, False
     if name == 'upernet_mlla_t':

@@ -107,11 +107,12 @@ def test_bf16_subcommand_pairs_fp32_and_bf16(tmp_path):
 @pytest.mark.slow
 def test_onnx_subcommand_fp32_and_int8_against_eager(tmp_path):
     out = tmp_path / 'onnx.json'
-    stdout, _ = run_ok('onnx', '--quick', '--models', 'mlla_t', '--levels', 'all', 'disable', '--threads', '1',
-                       '--int8', '--repeats', '2', '--json', out, timeout=600)
+    stdout, _ = run_ok('onnx', '--quick', '--models', 'mlla_t', 'swin_t', '--levels', 'all', 'disable', '--threads',
+                       '1', '--int8', '--repeats', '2', '--json', out, timeout=600)
     assert cpu_line_of(stdout).endswith(f"onnxruntime {json.loads(out.read_text())['onnxruntime']}")
     data = json.loads(out.read_text())
-    assert set(data['latency']) == {'mlla_t:torch', 'mlla_t:ort-all', 'mlla_t:ort-disable', 'mlla_t:ort-int8-all'}
+    assert set(data['latency']) == {'mlla_t:torch', 'mlla_t:ort-all', 'mlla_t:ort-disable', 'mlla_t:ort-int8-all',
+                                    'swin_t:torch', 'swin_t:ort-all'}  # Swin-T: its first level, no INT8
     for row in data['latency'].values():
         assert 0 < row['min'] <= row['median'] <= row['max'] and row['n'] == 2
     assert data['latency']['mlla_t:torch']['over_torch'] == pytest.approx(1.0)
@@ -120,6 +121,10 @@ def test_onnx_subcommand_fp32_and_int8_against_eager(tmp_path):
         assert data['ratios'][f'mlla_t:{run}_over_torch'] == pytest.approx(sum(rounds) / 2)
         assert data['latency'][f'mlla_t:{run}']['over_torch'] == pytest.approx(sum(rounds) / 2)
     assert 'mlla_t_int8_over_ort_fp32' in data['ratios'] and 'MLLA-T INT8 / fp32, both ONNX Runtime' in stdout
+    for key, num, den in (('mlla_over_swin_torch', 'mlla_t:torch', 'swin_t:torch'),
+                          ('mlla_over_swin_ort', 'mlla_t:ort-all', 'swin_t:ort-all')):  # the same rounds
+        assert len(data['round_ratios'][key]) == 2 and data['ratios'][key] > 0
+    assert data['models']['swin_t']['max_rel_diff'] < 1e-4 and not data['models']['swin_t']['dynamic']
     model = data['models']['mlla_t']
     assert model['max_rel_diff'] < 1e-4 and model['dynamic']
     assert model['int8_mib'] < 0.5 * model['onnx_mib']  # int8 weights
