@@ -25,15 +25,36 @@ def golden_dir() -> Path:
     return _shared_dir() / 'golden'
 
 
+def _arch_kwargs(arch: dict, timm_names: bool) -> dict:
+    """A golden file's ``arch`` (``embed_dim`` or ``embed_dims``, ``depths``, ``num_heads``) as the keyword
+    arguments of MLLA (``embed_dims``, lists) or of timm's ``mlla_*`` models (``embed_dim``, tuples)."""
+    dims = arch['embed_dims'] if 'embed_dims' in arch else arch['embed_dim']
+    if timm_names:
+        return dict(embed_dim=dims, depths=tuple(arch['depths']), num_heads=tuple(arch['num_heads']))
+    return dict(embed_dims=dims, depths=list(arch['depths']), num_heads=list(arch['num_heads']))
+
+
 @pytest.fixture(scope='session')
 def golden(golden_dir):
+    """The published backbone's golden features (shared/golden/golden_small.pt)."""
     return torch.load(golden_dir / 'golden_small.pt', weights_only=True)
 
 
 @pytest.fixture(scope='session')
 def golden_arch(golden):
-    a = golden['arch']
-    return dict(embed_dims=a['embed_dim'], depths=list(a['depths']), num_heads=list(a['num_heads']))
+    return _arch_kwargs(golden['arch'], timm_names=False)
+
+
+@pytest.fixture(scope='session')
+def golden_cls(golden_dir):
+    """The published classifier's golden logits (shared/golden/golden_cls_logits.pt)."""
+    return torch.load(golden_dir / 'golden_cls_logits.pt', weights_only=True)
+
+
+@pytest.fixture(scope='session')
+def golden_cls_kwargs(golden_cls):
+    """timm's keyword arguments for the published classifier of ``golden_cls``."""
+    return dict(_arch_kwargs(golden_cls['arch'], timm_names=True), num_classes=golden_cls['num_classes'])
 
 
 #: Torch threads per test process: 2 (the machine's cores), 1 under pytest-xdist (``make test`` runs two
@@ -109,3 +130,23 @@ def cfg_path(tmp_path_factory, tiny_data):
     """The tiny detection config of ``tests.helpers.write_tiny_config`` (1 epoch) on ``tiny_data``, per module."""
     from tests.helpers import write_tiny_config
     return write_tiny_config(tmp_path_factory.mktemp('cfg'), tiny_data, epochs=1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files with slow tests (end-to-end runs of the tools) first, those with the most first; then the other
+    files, those with the most tests first; each file's tests together and in their order.
+
+    ``make test`` hands whole files to its two pytest-xdist workers in this order (``--dist loadfile
+    --no-loadscope-reorder``), so the files handed out last are short and neither worker idles long at the end.
+    (xdist's own order, files with the most tests first, put the few-test end-to-end files last.)
+    """
+    def file_of(item) -> str:
+        return item.nodeid.split('::', 1)[0]
+
+    slow, count, first = {}, {}, {}
+    for index, item in enumerate(items):
+        name = file_of(item)
+        first.setdefault(name, index)
+        count[name] = count.get(name, 0) + 1
+        slow[name] = slow.get(name, 0) + (item.get_closest_marker('slow') is not None)
+    items.sort(key=lambda item: (-slow[file_of(item)], -count[file_of(item)], first[file_of(item)]))

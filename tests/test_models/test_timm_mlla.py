@@ -33,18 +33,6 @@ def ceil_div(a, b):
     return -(-a // b)
 
 
-@pytest.fixture(scope='module')
-def golden_cls(golden_dir):
-    return torch.load(golden_dir / 'golden_cls_logits.pt', weights_only=True)
-
-
-@pytest.fixture(scope='module')
-def golden_cls_kwargs(golden_cls):
-    a = golden_cls['arch']
-    return dict(embed_dim=a['embed_dims'], depths=tuple(a['depths']), num_heads=tuple(a['num_heads']),
-                num_classes=golden_cls['num_classes'])
-
-
 def save(obj, path):
     torch.save(obj, path)
     return str(path)

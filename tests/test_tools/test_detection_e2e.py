@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mlla_mm.checkpoint import load_file
-from tests.helpers import ROOT, run_tool, tool_env, write_tiny_config
+from tests.helpers import ROOT, exit_code, load_tool, missing_data_error, run_tool, tool_env, write_tiny_config
 
 WITH_VAL = '''
 val_dataloader = test_dataloader
@@ -30,7 +30,7 @@ def losses(log_text):
 
 
 @pytest.mark.slow
-def test_train_val_then_resume(tmp_path, tiny_data):
+def test_train_val_then_resume(tmp_path, tiny_data, capsys):
     cfg = write_tiny_config(tmp_path, tiny_data, epochs=1, extra=WITH_VAL)
     work = tmp_path / 'work'
     res = run_tool('tools/train.py', cfg, '--work-dir', work)
@@ -44,27 +44,26 @@ def test_train_val_then_resume(tmp_path, tiny_data):
     step1 = first['optimizer']['state'][0]['step'].item()
     assert step1 == 2
 
-    # test.py --show-dir: DIR/<image stem>.png for every test image (ground truth | predictions, each panel
-    # at the image's own 64x64 size; mlla_mm.visualization.ShowDirHook)
-    pics = tmp_path / 'pics'
-    res = run_tool('tools/test.py', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 'test', '--show-dir', pics)
+    # One test.py run with both outputs:
+    # --show-dir: DIR/<image stem>.png for every test image (ground truth | predictions, each panel at the image's
+    # own 64x64 size; mlla_mm.visualization.ShowDirHook);
+    # --out: the raw predictions of every test image in one pickle (mmengine's DumpResults).
+    pics, out_file = tmp_path / 'pics', tmp_path / 'results.pkl'
+    res = run_tool('tools/test.py', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 'test', '--show-dir', pics,
+                   '--out', out_file)
     assert res.returncode == 0, res.stderr[-3000:]
     drawn = sorted(pics.rglob('*.png'))
     assert [p.name for p in drawn] == ['val_00000.png', 'val_00001.png']
     assert [p.parent for p in drawn] == [pics, pics]
     assert all(cv2.imread(str(p)).shape == (64, 128, 3) for p in drawn)
-
-    # test.py --out: the raw predictions of every test image in one pickle (mmengine's DumpResults).
-    out_file = tmp_path / 'results.pkl'
-    res = run_tool('tools/test.py', cfg, work / 'epoch_1.pth', '--work-dir', tmp_path / 'test2', '--out', out_file)
-    assert res.returncode == 0, res.stderr[-3000:]
     with open(out_file, 'rb') as f:
         dumped = pickle.load(f)  # written by this test's own run
     assert len(dumped) == 2 and all('pred_instances' in d and 'bboxes' in d['pred_instances'] for d in dumped)
-    # A checkpoint that is not there: one line, exit 2.
-    res = run_tool('tools/test.py', cfg, work / 'epoch_9.pth', '--work-dir', tmp_path / 'test3')
-    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == \
-        f"error: checkpoint not found: {work / 'epoch_9.pth'}"
+    # A checkpoint that is not there: one line, exit 2 (the tool run in this process: no interpreter start-up).
+    code = exit_code(load_tool('test').main, [cfg, work / 'epoch_9.pth', '--work-dir', tmp_path / 'test3'])
+    err = capsys.readouterr().err
+    assert code == 2 and 'Traceback' not in err
+    assert err.strip().splitlines()[-1] == f"error: checkpoint not found: {work / 'epoch_9.pth'}"
 
     res = run_tool('tools/train.py', cfg, '--work-dir', work, '--resume', '--cfg-options', 'train_cfg.max_epochs=2')
     assert res.returncode == 0, res.stderr[-3000:]
@@ -113,18 +112,11 @@ def test_published_mmdet2_checkpoint_loads_through_load_from(tmp_path, tiny_data
 
 
 @pytest.mark.parametrize('tool', ['train', 'test'])
-def test_missing_coco_is_a_clear_error(tmp_path, tool):
-    config = ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py'
-    args = [ROOT / 'tools' / f'{tool}.py', config]
-    if tool == 'test':
-        torch.save({'state_dict': {}}, tmp_path / 'ckpt.pth')
-        args.append(tmp_path / 'ckpt.pth')
-    res = run_tool(*args, cwd=tmp_path, timeout=300)
-    assert res.returncode == 2
-    assert 'Traceback' not in res.stderr
-    assert 'data/coco' in res.stderr and 'instances_train2017.json' in res.stderr
-    assert 'make demo' in res.stderr
-    assert not (tmp_path / 'work_dirs').exists() or not any((tmp_path / 'work_dirs').rglob('*.pth'))
+def test_missing_coco_is_a_clear_error(tmp_path, monkeypatch, capsys, tool):
+    err = missing_data_error(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t.py', tool, tmp_path, monkeypatch,
+                             capsys)
+    assert 'data/coco' in err and 'instances_train2017.json' in err
+    assert 'make demo' in err
 
 
 @pytest.mark.slow

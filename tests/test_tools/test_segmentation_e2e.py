@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mlla_mm.checkpoint import load_file
-from tests.helpers import PY, ROOT, run_tool, tool_env, write_tiny_seg_run
+from tests.helpers import (PY, ROOT, copy_work_dir, exit_code, load_tool, missing_data_error, run_tool, tool_env,
+                           write_tiny_seg_run)
 
 # The published variant in shared/golden (embed_dims 24, depths 1, 2, 1, 1).
 GOLDEN_ARCH = dict(embed_dims=24, depths=[1, 2, 1, 1], num_heads=[1, 2, 3, 6])
@@ -25,13 +26,21 @@ def metrics(stdout):
     return {k: float(v) for k, v in re.findall(r'(\w+)=([-0-9.]+)', lines[-1])}
 
 
+#: The options of the runs of :func:`test_iteration_based_resume_is_exact` besides their length: validation and a
+#: checkpoint every 2 iterations, a schedule for 4 iterations whatever the run's length, and drop path (random
+#: numbers drawn in every iteration).
+RESUME_OPTIONS = ['train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=2', 'param_scheduler.0.end=4',
+                  'model.backbone.drop_path_rate=0.2']
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """Two training iterations and a validation of the tiny config through tools/train.py."""
+    """Two training iterations and a validation of the tiny config through tools/train.py, with the options of
+    the resume test (which continues this run): also the other tests' trained checkpoint."""
     tmp = tmp_path_factory.mktemp('seg')
     cfg = write_tiny_seg_run(tmp, tmp / 'shapes_ade')
     work = tmp / 'work'
-    res = run_tool('tools/train.py', cfg, '--work-dir', work)
+    res = run_tool('tools/train.py', cfg, '--work-dir', work, '--cfg-options', 'train_cfg.max_iters=2', *RESUME_OPTIONS)
     return dict(cfg=cfg, work=work, res=res, tmp=tmp)
 
 
@@ -107,36 +116,30 @@ def test_slide_and_whole_inference_in_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_multi_scale_flip_tta(trained, tmp_path):
+def test_multi_scale_flip_tta(trained, tmp_path, capsys):
     cfg, ckpt = _need(trained)
     res = run_tool('tools/test.py', cfg, ckpt, '--work-dir', tmp_path / 'w', '--tta')
     assert res.returncode == 0, res.stderr[-3000:]
     assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics(res.stdout))
     dumped = next((tmp_path / 'w').glob('*.py')).read_text()
     assert 'SegTTAModel' in dumped and 'TestTimeAug' in dumped
-    # A checkpoint without the decode head is refused with --tta too, before the runner (no work dir).
+    # A checkpoint without the decode head is refused with --tta too, before the runner (no work dir); the tool
+    # runs in this process (no interpreter start-up for an error line).
     sd = {k: v for k, v in load_file(ckpt)['state_dict'].items() if not k.startswith('decode_head.')}
     torch.save({'state_dict': sd}, tmp_path / 'partial.pth')
-    res = run_tool('tools/test.py', cfg, tmp_path / 'partial.pth', '--work-dir', tmp_path / 'w2', '--tta')
-    assert res.returncode == 2 and 'are not in it' in res.stderr and 'decode_head' in res.stderr, res.stderr[-2000:]
+    code = exit_code(load_tool('test').main, [cfg, tmp_path / 'partial.pth', '--work-dir', tmp_path / 'w2', '--tta'])
+    err = capsys.readouterr().err
+    assert code == 2 and 'are not in it' in err and 'decode_head' in err and 'Traceback' not in err, err[-2000:]
     assert not (tmp_path / 'w2').exists()
 
 
 @pytest.mark.parametrize('tool', ['train', 'test'])
-def test_missing_ade20k_is_a_clear_error(tmp_path, tool):
-    config = ROOT / 'configs' / 'segmentation' / 'upernet_mlla_t.py'
-    args = [ROOT / 'tools' / f'{tool}.py', config]
-    if tool == 'test':
-        torch.save({'state_dict': {}}, tmp_path / 'ckpt.pth')
-        args.append(tmp_path / 'ckpt.pth')
-    res = run_tool(*args, cwd=tmp_path, timeout=300)
-    assert res.returncode == 2, res.stderr[-3000:]
-    assert 'Traceback' not in res.stderr
-    assert 'data/ade/ADEChallengeData2016' in res.stderr
-    assert 'images/training' in res.stderr and 'annotations/validation' in res.stderr
-    assert 'make demo-seg' in res.stderr
-    work = tmp_path / 'work_dirs'
-    assert not work.exists() or not any(work.rglob('*.pth'))
+def test_missing_ade20k_is_a_clear_error(tmp_path, monkeypatch, capsys, tool):
+    err = missing_data_error(ROOT / 'configs' / 'segmentation' / 'upernet_mlla_t.py', tool, tmp_path, monkeypatch,
+                             capsys)
+    assert 'data/ade/ADEChallengeData2016' in err
+    assert 'images/training' in err and 'annotations/validation' in err
+    assert 'make demo-seg' in err
 
 
 # The mmseg 0.x (0.28) names of UPerHead and FCNHead parameters and buffers,
@@ -312,21 +315,20 @@ def test_slurm_launcher_outside_srun_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_iteration_based_resume_is_exact(tmp_path):
+def test_iteration_based_resume_is_exact(trained, tmp_path):
     """UperNet trains by iterations: 4 iterations in one run equal 2, a stop, and a resume to 4.
 
     The resumed run skips the 2 batches already trained without drawing from the
     restored random state (ExactIterBasedTrainLoop), so augmentation, sampling and
-    dropout continue exactly; validation at iteration 2 and 4 runs in both.
+    dropout continue exactly; validation at iteration 2 and 4 runs in both. The
+    run stopped after 2 iterations is the ``trained`` fixture's (continued in a copy).
     """
-    cfg = write_tiny_seg_run(tmp_path, tmp_path / 'shapes_ade')
-    opts = ['--cfg-options', 'train_cfg.max_iters=4', 'train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=2',
-            'param_scheduler.0.end=4', 'model.backbone.drop_path_rate=0.2']
-    straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
+    cfg, _ = _need(trained)
+    opts = ['--cfg-options', 'train_cfg.max_iters=4', *RESUME_OPTIONS]
+    straight = tmp_path / 'straight'
     res = run_tool('tools/train.py', cfg, '--work-dir', straight, *opts)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_tool('tools/train.py', cfg, '--work-dir', stopped, *opts[:1], 'train_cfg.max_iters=2', *opts[2:])
-    assert res.returncode == 0, res.stderr[-3000:]
+    stopped = copy_work_dir(trained['work'], tmp_path / 'stopped')
     two = load_file(stopped / 'iter_2.pth')['state_dict']  # (the checkpoint hook keeps only the latest)
     res = run_tool('tools/train.py', cfg, '--work-dir', stopped, '--resume', stopped / 'iter_2.pth', *opts)
     assert res.returncode == 0, res.stderr[-3000:]
