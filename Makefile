@@ -8,8 +8,9 @@ setup:
 	@bash tools/setup_env.sh
 
 # Two pytest-xdist workers (one per core), one torch thread each (tests/conftest.py); a test
-# file stays on one worker (--dist loadfile), so its module fixtures are built once.
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+# file stays on one worker (--dist loadfile), so its module fixtures are built once; files are
+# handed out in tests/conftest.py's order, slow ones first (--no-loadscope-reorder).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # ruff (pinned in setup.cfg's tests extra; rules in pyproject.toml): `make test` lints first;
 # TEST_LINT is `lint` (set it empty to skip the lint step).
