@@ -773,6 +773,9 @@ class DetectorRuns:
         self.target, self.size = target, size
         self.detector = target.model.detector
         self.detections: Dict[str, List[int]] = row.setdefault('detections', {})
+        switches = [m.fast_inference for m in self.detector.backbone.modules()
+                    if isinstance(getattr(m, 'fast_inference', None), bool)]  # MLLA's layers, as they were built
+        row['fast_inference'] = bool(switches) and all(switches)
         with torch.no_grad():
             self.img = self.detector.data_preprocessor(detector_batch(size), False)['inputs'].float()
         self.input_size = tuple(self.img.shape[2:])  # padded by the data preprocessor
@@ -854,7 +857,8 @@ def print_detections(results: dict) -> None:
                            for key, v in row['detections'].items())
         print(f"# {name}: detections per image, every call: {counts} (score_thr {cfg['score_thr']:g} instead of "
               f"the config's {cfg['config_score_thr']:g}, NMS IoU {cfg['iou']:g}, max_per_img {cfg['max_per_img']}; "
-              f"RPN nms_pre {cfg['rpn_nms_pre']}, IoU {cfg['rpn_iou']:g}, max_per_img {cfg['rpn_max_per_img']})",
+              f"RPN nms_pre {cfg['rpn_nms_pre']}, IoU {cfg['rpn_iou']:g}, max_per_img {cfg['rpn_max_per_img']}); "
+              f"PyTorch: mmdet's test_step, MLLA's fast inference path {'on' if row['fast_inference'] else 'off'}",
               flush=True)
 
 

@@ -159,6 +159,8 @@ def test_onnx_subcommand_whole_detector_eager_fp32_int8_in_the_same_rounds(tmp_p
     assert re.search(rf"detections per image, every call: torch {cfg['max_per_img']}, ort-all {cfg['max_per_img']}, "
                      rf"ort-int8-all {cfg['max_per_img']} \(score_thr 0 instead of the config's", stdout), stdout
     assert model['max_rel_diff'] < 1e-3 and model['dynamic']  # fp32: the same detections as PyTorch
+    from mlla_mm.models.ops import fast_inference_default
+    assert model['fast_inference'] is fast_inference_default()  # eager as the config builds it (env override)
     assert model['int8_mib'] < 0.5 * model['onnx_mib']
 
 # --------------------------------------------------------------------------
