@@ -3,8 +3,8 @@
 :func:`quantize_int8` calibrates activation ranges (min/max) on given
 inputs and writes a QDQ model: weights int8 per output channel, activations
 uint8 (u8s8, what ONNX Runtime's x86 kernels run with VNNI). Only ``Conv``
-and ``MatMul``/``Gemm`` nodes with a weight operand are quantized
-(:func:`weight_nodes`, after :func:`prepare_for_int8` has turned the
+and ``MatMul``/``Gemm`` nodes with a weight operand, except depthwise
+convolutions, are quantized (:func:`weight_nodes`, after :func:`prepare_for_int8` has turned the
 channel-major q and k projections, ``MatMul(W, x)``, into 1x1
 convolutions), and a ``Relu`` right after one of them is folded into its
 output's quantization; everything else stays float: MLLA's attention
@@ -35,20 +35,42 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 QUANTIZED_OPS = ('Conv', 'MatMul', 'Gemm')
 
 
+def _is_float_depthwise(node, produced_by: Dict[str, object]) -> bool:
+    """A grouped convolution (``group`` > 1) that reads a float tensor: MLLA's ``dwc``, ``lepe`` and ``cpe`` s.
+
+    The downsample's depthwise convolution reads the ``Relu`` of a quantized
+    1x1 convolution, already uint8, and feeds another: ONNX Runtime fuses it
+    into a ``QLinearConv`` whatever the quantizer does, so it is quantized.
+    """
+    if node.op_type != 'Conv' or not any(a.name == 'group' and a.i > 1 for a in node.attribute):
+        return False
+    src = produced_by.get(node.input[0])
+    return src is None or src.op_type != 'Relu'
+
+
 def weight_nodes(model) -> Tuple[List[str], List[str]]:
     """``(quantized, kept float)`` node names among ``QUANTIZED_OPS``: quantized when the second input is a weight.
 
     ``MatMul`` of two activations (linear attention's ``k^T v``, ``q (k^T v)``
     and its normaliser) is kept float: its range changes with every image.
+    Depthwise (grouped) convolutions on float inputs are kept float too
+    (:func:`_is_float_depthwise`): ONNX Runtime runs
+    them in int8 only channels-last, between transposes, which made the MLLA-T
+    backbone slower (INT8 / eager 0.61 with them quantized, 0.57 without, at
+    800x1280 on a 2-core AMD EPYC Zen 4) and the demo detector less accurate
+    (box mAP 0.537 with them quantized, 0.549 without, fp32 0.554;
+    docs/deploy.md, "INT8").
     """
     weights = {i.name for i in model.graph.initializer}
     consts = {n.output[0] for n in model.graph.node if n.op_type == 'Constant'}
     weights |= consts
+    produced_by = {o: n for n in model.graph.node for o in n.output}
     quantized, kept = [], []
     for node in model.graph.node:
         if node.op_type not in QUANTIZED_OPS:
             continue
-        (quantized if len(node.input) > 1 and node.input[1] in weights else kept).append(node.name)
+        weighted = len(node.input) > 1 and node.input[1] in weights and not _is_float_depthwise(node, produced_by)
+        (quantized if weighted else kept).append(node.name)
     return quantized, kept
 
 
@@ -203,14 +225,15 @@ def quantize_int8(model: Union[bytes, str], feeds: Iterable[Dict[str, np.ndarray
         out = onnx.load(dst)
     meta = {p.key: p.value for p in out.metadata_props}
     props = {p.key: p.value for p in proto.metadata_props}  # the export's metadata (kind, hash, ...) carried over
-    props.update(mlla_mm_int8='static qdq u8s8 per-channel minmax, float matmul outputs',
+    props.update(mlla_mm_int8='static qdq u8s8 per-channel minmax, float matmul outputs, depthwise float',
                  mlla_mm_int8_calibration_images=str(reader.count))
     for key, value in props.items():
         if key in meta:
             continue
         entry = out.metadata_props.add()
         entry.key, entry.value = key, value
-    log(f'int8: {len(quantized)} Conv/MatMul/Gemm nodes quantized, {len(kept)} activation products kept float; '
+    log(f'int8: {len(quantized)} Conv/MatMul/Gemm nodes quantized, {len(kept)} kept float (activation products, '
+        f'depthwise convolutions); '
         f'calibrated on {reader.count} image(s)')
     return out.SerializeToString()
 

@@ -36,7 +36,12 @@ def test_only_weight_products_are_quantized(tiny):
     weights = {i.name for i in proto.graph.initializer} | {n.output[0] for n in proto.graph.node
                                                           if n.op_type == 'Constant'}
     by_name = {n.name: n for n in proto.graph.node}
-    assert all(by_name[k].op_type == 'MatMul' and by_name[k].input[1] not in weights for k in kept)
+    grouped = {n.name for n in proto.graph.node if n.op_type == 'Conv'
+               and any(a.name == 'group' and a.i > 1 for a in n.attribute)}
+    depthwise = {g for g in grouped if '/downsample/' not in g}
+    assert depthwise and depthwise <= set(kept)  # the blocks' dwc, lepe and cpe convolutions stay float
+    assert grouped - depthwise and (grouped - depthwise) <= set(quantized)  # the downsample's reads a ReLU: int8
+    assert all(by_name[k].op_type == 'MatMul' and by_name[k].input[1] not in weights for k in set(kept) - depthwise)
     assert all(by_name[q].input[1] in weights for q in quantized)
 
 
@@ -50,7 +55,9 @@ def test_int8_model_is_close_to_fp32_and_keeps_the_attention_products_float(tiny
                      for i in n.input) for n in matmuls]
     prepared = onnx.load_from_string(data)
     prepare_for_int8(prepared)
-    assert dq_inputs.count(2) > 0 and dq_inputs.count(0) == len(weight_nodes(prepared)[1])
+    kept_matmuls = [k for k in weight_nodes(prepared)[1] if k in {n.name for n in prepared.graph.node
+                                                                  if n.op_type == 'MatMul'}]
+    assert dq_inputs.count(2) > 0 and dq_inputs.count(0) == len(kept_matmuls)
     assert len(q) < 0.7 * len(data)  # int8 weights
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta['mlla_mm_kind'] == 'backbone' and meta['mlla_mm_int8_calibration_images'] == '3'
@@ -98,7 +105,8 @@ def float_weight_products_and_requantizations(graph: onnx.ModelProto):
         dq = prod.get(name)
         return name in init or (dq is not None and dq.op_type == 'DequantizeLinear' and dq.input[0] in init)
     floats = [n.name for n in graph.graph.node if n.op_type in ('Conv', 'MatMul', 'Gemm', 'FusedConv', 'FusedMatMul',
-                                                                 'FusedGemm') and any(weight(i) for i in n.input[:2])]
+                                                                 'FusedGemm') and any(weight(i) for i in n.input[:2])
+              and not any(a.name == 'group' and a.i > 1 for a in n.attribute)]  # depthwise: float by design
     requant = [n.name for n in graph.graph.node if n.op_type == 'QuantizeLinear' and n.input[0] in prod
                and prod[n.input[0]].op_type == 'DequantizeLinear']
     return floats, requant
@@ -110,6 +118,9 @@ def test_onnx_runtime_runs_every_weight_product_of_the_int8_model_in_integer_ker
     floats, requant = float_weight_products_and_requantizations(graph)
     assert floats == [] and requant == []  # q/k projections quantized; the stem's ReLUs folded into their Q
     ops = {n.op_type for n in graph.graph.node}
+    grouped = [n for n in graph.graph.node if any(a.name == 'group' and a.i > 1 for a in n.attribute)]
+    assert grouped and not [n.name for n in grouped if n.op_type.startswith('QLinear')  # the blocks' depthwise
+                            and '/downsample/' not in n.name]  # convolutions run float
     assert {'QLinearConv', 'MatMulIntegerToFloat'} <= ops and 'QLinearMatMul' not in ops  # float MatMul outputs
 
 
