@@ -26,6 +26,7 @@ import re
 import shlex
 import signal
 import sys
+import types
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .rng import preserved_random_state
@@ -120,6 +121,29 @@ def _live_iterators(loader: Any, owner: Any) -> Iterator[Any]:
         yield inner
 
 
+def _close_index_stream(iterator: Any) -> None:
+    """Close a stopped iterator's stream of sampler indices now rather than whenever it is collected."""
+    stream = getattr(iterator, '_sampler_iter', None)
+    if isinstance(stream, types.GeneratorType):
+        stream.close()
+
+
+def _restart_sampler(loader: Any) -> None:
+    """Give a sampler that keeps one index generator for all its iterations (mmengine's ``InfiniteSampler``:
+    ``indices``, made once) a new one, from the start of its seeded sequence.
+
+    Closing a stopped iterator's index stream closes that shared generator too
+    (``yield from`` passes ``close`` on); an iterator started afterwards would
+    then end after the batches it prefetched (``StopIteration`` in the third
+    iteration of the UperNet demo). Starting the sequence again also gives the
+    restarted workers the batches the first workers had prefetched, in order.
+    """
+    batch_sampler = getattr(loader, 'batch_sampler', None)
+    sampler = getattr(batch_sampler, 'sampler', None) or getattr(loader, 'sampler', None)
+    if isinstance(getattr(sampler, 'indices', None), types.GeneratorType) and hasattr(sampler, '_indices_of_rank'):
+        sampler.indices = sampler._indices_of_rank()
+
+
 def guard_dataloader_workers(loader: Any, infinite_iterator: Any = None,
                              signals: Sequence[int] = WORKER_IGNORED_SIGNALS) -> bool:
     """Make the workers of ``loader`` ignore ``signals`` (SIGTERM, SIGINT) (:class:`SignalSafeWorkerInit`).
@@ -148,6 +172,8 @@ def guard_dataloader_workers(loader: Any, infinite_iterator: Any = None,
         shutdown = getattr(it, '_shutdown_workers', None)
         if callable(shutdown):
             shutdown()
+        _close_index_stream(it)
+    _restart_sampler(loader)
     if getattr(loader, '_iterator', None) is not None:
         loader._iterator = None  # a persistent iterator: the next iter() starts new workers
     if infinite_iterator is not None and getattr(infinite_iterator, '_iterator', None) is not None:
