@@ -2,14 +2,16 @@
 """Maintainer A/B: MLLA-T of the working tree against MLLA-T of another git revision, in one process.
 
     python dev/ab_revisions.py REV [--threads 2] [--repeats 5] [--sizes 512x512 800x1280] [--train-size 512] \\
-        [--json FILE]
+        [--malloc tuned|default] [--json FILE]
 
 For checking that a refactor did not slow the model down: the revision's
 ``mlla_mm/models/*.py`` is imported beside today's package (see
 :func:`load_mlla_at_revision`), both get the same weights and run in the same
 interleaved rounds (``mlla_mm.utils.timing``): inference at ``--sizes``
 (default 512x512 and 800x1280) and a train step (forward + backward, batch 2, ``--train-size``).
-Prints new / old as the median of per-round ratios with the range of the
+glibc's malloc is tuned first as the tools tune it (``--malloc default``
+leaves it alone: a revision before 7030d94 then runs its fast path in bands
+of rows). Prints new / old as the median of per-round ratios with the range of the
 rounds. Not a user tool (it rewrites ``sys.modules``): users run
 ``tools/benchmark.py``.
 
@@ -180,20 +182,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='HxW sizes of the inference (default 512x512 800x1280)')
     p.add_argument('--train-size', type=positive_int, default=512, help='square image size of the train step')
     p.add_argument('--json', help='write the numbers to this JSON file')
+    p.add_argument('--malloc', choices=['tuned', 'default'],
+                   help="glibc malloc as the tools set it ('tuned', mlla_mm/utils/malloc.py) or left alone "
+                        "('default'); the old revision's fast path may band its maps by it (default: "
+                        'MLLA_MM_MALLOC, else tuned)')
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     from mlla_mm.cli import UsageError, check_output, one_line
     from mlla_mm.utils.io import AtomicWriteError, atomic_write
+    from mlla_mm.utils.malloc import tune_cpu_malloc
     args = parse_args(argv)
     try:
         check_output(args.json, '--json')
         torch.set_num_threads(args.threads)
+        try:
+            malloc = tune_cpu_malloc(None if args.malloc is None else args.malloc == 'tuned')
+        except ValueError as err:  # a bad MLLA_MM_MALLOC
+            raise UsageError(str(err)) from None
+        print(f'# malloc: {malloc}', flush=True)
         found = compare_with_revision(args.rev, args.repeats, args.train_size, args.sizes)
         if args.json:
             with atomic_write(args.json, 'w') as f:
-                json.dump(dict(found, torch=torch.__version__), f, indent=2)
+                json.dump(dict(found, torch=torch.__version__, malloc=malloc), f, indent=2)
     except (RevisionError, UsageError, AtomicWriteError) as err:
         print(f'error: {one_line(err)}', file=sys.stderr)
         return 2

@@ -38,19 +38,29 @@ def test_the_revisions_mlla_is_loaded_beside_todays_and_not_registered():
 
 
 @needs_git
-def test_a_comparison_pairs_the_rounds(tmp_path, capsys):
+def test_a_comparison_pairs_the_rounds(tmp_path, capsys, monkeypatch):
     """HEAD against itself at toy sizes: every ratio is the median of its rounds, both outputs equal."""
+    import mlla_mm.utils.malloc as malloc
+    monkeypatch.setattr(malloc, '_state', malloc._state)  # restored after the test
     out = tmp_path / 'ab.json'
     assert ab.main(['HEAD', '--repeats', '2', '--sizes', '32x32', '32x64', '--train-size', '32', '--threads', '1',
-                    '--json', str(out)]) == 0
+                    '--malloc', 'default', '--json', str(out)]) == 0
     data = json.loads(out.read_text())
+    assert data['malloc'] == 'default' == malloc.malloc_state()  # the tools' setting is said and recorded
     assert set(data['ratios']) == {'inference 32x32', 'inference 32x64', 'train fwd+bwd 2x32x32'}
     for key, ratio in data['ratios'].items():
         rounds = data['rounds'][key]
         assert len(rounds) == 2 and min(rounds) <= ratio <= max(rounds)
     assert data['times']['inference 32x64']['max_abs_diff'] == 0
     stdout = capsys.readouterr().out
-    assert 'PASS' not in stdout and 'FAIL' not in stdout and '(rounds ' in stdout
+    assert 'PASS' not in stdout and 'FAIL' not in stdout and '(rounds ' in stdout and '# malloc: default' in stdout
+
+
+def test_a_bad_malloc_setting_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setenv('MLLA_MM_MALLOC', 'bogus')
+    assert ab.main(['HEAD']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: MLLA_MM_MALLOC') and "'bogus'" in err[0]
 
 
 @needs_git
