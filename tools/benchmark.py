@@ -156,6 +156,11 @@ def build_detector(kind: str):
     return MODELS.build(cfg.model)
 
 
+#: Proposals and detections per image of the whole-detector runs under ``--quick`` (tests): less head work than
+#: the configs' 1000 and 100.
+QUICK_DETECTOR_WORK = dict(proposals=100, detections=20)
+
+
 def detector_batch(size: Tuple[int, int]) -> dict:
     """One random uint8 ``HxW`` image (seed 0) with its metadata, as mmdet's ``test_step`` takes it."""
     from mmdet.structures import DetDataSample
@@ -491,10 +496,10 @@ def run_train(args: argparse.Namespace, results: dict) -> None:
 
 
 def run_detector(args: argparse.Namespace, results: dict) -> None:
-    """One whole Mask R-CNN inference, MLLA-T against Swin-T, ``args.train_repeats`` rounds (``--quick``: 100
-    proposals and 20 detections per image instead of 1000 and 100)."""
+    """One whole Mask R-CNN inference, MLLA-T against Swin-T, ``args.train_repeats`` rounds (``--quick``:
+    :data:`QUICK_DETECTOR_WORK` proposals and detections per image instead of 1000 and 100)."""
     parts: Dict[str, Dict[str, float]] = {}
-    work = dict(proposals=100, detections=20) if args.quick else dict(proposals=1000, detections=100)
+    work = dict(QUICK_DETECTOR_WORK) if args.quick else dict(proposals=1000, detections=100)
     try:
         dt = detector_inference_times(parse_size(args.detector_size), args.train_repeats, parts=parts, **work)
     except ImportError as e:
@@ -723,14 +728,14 @@ def equal_work_test_cfg(detector: torch.nn.Module, quick: bool = False) -> dict:
     config's threshold (0.05) few or no boxes would reach NMS and the mask head; at 0 each image gets
     ``max_per_img`` detections, as a busy image does with trained weights. mmdet's ``predict`` and the
     exported graph read the same ``test_cfg`` objects (the export is traced after this), so PyTorch and
-    ONNX Runtime run the same settings on the same weights. ``quick`` (tests): 100 proposals and 20
-    detections per image instead of the config's 1000 and 100.
+    ONNX Runtime run the same settings on the same weights. ``quick`` (tests): :data:`QUICK_DETECTOR_WORK`
+    proposals and detections per image instead of the config's 1000 and 100.
     """
     rpn, rcnn = detector.rpn_head.test_cfg, detector.roi_head.test_cfg
     config_thr = float(rcnn.score_thr)
     rcnn.score_thr = 0.0
     if quick:
-        rpn.max_per_img, rcnn.max_per_img = 100, 20
+        rpn.max_per_img, rcnn.max_per_img = QUICK_DETECTOR_WORK['proposals'], QUICK_DETECTOR_WORK['detections']
     return dict(rpn_nms_pre=int(rpn.nms_pre), rpn_max_per_img=int(rpn.max_per_img),
                 rpn_iou=float(rpn.nms.iou_threshold), score_thr=0.0, config_score_thr=config_thr,
                 iou=float(rcnn.nms.iou_threshold), max_per_img=int(rcnn.max_per_img),

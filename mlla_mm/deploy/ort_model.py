@@ -111,7 +111,7 @@ class OnnxRuntimeModel(BaseModel):
         self.align_corners = bool(align_corners)
         self.threshold = float(threshold)
         try:
-            self.session = session or make_session(onnx_file, threads)
+            self.session = session if session is not None else make_session(onnx_file, threads)
         except UsageError:
             raise
         except Exception as err:  # noqa: BLE001 (ORT's Fail/InvalidGraph/...: IR version, ops, external data)

@@ -4,9 +4,9 @@
 inputs and writes a QDQ model: weights int8 per output channel, activations
 uint8 (u8s8, what ONNX Runtime's x86 kernels run with VNNI). Only ``Conv``
 and ``MatMul``/``Gemm`` nodes with a weight operand, except depthwise
-convolutions, are quantized (:func:`weight_nodes`, after :func:`prepare_for_int8` has turned the
-channel-major q and k projections, ``MatMul(W, x)``, into 1x1
-convolutions), and a ``Relu`` right after one of them is folded into its
+convolutions on float inputs, are quantized (:func:`weight_nodes`, after
+:func:`prepare_for_int8` has turned the channel-major q and k projections,
+``MatMul(W, x)``, into 1x1 convolutions), and a ``Relu`` right after one of them is folded into its
 output's quantization; everything else stays float: MLLA's attention
 products of two activations (``k^T v`` and its normaliser), RoPE, ELU,
 softmax, LayerNorm, GELU, and a detector's NMS, RoiAlign and box decoding.
@@ -54,12 +54,10 @@ def weight_nodes(model) -> Tuple[List[str], List[str]]:
     ``MatMul`` of two activations (linear attention's ``k^T v``, ``q (k^T v)``
     and its normaliser) is kept float: its range changes with every image.
     Depthwise (grouped) convolutions on float inputs are kept float too
-    (:func:`_is_float_depthwise`): ONNX Runtime runs
-    them in int8 only channels-last, between transposes, which made the MLLA-T
-    backbone slower (INT8 / eager 0.61 with them quantized, 0.57 without, at
-    800x1280 on a 2-core AMD EPYC Zen 4) and the demo detector less accurate
-    (box mAP 0.537 with them quantized, 0.549 without, fp32 0.554;
-    docs/deploy.md, "INT8").
+    (:func:`_is_float_depthwise`): ONNX Runtime runs them in int8 only
+    channels-last, between transposes; quantized, they made the MLLA-T backbone
+    slower and the demo detector less accurate (measurements: docs/deploy.md,
+    "Measured").
     """
     weights = {i.name for i in model.graph.initializer}
     consts = {n.output[0] for n in model.graph.node if n.op_type == 'Constant'}
