@@ -65,6 +65,7 @@ from ..datasets.synthetic import make_synthetic_data
 from ..errors import TrainingInterrupted, UsageError
 from ..utils.io import TMP_TAG, AtomicWriteError, atomic_write
 from ..utils.malloc import malloc_state
+from .config_text import text_once
 from .console import keep_parameter_reports_off_console
 from .rendezvous import init_gloo_group
 from .run_checks import amp_optim_wrapper_cfg, check_run, loaders_of_run, skip_unneeded_pretrained
@@ -602,7 +603,7 @@ class SafeRunner(Runner):
         params.pop('self')
         params['custom_hooks'] = with_required_hooks(params.get('custom_hooks'))
         init_cpu_distributed(params.get('launcher', 'none'))
-        cfg = params.get('cfg')
+        params['cfg'] = cfg = text_once(params.get('cfg'))  # its text formatted once, not at every checkpoint
         #: names the config in the checks' messages
         self.config_name: str = str(getattr(cfg, 'filename', None) or 'the config')
         #: the dataloaders whose data has been checked (:meth:`_check_loaders`)
