@@ -10,9 +10,12 @@
   constructor that merges equal parameter groups;
 - ``run_checks.py``: what SafeRunner checks from the config before it builds anything (settings, data,
   neck channels, a whole-model checkpoint) and the AMP policy;
+- ``config_cache.py``: mmengine's Config formatting its text and finding ``mmdet::`` base configs once, not
+  at every read (the lookup is installed on import);
 - ``launch.py``: applying a tool's options to a config (``--work-dir``, ``--launcher``, ``--amp``, ...) and
   building its runner; the command-line parsing and error lines are :mod:`mlla_mm.cli`'s (tools only).
 """
+from .config_cache import install_metainfo_index
 from .optim import CPUAutocastOptimWrapper
 from .layer_decay import MLLALayerDecayOptimizerConstructor  # noqa: F401  (registers it in mmengine's root)
 from .param_groups import MergedGroupsOptimWrapperConstructor  # noqa: F401  (registers it in mmengine's root)
@@ -20,6 +23,8 @@ from .loops import ExactEpochBasedTrainLoop, ExactIterBasedTrainLoop
 from .runner import AtomicLocalBackend, SafeRunner, find_resumable_checkpoint
 from .hooks import (CheckpointGuardHook, FiniteLossHook, NonFiniteLossError, PreemptionHook, RandomStateHook,
                     TrainingInterrupted, ValidationResumeHook)
+
+install_metainfo_index()
 
 __all__ = ['CPUAutocastOptimWrapper', 'SafeRunner',
            'AtomicLocalBackend', 'ExactEpochBasedTrainLoop', 'ExactIterBasedTrainLoop', 'RandomStateHook',

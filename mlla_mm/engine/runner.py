@@ -65,7 +65,7 @@ from ..datasets.synthetic import make_synthetic_data
 from ..errors import TrainingInterrupted, UsageError
 from ..utils.io import TMP_TAG, AtomicWriteError, atomic_write
 from ..utils.malloc import malloc_state
-from .config_text import text_once
+from .config_cache import text_once
 from .console import keep_parameter_reports_off_console
 from .rendezvous import init_gloo_group
 from .run_checks import amp_optim_wrapper_cfg, check_run, loaders_of_run, skip_unneeded_pretrained
