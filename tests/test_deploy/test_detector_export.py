@@ -170,3 +170,23 @@ def test_detector_needs_opset_16(tmp_path):
 def test_features_flag_keeps_the_backbone_and_neck_export(tmp_path):
     target = build_target(str(write_tiny_detector(tmp_path)), log=lambda msg: None, features=True)
     assert target.kind == 'detector-features' and target.output_names == [f'fpn{i}' for i in range(5)]
+
+
+def test_tied_scores_may_come_in_either_order_and_nothing_else_may():
+    """PyTorch and ONNX Runtime may order two detections of equal score either way (seen with random weights): the
+    check puts each tie in one order; a real difference, or a swap of detections whose scores differ, still fails."""
+    from mlla_mm.deploy.onnx_export import ties_in_one_order
+    ref = dict(boxes=np.array([[0, 0, 9, 9], [1, 2, 50, 20], [3, 1, 40, 30], [5, 5, 8, 8.]]),
+               scores=np.array([0.9, 0.3087112, 0.3087112, 0.1]), labels=np.array([1, 0, 2, 0]),
+               masks=np.arange(4.)[:, None, None] * np.ones((4, 2, 2)))
+    swap = [0, 2, 1, 3]
+    got = {k: v[swap] for k, v in ref.items()}
+    r, o = ties_in_one_order(ref, got)
+    assert all(np.array_equal(r[k], o[k]) for k in ref)
+    assert np.array_equal(ref['labels'], [1, 0, 2, 0])  # the inputs are left as they were
+    moved = dict(got, boxes=got['boxes'] + np.array([[0, 0, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    r, o = ties_in_one_order(ref, moved)
+    assert np.abs(r['boxes'] - o['boxes']).max() == 1.5  # a box that moved is still a difference
+    untied = dict(ref, scores=np.array([0.9, 0.31, 0.30, 0.1]))
+    r, o = ties_in_one_order(untied, {k: v[swap] for k, v in untied.items()})
+    assert not np.array_equal(r['labels'], o['labels'])  # no tie: the order is the order
