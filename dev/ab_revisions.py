@@ -2,7 +2,7 @@
 """Maintainer A/B: MLLA-T of the working tree against MLLA-T of another git revision, in one process.
 
     python dev/ab_revisions.py REV [--threads 2] [--repeats 5] [--sizes 512x512 800x1280] [--train-size 512] \\
-        [--malloc tuned|default] [--json FILE]
+        [--malloc tuned|default] [--ops] [--json FILE]
 
 For checking that a refactor did not slow the model down: the revision's
 ``mlla_mm/models/*.py`` is imported beside today's package (see
@@ -12,7 +12,10 @@ interleaved rounds (``mlla_mm.utils.timing``): inference at ``--sizes``
 glibc's malloc is tuned first as the tools tune it (``--malloc default``
 leaves it alone: a revision before 7030d94 then runs its fast path in bands
 of rows). Prints new / old as the median of per-round ratios with the range of the
-rounds. Not a user tool (it rewrites ``sys.modules``): users run
+rounds. ``--ops`` also runs both once at the last size under torch's profiler
+and prints what each executed: the operators whose call counts differ, and
+the summed self CPU time of all operators (equal counts and equal sums: the
+same work, so a ratio away from 1 is the machine's noise). Not a user tool (it rewrites ``sys.modules``): users run
 ``tools/benchmark.py``.
 
 An unknown revision, a missing git or a revision without the model file is
@@ -31,7 +34,7 @@ import sys
 import tempfile
 import types
 import warnings
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -113,8 +116,26 @@ def load_mlla_at_revision(rev: str, folder: str) -> Tuple[type, str]:
     return module.MLLA, sha
 
 
+def operator_profile(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Tuple[int, float]]:
+    """Operator name -> (calls, self CPU ms) of one inference call of ``model`` on ``x`` (after one warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x)
+    return {e.key: (int(e.count), e.self_cpu_time_total / 1e3) for e in prof.key_averages()}
+
+
+def compare_operators(new: Dict[str, Tuple[int, float]], old: Dict[str, Tuple[int, float]]) -> dict:
+    """The operators whose call counts differ, and each side's number of calls and summed self CPU ms."""
+    differ = {name: dict(new=new.get(name, (0, 0.0))[0], old=old.get(name, (0, 0.0))[0])
+              for name in sorted(set(new) | set(old)) if new.get(name, (0,))[0] != old.get(name, (0,))[0]}
+    return dict(differ=differ, calls=dict(new=sum(c for c, _ in new.values()), old=sum(c for c, _ in old.values())),
+                self_cpu_ms=dict(new=sum(t for _, t in new.values()), old=sum(t for _, t in old.values())))
+
+
 def compare_with_revision(rev: str, repeats: int, train_size: int = 512,
-                          sizes: Sequence[Tuple[int, int]] = ((512, 512), (800, 1280))) -> dict:
+                          sizes: Sequence[Tuple[int, int]] = ((512, 512), (800, 1280)), ops: bool = False) -> dict:
     """Time today's MLLA-T and the one of git revision ``rev`` with the same weights, interleaved.
 
     Inference (eval, ``no_grad``, batch 1) at each of ``sizes`` and a train
@@ -122,14 +143,15 @@ def compare_with_revision(rev: str, repeats: int, train_size: int = 512,
     seeded identically before each call so drop path drops the same blocks).
     Every round runs both models back to back (alternating which goes first);
     a ratio is the median over rounds of new time / old time in the round.
+    ``ops``: also the operators both execute at the last size (:func:`compare_operators`).
     """
     from mlla_mm.models import MLLA
     with tempfile.TemporaryDirectory(prefix='mlla_rev_') as folder:
-        return _compare(MLLA, *load_mlla_at_revision(rev, folder), rev, repeats, train_size, sizes)
+        return _compare(MLLA, *load_mlla_at_revision(rev, folder), rev, repeats, train_size, sizes, ops)
 
 
 def _compare(new_cls: type, old_cls: type, sha: str, rev: str, repeats: int, train_size: int,
-             sizes: Sequence[Tuple[int, int]]) -> dict:
+             sizes: Sequence[Tuple[int, int]], ops: bool = False) -> dict:
     head = _git('rev-parse', 'HEAD').strip()
     torch.manual_seed(0)
     new = new_cls('tiny')
@@ -150,6 +172,8 @@ def _compare(new_cls: type, old_cls: type, sha: str, rev: str, repeats: int, tra
             out['ratios'][key] = paired_ratio(times, 'new', 'old')
             out['times'][key] = dict(new=summarize(times['new']), old=summarize(times['old']), max_abs_diff=diff)
             print(f'# {key} done', flush=True)
+        if ops:
+            out['ops'] = dict(size=f'{h}x{w}', **compare_operators(operator_profile(new, x), operator_profile(old, x)))
     new.train(), old.train()
     x = torch.randn(2, 3, train_size, train_size)
 
@@ -169,6 +193,13 @@ def _compare(new_cls: type, old_cls: type, sha: str, rev: str, repeats: int, tra
         t = out['times'][key]
         extra = f"  max |new-old| {t['max_abs_diff']:.1e}" if 'max_abs_diff' in t else ''
         print(f"{key:<34}{t['new']['median']:8.3f}{t['old']['median']:8.3f}  {ratio_text(ratios)}{extra}")
+    if ops:
+        o = out['ops']
+        print(f"operators at {o['size']}: calls new {o['calls']['new']} / old {o['calls']['old']}, summed self CPU "
+              f"new {o['self_cpu_ms']['new']:.1f} ms / old {o['self_cpu_ms']['old']:.1f} ms; "
+              + (f"calls differ for {len(o['differ'])}: " + ', '.join(
+                  f"{name} {c['new']}/{c['old']}" for name, c in o['differ'].items()) if o['differ']
+                 else 'every operator called as often'))
     return out
 
 
@@ -181,6 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--sizes', nargs='+', type=image_size, default=[(512, 512), (800, 1280)],
                    help='HxW sizes of the inference (default 512x512 800x1280)')
     p.add_argument('--train-size', type=positive_int, default=512, help='square image size of the train step')
+    p.add_argument('--ops', action='store_true',
+                   help="also profile one call of each at the last size: operators whose call counts differ and the "
+                        "summed self CPU time (is it the same work?)")
     p.add_argument('--json', help='write the numbers to this JSON file')
     p.add_argument('--malloc', choices=['tuned', 'default'],
                    help="glibc malloc as the tools set it ('tuned', mlla_mm/utils/malloc.py) or left alone "
@@ -202,7 +236,7 @@ def main(argv=None) -> int:
         except ValueError as err:  # a bad MLLA_MM_MALLOC
             raise UsageError(str(err)) from None
         print(f'# malloc: {malloc}', flush=True)
-        found = compare_with_revision(args.rev, args.repeats, args.train_size, args.sizes)
+        found = compare_with_revision(args.rev, args.repeats, args.train_size, args.sizes, ops=args.ops)
         if args.json:
             with atomic_write(args.json, 'w') as f:
                 json.dump(dict(found, torch=torch.__version__, malloc=malloc), f, indent=2)

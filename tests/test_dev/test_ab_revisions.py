@@ -44,7 +44,7 @@ def test_a_comparison_pairs_the_rounds(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(malloc, '_state', malloc._state)  # restored after the test
     out = tmp_path / 'ab.json'
     assert ab.main(['HEAD', '--repeats', '2', '--sizes', '32x32', '32x64', '--train-size', '32', '--threads', '1',
-                    '--malloc', 'default', '--json', str(out)]) == 0
+                    '--malloc', 'default', '--ops', '--json', str(out)]) == 0
     data = json.loads(out.read_text())
     assert data['malloc'] == 'default' == malloc.malloc_state()  # the tools' setting is said and recorded
     assert set(data['ratios']) == {'inference 32x32', 'inference 32x64', 'train fwd+bwd 2x32x32'}
@@ -52,8 +52,19 @@ def test_a_comparison_pairs_the_rounds(tmp_path, capsys, monkeypatch):
         rounds = data['rounds'][key]
         assert len(rounds) == 2 and min(rounds) <= ratio <= max(rounds)
     assert data['times']['inference 32x64']['max_abs_diff'] == 0
+    ops = data['ops']  # the same code: every operator called as often, at the last size
+    assert ops['size'] == '32x64' and ops['differ'] == {} and ops['calls']['new'] == ops['calls']['old'] > 100
     stdout = capsys.readouterr().out
     assert 'PASS' not in stdout and 'FAIL' not in stdout and '(rounds ' in stdout and '# malloc: default' in stdout
+    assert 'operators at 32x64: calls new' in stdout and 'every operator called as often' in stdout
+
+
+def test_operators_that_differ_are_named():
+    new = {'aten::addmm': (4, 2.0), 'aten::copy_': (3, 1.0)}
+    old = {'aten::addmm': (4, 2.5), 'aten::clone': (1, 0.5)}
+    found = ab.compare_operators(new, old)
+    assert found['differ'] == {'aten::clone': dict(new=0, old=1), 'aten::copy_': dict(new=3, old=0)}
+    assert found['calls'] == dict(new=7, old=5) and found['self_cpu_ms'] == dict(new=3.0, old=3.0)
 
 
 def test_a_bad_malloc_setting_is_a_one_line_error(capsys, monkeypatch):
