@@ -49,7 +49,8 @@ def check_split(root: Path, split: str) -> Path:
         DataNotFoundError: The file is missing, a folder, not valid JSON or not COCO format, or
             names images that are missing or unreadable (one line naming the file).
     """
-    from mlla_mm.datasets.checks import _SKIP_HINT, DataNotFoundError, check_annotations
+    from mlla_mm.datasets.check_base import SKIP_HINT
+    from mlla_mm.datasets.checks import DataNotFoundError, check_annotations
     ann_file = root / 'annotations' / f'instances_{split}.json'
     if not ann_file.is_file() and not ann_file.is_dir():
         raise DataNotFoundError(f'{ann_file} not found (expected a COCO-format data set under --data {root})')
@@ -59,7 +60,7 @@ def check_split(root: Path, split: str) -> Path:
     try:
         check_annotations(ds, f'--data {root} --split {split}', 'dev/benchmark_visualizer.py', train=False)
     except DataNotFoundError as err:  # this tool has no --skip-bad-images: leave that hint out
-        raise type(err)(str(err).replace(_SKIP_HINT, 'fix or remove them')) from None
+        raise type(err)(str(err).replace(SKIP_HINT, 'fix or remove them')) from None
     return ann_file
 
 

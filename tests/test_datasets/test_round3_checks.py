@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlla_mm.datasets import checks
+from mlla_mm.datasets import checks, coco_checks, image_files
 from mlla_mm.datasets.checks import (BadAnnotationError, BadImageError, check_annotations, check_seg_folder,
                                      inspect_image, inspect_label_map)
 from tests.helpers import ds_cfg, make_coco, png_bytes, write_ann, write_label
@@ -244,7 +244,7 @@ def test_valid_rle_passes_and_counts_read_like_pycocotools(tmp_path):
     for _ in range(20):
         m = np.asfortranarray(rng.random((37, 23)) < rng.random())
         rle = mask.encode(m.astype(np.uint8))
-        ours = checks._rle_string_counts(rle['counts'].decode('ascii'))
+        ours = coco_checks._rle_string_counts(rle['counts'].decode('ascii'))
         theirs = mask.frPyObjects(dict(size=[37, 23], counts=ours.tolist()), 37, 23)
         assert theirs['counts'] == rle['counts']  # the runs we read encode back to the same string
 
@@ -343,11 +343,11 @@ def test_check_data_takes_num_classes_from_the_decode_head(seg_data, tmp_path):
 
 
 def test_long_checks_show_progress(seg_data, monkeypatch, capsys):
-    monkeypatch.setattr(checks, 'PROGRESS_AFTER_S', 0.0)
+    monkeypatch.setattr(image_files, 'PROGRESS_AFTER_S', 0.0)
     check_seg_folder(seg_cfg(seg_data), 'train_dataloader', num_classes=4)
     err = capsys.readouterr().err
     assert 'checking images: 3/3 files' in err and 'checking label maps: 3/3 files' in err
-    monkeypatch.setattr(checks, 'PROGRESS_AFTER_S', 60.0)
+    monkeypatch.setattr(image_files, 'PROGRESS_AFTER_S', 60.0)
     check_seg_folder(seg_cfg(seg_data), 'val_dataloader', num_classes=4)
     assert capsys.readouterr().err == ''
 
