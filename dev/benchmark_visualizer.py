@@ -127,7 +127,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if root.resolve() == (ROOT / 'data' / 'shapes_coco').resolve() and not root.is_dir():
         from mmengine.config import Config
 
-        from mlla_mm.engine.runner import make_synthetic_data  # the demo's data set, as its config makes it
+        from mlla_mm.datasets.synthetic import make_synthetic_data  # the demo's data set, as its config makes it
         cfg = Config.fromfile(str(ROOT / 'configs' / 'detection' / 'mask_rcnn_mlla_t_demo.py'))
         cfg.synthetic_data.root = str(root)
         make_synthetic_data(cfg)

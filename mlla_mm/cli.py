@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
 from .engine.launch import check_output  # noqa: E402,F401 (re-exported for the tools)
-from .engine.runner import end_distributed  # noqa: E402
+from .engine.distributed import end_distributed  # noqa: E402
 from .engine.workers import WorkerDied, worker_death_message  # noqa: E402
 from .errors import (CheckpointError, DataNotFoundError, NonFiniteLossError, TrainingAborted,  # noqa: E402
                      TrainingInterrupted, UsageError, one_line)
@@ -172,7 +172,7 @@ def run_main(main: Callable[[], int]) -> int:
     a resumable checkpoint (143 SIGTERM, 130 SIGINT), 130 also for Ctrl-C
     outside training or pressed twice (one ``error:`` line). A distributed
     run's process group is destroyed before returning, unless the run failed
-    (:func:`~mlla_mm.engine.runner.end_distributed`).
+    (:func:`~mlla_mm.engine.distributed.end_distributed`).
     """
     try:
         # large CPU tensors off fresh mmap pages; MLLA_MM_MALLOC=default to skip; a CPU setting, not on a GPU machine

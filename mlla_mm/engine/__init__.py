@@ -1,7 +1,10 @@
 """How a run of mlla-mm is made (registered in mmengine's root registries on import).
 
-- ``runner.py``: :class:`SafeRunner` (machine-dependent settings at build time,
-  atomic checkpoints through :class:`AtomicLocalBackend`, robust auto-resume);
+- ``runner.py``: :class:`SafeRunner` (machine-dependent settings at build time, the checks, the hooks);
+- ``work_dir.py``: what a run keeps in its work dir, kept safe (atomic checkpoints through
+  :class:`AtomicLocalBackend`, robust auto-resume, one run per work dir, a full disk as one line);
+- ``distributed.py``: torch.distributed through mmengine's launchers, also without CUDA (gloo), and the
+  end of the process group; ``rendezvous.py``: the gloo rendezvous with a time limit;
 - ``loops.py``: training loops that resume exactly, also mid-epoch;
 - ``hooks.py``: the reliability hooks (random state, validation resume,
   preemption, NaN stop, checkpoint guard);
@@ -20,7 +23,8 @@ from .optim import CPUAutocastOptimWrapper
 from .layer_decay import MLLALayerDecayOptimizerConstructor  # noqa: F401  (registers it in mmengine's root)
 from .param_groups import MergedGroupsOptimWrapperConstructor  # noqa: F401  (registers it in mmengine's root)
 from .loops import ExactEpochBasedTrainLoop, ExactIterBasedTrainLoop
-from .runner import AtomicLocalBackend, SafeRunner, find_resumable_checkpoint
+from .runner import SafeRunner
+from .work_dir import AtomicLocalBackend, find_resumable_checkpoint
 from .hooks import (CheckpointGuardHook, FiniteLossHook, NonFiniteLossError, PreemptionHook, RandomStateHook,
                     TrainingInterrupted, ValidationResumeHook)
 

@@ -42,7 +42,7 @@ from ..utils.io import atomic_write
 from .loops import make_exact, validation_due
 from .run_checks import check_checkpoint_for_model
 from .rng import RandomStateError, check_random_state, get_random_state, set_random_state
-from .runner import ATOMIC_BACKEND, checkpoint_name
+from .work_dir import ATOMIC_BACKEND, checkpoint_name
 from .workers import SignalSafeWorkerInit, guard_dataloader_workers, unwrap_worker_init
 
 #: file in the work dir naming the last position whose validation completed
@@ -446,7 +446,7 @@ class CheckpointGuardHook(Hook):
 
     - ``before_run``: a ``CheckpointHook`` writing to a local folder with no
       ``backend_args`` of its own writes through
-      :class:`~mlla_mm.engine.runner.AtomicLocalBackend` (temporary file,
+      :class:`~mlla_mm.engine.work_dir.AtomicLocalBackend` (temporary file,
       fsync, rename), so any Runner writes checkpoints atomically (SafeRunner
       does so for every checkpoint it saves).
     - ``after_load_checkpoint`` (``load_from``, ``--resume``, tools/test.py),

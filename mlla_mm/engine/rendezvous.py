@@ -128,7 +128,7 @@ def rendezvous_timeout() -> float:
 def init_gloo_group(launcher: str) -> None:
     """``torch.distributed.init_process_group('gloo')`` from ``RANK``/``WORLD_SIZE``/``MASTER_*``, bounded in time.
 
-    The environment is the one :func:`~mlla_mm.engine.runner.distributed_env`
+    The environment is the one :func:`~mlla_mm.engine.distributed.distributed_env`
     made. Rank 0 serves the rendezvous store and waits for the others; each
     other rank connects to it; both wait at most :func:`rendezvous_timeout`.
     Under torchrun (its agent did the rendezvous) torch's own start is used.

@@ -12,14 +12,14 @@ thing. At build time it:
   bf16 :class:`~mlla_mm.engine.optim.CPUAutocastOptimWrapper`;
 - makes the synthetic data set a demo config names in ``synthetic_data``;
 - in a distributed run, ends the process group at exit unless the run
-  failed (:func:`end_distributed`): torch leaves it to the program, and a
+  failed (:func:`~mlla_mm.engine.distributed.end_distributed`): torch leaves it to the program, and a
   gloo group torn down with the interpreter can abort the process (SIGABRT,
   "terminate called without an active exception") after training is done;
 - runs the reliability hooks of :data:`REQUIRED_HOOKS` (adding any that
   ``custom_hooks`` lacks), so also the exact-resume loops that
   :class:`~mlla_mm.engine.hooks.RandomStateHook` switches to.
 
-Checkpoints are written through :class:`AtomicLocalBackend`
+Checkpoints are written through :class:`~mlla_mm.engine.work_dir.AtomicLocalBackend`
 (:func:`mlla_mm.utils.io.atomic_write`: temporary file, fsync, rename), and
 so is mmengine's ``last_checkpoint`` marker. Auto-resume (``resume=True``
 without ``load_from``) looks wherever the config writes checkpoints (the work
@@ -27,7 +27,7 @@ dir and ``default_hooks.checkpoint.out_dir``/<work dir name>), removes
 temporary files that dead runs left, skips an empty, damaged or dangling
 ``last_checkpoint`` marker and never starts over silently: checkpoints that
 exist but none of which can be read stop the run with one line. A training
-run holds the work dir (:class:`WorkDirLock`): a second run there is refused
+run holds the work dir (:class:`~mlla_mm.engine.work_dir.WorkDirLock`): a second run there is refused
 while the first lives. A full disk is one line naming the work dir, not an
 ``OSError`` traceback. A resumed run warns when the config's learning rate
 or parameter schedule differs from the checkpoint's (the checkpoint's is used).
@@ -35,25 +35,12 @@ or parameter schedule differs from the checkpoint's (the checkpoint's is used).
 from __future__ import annotations
 
 import atexit
-import copy
-import errno
-import glob
 import inspect
-import json
-import os
 import os.path as osp
-import re
-import socket
-import subprocess
-import time
-import zipfile
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.config import ConfigDict
 from mmengine.dist import barrier, is_main_process, master_only
-from mmengine.fileio import LocalBackend, register_backend
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper, revert_sync_batchnorm
@@ -62,143 +49,18 @@ from mmengine.runner import Runner
 
 from ..datasets.checks import check_data
 from ..datasets.synthetic import make_synthetic_data
-from ..errors import TrainingInterrupted, UsageError
-from ..utils.io import TMP_TAG, AtomicWriteError, atomic_write
+from ..errors import UsageError
 from ..utils.malloc import malloc_state
 from .config_cache import text_once
 from .console import keep_parameter_reports_off_console
-from .rendezvous import init_gloo_group
+from .distributed import cpu_ddp_wrapper_cfg, end_distributed, init_cpu_distributed, run_noting_failure
 from .run_checks import amp_optim_wrapper_cfg, check_run, loaders_of_run, skip_unneeded_pretrained
+from .work_dir import (ATOMIC_BACKEND, WorkDirLock, checkpoint_candidates, checkpoint_folders, disk_full_is_one_line,
+                       find_resumable_checkpoint, read_marker, remove_stale_temp_files, with_atomic_marker)
 
-#: The file backend name for atomic local writes (``backend_args=dict(backend=ATOMIC_BACKEND)``).
-ATOMIC_BACKEND = 'mlla_atomic_local'
 #: Hooks SafeRunner always runs (``custom_hooks`` of the runtime base lists them).
 REQUIRED_HOOKS = ('RandomStateHook', 'PreemptionHook', 'ValidationResumeHook', 'FiniteLossHook',
                   'CheckpointGuardHook')
-_CKPT_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
-
-
-class AtomicLocalBackend(LocalBackend):
-    """mmengine's local file backend, writing every file with :func:`~mlla_mm.utils.io.atomic_write`.
-
-    A kill or a full disk while a checkpoint is written leaves the previous
-    file intact; a failed write raises :class:`~mlla_mm.utils.io.AtomicWriteError`
-    naming the file.
-    """
-
-    def put(self, obj: bytes, filepath: Union[str, os.PathLike]) -> None:
-        with atomic_write(str(filepath), 'wb') as f:
-            f.write(obj)
-
-    def put_text(self, obj: str, filepath: Union[str, os.PathLike], encoding: str = 'utf-8') -> None:
-        with atomic_write(str(filepath), 'wb') as f:
-            f.write(obj.encode(encoding))
-
-
-register_backend(ATOMIC_BACKEND, AtomicLocalBackend)
-
-
-#: What each launcher needs in the environment on a CPU-only machine (torchrun, srun and mpirun set them).
-LAUNCHER_ENV = {
-    'pytorch': ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'),
-    'slurm': ('SLURM_NTASKS', 'SLURM_PROCID'),
-    'mpi': ('OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_RANK', 'MASTER_ADDR'),
-}
-_STARTED_BY = {'pytorch': 'torchrun (or tools/dist_train.sh)', 'slurm': 'srun', 'mpi': 'mpirun'}
-
-
-def first_slurm_node(nodelist: str) -> str:
-    """The first host of a Slurm node list (``node[01-04]`` -> ``node01``), through ``scontrol``.
-
-    Raises:
-        UsageError: ``scontrol`` is missing or fails; the message says to set ``MASTER_ADDR`` instead.
-    """
-    try:
-        res = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as err:
-        raise UsageError(f'--launcher slurm: cannot run scontrol to find the first node of SLURM_NODELIST='
-                         f'{nodelist!r} ({err}); set MASTER_ADDR to that node\'s address') from None
-    hosts = res.stdout.split()
-    if res.returncode != 0 or not hosts:
-        why = ' '.join(res.stderr.split()) or f'exit code {res.returncode}, no host printed'
-        raise UsageError(f'--launcher slurm: scontrol show hostnames {nodelist!r} failed ({why}); set MASTER_ADDR '
-                         'to the first node\'s address')
-    return hosts[0]
-
-
-def distributed_env(launcher: str, env: Dict[str, str]) -> Dict[str, str]:
-    """The variables torch.distributed's ``env://`` start needs, from ``launcher``'s own (added to a copy of ``env``).
-
-    Raises:
-        UsageError: a variable the launcher sets is missing (the process was not started by it), or
-            Slurm's first node cannot be found. The message names the variables.
-    """
-    if launcher not in LAUNCHER_ENV:
-        raise UsageError(f'unknown launcher {launcher!r}; choose one of none, {", ".join(LAUNCHER_ENV)}')
-    missing = [k for k in LAUNCHER_ENV[launcher] if not env.get(k)]
-    if launcher == 'slurm' and not env.get('MASTER_ADDR') and not env.get('SLURM_NODELIST'):
-        missing.append('SLURM_NODELIST (or MASTER_ADDR)')
-    if missing:
-        raise UsageError(f'--launcher {launcher} needs {", ".join(missing)} in the environment, which '
-                         f'{_STARTED_BY[launcher]} sets; start the processes with it, or use --launcher none '
-                         'for one process')
-    out = dict(env)
-    if launcher == 'slurm':
-        out.setdefault('MASTER_PORT', '29500')
-        if not out.get('MASTER_ADDR'):
-            out['MASTER_ADDR'] = first_slurm_node(env['SLURM_NODELIST'])
-        out['WORLD_SIZE'], out['RANK'] = env['SLURM_NTASKS'], env['SLURM_PROCID']
-        out['LOCAL_RANK'] = env.get('SLURM_LOCALID', '0')
-    elif launcher == 'mpi':
-        out.setdefault('MASTER_PORT', '29500')
-        out['WORLD_SIZE'], out['RANK'] = env['OMPI_COMM_WORLD_SIZE'], env['OMPI_COMM_WORLD_RANK']
-        out['LOCAL_RANK'] = env.get('OMPI_COMM_WORLD_LOCAL_RANK', '0')
-    for key in ('WORLD_SIZE', 'RANK', 'MASTER_PORT'):
-        if not out[key].isdigit():
-            raise UsageError(f'--launcher {launcher}: {key}={out[key]!r} is not a non-negative whole number')
-    if int(out['RANK']) >= int(out['WORLD_SIZE']):
-        raise UsageError(f'--launcher {launcher}: RANK {out["RANK"]} is not below WORLD_SIZE {out["WORLD_SIZE"]}')
-    return out
-
-
-def init_cpu_distributed(launcher: str) -> None:
-    """Start torch.distributed with gloo when there is no CUDA.
-
-    mmengine's launchers call ``torch.cuda.set_device`` unconditionally; on a
-    CPU-only machine the process group is started here instead, from the same
-    environment variables (torchrun's, Slurm's or Open MPI's, see
-    :func:`distributed_env`), and mmengine then finds it already initialised.
-    """
-    import torch.distributed as dist
-    if launcher == 'none' or torch.cuda.is_available() or (dist.is_available() and dist.is_initialized()):
-        return
-    os.environ.update(distributed_env(launcher, dict(os.environ)))
-    init_gloo_group(launcher)  # waits at most MLLA_MM_RENDEZVOUS_TIMEOUT s for every process, then one line
-    print_log(f'No CUDA: torch.distributed started with gloo (rank {dist.get_rank()} of {dist.get_world_size()}).',
-              logger='current')
-
-
-#: Whether the last SafeRunner train/val/test of this process raised (other than a signal stop that every
-#: rank makes at the same iteration): a collective may still be pending, and destroying the group would wait.
-_RUN_FAILED = False
-
-
-def end_distributed() -> None:
-    """Destroy torch.distributed's default process group, if one is running and no run failed.
-
-    Called at the end of the tools' ``main()`` and, for scripts that build a
-    :class:`SafeRunner` themselves, at interpreter exit (registered by the
-    runner). Without it the gloo worker threads still hold the last
-    collectives' tensors while Python shuts down, and releasing them then can
-    abort the process (seen as a rank ending with SIGABRT after its last
-    iteration; torch's own advice is to call ``destroy_process_group``).
-    After a failed run it does nothing: gloo's destroy waits for pending
-    collectives, which a peer that stopped elsewhere never joins; the process
-    exits as it would without it and the launcher stops the others.
-    """
-    import torch.distributed as dist
-    if not _RUN_FAILED and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _hook_type_name(hook: Any) -> str:
@@ -244,295 +106,6 @@ def set_hook_args(cfg: Any, hook_type: str, **kwargs: Any) -> None:
     else:
         hooks.append(dict(type=hook_type, **kwargs))
     cfg.custom_hooks = hooks
-
-
-def cpu_ddp_wrapper_cfg(model_wrapper_cfg: Optional[dict], find_unused_parameters: bool) -> ConfigDict:
-    """The DDP wrapper config for CPU modules: mmengine's defaults with ``device_ids=None``."""
-    wrapper = ConfigDict(copy.deepcopy(model_wrapper_cfg) if model_wrapper_cfg else dict(
-        type='MMDistributedDataParallel', broadcast_buffers=False, find_unused_parameters=find_unused_parameters))
-    wrapper['device_ids'] = None  # mmengine passes [LOCAL_RANK], which DDP refuses for CPU modules
-    return wrapper
-
-
-# --------------------------------------------------------------------------
-# Auto-resume.
-# --------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this host (one we may not signal counts as running)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temp_files(folder: str) -> None:
-    """Delete temporary checkpoint files that dead runs left behind.
-
-    A temporary file's name ends with its writer's pid (:func:`mlla_mm.utils.io.temp_name`);
-    one whose writer still runs on this host is never removed.
-    """
-    for path in glob.glob(osp.join(glob.escape(folder), f'.*.pth{TMP_TAG}*')):
-        pid = path.rpartition(TMP_TAG)[2]
-        if pid.isdigit() and _pid_alive(int(pid)):
-            continue
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def _is_readable_checkpoint(path: str) -> bool:
-    """A cheap check: a complete torch zip archive (its central directory is written last)."""
-    if not path or not osp.isfile(path) or osp.getsize(path) == 0:
-        return False
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return any(n.endswith('data.pkl') for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def _read_marker(marker: str) -> str:
-    """The path a ``last_checkpoint`` file names (``''`` when it is missing, empty or unreadable)."""
-    try:
-        with open(marker, 'rb') as f:
-            return f.read(4096).decode('utf-8').strip()
-    except (OSError, UnicodeDecodeError):
-        return ''
-
-
-def checkpoint_candidates(folders: Sequence[str]) -> List[str]:
-    """Every ``epoch_N.pth`` / ``iter_N.pth`` in ``folders``, newest first (by modification time, then N)."""
-    found = []
-    seen = set()
-    for folder in folders:
-        if not folder or not osp.isdir(folder) or osp.realpath(folder) in seen:
-            continue
-        seen.add(osp.realpath(folder))
-        for name in os.listdir(folder):
-            m = _CKPT_NAME.match(name)
-            if m:
-                path = osp.join(folder, name)
-                try:
-                    found.append((os.stat(path).st_mtime_ns, int(m.group(2)), path))
-                except OSError:
-                    pass
-    return [path for _, _, path in sorted(found, reverse=True)]
-
-
-def find_resumable_checkpoint(work_dir: str, logger: Any = None, folders: Sequence[str] = ()) -> Optional[str]:
-    """The checkpoint to auto-resume from, or ``None``.
-
-    ``work_dir/last_checkpoint`` is used when it names a readable checkpoint;
-    otherwise (missing, empty, unreadable or dangling) the newest readable
-    ``epoch_N.pth`` / ``iter_N.pth`` in ``work_dir`` and ``folders`` (where the
-    config's checkpoint hook writes, see :func:`checkpoint_folders`), newest
-    by modification time, then by N.
-    """
-    marker = osp.join(work_dir, 'last_checkpoint')
-    named = _read_marker(marker)
-    if _is_readable_checkpoint(named):
-        return named
-    for path in checkpoint_candidates([work_dir, *folders]):
-        if _is_readable_checkpoint(path):
-            if logger is not None and osp.isfile(marker):
-                logger.warning(f'{marker} names {named!r}, which is missing or unreadable; '
-                               f'resuming from {path} instead.')
-            return path
-    return None
-
-
-def checkpoint_folders(runner: Runner) -> List[str]:
-    """The local folders the runner's ``CheckpointHook`` writes to besides the work dir.
-
-    mmengine writes to ``out_dir/<work dir's name>`` when the hook has an ``out_dir``.
-    """
-    from mmengine.hooks import CheckpointHook
-    folders = []
-    work_dir = osp.abspath(runner.work_dir)
-    for hook in getattr(runner, '_hooks', []):
-        out_dir = getattr(hook, 'out_dir', None) if isinstance(hook, CheckpointHook) else None
-        if not isinstance(out_dir, str) or '://' in out_dir:
-            continue
-        name = osp.basename(work_dir.rstrip(osp.sep))
-        folders.append(osp.join(out_dir, name))
-        if osp.basename(out_dir.rstrip(osp.sep)) == name:  # before_train already added the name
-            folders.append(out_dir)
-    return folders
-
-
-# --------------------------------------------------------------------------
-# One run per work dir.
-# --------------------------------------------------------------------------
-#: The lock file a training run holds in its work dir.
-LOCK_NAME = '.mlla-mm-run.lock'
-
-
-class WorkDirLock:
-    """An advisory lock on a work dir: a file with the owner's pid and host, held with ``flock``.
-
-    :meth:`acquire` refuses (:class:`~mlla_mm.engine.launch.UsageError`, one
-    line naming the owner) while another live run holds it; a lock left by a
-    run that died (its pid gone on this host, or its ``flock`` released) is
-    taken over with a warning. A lock of another host whose ``flock`` cannot
-    be seen is refused too (its liveness cannot be checked from here); the
-    message says to delete the file when that run is over.
-    """
-
-    def __init__(self, work_dir: str) -> None:
-        self.path = osp.join(work_dir, LOCK_NAME)
-        self._fd: Optional[int] = None
-
-    @staticmethod
-    def _owner_text(owner: Dict[str, Any]) -> str:
-        return f'pid {owner.get("pid")} on host {owner.get("host")}' + \
-            (f', started {owner["started"]}' if owner.get('started') else '')
-
-    def _read_owner(self, fd: int) -> Dict[str, Any]:
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            owner = json.loads(os.read(fd, 4096).decode('utf-8') or '{}')
-        except (OSError, ValueError):
-            return {}
-        return owner if isinstance(owner, dict) else {}
-
-    def acquire(self, logger: Any = None) -> None:
-        """Take the lock (see the class); raises ``UsageError`` when another live run holds it."""
-        import fcntl
-
-        os.makedirs(osp.dirname(self.path), exist_ok=True)
-        host = socket.gethostname()
-        for _ in range(5):  # the file may be replaced between open and flock by an owner that ends
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                flocked = True
-            except BlockingIOError:
-                owner = self._read_owner(fd)
-                os.close(fd)
-                raise UsageError(f'work dir {osp.dirname(self.path)} is in use by another training run '
-                                 f'({self._owner_text(owner) if owner else "owner unknown"}, lock {self.path}); '
-                                 'wait for it to end or choose another --work-dir') from None
-            except OSError:  # a file system without flock: the pid decides
-                flocked = False
-            try:
-                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except OSError:
-                same_file = False
-            if not same_file:
-                os.close(fd)
-                continue
-            break
-        else:
-            raise UsageError(f'cannot take the lock {self.path}: it keeps being replaced by another run')
-        owner = self._read_owner(fd)
-        pid = owner.get('pid')
-        if owner and pid != os.getpid():
-            alive = isinstance(pid, int) and _pid_alive(pid)
-            if owner.get('host') != host and not flocked:
-                os.close(fd)
-                raise UsageError(f'work dir {osp.dirname(self.path)} is locked by a run on another host '
-                                 f'({self._owner_text(owner)}, lock {self.path}); if that run is over, delete the '
-                                 'lock file and start again')
-            if owner.get('host') == host and alive and not flocked:
-                os.close(fd)
-                raise UsageError(f'work dir {osp.dirname(self.path)} is in use by another training run '
-                                 f'({self._owner_text(owner)}, lock {self.path}); wait for it to end or choose '
-                                 'another --work-dir')
-            if logger is not None:
-                logger.warning(f'{self.path}: took over the lock of a run that is no longer running '
-                               f'({self._owner_text(owner)}).')
-        text = json.dumps(dict(pid=os.getpid(), host=host, started=time.strftime('%Y-%m-%d %H:%M:%S')))
-        try:
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, text.encode('utf-8'))
-            os.fsync(fd)
-        except OSError as err:
-            os.close(fd)
-            raise _disk_error(err, osp.dirname(self.path), f'writing the lock {self.path}') from None
-        self._fd = fd
-
-    def release(self) -> None:
-        """Remove the lock file (if still ours) and drop the lock."""
-        if self._fd is None:
-            return
-        try:
-            if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
-                os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self._fd)  # closing drops the flock
-        self._fd = None
-
-
-# --------------------------------------------------------------------------
-# A full disk: one line, not a traceback.
-# --------------------------------------------------------------------------
-_DISK_FULL = (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC))
-
-
-def _disk_error(err: OSError, work_dir: str, doing: str) -> AtomicWriteError:
-    """``err`` (disk full, quota, read-only file system, ...) as one line naming the work dir."""
-    reason = 'no space left on the device' if err.errno in _DISK_FULL else (err.strerror or str(err))
-    return AtomicWriteError(err.errno, f'cannot write in the work dir {work_dir} ({doing}): {reason}; free some '
-                            'space (or choose another --work-dir) and run again, with --resume to continue')
-
-
-@contextmanager
-def _disk_full_is_one_line(work_dir: Any, doing: str) -> Iterator[None]:
-    """Turn a disk-full ``OSError`` raised inside the block into an :class:`AtomicWriteError` naming ``work_dir``."""
-    try:
-        yield
-    except AtomicWriteError:
-        raise  # already names its file
-    except OSError as err:
-        if err.errno not in _DISK_FULL and err.errno != errno.EROFS:
-            raise
-        raise _disk_error(err, str(work_dir), doing) from None
-
-
-# --------------------------------------------------------------------------
-# mmengine's last_checkpoint marker, written atomically.
-# --------------------------------------------------------------------------
-def _with_atomic_marker(save: Any) -> Any:
-    """``CheckpointHook._save_checkpoint_with_step`` writing ``last_checkpoint`` through :func:`atomic_write`.
-
-    mmengine writes the marker with a plain ``open(..., 'w')``: a full disk
-    or a kill leaves it empty. While ``save`` runs, the ``open`` its module
-    sees sends a write of a file named ``last_checkpoint`` to the atomic
-    writer and everything else to the built-in.
-    """
-    import builtins
-    import functools
-    import sys
-
-    def marker_open(file: Any, mode: str = 'r', *a: Any, **kw: Any) -> Any:
-        if osp.basename(str(file)) == 'last_checkpoint' and mode in ('w', 'wt'):
-            return atomic_write(str(file), 'w')
-        return builtins.open(file, mode, *a, **kw)
-
-    @functools.wraps(save)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        names = dict.fromkeys([save.__module__, 'mmengine.hooks.checkpoint_hook'])  # a subclass's and mmengine's
-        modules = [sys.modules[n] for n in names if n in sys.modules]
-        previous = [vars(m).get('open') for m in modules]
-        for module in modules:
-            module.open = marker_open
-        try:
-            return save(*args, **kwargs)
-        finally:
-            for module, prev in zip(modules, previous):
-                if prev is None:
-                    del module.open
-                else:
-                    module.open = prev
-    return wrapper
 
 
 # --------------------------------------------------------------------------
@@ -613,14 +186,14 @@ class SafeRunner(Runner):
         self.checkpoint_being_loaded: Optional[str] = None
         #: the work dir's lock while :meth:`train` runs
         self._work_dir_lock: Optional[WorkDirLock] = None
-        with _disk_full_is_one_line(params.get('work_dir', '.'), 'starting the run'):
+        with disk_full_is_one_line(params.get('work_dir', '.'), 'starting the run'):
             super().__init__(**params)
         keep_parameter_reports_off_console(self.logger)  # per-parameter reports: log file only
         from mmengine.hooks import CheckpointHook
         for hook in self._hooks:  # mmengine writes last_checkpoint with a plain open(): atomically instead
             save = getattr(hook, '_save_checkpoint_with_step', None)
             if isinstance(hook, CheckpointHook) and save is not None and not hasattr(save, '__wrapped__'):
-                hook._save_checkpoint_with_step = _with_atomic_marker(save)
+                hook._save_checkpoint_with_step = with_atomic_marker(save)
         if self.distributed:
             atexit.unregister(end_distributed)  # once, however many runners a script builds
             atexit.register(end_distributed)
@@ -685,7 +258,7 @@ class SafeRunner(Runner):
     def train(self) -> Any:
         """mmengine's, holding the work dir (:class:`WorkDirLock`); a full disk is one line.
 
-        A failure is recorded for :func:`end_distributed`.
+        A failure is recorded for :func:`~mlla_mm.engine.distributed.end_distributed`.
         """
         check_model_step(self, 'train_step', self.config_name)
 
@@ -694,36 +267,26 @@ class SafeRunner(Runner):
                 self._work_dir_lock = WorkDirLock(self.work_dir)
                 self._work_dir_lock.acquire(self.logger)
             try:
-                with _disk_full_is_one_line(self.work_dir, 'training'):
+                with disk_full_is_one_line(self.work_dir, 'training'):
                     return super(SafeRunner, self).train()
             finally:
                 if self._work_dir_lock is not None:
                     self._work_dir_lock.release()
                     self._work_dir_lock = None
-        return self._noting_failure(run)
+        return run_noting_failure(run)
 
     def val(self) -> Any:
-        """mmengine's, its data checked first; a failure is recorded for :func:`end_distributed`."""
+        """mmengine's, its data checked first; a failure is recorded for
+        :func:`~mlla_mm.engine.distributed.end_distributed`."""
         self._check_loaders(('val_dataloader', ))
-        return self._noting_failure(super().val)
+        return run_noting_failure(super().val)
 
     def test(self) -> Any:
-        """mmengine's, its data checked first; a failure is recorded for :func:`end_distributed`."""
+        """mmengine's, its data checked first; a failure is recorded for
+        :func:`~mlla_mm.engine.distributed.end_distributed`."""
         self._check_loaders(('test_dataloader', ))
         check_model_step(self, 'test_step', self.config_name)
-        return self._noting_failure(super().test)
-
-    @staticmethod
-    def _noting_failure(run: Any) -> Any:
-        global _RUN_FAILED
-        _RUN_FAILED = False  # only the last run can have left a collective pending
-        try:
-            return run()
-        except TrainingInterrupted:
-            raise  # a signal stop: every rank stopped after the same iteration, nothing is pending
-        except BaseException:
-            _RUN_FAILED = True
-            raise
+        return run_noting_failure(super().test)
 
     def wrap_model(self, model_wrapper_cfg: Optional[Dict], model: torch.nn.Module) -> Any:
         """mmengine's wrapping; a distributed run without CUDA gets BN and a CPU DDP wrapper."""
@@ -809,8 +372,8 @@ class SafeRunner(Runner):
                     raise UsageError(f'--resume: none of the {len(found)} checkpoint(s) found can be read (newest: '
                                      f'{found[0]}); starting from scratch would overwrite them: move them away to '
                                      'start over, or resume from a good copy with --resume CKPT')
-                if _read_marker(marker):
-                    raise UsageError(f'--resume: {marker} names {_read_marker(marker)}, which is gone, and no other '
+                if read_marker(marker):
+                    raise UsageError(f'--resume: {marker} names {read_marker(marker)}, which is gone, and no other '
                                      f'checkpoint is in {", ".join(dict.fromkeys([self.work_dir, *folders]))}; '
                                      f'delete {marker} to start from scratch')
                 searched = ', '.join(dict.fromkeys([self.work_dir, *folders]))
@@ -824,14 +387,5 @@ class SafeRunner(Runner):
         return super().load_or_resume()
 
 
-def checkpoint_name(runner: Runner) -> str:
-    """The file :meth:`SafeRunner.load_checkpoint` is reading (best guess for another Runner)."""
-    return getattr(runner, 'checkpoint_being_loaded', None) or runner._load_from or 'the checkpoint'
-
-
-__all__ = ['SafeRunner', 'AtomicLocalBackend', 'WorkDirLock', 'LOCK_NAME', 'checkpoint_folders',
-           'checkpoint_candidates', 'resume_setting_changes', 'ATOMIC_BACKEND', 'LAUNCHER_ENV', 'REQUIRED_HOOKS',
-           'make_synthetic_data',
-           'init_cpu_distributed', 'distributed_env', 'first_slurm_node', 'find_resumable_checkpoint',
-           'remove_stale_temp_files', 'checkpoint_name', 'with_required_hooks', 'cpu_ddp_wrapper_cfg',
-           'guard_wants_whole_model', 'check_model_step']
+__all__ = ['SafeRunner', 'REQUIRED_HOOKS', 'with_required_hooks', 'check_model_step', 'guard_wants_whole_model',
+           'set_hook_args', 'resume_setting_changes']

@@ -13,7 +13,7 @@ from mlla_mm.checkpoint import load_file
 from mlla_mm.engine import (FiniteLossHook, NonFiniteLossError, PreemptionHook, RandomStateHook,
                             find_resumable_checkpoint)
 from mlla_mm.engine.hooks import get_random_state, set_random_state
-from mlla_mm.engine.runner import remove_stale_temp_files
+from mlla_mm.engine.work_dir import remove_stale_temp_files
 
 
 def _ckpt(path, step):

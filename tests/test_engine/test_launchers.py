@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from mlla_mm.errors import UsageError
-from mlla_mm.engine.runner import distributed_env, first_slurm_node
+from mlla_mm.engine.distributed import distributed_env, first_slurm_node
 
 
 def fake_scontrol(folder, body):

@@ -10,8 +10,9 @@ from mmengine.model import BaseModel
 
 from mlla_mm.engine.loops import POSITION_KEY, batches_done_in_epoch
 from mlla_mm.engine.run_checks import amp_optim_wrapper_cfg
-from mlla_mm.engine.runner import (REQUIRED_HOOKS, AtomicLocalBackend, SafeRunner,
-                                   cpu_ddp_wrapper_cfg, end_distributed, with_required_hooks)
+from mlla_mm.engine.distributed import cpu_ddp_wrapper_cfg, end_distributed
+from mlla_mm.engine.runner import REQUIRED_HOOKS, SafeRunner, with_required_hooks
+from mlla_mm.engine.work_dir import AtomicLocalBackend
 from mlla_mm.utils.io import AtomicWriteError
 
 from tests.helpers import ROOT, fill_disk_on_fsync, loop_stub
@@ -110,8 +111,8 @@ def test_saferunner_without_cuda_uses_bn_gloo_and_cpu_ddp(tmp_path, monkeypatch,
         monkeypatch.setenv(k, v)
     import atexit
 
-    from mlla_mm.engine import runner as runner_module
-    monkeypatch.setattr(runner_module, '_RUN_FAILED', False)  # another test's failed run in this process
+    from mlla_mm.engine import distributed as dist_module
+    monkeypatch.setattr(dist_module, '_RUN_FAILED', False)  # another test's failed run in this process
     at_exit = []
     monkeypatch.setattr(atexit, 'register', lambda fn, *a, **k: at_exit.append(fn))
     try:
@@ -142,10 +143,10 @@ def test_saferunner_without_cuda_uses_bn_gloo_and_cpu_ddp(tmp_path, monkeypatch,
 def test_run_main_ends_the_process_group(tmp_path, outcome, capsys, monkeypatch):
     """The tools destroy a distributed run's process group however main() ends (no runner run failed)."""
     import torch.distributed as dist
-    from mlla_mm.engine import runner as runner_module
+    from mlla_mm.engine import distributed as dist_module
     from mlla_mm.cli import run_main
     from mlla_mm.errors import UsageError
-    monkeypatch.setattr(runner_module, '_RUN_FAILED', False)  # another test's failed run in this process
+    monkeypatch.setattr(dist_module, '_RUN_FAILED', False)  # another test's failed run in this process
 
     def main():
         dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
@@ -165,18 +166,18 @@ def test_run_main_ends_the_process_group(tmp_path, outcome, capsys, monkeypatch)
 def test_no_destroy_after_a_failed_run(tmp_path, monkeypatch):
     """A failed run leaves the group to the process exit (gloo's destroy would wait for a pending collective)."""
     import torch.distributed as dist
-    from mlla_mm.engine import runner as runner_module
+    from mlla_mm.engine import distributed as dist_module
     from mlla_mm.engine.hooks import TrainingInterrupted
-    monkeypatch.setattr(runner_module, '_RUN_FAILED', False)
+    monkeypatch.setattr(dist_module, '_RUN_FAILED', False)
     with pytest.raises(TrainingInterrupted):  # a signal stop, made by every rank at the same iteration
-        SafeRunner._noting_failure(lambda: (_ for _ in ()).throw(TrainingInterrupted(143)))
-    assert runner_module._RUN_FAILED is False
-    assert SafeRunner._noting_failure(lambda: 7) == 7 and runner_module._RUN_FAILED is False
+        dist_module.run_noting_failure(lambda: (_ for _ in ()).throw(TrainingInterrupted(143)))
+    assert dist_module._RUN_FAILED is False
+    assert dist_module.run_noting_failure(lambda: 7) == 7 and dist_module._RUN_FAILED is False
     with pytest.raises(RuntimeError, match='boom'):
-        SafeRunner._noting_failure(lambda: (_ for _ in ()).throw(RuntimeError('boom')))
-    assert runner_module._RUN_FAILED is True
-    assert SafeRunner._noting_failure(lambda: 7) == 7 and runner_module._RUN_FAILED is False  # the last run counts
-    runner_module._RUN_FAILED = True
+        dist_module.run_noting_failure(lambda: (_ for _ in ()).throw(RuntimeError('boom')))
+    assert dist_module._RUN_FAILED is True
+    assert dist_module.run_noting_failure(lambda: 7) == 7 and dist_module._RUN_FAILED is False  # the last run counts
+    dist_module._RUN_FAILED = True
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
     try:
         end_distributed()

@@ -30,7 +30,7 @@ from mmengine.registry import HOOKS
 from mmengine.fileio import register_backend
 
 from mlla_mm.engine.hooks import PreemptionHook
-from mlla_mm.engine.runner import AtomicLocalBackend
+from mlla_mm.engine.work_dir import AtomicLocalBackend
 from mlla_mm.utils.io import atomic_write
 
 SAVE_PAUSE_ENV = 'MLLA_MM_TEST_SAVE_PAUSE'

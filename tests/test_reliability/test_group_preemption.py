@@ -252,7 +252,7 @@ def _free_port():
 
 def test_slurm_ntasks_2_with_one_process_stops_after_the_rendezvous_timeout(monkeypatch):
     from mlla_mm.errors import UsageError
-    from mlla_mm.engine.runner import init_cpu_distributed
+    from mlla_mm.engine.distributed import init_cpu_distributed
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_PORT', 'TORCHELASTIC_USE_AGENT_STORE'):
         monkeypatch.delenv(key, raising=False)  # restored afterwards, whatever the start set
     port = _free_port()

@@ -16,7 +16,7 @@ from tests.helpers import PY, ROOT, tool_env
 LONE_RANK = '''
 import sys
 from mlla_mm.cli import run_main
-from mlla_mm.engine.runner import init_cpu_distributed
+from mlla_mm.engine.distributed import init_cpu_distributed
 sys.exit(run_main(lambda: init_cpu_distributed('slurm') or 0))
 '''
 
@@ -25,7 +25,7 @@ ONE_OF_TWO = '''
 import os, sys, warnings
 import torch
 import torch.distributed as dist
-from mlla_mm.engine.runner import init_cpu_distributed
+from mlla_mm.engine.distributed import init_cpu_distributed
 real_store, rank = dist.TCPStore, os.environ['SLURM_PROCID']
 def noisy_store(*args, **kwargs):
     os.write(2, f'fd2 note of rank {rank}\\n'.encode())

@@ -14,7 +14,7 @@ import torch
 
 from mlla_mm.checkpoint import load_file
 from mlla_mm.errors import UsageError
-from mlla_mm.engine.runner import LOCK_NAME, WorkDirLock, find_resumable_checkpoint, remove_stale_temp_files
+from mlla_mm.engine.work_dir import LOCK_NAME, WorkDirLock, find_resumable_checkpoint, remove_stale_temp_files
 
 from tests.helpers import assert_one_error_line, exit_code, load_tool, run_tool, write_tiny_config
 
@@ -210,7 +210,7 @@ def test_full_disk_at_the_start_is_one_line(tmp_path, capsys, tiny_data, monkeyp
 
 def test_last_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     """The marker write mmengine's CheckpointHook does (a plain ``open(..., 'w')``) goes through the atomic writer."""
-    from mlla_mm.engine.runner import _with_atomic_marker
+    from mlla_mm.engine.work_dir import with_atomic_marker
     from mlla_mm.utils.io import AtomicWriteError
 
     from tests.helpers import fill_disk_on_rename
@@ -220,7 +220,7 @@ def test_last_checkpoint_is_written_atomically(tmp_path, monkeypatch):
         with open(marker, 'w') as f:  # this module's open: what the wrapper redirects while it runs
             f.write(text)
 
-    atomic = _with_atomic_marker(save_like_mmengine)
+    atomic = with_atomic_marker(save_like_mmengine)
     atomic('epoch_1.pth')
     assert marker.read_text() == 'epoch_1.pth'
     fill_disk_on_rename(monkeypatch, 'last_checkpoint')
