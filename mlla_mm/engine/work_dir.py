@@ -255,7 +255,7 @@ class WorkDirLock:
             os.fsync(fd)
         except OSError as err:
             os.close(fd)
-            raise disk_error(err, osp.dirname(self.path), f'writing the lock {self.path}') from None
+            raise _disk_error(err, osp.dirname(self.path), f'writing the lock {self.path}') from None
         self._fd = fd
 
     def release(self) -> None:
@@ -277,7 +277,7 @@ class WorkDirLock:
 _DISK_FULL = (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC))
 
 
-def disk_error(err: OSError, work_dir: str, doing: str) -> AtomicWriteError:
+def _disk_error(err: OSError, work_dir: str, doing: str) -> AtomicWriteError:
     """``err`` (disk full, quota, read-only file system, ...) as one line naming the work dir."""
     reason = 'no space left on the device' if err.errno in _DISK_FULL else (err.strerror or str(err))
     return AtomicWriteError(err.errno, f'cannot write in the work dir {work_dir} ({doing}): {reason}; free some '
@@ -294,7 +294,7 @@ def disk_full_is_one_line(work_dir: Any, doing: str) -> Iterator[None]:
     except OSError as err:
         if err.errno not in _DISK_FULL and err.errno != errno.EROFS:
             raise
-        raise disk_error(err, str(work_dir), doing) from None
+        raise _disk_error(err, str(work_dir), doing) from None
 
 
 # --------------------------------------------------------------------------
@@ -342,5 +342,5 @@ def checkpoint_name(runner: Runner) -> str:
 
 
 __all__ = ['ATOMIC_BACKEND', 'AtomicLocalBackend', 'LOCK_NAME', 'WorkDirLock', 'checkpoint_candidates',
-           'checkpoint_folders', 'checkpoint_name', 'disk_error', 'disk_full_is_one_line', 'find_resumable_checkpoint',
+           'checkpoint_folders', 'checkpoint_name', 'disk_full_is_one_line', 'find_resumable_checkpoint',
            'read_marker', 'remove_stale_temp_files', 'with_atomic_marker']
