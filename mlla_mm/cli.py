@@ -171,7 +171,8 @@ def run_main(main: Callable[[], int]) -> int:
     the command that resumes), 128 + N training stopped on signal N after writing
     a resumable checkpoint (143 SIGTERM, 130 SIGINT), 130 also for Ctrl-C
     outside training or pressed twice (one ``error:`` line). A distributed
-    run's process group is destroyed before returning, unless the run failed
+    run's ranks meet (unless main() raised) and its process group is
+    destroyed before returning, unless the run failed
     (:func:`~mlla_mm.engine.distributed.end_distributed`).
     """
     try:
@@ -180,9 +181,12 @@ def run_main(main: Callable[[], int]) -> int:
     except ValueError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
+    finished = False  # main() returned or training stopped on a signal: every rank is at the end
     try:
         try:
-            return main()
+            code = main()
+            finished = True
+            return code
         except Exception as err:  # noqa: BLE001 (a dead worker's error surfaces inside whatever ran)
             death = worker_death_message(err, _last_checkpoint())
             if death is None:
@@ -208,6 +212,7 @@ def run_main(main: Callable[[], int]) -> int:
         print(f'error: {one_line(err)}', file=sys.stderr)
         return 1
     except TrainingInterrupted as stop:  # the hook logged where the resumable checkpoint is
+        finished = True  # every rank stopped after the same iteration
         return int(stop.code)
     except TrainingAborted as stop:  # Ctrl-C twice during training
         print(f'error: {stop}', file=sys.stderr)
@@ -216,7 +221,7 @@ def run_main(main: Callable[[], int]) -> int:
         print('error: interrupted (Ctrl-C)', file=sys.stderr)
         return 130
     finally:
-        end_distributed()  # a gloo group left to interpreter shutdown can abort the process (SIGABRT)
+        end_distributed(meet=finished)  # a rank ending while gloo releases tensors can abort (SIGABRT)
 
 
 __all__ = ['ToolArgumentParser', 'CfgOptionsAction', 'UsageError', 'one_line', 'positive_int', 'non_negative_int',

@@ -2,14 +2,18 @@
 
 mmengine's launchers need CUDA; :class:`~mlla_mm.engine.runner.SafeRunner`
 starts a CPU-only distributed run here (:func:`init_cpu_distributed`), wraps
-the model with :func:`cpu_ddp_wrapper_cfg` and ends the process group at exit
-unless the run failed (:func:`end_distributed`).
+the model with :func:`cpu_ddp_wrapper_cfg`, and at exit lets the ranks meet and
+ends the process group unless the run failed (:func:`end_distributed`).
 """
 from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
+import sys
+import time
+from datetime import timedelta
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -17,7 +21,7 @@ from mmengine.config import ConfigDict
 from mmengine.logging import print_log
 
 from ..errors import TrainingInterrupted, UsageError
-from .rendezvous import init_gloo_group
+from .rendezvous import RENDEZVOUS_ENV, init_gloo_group, rendezvous_timeout
 
 #: What each launcher needs in the environment on a CPU-only machine (torchrun, srun and mpirun set them).
 LAUNCHER_ENV = {
@@ -104,22 +108,54 @@ def init_cpu_distributed(launcher: str) -> None:
 _RUN_FAILED = False
 
 
-def end_distributed() -> None:
-    """Destroy torch.distributed's default process group, if one is running and no run failed.
+def end_distributed(meet: bool = True) -> None:
+    """Wait for every rank, then destroy torch.distributed's default process group (if one runs and no run failed).
 
     Called at the end of the tools' ``main()`` and, for scripts that build a
-    :class:`SafeRunner` themselves, at interpreter exit (registered by the
-    runner). Without it the gloo worker threads still hold the last
-    collectives' tensors while Python shuts down, and releasing them then can
-    abort the process (seen as a rank ending with SIGABRT after its last
-    iteration; torch's own advice is to call ``destroy_process_group``).
+    :class:`SafeRunner` themselves, at interpreter exit
+    (:func:`end_distributed_at_exit`, registered by the runner). A gloo worker
+    thread releases a finished collective's tensors after the caller has
+    moved on, and that takes the GIL: a rank that ends straight after its
+    last collective (rank 1 while rank 0 writes the last checkpoint) can
+    begin interpreter shutdown first, and the thread then aborts the process
+    (SIGABRT, ``terminate called without an active exception``; how often:
+    ``dev/ddp_end_stress.py``, docs/reliability.md). So with ``meet`` the
+    ranks first meet at a barrier, waited for here without the GIL and at
+    most the rendezvous timeout (``MLLA_MM_RENDEZVOUS_TIMEOUT``); if it times
+    out (a peer stopped elsewhere) the group is left as it is, with one
+    warning. Then the group is destroyed, as torch advises.
+
+    Args:
+        meet: wait for the other ranks first; false when this process stops on
+            an error (its peers may be anywhere, and the launcher stops them).
+
     After a failed run it does nothing: gloo's destroy waits for pending
     collectives, which a peer that stopped elsewhere never joins; the process
     exits as it would without it and the launcher stops the others.
     """
     import torch.distributed as dist
-    if not _RUN_FAILED and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if _RUN_FAILED or not (dist.is_available() and dist.is_initialized()):
+        return
+    if meet and dist.get_world_size() > 1:
+        wait_s = rendezvous_timeout()
+        start = time.monotonic()
+        try:
+            dist.barrier(async_op=True).wait(timedelta(seconds=wait_s))
+        except RuntimeError as err:
+            if time.monotonic() - start >= 0.99 * wait_s:
+                why = f'waited {wait_s:g} s; {RENDEZVOUS_ENV} sets the wait'
+            else:  # gloo's own words, less its source location: '[.../pair.cc:545] Read error ...: Connection reset'
+                why = re.sub(r'^\[[^\]]*\]\s*', '', ' '.join(str(err).split())).split('. ')[0][:160]
+            # on stderr: mmengine's console shows only rank 0's records, and this can happen on any rank
+            print(f'warning: rank {dist.get_rank()}: the other processes did not reach the end of the run ({why}); '
+                  'the process group is left to the launcher', file=sys.stderr, flush=True)
+            return
+    dist.destroy_process_group()
+
+
+def end_distributed_at_exit() -> None:
+    """:func:`end_distributed` at interpreter exit: the ranks meet unless the script died of an exception."""
+    end_distributed(meet=getattr(sys, 'last_value', None) is None)
 
 
 def run_noting_failure(run: Callable[[], Any]) -> Any:
@@ -145,4 +181,4 @@ def cpu_ddp_wrapper_cfg(model_wrapper_cfg: Optional[dict], find_unused_parameter
 
 
 __all__ = ['LAUNCHER_ENV', 'first_slurm_node', 'distributed_env', 'init_cpu_distributed', 'end_distributed',
-           'run_noting_failure', 'cpu_ddp_wrapper_cfg']
+           'end_distributed_at_exit', 'run_noting_failure', 'cpu_ddp_wrapper_cfg']

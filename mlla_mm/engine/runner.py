@@ -11,10 +11,11 @@ thing. At build time it:
 - without CUDA, builds a config's ``AmpOptimWrapper`` (fp16, CUDA only) as a
   bf16 :class:`~mlla_mm.engine.optim.CPUAutocastOptimWrapper`;
 - makes the synthetic data set a demo config names in ``synthetic_data``;
-- in a distributed run, ends the process group at exit unless the run
-  failed (:func:`~mlla_mm.engine.distributed.end_distributed`): torch leaves it to the program, and a
-  gloo group torn down with the interpreter can abort the process (SIGABRT,
-  "terminate called without an active exception") after training is done;
+- in a distributed run, lets the ranks meet and ends the process group at
+  exit unless the run failed (:func:`~mlla_mm.engine.distributed.end_distributed`): torch leaves it
+  to the program, and a rank that ends while gloo still releases its last
+  collective can abort (SIGABRT, "terminate called without an active
+  exception") after training is done;
 - runs the reliability hooks of :data:`REQUIRED_HOOKS` (adding any that
   ``custom_hooks`` lacks), so also the exact-resume loops that
   :class:`~mlla_mm.engine.hooks.RandomStateHook` switches to.
@@ -53,7 +54,7 @@ from ..errors import UsageError
 from ..utils.malloc import malloc_state
 from .config_cache import text_once
 from .console import keep_parameter_reports_off_console
-from .distributed import cpu_ddp_wrapper_cfg, end_distributed, init_cpu_distributed, run_noting_failure
+from .distributed import cpu_ddp_wrapper_cfg, end_distributed_at_exit, init_cpu_distributed, run_noting_failure
 from .run_checks import amp_optim_wrapper_cfg, check_run, loaders_of_run, skip_unneeded_pretrained
 from .work_dir import (ATOMIC_BACKEND, WorkDirLock, checkpoint_candidates, checkpoint_folders, disk_full_is_one_line,
                        find_resumable_checkpoint, read_marker, remove_stale_temp_files, with_atomic_marker)
@@ -195,8 +196,8 @@ class SafeRunner(Runner):
             if isinstance(hook, CheckpointHook) and save is not None and not hasattr(save, '__wrapped__'):
                 hook._save_checkpoint_with_step = with_atomic_marker(save)
         if self.distributed:
-            atexit.unregister(end_distributed)  # once, however many runners a script builds
-            atexit.register(end_distributed)
+            atexit.unregister(end_distributed_at_exit)  # once, however many runners a script builds
+            atexit.register(end_distributed_at_exit)
         self.logger.info(f'mlla-mm: glibc malloc {malloc_state()} (MLLA_MM_MALLOC=default leaves it alone; '
                          'see mlla_mm/utils/malloc.py)')
 

@@ -10,7 +10,7 @@ from mmengine.model import BaseModel
 
 from mlla_mm.engine.loops import POSITION_KEY, batches_done_in_epoch
 from mlla_mm.engine.run_checks import amp_optim_wrapper_cfg
-from mlla_mm.engine.distributed import cpu_ddp_wrapper_cfg, end_distributed
+from mlla_mm.engine.distributed import cpu_ddp_wrapper_cfg, end_distributed, end_distributed_at_exit
 from mlla_mm.engine.runner import REQUIRED_HOOKS, SafeRunner, with_required_hooks
 from mlla_mm.engine.work_dir import AtomicLocalBackend
 from mlla_mm.utils.io import AtomicWriteError
@@ -129,9 +129,9 @@ def test_saferunner_without_cuda_uses_bn_gloo_and_cpu_ddp(tmp_path, monkeypatch,
         assert model.bn.weight is not None
         # A distributed run ends its process group at exit (a gloo group left to interpreter shutdown can
         # abort the process); one process alone registers nothing.
-        assert at_exit == ([end_distributed] if launcher == 'pytorch' else [])
+        assert at_exit == ([end_distributed_at_exit] if launcher == 'pytorch' else [])
         if launcher == 'pytorch':
-            end_distributed()
+            end_distributed_at_exit()
             assert not dist.is_initialized()
         end_distributed()  # nothing running: nothing to do
     finally:
