@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,12 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mlla_mm.datasets import make_coco_shapes
@@ -64,7 +57,7 @@ def main(argv=None) -> int:
         work = folder / 'work'
         shutil.rmtree(work, ignore_errors=True)
         res = subprocess.run(['bash', str(args.repo / 'tools' / 'dist_train.sh'), str(config), '2', '--work-dir',
-                              str(work)], cwd=args.repo, env=dict(env, PORT=str(_free_port())),
+                              str(work)], cwd=args.repo, env=dict(env, PORT=str(helpers.free_port())),
                              capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             failed += 1

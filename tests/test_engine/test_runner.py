@@ -1,5 +1,4 @@
 """SafeRunner's build-time settings, the atomic checkpoint backend, the runtime base and the loops' bookkeeping."""
-import socket
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from mlla_mm.engine.runner import REQUIRED_HOOKS, SafeRunner, with_required_hook
 from mlla_mm.engine.work_dir import AtomicLocalBackend
 from mlla_mm.utils.io import AtomicWriteError
 
-from tests.helpers import ROOT, fill_disk_on_fsync, loop_stub
+from tests.helpers import ROOT, fill_disk_on_fsync, free_port, loop_stub
 
 CONFIGS = sorted(p for d in ('detection', 'segmentation') for p in (ROOT / 'configs' / d).glob('*.py'))
 
@@ -96,18 +95,12 @@ class _SyncBNModel(BaseModel):
         return self.bn(self.conv(inputs))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU fallbacks')
 @pytest.mark.parametrize('launcher', ['none', 'pytorch'])
 def test_saferunner_without_cuda_uses_bn_gloo_and_cpu_ddp(tmp_path, monkeypatch, launcher):
     import torch.distributed as dist
     for k, v in dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
-                     MASTER_PORT=str(_free_port())).items():
+                     MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
     import atexit
 

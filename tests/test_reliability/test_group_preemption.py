@@ -9,7 +9,6 @@ and the command that resumes (issue 26, item 17). ``SLURM_NTASKS=2`` with one pr
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,8 @@ import pytest
 
 from mlla_mm.checkpoint import load_file
 
-from tests.helpers import PY, ROOT, WITH_VALIDATION, assert_same_weights, finish, tool_env, wait_for, write_tiny_config
+from tests.helpers import (PY, ROOT, WITH_VALIDATION, assert_same_weights, finish, free_port, tool_env, wait_for,
+                           write_tiny_config)
 
 EPOCHS = 3  # 2 iterations per epoch; iteration 3 is the first batch of epoch 2
 
@@ -244,18 +244,12 @@ main()
     assert 'ok' in res.stdout and 'Traceback' not in res.stderr, res.stderr[-3000:]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_slurm_ntasks_2_with_one_process_stops_after_the_rendezvous_timeout(monkeypatch):
     from mlla_mm.errors import UsageError
     from mlla_mm.engine.distributed import init_cpu_distributed
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_PORT', 'TORCHELASTIC_USE_AGENT_STORE'):
         monkeypatch.delenv(key, raising=False)  # restored afterwards, whatever the start set
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv('SLURM_NTASKS', '2')
     monkeypatch.setenv('SLURM_PROCID', '0')
     monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
@@ -292,7 +286,7 @@ def test_the_rendezvous_timeout_defaults_to_300_s(monkeypatch):
 @pytest.mark.slow
 def test_train_py_with_slurm_ntasks_2_and_one_process_is_one_error_line(tmp_path, tiny_data):
     config = write_tiny_config(tmp_path, tiny_data, epochs=1)
-    env = tool_env(SLURM_NTASKS='2', SLURM_PROCID='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()),
+    env = tool_env(SLURM_NTASKS='2', SLURM_PROCID='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()),
                    MLLA_MM_RENDEZVOUS_TIMEOUT='2')
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
         env.pop(key, None)

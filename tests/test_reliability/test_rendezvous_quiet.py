@@ -5,12 +5,11 @@ c10d logs each failed try to reach the store with its C++ stack on stderr (16-32
 everything when it succeeds, and all but c10d's log records when it fails.
 """
 import os
-import socket
 import subprocess
 
 import pytest
 
-from tests.helpers import PY, ROOT, tool_env
+from tests.helpers import PY, ROOT, free_port, tool_env
 
 #: A lone rank through the tools' error handling (``run_main``), as ``tools/train.py --launcher slurm`` starts it.
 LONE_RANK = '''
@@ -40,12 +39,6 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _slurm_env(rank: int, port: int, timeout: str) -> dict:
     env = tool_env(SLURM_NTASKS='2', SLURM_PROCID=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
                    MLLA_MM_RENDEZVOUS_TIMEOUT=timeout, PYTHONWARNINGS='default')
@@ -56,7 +49,7 @@ def _slurm_env(rank: int, port: int, timeout: str) -> dict:
 
 @pytest.mark.parametrize('timeout', ['1', pytest.param('1e-9', marks=pytest.mark.slow)])
 def test_a_lone_rank_1_of_2_prints_only_the_error_line(timeout):
-    res = subprocess.run([PY, '-c', LONE_RANK], cwd=ROOT, env=_slurm_env(1, _free_port(), timeout),
+    res = subprocess.run([PY, '-c', LONE_RANK], cwd=ROOT, env=_slurm_env(1, free_port(), timeout),
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 2, res.stderr[-3000:]
     lines = res.stderr.splitlines()
@@ -68,7 +61,7 @@ def test_a_lone_rank_1_of_2_prints_only_the_error_line(timeout):
 def _lone_rank_env(monkeypatch, rank: int) -> None:
     for key in ('SLURM_NTASKS', 'SLURM_PROCID', 'TORCHELASTIC_USE_AGENT_STORE', 'LOCAL_RANK'):
         monkeypatch.delenv(key, raising=False)
-    for key, value in dict(RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()),
+    for key, value in dict(RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()),
                            MLLA_MM_RENDEZVOUS_TIMEOUT='1').items():
         monkeypatch.setenv(key, value)
 
@@ -132,7 +125,7 @@ def test_a_rendezvous_that_succeeds_writes_back_all_of_stderr(monkeypatch, capfd
 
 @pytest.mark.slow
 def test_two_ranks_start_gloo_and_keep_their_stderr():
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([PY, '-c', ONE_OF_TWO], cwd=ROOT, env=_slurm_env(rank, port, '120'),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (1, 0)]
     try:

@@ -1,7 +1,6 @@
 """Detection through the real tools: train + val, resume, load_from, DDP, AMP, missing data."""
 import pickle
 import re
-import socket
 import sys
 
 import cv2
@@ -9,7 +8,8 @@ import pytest
 import torch
 
 from mlla_mm.checkpoint import load_file
-from tests.helpers import ROOT, exit_code, load_tool, missing_data_error, run_tool, tool_env, write_tiny_config
+from tests.helpers import (ROOT, exit_code, free_port, load_tool, missing_data_error, run_tool, tool_env,
+                           write_tiny_config)
 
 WITH_VAL = '''
 val_dataloader = test_dataloader
@@ -17,12 +17,6 @@ val_evaluator = test_evaluator
 val_cfg = dict(type='ValLoop')
 train_cfg = dict(max_epochs=max_epochs, val_interval=1)
 '''
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def losses(log_text):
