@@ -21,7 +21,7 @@ from mmengine.config import ConfigDict
 from mmengine.logging import print_log
 
 from ..errors import TrainingInterrupted, UsageError
-from .rendezvous import RENDEZVOUS_ENV, init_gloo_group, rendezvous_timeout
+from .rendezvous import DEFAULT_RENDEZVOUS_TIMEOUT, RENDEZVOUS_ENV, init_gloo_group, rendezvous_timeout
 
 #: What each launcher needs in the environment on a CPU-only machine (torchrun, srun and mpirun set them).
 LAUNCHER_ENV = {
@@ -137,7 +137,11 @@ def end_distributed(meet: bool = True) -> None:
     if _RUN_FAILED or not (dist.is_available() and dist.is_initialized()):
         return
     if meet and dist.get_world_size() > 1:
-        wait_s = rendezvous_timeout()
+        try:
+            wait_s = rendezvous_timeout()
+        except UsageError as err:  # unchecked until now when the group was not started here (CUDA, a script)
+            wait_s = DEFAULT_RENDEZVOUS_TIMEOUT
+            print(f'warning: {err}; the end of the run waits at most {wait_s:g} s', file=sys.stderr, flush=True)
         start = time.monotonic()
         try:
             dist.barrier(async_op=True).wait(timedelta(seconds=wait_s))
@@ -177,7 +181,6 @@ def cpu_ddp_wrapper_cfg(model_wrapper_cfg: Optional[dict], find_unused_parameter
         type='MMDistributedDataParallel', broadcast_buffers=False, find_unused_parameters=find_unused_parameters))
     wrapper['device_ids'] = None  # mmengine passes [LOCAL_RANK], which DDP refuses for CPU modules
     return wrapper
-
 
 
 __all__ = ['LAUNCHER_ENV', 'first_slurm_node', 'distributed_env', 'init_cpu_distributed', 'end_distributed',

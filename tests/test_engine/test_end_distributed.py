@@ -8,15 +8,13 @@ start two real processes and time that wait, and check the bounded wait and
 the error path (no waiting when this process stops on an error).
 """
 import json
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-from tests.helpers import ROOT, tool_env
+from tests.helpers import ROOT, free_port, tool_env
 
 #: Each rank: join a gloo group, all-reduce like a training step, let rank 0 dawdle (writing its checkpoint), then
 #: time end_distributed and report as one JSON line. ``peer_never_ends``: rank 0 leaves without ending.
@@ -39,35 +37,26 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(tmp_path, rank0_delay: float, meet: bool = True, peer_never_ends: bool = False, **env):
-    """Run SCRIPT as ranks 0 and 1; returns rank 1's report, its output (stdout and stderr) and the wall time."""
+    """Run SCRIPT as ranks 0 and 1; returns rank 1's report and its output (stdout and stderr)."""
     script = tmp_path / 'ranks.py'
     script.write_text(SCRIPT)
-    port = str(_free_port())
-    args = [port, None, str(rank0_delay), '1' if meet else '0', '1' if peer_never_ends else '0']
-    run_env = tool_env(**env)
-    procs = [subprocess.Popen([sys.executable, str(script), *(args[:1] + [str(r)] + args[2:])], cwd=ROOT,
-                              env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
-    t0 = time.monotonic()
+    port = str(free_port())
+    flags = ['1' if meet else '0', '1' if peer_never_ends else '0']
+    procs = [subprocess.Popen([sys.executable, str(script), port, str(rank), str(rank0_delay), *flags], cwd=ROOT,
+                              env=tool_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
     outs = [p.communicate(timeout=120) for p in procs]
-    wall = time.monotonic() - t0
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     report = json.loads(outs[1][0].strip().splitlines()[-1])
     assert report['rank'] == 1
-    return report, outs[1][0] + outs[1][1], wall
+    return report, outs[1][0] + outs[1][1]
 
 
 def test_a_rank_waits_for_its_peer_before_the_group_ends(tmp_path):
     # Rank 1 reaches the end at once; rank 0 comes 2 s later. Rank 1 leaves end_distributed only then.
-    report, out, _ = _two_ranks(tmp_path, rank0_delay=2.0)
+    report, out = _two_ranks(tmp_path, rank0_delay=2.0)
     assert report['waited'] > 1.5, report
     assert report['still_up'] is False  # destroyed after the meeting
     assert 'did not reach the end' not in out
@@ -75,16 +64,26 @@ def test_a_rank_waits_for_its_peer_before_the_group_ends(tmp_path):
 
 def test_a_peer_that_never_comes_is_waited_for_at_most_the_rendezvous_timeout(tmp_path):
     # Rank 0 hangs for 6 s and then leaves without ending; rank 1 gives up after 1.5 s with one warning.
-    report, out, _ = _two_ranks(tmp_path, rank0_delay=6.0, peer_never_ends=True, MLLA_MM_RENDEZVOUS_TIMEOUT='1.5')
+    report, out = _two_ranks(tmp_path, rank0_delay=6.0, peer_never_ends=True, MLLA_MM_RENDEZVOUS_TIMEOUT='1.5')
     assert 1.2 < report['waited'] < 5.5, report
     assert report['still_up'] is True  # a barrier is pending: destroying would wait for it
     assert ('warning: rank 1: the other processes did not reach the end of the run (waited 1.5 s; '
             'MLLA_MM_RENDEZVOUS_TIMEOUT sets the wait); the process group is left to the launcher') in out
 
 
+def test_a_bad_timeout_setting_is_a_warning_at_the_end_not_a_traceback(tmp_path):
+    # A group started elsewhere (CUDA, a script) never had MLLA_MM_RENDEZVOUS_TIMEOUT checked: the run is done, so
+    # one warning line and the default wait, and the ranks still meet.
+    report, out = _two_ranks(tmp_path, rank0_delay=2.0, MLLA_MM_RENDEZVOUS_TIMEOUT='soon')
+    assert report['waited'] > 1.5 and report['still_up'] is False, report
+    assert ("warning: MLLA_MM_RENDEZVOUS_TIMEOUT='soon': expected a number of seconds > 0 (default 300); the end of "
+            'the run waits at most 300 s') in out
+    assert 'Traceback' not in out
+
+
 def test_a_peer_that_is_gone_is_not_waited_for(tmp_path):
     # Rank 0 exits without ending (its connection closes): rank 1 does not wait the timeout out.
-    report, out, _ = _two_ranks(tmp_path, rank0_delay=0.0, peer_never_ends=True)
+    report, out = _two_ranks(tmp_path, rank0_delay=0.0, peer_never_ends=True)
     assert report['waited'] < 30, report
     assert report['still_up'] is True
     line = next(line for line in out.splitlines() if line.startswith('warning: rank 1: '))
@@ -94,7 +93,7 @@ def test_a_peer_that_is_gone_is_not_waited_for(tmp_path):
 
 def test_after_an_error_a_rank_does_not_wait(tmp_path):
     # meet=False (main() raised): the peer may be anywhere; the group is destroyed at once.
-    report, _, _ = _two_ranks(tmp_path, rank0_delay=3.0, meet=False)
+    report, _ = _two_ranks(tmp_path, rank0_delay=3.0, meet=False)
     assert report['waited'] < 1.5, report
     assert report['still_up'] is False
 
